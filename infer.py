@@ -1,0 +1,83 @@
+"""Upscale an image, or every image in a folder, with a ResShuffle checkpoint.
+
+usage: python infer.py INPUT [-o OUTPUT] [--checkpoint checkpoints/resshuffle_x4.pt]
+           [--tile 256] [--tile_pad N] [--device auto]
+
+INPUT is an image file or a folder of them. OUTPUT defaults to <name>_x<scale>.png beside a
+file, or to the folder <INPUT>_x<scale>/ for a folder. The output is exactly scale x the
+input size, written whole or not at all. Grayscale stays grayscale; an alpha channel is
+upscaled with bicubic and kept; the EXIF orientation is applied. The architecture comes from
+the checkpoint. --tile processes the image in LR tiles of that size, for images that do not
+fit in memory; with --tile_pad at least the network's receptive-field radius (the default)
+the result is the same as without tiling.
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from utils import (IMAGE_EXTENSIONS, UserError, list_images, load_model, non_negative_int, open_image, run_cli,
+                   save_image, select_device, to_rgb8, upscale)
+
+DEFAULT_CHECKPOINT = Path("checkpoints/resshuffle_x4.pt")
+
+
+def upscale_image(model, img: Image.Image, tile: int = 0, tile_pad: int = 0) -> Image.Image:
+    """Upscale a PIL image of any mode; grayscale stays grayscale, alpha is kept (bicubic)."""
+    scale = model.scale
+    size = (img.width * scale, img.height * scale)
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    gray = img.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1")
+    alpha = img.convert("RGBA").getchannel("A").resize(size, Image.BICUBIC) if has_alpha else None
+    sr = Image.fromarray(upscale(model, np.asarray(to_rgb8(img)), tile=tile, tile_pad=tile_pad))
+    if gray:
+        sr = sr.convert("L")
+    if alpha is not None:
+        sr.putalpha(alpha)
+    return sr
+
+
+def output_paths(input_path: Path, output: str | None, scale: int) -> list[tuple[Path, Path]]:
+    """(input, output) pairs for a file or a folder INPUT."""
+    if input_path.is_dir():
+        inputs = list_images(input_path)
+        if not inputs:
+            raise UserError(f"{input_path}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        out_dir = Path(output) if output else input_path.with_name(f"{input_path.name}_x{scale}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return [(p, out_dir / f"{p.stem}.png") for p in inputs]
+    if not input_path.exists():
+        raise UserError(f"{input_path}: no such file or folder")
+    out = Path(output) if output else input_path.with_name(f"{input_path.stem}_x{scale}.png")
+    if out.is_dir():
+        out = out / f"{input_path.stem}_x{scale}.png"
+    return [(input_path, out)]
+
+
+def main(args):
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.exists() and checkpoint == DEFAULT_CHECKPOINT:
+        raise UserError(f"no checkpoint at {DEFAULT_CHECKPOINT}: none is shipped yet; train one with train.py "
+                        f"and pass it with --checkpoint")
+    device = select_device(args.device)
+    model = load_model(checkpoint, device)
+    tile_pad = model.receptive_radius() if args.tile_pad is None else args.tile_pad
+    pairs = output_paths(Path(args.input), args.output, model.scale)
+    for src, dst in tqdm(pairs, desc="upscaling", unit="img", disable=len(pairs) == 1):
+        sr = upscale_image(model, open_image(src), tile=args.tile, tile_pad=tile_pad)
+        save_image(sr, dst)
+        tqdm.write(f"{src} ({sr.width // model.scale}x{sr.height // model.scale}) -> {dst} ({sr.width}x{sr.height})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="an image file or a folder of images")
+    parser.add_argument("-o", "--output", default=None, help="output file (or folder, for a folder INPUT)")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--tile", type=non_negative_int, default=0, help="LR tile size (0: whole image)")
+    parser.add_argument("--tile_pad", type=non_negative_int, default=None,
+                        help="LR context around each tile (default: the receptive-field radius)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    run_cli(main, parser.parse_args())

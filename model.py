@@ -1,0 +1,108 @@
+"""The ResShuffle network: EDSR-style residual blocks with ESPCN's PixelShuffle upsampling.
+
+    from model import ResShuffle
+    net = ResShuffle(scale=4)          # 1,545,219 parameters
+    sr = net(lr)                       # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W)
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# x4 and x8 are built from x2 stages, as in the original; x3 is a single stage.
+UPSAMPLE_STAGES = {2: (2,), 3: (3,), 4: (2, 2), 8: (2, 2, 2)}
+
+# Mean RGB of DIV2K_train_HR, the values EDSR's MeanShift subtracts.
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3 -> ReLU -> conv3x3, plus the block's input."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_features, num_features, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(num_features, num_features, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(self.relu(self.conv1(x)))
+
+
+class ResShuffle(nn.Module):
+    """Single-image super-resolution network of the original ResShuffle README.
+
+    9x9 conv + ReLU -> `num_residuals` residual blocks -> conv3x3, added to the 9x9 conv's
+    features (global skip) -> upsampling stages (conv3x3 to r^2 x channels, PixelShuffle(r))
+    -> 9x9 conv to 3 channels.
+
+    Choices the original leaves open, made here:
+    - no activation after PixelShuffle (as EDSR's upsampler);
+    - PyTorch's default weight init (Kaiming-uniform), no residual scaling;
+    - input and output are RGB in [0, 1]; the output is not clamped (the loss sees it raw,
+      conversion to uint8 clamps and rounds).
+
+    Two options, both off by default so that the default is the original network. Both are
+    stored in the checkpoint's `model_args`, change no parameter and no state_dict key:
+    - `mean_shift`: subtract DIV2K's mean RGB from the input and add it back to the output
+      (EDSR's MeanShift). Without it Adam has to move the output bias from 0 to ~0.44,
+      about `lr` per step, which leaves short runs with a colour cast.
+    - `image_skip`: add the bicubic-upsampled input to the output, so the network learns
+      only the residual detail (as Real-ESRGAN's compact net adds its upsampled input).
+      In short CPU runs this is what puts the network above bicubic at all (README).
+
+    Args:
+        scale: upscaling factor, one of 2, 3, 4, 8.
+        num_features: channels of every hidden conv.
+        num_residuals: number of residual blocks.
+        mean_shift: subtract/add DIV2K's mean RGB around the network.
+        image_skip: add the bicubic-upsampled input to the output.
+    """
+
+    def __init__(self, scale: int = 4, num_features: int = 64, num_residuals: int = 16,
+                 mean_shift: bool = False, image_skip: bool = False):
+        super().__init__()
+        if scale not in UPSAMPLE_STAGES:
+            raise ValueError(f"unsupported scale {scale}: supported scales are "
+                             f"{', '.join(str(s) for s in UPSAMPLE_STAGES)}")
+        if num_features < 1 or num_residuals < 0:
+            raise ValueError(f"num_features must be >= 1 and num_residuals >= 0, "
+                             f"got {num_features} and {num_residuals}")
+        self.scale = scale
+        self.image_skip = image_skip
+        mean = torch.tensor(DIV2K_RGB_MEAN if mean_shift else (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
+        # Not persistent: the state_dict stays that of the original network.
+        self.register_buffer("rgb_mean", mean, persistent=False)
+
+        self.head = nn.Sequential(nn.Conv2d(3, num_features, 9, padding=4), nn.ReLU(inplace=True))
+        self.body = nn.Sequential(*[ResidualBlock(num_features) for _ in range(num_residuals)])
+        self.body_conv = nn.Conv2d(num_features, num_features, 3, padding=1)
+        self.upsample = nn.Sequential(*[
+            layer for r in UPSAMPLE_STAGES[scale]
+            for layer in (nn.Conv2d(num_features, num_features * r * r, 3, padding=1), nn.PixelShuffle(r))
+        ])
+        self.tail = nn.Conv2d(num_features, 3, 9, padding=4)
+
+    def forward(self, x):
+        x = x - self.rgb_mean
+        features = self.head(x)
+        features = features + self.body_conv(self.body(features))
+        out = self.tail(self.upsample(features))
+        if self.image_skip:
+            out = out + F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return out + self.rgb_mean
+
+    def receptive_radius(self) -> int:
+        """How many LR pixels on each side one output pixel depends on (rounded up).
+
+        A tile padded by at least this much gives the same output as the whole image.
+        """
+        radius = 4.0  # head 9x9
+        radius += 2 * len(self.body) + 1  # two 3x3 per block, body_conv
+        factor = 1
+        for r in UPSAMPLE_STAGES[self.scale]:
+            radius += 1 / factor  # the stage's 3x3 conv, at the current resolution
+            factor *= r
+        radius += 4 / factor  # tail 9x9 at HR resolution
+        if self.image_skip:
+            radius = max(radius, 2.0)  # bicubic reaches 2 LR pixels
+        return int(-(-radius // 1))

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import dataset
+from dataset import EpochSampler, TrainDataset, eval_pairs
+from utils import list_images, load_rgb
+
+
+def noise_dir(tmp_path, sizes):
+    """PNGs of random noise, so that every patch position is unique."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def d4(patch):
+    """The 8 flips/rotations of a square patch."""
+    out = []
+    for k in range(4):
+        r = np.rot90(patch, k)
+        out += [r, r[:, ::-1]]
+    return out
+
+
+def test_lr_is_pil_bicubic_of_the_augmented_hr_patch(tmp_path):
+    data = TrainDataset(noise_dir(tmp_path, [(50, 60)]), scale=4, patch_size=24, patches_per_image=16)
+    for i in range(len(data)):
+        lr, hr = (t.numpy() for t in data[(3, i)])
+        assert hr.shape == (24, 24, 3) and lr.shape == (6, 6, 3)
+        expected = np.asarray(Image.fromarray(hr).resize((6, 6), Image.BICUBIC))
+        np.testing.assert_array_equal(lr, expected)
+
+
+def test_hr_patch_is_a_flip_or_rotation_of_a_crop_and_all_eight_occur(tmp_path):
+    data = TrainDataset(noise_dir(tmp_path, [(40, 44)]), scale=2, patch_size=8, patches_per_image=200)
+    img = data.images[0]
+    seen = set()
+    for i in range(len(data)):
+        _, hr = data[(0, i)]
+        hr = hr.numpy()
+        # Find the crop: the patch's top-left pixel under each transform must sit at a unique place.
+        matches = [(k, y, x) for k, t in enumerate(d4(hr))
+                   for y in range(img.shape[0] - 7) for x in range(img.shape[1] - 7)
+                   if (img[y, x] == t[0, 0]).all() and np.array_equal(img[y:y + 8, x:x + 8], t)]
+        assert len(matches) == 1, f"patch {i} is not a transformed crop of the image"
+        seen.add(matches[0][0])
+    assert seen == set(range(8))
+
+
+def test_small_images_are_skipped_with_a_warning_naming_them(tmp_path):
+    folder = noise_dir(tmp_path, [(40, 40), (20, 60), (50, 50)])
+    with pytest.warns(UserWarning, match=r"1\.png \(60x20\)"):
+        data = TrainDataset(folder, scale=2, patch_size=32, patches_per_image=2)
+    assert [p.name for p in data.paths] == ["0.png", "2.png"]
+    assert len(data) == 4
+
+
+def test_each_file_is_decoded_once(tmp_path, monkeypatch):
+    calls = []
+    real = dataset.load_rgb
+    monkeypatch.setattr(dataset, "load_rgb", lambda p: calls.append(p) or real(p))
+    data = TrainDataset(noise_dir(tmp_path, [(40, 40), (48, 40)]), scale=2, patch_size=16, patches_per_image=10)
+    for epoch in range(3):
+        for i in range(len(data)):
+            data[(epoch, i)]
+    assert sorted(p.name for p in calls) == ["0.png", "1.png"]
+
+
+def batches(data, num_workers, epoch):
+    sampler = EpochSampler(data, seed=5)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(data, batch_size=4, sampler=sampler, num_workers=num_workers)
+    return [torch.cat([lr.flatten(), hr.flatten()]) for lr, hr in loader]
+
+
+def test_patches_depend_on_seed_and_epoch_only(tmp_path):
+    folder = noise_dir(tmp_path, [(40, 40), (48, 40)])
+    data = TrainDataset(folder, scale=2, patch_size=16, patches_per_image=4, seed=5)
+    again = TrainDataset(folder, scale=2, patch_size=16, patches_per_image=4, seed=5)
+    one = batches(data, 0, epoch=2)
+    assert all(torch.equal(a, b) for a, b in zip(one, batches(again, 2, epoch=2)))  # workers change nothing
+    assert not torch.equal(torch.cat(one), torch.cat(batches(data, 0, epoch=3)))
+    other_seed = TrainDataset(folder, scale=2, patch_size=16, patches_per_image=4, seed=6)
+    assert not torch.equal(torch.cat(one), torch.cat(batches(other_seed, 0, epoch=2)))
+
+
+def test_patch_size_must_be_a_multiple_of_the_scale(tmp_path):
+    with pytest.raises(Exception, match="not a multiple"):
+        TrainDataset(noise_dir(tmp_path, [(40, 40)]), scale=3, patch_size=16)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "CMYK"])
+def test_any_mode_loads_as_8bit_rgb(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    if mode == "I;16":
+        gray16 = np.full((9, 7), 65535, np.uint16)
+        gray16[0, 0] = 257 * 10
+        img = Image.fromarray(gray16)
+    else:
+        img = rgb.convert(mode)
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    img.save(path)
+    out = load_rgb(path)
+    assert out.shape == (9, 7, 3) and out.dtype == np.uint8
+    if mode == "I;16":  # scaled to 8 bits, not clipped
+        assert out[0, 0].tolist() == [10, 10, 10] and out[1, 1].tolist() == [255, 255, 255]
+
+
+def test_eval_pairs_modcrop_and_downsample(tmp_path):
+    folder = noise_dir(tmp_path, [(50, 63)])
+    [(name, hr, lr)] = list(eval_pairs(list_images(folder), scale=4))
+    assert name == "0.png" and hr.shape == (48, 60, 3) and lr.shape == (12, 15, 3)
+    np.testing.assert_array_equal(hr, load_rgb(folder / "0.png")[:48, :60])
+    np.testing.assert_array_equal(lr, np.asarray(Image.fromarray(hr).resize((15, 12), Image.BICUBIC)))

@@ -1,0 +1,102 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ResShuffle, TINY, run_script, smooth_image
+from utils import load_model, upscale
+
+
+def test_evaluate_prints_model_and_bicubic_and_writes_csv_and_images(image_dir, tiny_checkpoint, tmp_path):
+    out_csv, save_dir = tmp_path / "table.csv", tmp_path / "sr"
+    result = run_script("evaluate.py", "--data_dir", image_dir, "--checkpoint", tiny_checkpoint,
+                        "--csv", out_csv, "--save_dir", save_dir)
+    assert "crop border 4" in result.stdout and "RGB" in result.stdout
+    assert "mean of 3 images" in result.stdout and "gain over bicubic" in result.stdout
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["img0.png", "img1.png", "img2.png"]
+    # img1 is 66x70: modcropped to 64x68 before downsampling.
+    assert (rows[1]["width"], rows[1]["height"]) == ("64", "68")
+    assert Image.open(save_dir / "img1.png").size == (64, 68)
+    assert all(float(r["bicubic_psnr"]) > 20 for r in rows)
+
+    y = run_script("evaluate.py", "--data_dir", image_dir, "--checkpoint", tiny_checkpoint, "--y_channel",
+                   "--crop_border", "0")
+    assert "Y (BT.601)" in y.stdout and "crop border 0" in y.stdout
+
+
+def test_infer_output_is_exactly_scale_times_input(tiny_checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "odd.png"
+    Image.fromarray(smooth_image(rng, 9, 13)).save(src)
+    run_script("infer.py", src, "--checkpoint", tiny_checkpoint)
+    assert Image.open(tmp_path / "odd_x4.png").size == (52, 36)
+
+
+def test_infer_folder_gray_and_alpha(tiny_checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgb = Image.fromarray(smooth_image(rng, 10, 12))
+    rgb.convert("L").save(folder / "gray.png")
+    rgba = rgb.convert("RGBA")
+    alpha = np.zeros((10, 12), np.uint8)
+    alpha[:, 6:] = 255
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba.save(folder / "alpha.png")
+    run_script("infer.py", folder, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint)
+    gray, rgba_out = Image.open(tmp_path / "out" / "gray.png"), Image.open(tmp_path / "out" / "alpha.png")
+    assert gray.mode == "L" and gray.size == (48, 40)
+    assert rgba_out.mode == "RGBA" and rgba_out.size == (48, 40)
+    out_alpha = np.asarray(rgba_out.getchannel("A"))
+    assert out_alpha[:, :20].max() < 10 and out_alpha[:, 28:].min() > 245
+
+
+def test_tiled_output_equals_untiled_with_enough_padding(image_dir, tiny_checkpoint):
+    model = load_model(tiny_checkpoint, torch.device("cpu"))
+    img = smooth_image(np.random.default_rng(3), 37, 29)
+    whole = upscale(model, img)
+    tiled = upscale(model, img, tile=10, tile_pad=model.receptive_radius())
+    assert tiled.shape == whole.shape == (148, 116, 3)
+    diff = np.abs(tiled.astype(int) - whole.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # float summation order may flip a rounding
+    unpadded = upscale(model, img, tile=10, tile_pad=0)
+    assert np.abs(unpadded.astype(int) - whole.astype(int)).max() > 1  # the check above can fail
+
+
+def test_missing_checkpoint_and_input_are_one_line_errors(tiny_checkpoint, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    for args, message in [((src, "--checkpoint", tmp_path / "none.pt"), "no such checkpoint"),
+                          ((tmp_path / "missing.png", "--checkpoint", tiny_checkpoint), "no such file"),
+                          ((src, "--checkpoint", src), "not a loadable checkpoint")]:
+        result = run_script("infer.py", *args, check=False)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a_x4.png").exists()
+
+
+def test_checkpoint_of_another_size_is_refused_with_what_it_holds(tmp_path):
+    from utils import save_checkpoint
+    model = ResShuffle(**TINY)
+    path = tmp_path / "lying.pt"
+    save_checkpoint({"model": model.state_dict(), "model_args": dict(TINY, num_features=16)}, path)
+    with pytest.raises(Exception, match="num_features': 16"):
+        load_model(path, torch.device("cpu"))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload(), "model_args": {}}, path)
+    with pytest.raises(Exception, match="not a loadable checkpoint"):
+        load_model(path, torch.device("cpu"))
+    assert not marker.exists()

@@ -1,0 +1,285 @@
+"""Shared helpers: image I/O, resizing, metrics, checkpoints, upscaling, seeding, devices.
+
+One implementation of each, used by train.py, evaluate.py and infer.py. Images are numpy
+arrays, HWC uint8 RGB in [0, 255], unless a docstring says otherwise.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from skimage.metrics import structural_similarity
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, without a traceback."""
+
+
+def run_cli(main, args) -> None:
+    """Run a script's main(args); a UserError becomes `prog: error: ...` and exit status 1."""
+    try:
+        main(args)
+    except UserError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- images
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image, with its EXIF orientation applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, CMYK, 16-bit, ...) as 8-bit RGB; alpha is dropped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # PIL's convert() clips 16-bit values at 255 instead of scaling them.
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.asarray(img).round().clip(0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as HWC uint8 RGB."""
+    return np.asarray(to_rgb8(open_image(path)))
+
+
+def save_image(img: np.ndarray | Image.Image, path: str | Path) -> None:
+    """Write an image atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    img = img if isinstance(img, Image.Image) else Image.fromarray(img)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+
+
+class atomic_path:
+    """Context manager giving a temporary path beside `path`, renamed onto it on success."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> str:
+        if not self.path.parent.is_dir():
+            raise UserError(f"{self.path.parent}: output folder does not exist")
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+
+
+def resize_bicubic(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """PIL bicubic resize (antialiased when shrinking), the degradation used throughout."""
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))
+
+
+def downsample(img: np.ndarray, scale: int) -> np.ndarray:
+    """The LR image: bicubic downsampling to exactly (H // scale, W // scale)."""
+    return resize_bicubic(img, img.shape[1] // scale, img.shape[0] // scale)
+
+
+def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
+    """Crop H and W down to multiples of `scale`, keeping the top-left corner."""
+    h, w = img.shape[0] - img.shape[0] % scale, img.shape[1] - img.shape[1] % scale
+    return img[:h, :w]
+
+
+def image_to_tensor(img: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> (1, C, H, W) float32 in [0, 1], channels_last (a view of the same layout)."""
+    return torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1).unsqueeze(0).float().div_(255)
+
+
+def tensor_to_image(t: torch.Tensor) -> np.ndarray:
+    """(1, C, H, W) or (C, H, W) float in [0, 1] -> HWC uint8, clamped and rounded.
+
+    Rounded, not truncated (torchvision's to_pil_image truncates): metrics are taken on the
+    uint8 image a user would save, as BasicSR does.
+    """
+    t = t.squeeze(0) if t.dim() == 4 else t
+    return t.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+# ---------------------------------------------------------------- metrics
+
+def rgb_to_y(img: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of uint8 RGB, as float64 in [16, 235] (BasicSR's `to_y_channel`)."""
+    return img.astype(np.float64) @ np.array([65.481, 128.553, 24.966]) / 255.0 + 16.0
+
+
+def _prepare(img1: np.ndarray, img2: np.ndarray, crop_border: int, y_channel: bool):
+    if img1.shape != img2.shape:
+        raise ValueError(f"image shapes differ: {img1.shape} vs {img2.shape}")
+    if crop_border:
+        img1 = img1[crop_border:-crop_border, crop_border:-crop_border]
+        img2 = img2[crop_border:-crop_border, crop_border:-crop_border]
+    if y_channel:
+        return rgb_to_y(img1), rgb_to_y(img2)
+    return img1.astype(np.float64), img2.astype(np.float64)
+
+
+def psnr(img1: np.ndarray, img2: np.ndarray, crop_border: int = 0, y_channel: bool = False) -> float:
+    """PSNR in dB of two HWC uint8 RGB images, on [0, 255]; inf when identical.
+
+    Args:
+        crop_border: pixels removed from each edge first (the protocol uses the scale).
+        y_channel: compare BT.601 luma instead of RGB.
+    """
+    a, b = _prepare(img1, img2, crop_border, y_channel)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def ssim(img1: np.ndarray, img2: np.ndarray, crop_border: int = 0, y_channel: bool = False) -> float:
+    """SSIM of Wang et al. (11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) on [0, 255].
+
+    RGB: the mean of the per-channel SSIMs, as BasicSR. Same arguments as `psnr`.
+    """
+    a, b = _prepare(img1, img2, crop_border, y_channel)
+    return float(structural_similarity(a, b, data_range=255, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False,
+                                       channel_axis=None if y_channel else -1))
+
+
+# ---------------------------------------------------------------- inference
+
+@torch.inference_mode()
+def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = 0, tile_pad: int = 0) -> np.ndarray:
+    """Super-resolve one HWC uint8 RGB image with `model`, whole or in tiles.
+
+    Args:
+        tile: LR tile size in pixels; 0 runs the whole image at once.
+        tile_pad: LR pixels of context around each tile. With at least the model's
+            `receptive_radius()` the result equals the whole-image result.
+    Returns: HWC uint8 RGB of exactly (scale * H, scale * W).
+    """
+    param = next(model.parameters())
+    device, scale = param.device, model.scale
+    x = image_to_tensor(img).to(device)
+    h, w = img.shape[:2]
+    if tile <= 0 or (tile >= h and tile >= w):
+        return tensor_to_image(model(x.to(memory_format=torch.channels_last)))
+    out = np.empty((h * scale, w * scale, 3), dtype=np.uint8)
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            py0, px0 = max(y0 - tile_pad, 0), max(x0 - tile_pad, 0)
+            py1, px1 = min(y1 + tile_pad, h), min(x1 + tile_pad, w)
+            sr = model(x[:, :, py0:py1, px0:px1].contiguous(memory_format=torch.channels_last))
+            sr = sr[:, :, (y0 - py0) * scale:(y1 - py0) * scale, (x0 - px0) * scale:(x1 - px0) * scale]
+            out[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = tensor_to_image(sr)
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """torch.save to a temporary file, fsync, rename: a kill never leaves a torn checkpoint."""
+    with atomic_path(Path(path)) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint dict with weights_only=True: a file that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a loadable checkpoint ({first_line})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
+        raise UserError(f"{path}: not a ResShuffle checkpoint (no 'model' and 'model_args' entries)")
+    return checkpoint
+
+
+def load_model(path: str | Path, device: torch.device) -> torch.nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights, in eval mode."""
+    from model import ResShuffle
+
+    checkpoint = load_checkpoint(path)
+    try:
+        model = ResShuffle(**checkpoint["model_args"])
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: weights do not match model_args {checkpoint['model_args']} "
+                        f"({str(e).strip().splitlines()[0]})") from None
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+# ---------------------------------------------------------------- runtime
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+# ---------------------------------------------------------------- argparse types
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
