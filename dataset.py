@@ -6,6 +6,7 @@
 
 The LR image is always PIL's bicubic downsampling (utils.downsample) of the HR image.
 """
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +45,7 @@ class TrainDataset(Dataset):
     """
 
     def __init__(self, hr_dir: str | Path, scale: int = 4, patch_size: int = 192,
-                 patches_per_image: int = 20, seed: int = 0, num_threads: int = 4):
+                 patches_per_image: int = 20, seed: int = 0, num_threads: int = min(8, os.cpu_count() or 1)):
         if patch_size % scale:
             raise UserError(f"patch size {patch_size} is not a multiple of the scale {scale}")
         paths = list_images(hr_dir)

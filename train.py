@@ -51,6 +51,8 @@ def main(args):
     device = select_device(args.device)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint:
+        if "optimizer" not in checkpoint or "args" not in checkpoint:
+            raise UserError(f"{args.resume}: holds weights only; --resume needs a run's last.pt")
         # The same run: its patches are drawn from its own seed.
         args.seed = checkpoint["args"]["seed"]
     seed_everything(args.seed)
@@ -70,8 +72,7 @@ def main(args):
         raise UserError(f"--patch_size {patch_size} is not a multiple of the scale {scale}")
 
     train_set = TrainDataset(args.train_dir, scale=scale, patch_size=patch_size,
-                             patches_per_image=args.patches_per_image, seed=args.seed,
-                             num_threads=max(args.num_workers, 1))
+                             patches_per_image=args.patches_per_image, seed=args.seed)
     val_pairs = load_val_pairs(args.val_dir, scale, args.max_val_images)
     sampler = EpochSampler(train_set, seed=args.seed)
     cuda = device.type == "cuda"

@@ -97,6 +97,10 @@ class atomic_path:
         if exc_type is None:
             with open(self.tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            # mkstemp makes the file 0600; give it the mode a plain open() would have.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.path)
         else:
             os.unlink(self.tmp)
