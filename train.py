@@ -159,26 +159,34 @@ def main(args):
     print(f"done: best val PSNR {best_psnr:.4f} dB at epoch {best_epoch}; checkpoints in {run_dir}")
 
 
+def train_step(model, lr, hr, optimizer, scaler, dtype, device) -> torch.Tensor:
+    """One optimisation step on a batch of NHWC uint8 (lr, hr) patches; the loss, left on the device."""
+    # Permuted to NCHW, an NHWC batch is channels_last already: no layout conversion.
+    lr = lr.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    hr = hr.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        loss = F.l1_loss(model(lr), hr)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train_one_epoch(model, loader, optimizer, scaler, dtype, device, desc: str, lr_now: float) -> float:
     """One pass over the loader; the mean L1 loss."""
     model.train()
-    total, count, start = 0.0, 0, time.time()
+    total, start = torch.zeros((), device=device), time.time()
     bar = tqdm(loader, desc=desc, unit="step", leave=False, mininterval=1.0)
-    for lr, hr in bar:
-        # Batches come as NHWC uint8: permuted to NCHW they are channels_last already.
-        lr = lr.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        hr = hr.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.l1_loss(model(lr), hr)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total += loss.item()
-        count += 1
-        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr_now:.3g}",
-                        patches_s=f"{count * lr.shape[0] / (time.time() - start):.1f}", refresh=False)
-    return total / count
+    for step, (lr, hr) in enumerate(bar, 1):
+        total += train_step(model, lr, hr, optimizer, scaler, dtype, device)
+        if device.type != "cuda" or step % 10 == 0:  # reading the loss waits for the GPU
+            bar.set_postfix(loss=f"{total.item() / step:.4f}", lr=f"{lr_now:.3g}",
+                            patches_s=f"{step * lr.shape[0] / (time.time() - start):.1f}", refresh=False)
+    loss = total.item() / len(loader)
+    if not math.isfinite(loss):
+        raise UserError(f"{desc}: the loss is {loss}; the last good checkpoint is kept")
+    return loss
 
 
 def trim_log(path: Path, keep_through: int) -> None:
