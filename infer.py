@@ -59,8 +59,8 @@ def output_paths(input_path: Path, output: str | None, scale: int) -> list[tuple
 def main(args):
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists() and checkpoint == DEFAULT_CHECKPOINT:
-        raise UserError(f"no checkpoint at {DEFAULT_CHECKPOINT}: none is shipped yet; train one with train.py "
-                        f"and pass it with --checkpoint")
+        raise UserError(f"no checkpoint at {DEFAULT_CHECKPOINT}: restore the shipped one with "
+                        f"`git checkout -- {DEFAULT_CHECKPOINT}`, or pass one of yours with --checkpoint")
     device = select_device(args.device)
     model = load_model(checkpoint, device)
     tile_pad = model.receptive_radius() if args.tile_pad is None else args.tile_pad

@@ -3,6 +3,7 @@
 usage: python train.py [--upscale_factor 4] [--num_epochs 400] [--batch_size 32] [--lr 2e-4]
            [--train_dir data/DIV2K_train_HR] [--val_dir data/DIV2K_valid_HR] [--run_name NAME]
        python train.py --resume checkpoints/NAME/last.pt
+       python train.py --export checkpoints/NAME/best.pt checkpoints/resshuffle_x4.pt
 
 A run writes checkpoints/<run_name>/: last.pt (every epoch), best.pt (best validation PSNR)
 and log.csv. Adam + StepLR + L1 loss, as the original. On CUDA: mixed precision (bf16 where
@@ -47,7 +48,17 @@ def amp_dtype(device: torch.device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def export_weights(src: str, dst: str) -> None:
+    """Write a run's checkpoint as weights and model_args only: what infer.py and evaluate.py need."""
+    checkpoint = load_checkpoint(src)
+    save_checkpoint({"model": checkpoint["model"], "model_args": checkpoint["model_args"]}, dst)
+    print(f"{src} (epoch {checkpoint.get('epoch')}, val PSNR {checkpoint.get('best_psnr', float('nan')):.4f} dB)"
+          f" -> {dst}: weights and model_args {checkpoint['model_args']}")
+
+
 def main(args):
+    if args.export:
+        return export_weights(*args.export)
     device = select_device(args.device)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint:
@@ -238,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint_dir", default="checkpoints")
     p.add_argument("--run_name", default=None, help="run folder under --checkpoint_dir (default: x<scale>_<time>)")
     p.add_argument("--resume", default=None, help="a run's last.pt: continue that run")
+    p.add_argument("--export", nargs=2, metavar=("RUN_CHECKPOINT", "OUT"), default=None,
+                   help="write RUN_CHECKPOINT's weights and model_args (no optimizer state) to OUT, and exit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     return p

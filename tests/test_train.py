@@ -48,6 +48,14 @@ def test_two_epochs_write_checkpoints_and_log_then_resume_continues(image_dir, t
     assert all(float(s) == 3 * float(last["optimizer"]["state"][0]["step"]) / 2 for s in steps)
     assert not torch.equal(resumed["model"]["tail.weight"], last["model"]["tail.weight"])
 
+    # A weights-only export loads in infer.py, and cannot be resumed.
+    exported = tmp_path / "weights.pt"
+    run_script("train.py", "--export", run_dir / "best.pt", exported)
+    assert set(torch.load(exported, weights_only=True)) == {"model", "model_args"}
+    run_script("infer.py", image_dir / "img0.png", "-o", tmp_path / "sr.png", "--checkpoint", exported)
+    refused = run_script("train.py", "--train_dir", image_dir, "--resume", exported, check=False)
+    assert refused.returncode == 1 and "weights only" in refused.stderr
+
 
 def test_early_stopping_says_why(image_dir, tmp_path):
     # A learning rate this small cannot change the uint8 output, so validation never improves.
