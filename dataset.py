@@ -4,7 +4,8 @@
     loader = DataLoader(train, batch_size=32, sampler=EpochSampler(train, seed=0), ...)
     for name, hr, lr in eval_pairs(list_images("data/DIV2K_valid_HR"), scale=4): ...
 
-The LR image is always PIL's bicubic downsampling (utils.downsample) of the HR image.
+The LR image is always PIL's bicubic downsampling (utils.downsample) of the whole HR image,
+cropped to a multiple of the scale: in training, evaluation and inference alike.
 """
 import os
 import warnings
@@ -19,17 +20,21 @@ from tqdm import tqdm
 from utils import UserError, downsample, list_images, load_rgb, modcrop
 
 
-def decode_all(paths: list[Path], num_threads: int = 4, desc: str = "decoding") -> list[np.ndarray]:
-    """Decode every file once, in threads (PIL releases the GIL while decoding)."""
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        return list(tqdm(pool.map(load_rgb, paths), total=len(paths), desc=desc, unit="img", leave=False))
+def load_pair(path: Path, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(HR cropped to a multiple of the scale, its bicubic LR) of one image file."""
+    hr = modcrop(load_rgb(path), scale)
+    if min(hr.shape[:2]) < scale:
+        raise UserError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}")
+    return hr, downsample(hr, scale)
 
 
 class TrainDataset(Dataset):
-    """Random HR patches and their bicubic LR, with flips and 90-degree rotations.
+    """Random HR patches and the matching LR patches, with flips and 90-degree rotations.
 
-    All images are decoded once and kept in memory as uint8 (DIV2K_train_HR: about 5.5 GB),
-    so a sample costs a crop and one small resize, never a decode. An epoch has
+    Each image is decoded once, cropped to a multiple of the scale and downsampled once with
+    PIL bicubic; both are kept in memory as uint8 (DIV2K_train_HR: about 5.9 GB). A sample is
+    then two aligned crops: the LR patch is the same bicubic LR that evaluation uses, cut from
+    the whole image (as DIV2K's own LR files are), and costs no resize. An epoch has
     `patches_per_image` samples per image. Sample `(epoch, i)` is a pure function of
     (seed, epoch, i): the same patches whatever the worker count, and after a resume.
 
@@ -51,40 +56,53 @@ class TrainDataset(Dataset):
         paths = list_images(hr_dir)
         if not paths:
             raise UserError(f"{hr_dir}: no images found")
-        images = decode_all(paths, num_threads, desc=f"decoding {Path(hr_dir).name}")
-        small = [(p, im.shape) for p, im in zip(paths, images) if min(im.shape[:2]) < patch_size]
-        if small:
-            warnings.warn(f"skipping {len(small)} image(s) smaller than the {patch_size}x{patch_size} patch: "
-                          + ", ".join(f"{p.name} ({s[1]}x{s[0]})" for p, s in small), stacklevel=2)
-        keep = [i for i, im in enumerate(images) if min(im.shape[:2]) >= patch_size]
-        if not keep:
-            raise UserError(f"{hr_dir}: no image is at least {patch_size}x{patch_size}")
-        self.paths = [paths[i] for i in keep]
-        self.images = [images[i] for i in keep]
-        self.scale, self.patch_size = scale, patch_size
+        # Decoding and resizing run in threads: PIL releases the GIL for both.
+        with ThreadPoolExecutor(max(1, num_threads)) as pool:
+            images = list(tqdm(pool.map(load_rgb, paths), total=len(paths), desc=f"decoding {Path(hr_dir).name}",
+                               unit="img", leave=False))
+            small = [(p, im.shape) for p, im in zip(paths, images) if min(im.shape[:2]) < patch_size]
+            if small:
+                warnings.warn(f"skipping {len(small)} image(s) smaller than the {patch_size}x{patch_size} patch: "
+                              + ", ".join(f"{p.name} ({s[1]}x{s[0]})" for p, s in small), stacklevel=2)
+            keep = [i for i, im in enumerate(images) if min(im.shape[:2]) >= patch_size]
+            if not keep:
+                raise UserError(f"{hr_dir}: no image is at least {patch_size}x{patch_size}")
+            self.paths = [paths[i] for i in keep]
+            # torch wants writable memory; PIL's arrays are read-only (np.require copies those).
+            hrs = [np.require(modcrop(images[i], scale), requirements=["W"]) for i in keep]
+            del images
+            lrs = list(pool.map(lambda hr: np.require(downsample(hr, scale), requirements=["W"]), hrs))
+        self.hr, self.lr = [torch.from_numpy(hr) for hr in hrs], [torch.from_numpy(lr) for lr in lrs]
+        self.scale, self.lr_patch = scale, patch_size // scale
         self.patches_per_image, self.seed = patches_per_image, seed
+        self._draws_epoch, self._draws = None, None
 
     def __len__(self) -> int:
-        return len(self.images) * self.patches_per_image
+        return len(self.hr) * self.patches_per_image
+
+    def draws(self, epoch: int) -> np.ndarray:
+        """Every sample's (y, x, hflip, vflip, transpose) for one epoch, LR coordinates; cached."""
+        if self._draws_epoch != epoch:
+            rng = np.random.default_rng((self.seed, epoch))
+            room = np.array([(lr.shape[0] - self.lr_patch + 1, lr.shape[1] - self.lr_patch + 1) for lr in self.lr])
+            room = np.repeat(room, self.patches_per_image, axis=0)
+            yx = (rng.random((len(self), 2)) * room).astype(np.int64)
+            flags = rng.random((len(self), 3)) < 0.5
+            self._draws, self._draws_epoch = np.concatenate([yx, flags], axis=1), epoch
+        return self._draws
 
     def __getitem__(self, index):
         epoch, i = index if isinstance(index, tuple) else (0, index)
-        rng = np.random.default_rng((self.seed, epoch, i))
-        img = self.images[i // self.patches_per_image]
-        p = self.patch_size
-        y = rng.integers(0, img.shape[0] - p + 1)
-        x = rng.integers(0, img.shape[1] - p + 1)
-        hr = img[y:y + p, x:x + p]
-        hflip, vflip, rot90 = rng.random(3) < 0.5
-        if hflip:
-            hr = hr[:, ::-1]
-        if vflip:
-            hr = hr[::-1]
-        if rot90:
-            hr = hr.transpose(1, 0, 2)
-        hr = np.require(hr, requirements=["C", "W"])  # torch wants writable memory
-        lr = np.require(downsample(hr, self.scale), requirements=["W"])
-        return torch.from_numpy(lr), torch.from_numpy(hr)
+        y, x, hflip, vflip, transpose = self.draws(epoch)[i].tolist()
+        k, p, s = i // self.patches_per_image, self.lr_patch, self.scale
+        lr = self.lr[k][y:y + p, x:x + p]
+        hr = self.hr[k][y * s:(y + p) * s, x * s:(x + p) * s]
+        dims = [1] * hflip + [0] * vflip
+        if dims:
+            lr, hr = lr.flip(dims), hr.flip(dims)
+        if transpose:
+            lr, hr = lr.transpose(0, 1), hr.transpose(0, 1)
+        return lr.contiguous(), hr.contiguous()
 
 
 class EpochSampler(Sampler):
@@ -111,7 +129,4 @@ class EpochSampler(Sampler):
 def eval_pairs(paths: list[Path], scale: int):
     """Yield (name, hr, lr) for whole images: HR modcropped to the scale, LR its bicubic downsampling."""
     for path in paths:
-        hr = modcrop(load_rgb(path), scale)
-        if min(hr.shape[:2]) < scale:
-            raise UserError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}")
-        yield path.name, hr, downsample(hr, scale)
+        yield (path.name, *load_pair(path, scale))

@@ -119,7 +119,7 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"run {run_dir}: {model_args}, {n_params:,} parameters, device {device}"
           f"{', amp ' + str(dtype).split('.')[-1] if dtype else ''}")
-    print(f"train: {len(train_set.images)} images, {len(train_set)} patches of {patch_size}px per epoch, "
+    print(f"train: {len(train_set.hr)} images, {len(train_set)} patches of {patch_size}px per epoch, "
           f"{len(loader)} steps of {args.batch_size}; val: {len(val_pairs)} images")
     bicubic = bicubic_rows(val_pairs, crop_border=scale)
     print(f"val bicubic: {mean(bicubic, 'bicubic_psnr'):.4f} dB / {mean(bicubic, 'bicubic_ssim'):.4f}")

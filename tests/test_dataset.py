@@ -28,28 +28,27 @@ def d4(patch):
     return out
 
 
-def test_lr_is_pil_bicubic_of_the_augmented_hr_patch(tmp_path):
-    data = TrainDataset(noise_dir(tmp_path, [(50, 60)]), scale=4, patch_size=24, patches_per_image=16)
-    for i in range(len(data)):
-        lr, hr = (t.numpy() for t in data[(3, i)])
-        assert hr.shape == (24, 24, 3) and lr.shape == (6, 6, 3)
-        expected = np.asarray(Image.fromarray(hr).resize((6, 6), Image.BICUBIC))
-        np.testing.assert_array_equal(lr, expected)
-
-
-def test_hr_patch_is_a_flip_or_rotation_of_a_crop_and_all_eight_occur(tmp_path):
-    data = TrainDataset(noise_dir(tmp_path, [(40, 44)]), scale=2, patch_size=8, patches_per_image=200)
-    img = data.images[0]
+def test_samples_are_aligned_crops_of_the_image_and_its_bicubic_lr_under_all_eight_transforms(tmp_path):
+    scale, p = 2, 8
+    folder = noise_dir(tmp_path, [(41, 45)])
+    data = TrainDataset(folder, scale=scale, patch_size=p, patches_per_image=200)
+    img = load_rgb(folder / "0.png")[:40, :44]  # modcropped to a multiple of 2
+    whole_lr = np.asarray(Image.fromarray(img).resize((22, 20), Image.BICUBIC))
     seen = set()
     for i in range(len(data)):
-        _, hr = data[(0, i)]
-        hr = hr.numpy()
-        # Find the crop: the patch's top-left pixel under each transform must sit at a unique place.
+        lr, hr = (t.numpy() for t in data[(0, i)])
+        assert hr.shape == (p, p, 3) and lr.shape == (p // scale, p // scale, 3)
+        # Find the crop: with random noise, one transform and one position match.
         matches = [(k, y, x) for k, t in enumerate(d4(hr))
-                   for y in range(img.shape[0] - 7) for x in range(img.shape[1] - 7)
-                   if (img[y, x] == t[0, 0]).all() and np.array_equal(img[y:y + 8, x:x + 8], t)]
+                   for y in range(img.shape[0] - p + 1) for x in range(img.shape[1] - p + 1)
+                   if (img[y, x] == t[0, 0]).all() and np.array_equal(img[y:y + p, x:x + p], t)]
         assert len(matches) == 1, f"patch {i} is not a transformed crop of the image"
-        seen.add(matches[0][0])
+        k, y, x = matches[0]
+        assert y % scale == 0 and x % scale == 0
+        # The LR patch is the same crop of the whole image's bicubic LR, under the same transform.
+        q = p // scale
+        np.testing.assert_array_equal(d4(lr)[k], whole_lr[y // scale:y // scale + q, x // scale:x // scale + q])
+        seen.add(k)
     assert seen == set(range(8))
 
 
@@ -57,7 +56,7 @@ def test_small_images_are_skipped_with_a_warning_naming_them(tmp_path):
     folder = noise_dir(tmp_path, [(40, 40), (20, 60), (50, 50)])
     with pytest.warns(UserWarning, match=r"1\.png \(60x20\)"):
         data = TrainDataset(folder, scale=2, patch_size=32, patches_per_image=2)
-    assert [p.name for p in data.paths] == ["0.png", "2.png"]
+    assert [p.name for p in data.paths] == ["0.png", "2.png"] and len(data.hr) == len(data.lr) == 2
     assert len(data) == 4
 
 
