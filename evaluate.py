@@ -18,8 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import eval_pairs
-from utils import (UserError, atomic_path, list_images, load_model, non_negative_int, psnr, resize_bicubic,
-                   run_cli, save_image, select_device, ssim, upscale)
+from utils import (DEFAULT_TILE, UserError, atomic_path, list_images, load_model, non_negative_int, psnr,
+                   resize_bicubic, run_cli, save_image, select_device, ssim, upscale)
 
 DEFAULT_CHECKPOINT = "checkpoints/resshuffle_x4.pt"
 
@@ -43,7 +43,7 @@ def bicubic_rows(pairs, crop_border: int, y_channel: bool = False) -> list[dict]
     return rows
 
 
-def evaluate(model, pairs, crop_border: int, y_channel: bool = False, tile: int = 0, tile_pad: int = 0,
+def evaluate(model, pairs, crop_border: int, y_channel: bool = False, tile: int = DEFAULT_TILE, tile_pad=None,
              baseline: bool = True, save_dir: Path | None = None, progress: bool = True) -> list[dict]:
     """Super-resolve every (name, hr, lr) pair and measure it; the per-image rows.
 
@@ -85,7 +85,7 @@ def main(args):
     print(f"protocol: {protocol(scale, crop_border, args.y_channel)}")
     start = time.time()
     rows = evaluate(model, eval_pairs(paths, scale), crop_border, args.y_channel,
-                    tile=args.tile, tile_pad=model.receptive_radius() if args.tile_pad is None else args.tile_pad,
+                    tile=args.tile, tile_pad=args.tile_pad,
                     save_dir=save_dir)
     seconds = time.time() - start
 
@@ -116,7 +116,7 @@ if __name__ == "__main__":
     parser.add_argument("--csv", default=None, help="write the per-image table to this CSV file")
     parser.add_argument("--save_dir", default=None, help="write the SR images to this folder")
     parser.add_argument("--max_images", type=non_negative_int, default=0, help="first N images only (0: all)")
-    parser.add_argument("--tile", type=non_negative_int, default=0, help="LR tile size (0: whole image)")
+    parser.add_argument("--tile", type=non_negative_int, default=DEFAULT_TILE, help="LR tile size (0: whole image)")
     parser.add_argument("--tile_pad", type=non_negative_int, default=None,
                         help="LR context around each tile (default: the receptive-field radius)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

@@ -4,6 +4,8 @@
     net = ResShuffle(scale=4)          # 1,545,219 parameters
     sr = net(lr)                       # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W)
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -83,26 +85,39 @@ class ResShuffle(nn.Module):
         self.tail = nn.Conv2d(num_features, 3, 9, padding=4)
 
     def forward(self, x):
-        x = x - self.rgb_mean
-        features = self.head(x)
-        features = features + self.body_conv(self.body(features))
+        return self.reconstruct(self.features(x), x)
+
+    def features(self, x):
+        """LR features: the head and the residual body, with the global skip."""
+        features = self.head(x - self.rgb_mean)
+        return features + self.body_conv(self.body(features))
+
+    def reconstruct(self, features, x):
+        """The SR image from `features` and the LR input `x` they were computed from."""
         out = self.tail(self.upsample(features))
         if self.image_skip:
-            out = out + F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+            # bicubic(x - mean) + mean == bicubic(x): the weights sum to one.
+            return out + F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return out + self.rgb_mean
 
-    def receptive_radius(self) -> int:
-        """How many LR pixels on each side one output pixel depends on (rounded up).
+    def feature_radius(self) -> int:
+        """LR pixels on each side that one feature depends on: 9x9 head, two 3x3 per block, body conv."""
+        return 4 + 2 * len(self.body) + 1
 
-        A tile padded by at least this much gives the same output as the whole image.
-        """
-        radius = 4.0  # head 9x9
-        radius += 2 * len(self.body) + 1  # two 3x3 per block, body_conv
-        factor = 1
+    def reconstruct_radius(self) -> int:
+        """LR pixels of features (or input) on each side that one output pixel depends on, rounded up."""
+        radius, factor = 0.0, 1
         for r in UPSAMPLE_STAGES[self.scale]:
             radius += 1 / factor  # the stage's 3x3 conv, at the current resolution
             factor *= r
         radius += 4 / factor  # tail 9x9 at HR resolution
         if self.image_skip:
             radius = max(radius, 2.0)  # bicubic reaches 2 LR pixels
-        return int(-(-radius // 1))
+        return math.ceil(radius)
+
+    def receptive_radius(self) -> int:
+        """LR pixels on each side that one output pixel depends on (an upper bound, within one pixel).
+
+        A tile padded by at least this much gives the same output as the whole image.
+        """
+        return self.feature_radius() + self.reconstruct_radius()

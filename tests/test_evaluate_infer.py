@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import ResShuffle, TINY, run_script, smooth_image
+import utils
 from utils import load_model, upscale
 
 
@@ -55,7 +56,10 @@ def test_infer_folder_gray_and_alpha(tiny_checkpoint, tmp_path):
     assert out_alpha[:, :20].max() < 10 and out_alpha[:, 28:].min() > 245
 
 
-def test_tiled_output_equals_untiled_with_enough_padding(image_dir, tiny_checkpoint):
+@pytest.mark.parametrize("reconstruct_tile", [128, 4])
+def test_tiled_output_equals_untiled_with_enough_padding(tiny_checkpoint, monkeypatch, reconstruct_tile):
+    # 4: the HR stages run on several blocks per tile, at unaligned edges too.
+    monkeypatch.setattr(utils, "RECONSTRUCT_TILE", reconstruct_tile)
     model = load_model(tiny_checkpoint, torch.device("cpu"))
     img = smooth_image(np.random.default_rng(3), 37, 29)
     whole = upscale(model, img)

@@ -40,20 +40,31 @@ def test_tensor_conversion_round_trips_and_rounds():
 
 
 class Shift(torch.nn.Module):
-    """A 'model' whose output pixel copies the input pixel `offset` to its left, upscaled x2."""
+    """A 'model' whose features copy the input 3 pixels to the left, upscaled x2 by nearest."""
     scale = 2
 
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
+    def features(self, x):
+        return torch.nn.functional.pad(x, (3, 0))[..., :-3]
+
+    def reconstruct(self, features, x):
+        return torch.nn.functional.interpolate(features, scale_factor=2, mode="nearest") + self.weight
+
     def forward(self, x):
-        shifted = torch.nn.functional.pad(x, (3, 0))[..., :-3]
-        return torch.nn.functional.interpolate(shifted, scale_factor=2, mode="nearest") + self.weight
+        return self.reconstruct(self.features(x), x)
+
+    def reconstruct_radius(self):
+        return 0
+
+    def receptive_radius(self):
+        return 3
 
 
 def test_tiles_are_placed_where_they_belong():
     img = np.random.default_rng(1).integers(0, 256, (11, 17, 3), dtype=np.uint8)
     whole = upscale(Shift(), img)
-    np.testing.assert_array_equal(upscale(Shift(), img, tile=4, tile_pad=3), whole)
+    np.testing.assert_array_equal(upscale(Shift(), img, tile=4), whole)  # tile_pad: the receptive radius
     assert not np.array_equal(upscale(Shift(), img, tile=4, tile_pad=2), whole)
