@@ -231,12 +231,11 @@ def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE,
         features = model.features(x[:, :, py0:py1, px0:px1].contiguous(memory_format=torch.channels_last))
         y0, y1, x0, x1 = box
         for by0, by1, bx0, bx1 in tiles(y1 - y0, x1 - x0, min(tile, RECONSTRUCT_TILE)):
-            block = (y0 + by0, y0 + by1, x0 + bx0, x0 + bx1)
+            b0, b1, c0, c1 = block = (y0 + by0, y0 + by1, x0 + bx0, x0 + bx1)
             my0, my1, mx0, mx1 = grow(block, margin, padded)
             f = features[:, :, my0 - py0:my1 - py0, mx0 - px0:mx1 - px0]
             sr = model.reconstruct(f.contiguous(memory_format=torch.channels_last),
                                    x[:, :, my0:my1, mx0:mx1].contiguous(memory_format=torch.channels_last))
-            (b0, b1, c0, c1) = block
             out[b0 * s:b1 * s, c0 * s:c1 * s] = tensor_to_image(
                 sr[:, :, (b0 - my0) * s:(b1 - my0) * s, (c0 - mx0) * s:(c1 - mx0) * s])
     return out
