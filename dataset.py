@@ -20,14 +20,6 @@ from tqdm import tqdm
 from utils import UserError, downsample, list_images, load_rgb, modcrop
 
 
-def load_pair(path: Path, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """(HR cropped to a multiple of the scale, its bicubic LR) of one image file."""
-    hr = modcrop(load_rgb(path), scale)
-    if min(hr.shape[:2]) < scale:
-        raise UserError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}")
-    return hr, downsample(hr, scale)
-
-
 class TrainDataset(Dataset):
     """Random HR patches and the matching LR patches, with flips and 90-degree rotations.
 
@@ -129,4 +121,7 @@ class EpochSampler(Sampler):
 def eval_pairs(paths: list[Path], scale: int):
     """Yield (name, hr, lr) for whole images: HR modcropped to the scale, LR its bicubic downsampling."""
     for path in paths:
-        yield (path.name, *load_pair(path, scale))
+        hr = modcrop(load_rgb(path), scale)
+        if min(hr.shape[:2]) < scale:
+            raise UserError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}")
+        yield path.name, hr, downsample(hr, scale)
