@@ -8,7 +8,6 @@ The LR image is always PIL's bicubic downsampling (utils.downsample) of the whol
 cropped to a multiple of the scale: in training, evaluation and inference alike.
 """
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from utils import UserError, downsample, list_images, load_rgb, modcrop
+from utils import UserError, downsample, list_images, load_rgb, modcrop, warn
 
 
 class TrainDataset(Dataset):
@@ -34,7 +33,8 @@ class TrainDataset(Dataset):
     already channels_last, so the training step needs no layout conversion.
 
     Args:
-        hr_dir: folder of HR images. Images smaller than `patch_size` are skipped with a warning.
+        hr_dir: folder of HR images. Unreadable images and images smaller than `patch_size` are
+            skipped, all named in one warning before training starts.
         scale: downsampling factor; `patch_size` must be a multiple of it.
         patch_size: side of the HR patch (the LR patch is patch_size // scale).
         patches_per_image: samples drawn from each image per epoch.
@@ -50,15 +50,17 @@ class TrainDataset(Dataset):
             raise UserError(f"{hr_dir}: no images found")
         # Decoding and resizing run in threads: PIL releases the GIL for both.
         with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            images = list(tqdm(pool.map(load_rgb, paths), total=len(paths), desc=f"decoding {Path(hr_dir).name}",
+            images = list(tqdm(pool.map(try_load_rgb, paths), total=len(paths), desc=f"decoding {Path(hr_dir).name}",
                                unit="img", leave=False))
-            small = [(p, im.shape) for p, im in zip(paths, images) if min(im.shape[:2]) < patch_size]
-            if small:
-                warnings.warn(f"skipping {len(small)} image(s) smaller than the {patch_size}x{patch_size} patch: "
-                              + ", ".join(f"{p.name} ({s[1]}x{s[0]})" for p, s in small), stacklevel=2)
-            keep = [i for i, im in enumerate(images) if min(im.shape[:2]) >= patch_size]
+            skipped = [f"{p.name} ({im})" for p, im in zip(paths, images) if isinstance(im, str)]
+            skipped += [f"{p.name} ({im.shape[1]}x{im.shape[0]}, smaller than the {patch_size}px patch)"
+                        for p, im in zip(paths, images) if not isinstance(im, str) and min(im.shape[:2]) < patch_size]
+            if skipped:
+                warn(f"{hr_dir}: skipping {len(skipped)} of {len(paths)} images: {'; '.join(skipped)}")
+            keep = [i for i, im in enumerate(images) if not isinstance(im, str) and min(im.shape[:2]) >= patch_size]
             if not keep:
-                raise UserError(f"{hr_dir}: no image is at least {patch_size}x{patch_size}")
+                raise UserError(f"{hr_dir}: none of its {len(paths)} images is readable and at least "
+                                f"{patch_size}x{patch_size}")
             self.paths = [paths[i] for i in keep]
             # torch wants writable memory; PIL's arrays are read-only (np.require copies those).
             hrs = [np.require(modcrop(images[i], scale), requirements=["W"]) for i in keep]
@@ -101,21 +103,30 @@ class EpochSampler(Sampler):
     """A fresh permutation of the dataset each epoch, yielding (epoch, index) pairs.
 
     The epoch travels with the index, so workers (persistent ones too) draw the right
-    patches without being told the epoch. Call `set_epoch` before each epoch.
+    patches without being told the epoch. Call `set_epoch` before each epoch; its `start`
+    skips that many samples of the epoch's order (a run resumed mid-epoch).
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0):
-        self.length, self.seed, self.epoch = len(dataset), seed, 0
+        self.length, self.seed, self.epoch, self.start = len(dataset), seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.length
+        return self.length - self.start
 
     def __iter__(self):
         order = np.random.default_rng((self.seed, self.epoch, 0x5A)).permutation(self.length)
-        return iter([(self.epoch, int(i)) for i in order])
+        return iter([(self.epoch, int(i)) for i in order[self.start:]])
+
+
+def try_load_rgb(path: Path) -> np.ndarray | str:
+    """The decoded image, or why it can't be read (a string), so that all failures can be listed."""
+    try:
+        return load_rgb(path)
+    except UserError as e:
+        return str(e).removeprefix(f"{path}: ")
 
 
 def eval_pairs(paths: list[Path], scale: int):

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import eval_pairs
-from utils import (DEFAULT_TILE, UserError, atomic_path, list_images, load_model, non_negative_int, psnr,
+from utils import (DEFAULT_TILE, UserError, atomic_path, list_images, load_model, make_dir, non_negative_int, psnr,
                    resize_bicubic, run_cli, save_image, select_device, ssim, upscale)
 
 DEFAULT_CHECKPOINT = "checkpoints/resshuffle_x4.pt"
@@ -77,9 +77,7 @@ def main(args):
         paths = paths[:args.max_images]
     if not paths:
         raise UserError(f"{args.data_dir}: no images found")
-    save_dir = Path(args.save_dir) if args.save_dir else None
-    if save_dir:
-        save_dir.mkdir(parents=True, exist_ok=True)
+    save_dir = make_dir(args.save_dir) if args.save_dir else None
 
     print(f"checkpoint {args.checkpoint}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"protocol: {protocol(scale, crop_border, args.y_channel)}")
@@ -107,7 +105,7 @@ def main(args):
         print(f"per-image table written to {args.csv}")
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="data/DIV2K_valid_HR", help="folder of HR images")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint to evaluate")
@@ -120,4 +118,8 @@ if __name__ == "__main__":
     parser.add_argument("--tile_pad", type=non_negative_int, default=None,
                         help="LR context around each tile (default: the receptive-field radius)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    run_cli(main, parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser().parse_args())

@@ -6,20 +6,23 @@ usage: python infer.py INPUT [-o OUTPUT] [--checkpoint checkpoints/resshuffle_x4
 INPUT is an image file or a folder of them. OUTPUT defaults to <name>_x<scale>.png beside a
 file, or to the folder <INPUT>_x<scale>/ for a folder. The output is exactly scale x the
 input size, written whole or not at all. Grayscale stays grayscale; an alpha channel is
-upscaled with bicubic and kept; the EXIF orientation is applied. The architecture comes from
+upscaled with bicubic and kept; the EXIF orientation is applied; CMYK becomes RGB; 16-bit
+images are read and written as 8-bit (the network works on 8-bit images) and infer says so.
+In a folder, a file that can't be read is reported and skipped, and the exit status is 1. The architecture comes from
 the checkpoint. The image is processed in LR tiles of --tile pixels (default 256; 0: whole):
 faster on CPU than whole images and a fraction of the memory, and with --tile_pad at least
 the network's receptive-field radius (the default) the same result.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import (DEFAULT_TILE, IMAGE_EXTENSIONS, UserError, list_images, load_model, non_negative_int, open_image,
-                   run_cli, save_image, select_device, to_rgb8, upscale)
+from utils import (DEFAULT_TILE, IMAGE_EXTENSIONS, UserError, list_images, load_model, make_dir, non_negative_int,
+                   open_image, run_cli, save_image, select_device, to_rgb8, upscale)
 
 DEFAULT_CHECKPOINT = Path("checkpoints/resshuffle_x4.pt")
 
@@ -45,9 +48,10 @@ def output_paths(input_path: Path, output: str | None, scale: int) -> list[tuple
         inputs = list_images(input_path)
         if not inputs:
             raise UserError(f"{input_path}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
-        out_dir = Path(output) if output else input_path.with_name(f"{input_path.name}_x{scale}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return [(p, out_dir / f"{p.stem}.png") for p in inputs]
+        out_dir = make_dir(Path(output) if output else input_path.with_name(f"{input_path.name}_x{scale}"))
+        stems = [p.stem for p in inputs]
+        # a.jpg and a.png would both become a.png: those keep their extension in the name.
+        return [(p, out_dir / (f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.name}.png")) for p in inputs]
     if not input_path.exists():
         raise UserError(f"{input_path}: no such file or folder")
     out = Path(output) if output else input_path.with_name(f"{input_path.stem}_x{scale}.png")
@@ -64,13 +68,30 @@ def main(args):
     device = select_device(args.device)
     model = load_model(checkpoint, device)
     pairs = output_paths(Path(args.input), args.output, model.scale)
-    for src, dst in tqdm(pairs, desc="upscaling", unit="img", disable=len(pairs) == 1):
-        sr = upscale_image(model, open_image(src), tile=args.tile, tile_pad=args.tile_pad)
-        save_image(sr, dst)
-        tqdm.write(f"{src} ({sr.width // model.scale}x{sr.height // model.scale}) -> {dst} ({sr.width}x{sr.height})")
+    if len(pairs) == 1:
+        return upscale_file(model, *pairs[0], tile=args.tile, tile_pad=args.tile_pad)
+    failed = []
+    for src, dst in tqdm(pairs, desc="upscaling", unit="img"):
+        try:
+            upscale_file(model, src, dst, tile=args.tile, tile_pad=args.tile_pad)
+        except UserError as e:  # one bad file in a folder: say so, do the others
+            tqdm.write(f"infer.py: skipped: {e}", file=sys.stderr)
+            failed.append(src.name)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(pairs)} images failed, the others were written: {', '.join(failed)}")
 
 
-if __name__ == "__main__":
+def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None) -> None:
+    img = open_image(src)
+    sr = upscale_image(model, img, tile=tile, tile_pad=tile_pad)
+    note = ", read and written as 8-bit" if img.mode.startswith("I") or img.mode == "F" else ""
+    if dst.suffix.lower() in (".jpg", ".jpeg") and sr.mode in ("RGBA", "LA"):
+        sr, note = sr.convert(sr.mode[:-1]), note + ", alpha dropped: JPEG has none"
+    save_image(sr, dst)
+    tqdm.write(f"{src} ({img.width}x{img.height}{note}) -> {dst} ({sr.width}x{sr.height})")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="an image file or a folder of images")
     parser.add_argument("-o", "--output", default=None, help="output file (or folder, for a folder INPUT)")
@@ -79,4 +100,8 @@ if __name__ == "__main__":
     parser.add_argument("--tile_pad", type=non_negative_int, default=None,
                         help="LR context around each tile (default: the receptive-field radius)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    run_cli(main, parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser().parse_args())

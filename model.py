@@ -69,7 +69,7 @@ class ResShuffle(nn.Module):
         if num_features < 1 or num_residuals < 0:
             raise ValueError(f"num_features must be >= 1 and num_residuals >= 0, "
                              f"got {num_features} and {num_residuals}")
-        self.scale = scale
+        self.scale, self.num_features = scale, num_features
         self.image_skip = image_skip
         mean = torch.tensor(DIV2K_RGB_MEAN if mean_shift else (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
         # Not persistent: the state_dict stays that of the original network.

@@ -4,6 +4,7 @@ One implementation of each, used by train.py, evaluate.py and infer.py. Images a
 arrays, HWC uint8 RGB in [0, 255], unless a docstring says otherwise.
 """
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -24,12 +25,38 @@ class UserError(Exception):
 
 
 def run_cli(main, args) -> None:
-    """Run a script's main(args); a UserError becomes `prog: error: ...` and exit status 1."""
+    """Run a script's main(args); a UserError becomes `prog: error: ...` and exit status 1.
+
+    Running out of memory and Ctrl-C are reported the same way (exit statuses 1 and 130);
+    every output is written atomically, so neither leaves a half-written file.
+    """
+    prog = Path(sys.argv[0]).name
     try:
         main(args)
     except UserError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
+                and "can't allocate memory" not in str(e):
+            raise
+        print(f"{prog}: error: out of memory ({first_line(e)}): use a smaller --tile (or --batch_size)",
+              file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; outputs already written are complete, none is half-written", file=sys.stderr)
+        sys.exit(130)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message, first line only (torch's run to pages)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (not `warnings`, which prints a source line with it)."""
+    print(f"{Path(sys.argv[0]).name}: warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- images
@@ -51,6 +78,8 @@ def open_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: refused, too many pixels to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
 
@@ -89,21 +118,54 @@ class atomic_path:
     def __enter__(self) -> str:
         if not self.path.parent.is_dir():
             raise UserError(f"{self.path.parent}: output folder does not exist")
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a folder, not a file name")
+        try:
+            fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=TMP_SUFFIX)
+        except OSError as e:
+            raise UserError(f"{self.path.parent}: cannot write there ({e.strerror})") from None
         os.close(fd)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            with open(self.tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            # mkstemp makes the file 0600; give it the mode a plain open() would have.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)
-            os.replace(self.tmp, self.path)
-        else:
+            try:
+                with open(self.tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                # mkstemp makes the file 0600; give it the mode a plain open() would have.
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)
+                os.replace(self.tmp, self.path)
+                return False
+            except OSError as e:
+                exc = e
+        with contextlib.suppress(OSError):
             os.unlink(self.tmp)
+        if isinstance(exc, OSError):  # a full disk, a vanished folder, ...
+            raise UserError(f"{self.path}: could not be written ({exc.strerror or exc})") from None
+        return False
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what `atomic_path` leaves behind when a process is killed mid-write; the paths removed."""
+    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
+def make_dir(path: str | Path) -> Path:
+    """mkdir -p, with a one-line error when it can't be made."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create folder ({e.strerror})") from None
+    return path
 
 
 def resize_bicubic(img: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -224,7 +286,12 @@ def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE,
     x = image_to_tensor(img).to(device)
     h, w = img.shape[:2]
     if tile <= 0 or (tile >= h and tile >= w):
-        return tensor_to_image(model(x))
+        needed, free = untiled_bytes(model, h, w), available_memory(device)
+        if needed < 0.8 * free:
+            return tensor_to_image(model(x))
+        warn(f"{w}x{h} in one piece needs about {needed / 1e9:.1f} GB and {free / 1e9:.1f} GB are free: "
+             f"tiling it by {DEFAULT_TILE} instead (same result)")
+        tile = DEFAULT_TILE
     out = np.empty((h * s, w * s, 3), dtype=np.uint8)
     for box in tiles(h, w, tile):
         py0, py1, px0, px1 = padded = grow(box, tile_pad, (0, h, 0, w))
@@ -239,6 +306,32 @@ def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE,
             out[b0 * s:b1 * s, c0 * s:c1 * s] = tensor_to_image(
                 sr[:, :, (b0 - my0) * s:(b1 - my0) * s, (c0 - mx0) * s:(c1 - mx0) * s])
     return out
+
+
+def untiled_bytes(model: torch.nn.Module, height: int, width: int) -> int:
+    """Roughly the peak memory of running `model` on a whole height x width LR image.
+
+    Float32 activations: about three feature maps at LR size and two at HR size; benchmark.py
+    measured 22.2 GB for a 2040x1360 input at x4 (this gives 24.9 GB).
+    """
+    return 4 * model.num_features * height * width * (3 + 2 * model.scale ** 2)
+
+
+def available_memory(device: torch.device) -> float:
+    """Bytes free for new allocations on `device` (CPU: the kernel's MemAvailable); inf if unknown."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return math.inf
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -257,8 +350,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a loadable checkpoint ({first_line})") from None
+        raise UserError(f"{path}: not a loadable checkpoint ({first_line(e)})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
         raise UserError(f"{path}: not a ResShuffle checkpoint (no 'model' and 'model_args' entries)")
     return checkpoint
@@ -273,9 +365,24 @@ def load_model(path: str | Path, device: torch.device) -> torch.nn.Module:
         model = ResShuffle(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: weights do not match model_args {checkpoint['model_args']} "
-                        f"({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"{path}: its weights are {describe_weights(checkpoint['model'])}, which does not match "
+                        f"its model_args {checkpoint['model_args']} ({first_line(e)})") from None
     return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def describe_weights(state_dict) -> str:
+    """What network a state_dict's tensor shapes describe, e.g. 'a x4 network with 64 features and
+    16 residual blocks'; or what it is instead, for weights of some other network."""
+    try:
+        features = state_dict["head.0.weight"].shape[0]
+        blocks = len({k.split(".")[1] for k in state_dict if k.startswith("body.") and k.count(".") >= 2})
+        stages = [v.shape[0] // features for k, v in sorted(state_dict.items())
+                  if k.startswith("upsample.") and k.endswith(".weight")]
+        scale = math.prod(math.isqrt(r) for r in stages)
+        return f"a x{scale} network with {features} features and {blocks} residual blocks"
+    except (KeyError, AttributeError, IndexError, TypeError, ZeroDivisionError, ValueError):
+        keys = list(state_dict)[:3] if isinstance(state_dict, dict) else []
+        return f"not a ResShuffle network's (first entries: {', '.join(map(str, keys)) or 'none'})"
 
 
 # ---------------------------------------------------------------- runtime

@@ -55,3 +55,30 @@ def run_script(*args, cwd=ROOT, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def run_main(module, *argv):
+    """Run a script's main() in this process, as its command line would: (exit status, stdout, stderr).
+
+    Fast (no interpreter start, no torch import) for the many bad-input cases; run_script
+    checks the same path end to end.
+    """
+    import contextlib
+    import io
+
+    from utils import run_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    parse = module.parse_args if hasattr(module, "parse_args") else module.build_parser().parse_args
+    old_argv = sys.argv
+    sys.argv = [f"{module.__name__}.py", *map(str, argv)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_cli(module.main, parse([str(a) for a in argv]))
+                code = 0
+            except SystemExit as e:
+                code = e.code
+    finally:
+        sys.argv = old_argv
+    return code, out.getvalue(), err.getvalue()

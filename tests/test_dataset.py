@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 import dataset
 from dataset import EpochSampler, TrainDataset, eval_pairs
-from utils import list_images, load_rgb
+from utils import UserError, list_images, load_rgb
 
 
 def noise_dir(tmp_path, sizes):
@@ -52,12 +52,26 @@ def test_samples_are_aligned_crops_of_the_image_and_its_bicubic_lr_under_all_eig
     assert seen == set(range(8))
 
 
-def test_small_images_are_skipped_with_a_warning_naming_them(tmp_path):
+def test_unreadable_and_small_images_are_skipped_and_listed_in_one_warning(tmp_path, capsys):
     folder = noise_dir(tmp_path, [(40, 40), (20, 60), (50, 50)])
-    with pytest.warns(UserWarning, match=r"1\.png \(60x20\)"):
-        data = TrainDataset(folder, scale=2, patch_size=32, patches_per_image=2)
+    (folder / "3_empty.png").write_bytes(b"")
+    (folder / "4_text.jpg").write_text("not an image")
+    data = Image.open(folder / "2.png")
+    data.save(folder / "5_cut.png")
+    (folder / "5_cut.png").write_bytes((folder / "5_cut.png").read_bytes()[:200])
+    data = TrainDataset(folder, scale=2, patch_size=32, patches_per_image=2)
     assert [p.name for p in data.paths] == ["0.png", "2.png"] and len(data.hr) == len(data.lr) == 2
     assert len(data) == 4
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warning) == 1 and "skipping 4 of 6 images" in warning[0]
+    for name in ["1.png (60x20, smaller than the 32px patch)", "3_empty.png (not a readable image",
+                 "4_text.jpg (not a readable image", "5_cut.png (not a readable image"]:
+        assert name in warning[0], name
+
+    for p in folder.glob("[02].png"):
+        p.unlink()
+    with pytest.raises(UserError, match="none of its 4 images is readable and at least 32x32"):
+        TrainDataset(folder, scale=2, patch_size=32)
 
 
 def test_each_file_is_decoded_once(tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ def test_tensor_conversion_round_trips_and_rounds():
 
 class Shift(torch.nn.Module):
     """A 'model' whose features copy the input 3 pixels to the left, upscaled x2 by nearest."""
-    scale = 2
+    scale, num_features = 2, 3
 
     def __init__(self):
         super().__init__()
