@@ -6,13 +6,18 @@ usage: python train.py [--upscale_factor 4] [--num_epochs 400] [--batch_size 32]
        python train.py --export checkpoints/NAME/best.pt checkpoints/resshuffle_x4.pt
 
 A run writes checkpoints/<run_name>/: last.pt (every epoch), best.pt (best validation PSNR)
-and log.csv. Adam + StepLR + L1 loss, as the original. On CUDA: mixed precision (bf16 where
-supported, else fp16 with loss scaling), pinned memory, persistent workers; on every device
-the network runs channels_last.
+and log.csv, each written atomically. Ctrl-C or SIGTERM saves last.pt where the run is, mid-epoch
+too, and --resume goes on from there with the run's own flags, to the same weights as a run
+never stopped. A NaN/inf loss stops the run, naming the iteration; the checkpoints are kept.
+Adam + StepLR + L1 loss, as the original. On CUDA: mixed precision (bf16 where supported, else
+fp16 with loss scaling), pinned memory, persistent workers; on every device the network runs
+channels_last.
 """
 import argparse
 import csv
 import math
+import signal
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,8 +30,9 @@ from tqdm import tqdm
 from dataset import EpochSampler, TrainDataset, eval_pairs
 from evaluate import bicubic_rows, evaluate, mean
 from model import UPSAMPLE_STAGES, ResShuffle
-from utils import (UserError, list_images, load_checkpoint, non_negative_int, positive_float, positive_int, run_cli,
-                   save_checkpoint, seed_everything, select_device)
+from utils import (UserError, atomic_path, list_images, load_checkpoint, make_dir, non_negative_int, positive_float,
+                   positive_int, remove_stale_temporaries, run_cli, save_checkpoint, seed_everything, select_device,
+                   warn)
 
 CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds"]
 
@@ -56,6 +62,74 @@ def export_weights(src: str, dst: str) -> None:
           f" -> {dst}: weights and model_args {checkpoint['model_args']}")
 
 
+# Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
+RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "val_every", "patience", "max_val_images",
+                     "train_dir", "val_dir")
+
+
+def resume_args(args, checkpoint: dict) -> None:
+    """Take the run's own flags from its checkpoint; refuse typed flags that would change the run."""
+    saved = {k: v for k, v in checkpoint["args"].items() if k not in ("resume", "export", "given")}
+    for name in args.given:
+        if name in saved and name not in RESUME_MAY_CHANGE and getattr(args, name) != saved[name]:
+            raise UserError(f"{args.resume}: the run was started with --{name} {saved[name]} "
+                            f"({describe_run(checkpoint)}); it can't change on resume "
+                            f"(these can: {', '.join('--' + n for n in RESUME_MAY_CHANGE)})")
+    for name, value in saved.items():
+        if name not in args.given:
+            setattr(args, name, value)
+
+
+def describe_run(checkpoint: dict) -> str:
+    m = checkpoint["model_args"]
+    options = [o for o in ("mean_shift", "image_skip") if m.get(o)]
+    return (f"x{m['scale']}, {m['num_features']} features, {m['num_residuals']} residual blocks"
+            f"{', ' + ', '.join(options) if options else ''}")
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"iteration {step}: the loss is {value}")
+        self.step, self.value = step, value
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to save last.pt and stop after this step.
+
+    A second signal stops at once, without saving (last.pt then holds the previous save).
+    """
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving and stopping after this step "
+              f"(send it again to quit at once, without saving)", file=sys.stderr, flush=True)
+
+    def exit(self, where: str, path: Path) -> None:
+        print(f"stopped by {signal.Signals(self.signum).name} {where}; saved {path}\n"
+              f"resume with: python train.py --resume {path}", flush=True)
+        sys.exit(128 + self.signum)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM (Ctrl-C reaches the whole process group) to the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(args):
     if args.export:
         return export_weights(*args.export)
@@ -64,8 +138,7 @@ def main(args):
     if checkpoint:
         if "optimizer" not in checkpoint or "args" not in checkpoint:
             raise UserError(f"{args.resume}: holds weights only; --resume needs a run's last.pt")
-        # The same run: its patches are drawn from its own seed.
-        args.seed = checkpoint["args"]["seed"]
+        resume_args(args, checkpoint)
     seed_everything(args.seed)
 
     if checkpoint:
@@ -79,8 +152,6 @@ def main(args):
         run_dir = Path(args.checkpoint_dir) / run_name
     scale = model_args["scale"]
     patch_size = args.patch_size or 48 * scale
-    if patch_size % scale:
-        raise UserError(f"--patch_size {patch_size} is not a multiple of the scale {scale}")
 
     train_set = TrainDataset(args.train_dir, scale=scale, patch_size=patch_size,
                              patches_per_image=args.patches_per_image, seed=args.seed)
@@ -88,9 +159,10 @@ def main(args):
     sampler = EpochSampler(train_set, seed=args.seed)
     cuda = device.type == "cuda"
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=args.num_workers, pin_memory=cuda,
+                        num_workers=args.num_workers, pin_memory=cuda, worker_init_fn=ignore_stop_signals,
                         persistent_workers=args.num_workers > 0)
-    if len(loader) == 0:
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
         raise UserError(f"{len(train_set)} patches per epoch is less than one batch of {args.batch_size}: "
                         f"raise --patches_per_image or lower --batch_size")
 
@@ -100,6 +172,8 @@ def main(args):
     dtype = amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     start_epoch, best_psnr, best_epoch = 1, -math.inf, 0
+    # Where the interrupted epoch stopped (a run stopped by a signal saves mid-epoch).
+    first_step, loss_sum, seconds = 0, 0.0, 0.0
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -107,66 +181,92 @@ def main(args):
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = checkpoint["epoch"] + 1
         best_psnr, best_epoch = checkpoint["best_psnr"], checkpoint["best_epoch"]
+        first_step, loss_sum = checkpoint.get("step", 0), checkpoint.get("loss_sum", 0.0)
+        seconds = checkpoint.get("seconds", 0.0)
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if cuda and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
     if cuda:
         torch.backends.cudnn.benchmark = True
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "log.csv"
+    make_dir(run_dir)
+    for stale in remove_stale_temporaries(run_dir):
+        warn(f"removed {stale}, left by a run killed while writing it")
+    log_path, last_path = run_dir / "log.csv", run_dir / "last.pt"
     trim_log(log_path, keep_through=start_epoch - 1)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"run {run_dir}: {model_args}, {n_params:,} parameters, device {device}"
           f"{', amp ' + str(dtype).split('.')[-1] if dtype else ''}")
     print(f"train: {len(train_set.hr)} images, {len(train_set)} patches of {patch_size}px per epoch, "
-          f"{len(loader)} steps of {args.batch_size}; val: {len(val_pairs)} images")
+          f"{steps_per_epoch} steps of {args.batch_size}; val: {len(val_pairs)} images")
     bicubic = bicubic_rows(val_pairs, crop_border=scale)
     print(f"val bicubic: {mean(bicubic, 'bicubic_psnr'):.4f} dB / {mean(bicubic, 'bicubic_ssim'):.4f}")
     if checkpoint:
-        print(f"resumed from {args.resume} at epoch {start_epoch}, lr {scheduler.get_last_lr()[0]:.3g}, "
+        print(f"resumed from {args.resume} at epoch {start_epoch}"
+              f"{f', step {first_step}' if first_step else ''}, lr {scheduler.get_last_lr()[0]:.3g}, "
               f"best PSNR {best_psnr:.4f} dB")
 
-    for epoch in range(start_epoch, args.num_epochs + 1):
-        start = time.time()
-        sampler.set_epoch(epoch)
-        lr_now = scheduler.get_last_lr()[0]
-        loss = train_one_epoch(model, loader, optimizer, scaler, dtype, device,
-                               desc=f"epoch {epoch}/{args.num_epochs}", lr_now=lr_now)
-        scheduler.step()
-        row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "val_psnr": "", "val_ssim": ""}
-        stop_reason, improved = None, False
-        if epoch % args.val_every == 0 or epoch == args.num_epochs:
-            model.eval()
-            rows = evaluate(model, val_pairs, crop_border=scale, baseline=False, progress=False)
-            model.train()
-            val_psnr, val_ssim = mean(rows, "psnr"), mean(rows, "ssim")
-            row.update(val_psnr=f"{val_psnr:.4f}", val_ssim=f"{val_ssim:.4f}")
-            improved = val_psnr > best_psnr
-            if improved:
-                best_psnr, best_epoch = val_psnr, epoch
-            if args.patience and epoch - best_epoch >= args.patience:
-                stop_reason = (f"early stopping: no validation PSNR gain for {epoch - best_epoch} epochs "
-                               f"(best {best_psnr:.4f} dB at epoch {best_epoch}, --patience {args.patience})")
-        row["seconds"] = f"{time.time() - start:.1f}"
-        state = {
+    def state(epoch: int, step: int = 0, loss_sum: float = 0.0, seconds: float = 0.0) -> dict:
+        """The checkpoint after `epoch` whole epochs and `step` steps of the next one."""
+        return {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "best_psnr": best_psnr, "best_epoch": best_epoch,
+            "epoch": epoch, "step": step, "loss_sum": loss_sum, "seconds": seconds,
+            "best_psnr": best_psnr, "best_epoch": best_epoch,
             "model_args": model_args, "args": vars(args),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
         }
-        if improved:
-            save_checkpoint(state, run_dir / "best.pt")
-        save_checkpoint(state, run_dir / "last.pt")
-        append_log(log_path, row)
-        if row["val_psnr"]:
-            print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val PSNR/SSIM {val_psnr:.4f} dB / "
-                  f"{val_ssim:.4f} ({val_psnr - mean(bicubic, 'bicubic_psnr'):+.2f} dB vs bicubic)"
-                  f"{' best' if improved else ''}, {row['seconds']} s")
-        if stop_reason:
-            print(stop_reason)
-            break
+
+    with StopSignal() as stop:
+        for epoch in range(start_epoch, args.num_epochs + 1):
+            start = time.time() - seconds
+            sampler.set_epoch(epoch, start=first_step * args.batch_size)
+            lr_now = scheduler.get_last_lr()[0]
+            try:
+                loss_sum, step = train_one_epoch(model, loader, optimizer, scaler, dtype, device,
+                                                 desc=f"epoch {epoch}/{args.num_epochs}", lr_now=lr_now,
+                                                 first_step=first_step, steps_per_epoch=steps_per_epoch,
+                                                 loss_sum=loss_sum, stop=stop)
+            except NonFiniteLoss as e:
+                kept = (f"the last good checkpoint is {last_path} (epoch {load_checkpoint(last_path)['epoch']})"
+                        if last_path.exists() else "no checkpoint was saved before it")
+                raise UserError(f"epoch {epoch}, {e}: training stopped, {kept}; lower --lr or check the data"
+                                ) from None
+            if step < steps_per_epoch:
+                save_checkpoint(state(epoch - 1, step, loss_sum, time.time() - start), last_path)
+                stop.exit(f"in epoch {epoch} after step {step} of {steps_per_epoch}", last_path)
+            first_step, seconds = 0, 0.0
+            loss, loss_sum = loss_sum / steps_per_epoch, 0.0
+            scheduler.step()
+            row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "val_psnr": "", "val_ssim": ""}
+            stop_reason, improved = None, False
+            if epoch % args.val_every == 0 or epoch == args.num_epochs:
+                model.eval()
+                rows = evaluate(model, val_pairs, crop_border=scale, baseline=False, progress=False)
+                model.train()
+                val_psnr, val_ssim = mean(rows, "psnr"), mean(rows, "ssim")
+                row.update(val_psnr=f"{val_psnr:.4f}", val_ssim=f"{val_ssim:.4f}")
+                improved = val_psnr > best_psnr
+                if improved:
+                    best_psnr, best_epoch = val_psnr, epoch
+                if args.patience and epoch - best_epoch >= args.patience:
+                    stop_reason = (f"early stopping: no validation PSNR gain for {epoch - best_epoch} epochs "
+                                   f"(best {best_psnr:.4f} dB at epoch {best_epoch}, --patience {args.patience})")
+            row["seconds"] = f"{time.time() - start:.1f}"
+            # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
+            append_log(log_path, row)
+            if improved:
+                save_checkpoint(state(epoch), run_dir / "best.pt")
+            save_checkpoint(state(epoch), last_path)
+            if row["val_psnr"]:
+                print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val PSNR/SSIM {val_psnr:.4f} dB / "
+                      f"{val_ssim:.4f} ({val_psnr - mean(bicubic, 'bicubic_psnr'):+.2f} dB vs bicubic)"
+                      f"{' best' if improved else ''}, {row['seconds']} s")
+            if stop_reason:
+                print(stop_reason)
+                break
+            if stop.signum and epoch < args.num_epochs:
+                stop.exit(f"after epoch {epoch}", last_path)
     print(f"done: best val PSNR {best_psnr:.4f} dB at epoch {best_epoch}; checkpoints in {run_dir}")
 
 
@@ -184,29 +284,48 @@ def train_step(model, lr, hr, optimizer, scaler, dtype, device) -> torch.Tensor:
     return loss.detach()
 
 
-def train_one_epoch(model, loader, optimizer, scaler, dtype, device, desc: str, lr_now: float) -> float:
-    """One pass over the loader; the mean L1 loss."""
+def train_one_epoch(model, loader, optimizer, scaler, dtype, device, desc: str, lr_now: float,
+                    first_step: int, steps_per_epoch: int, loss_sum: float, stop: StopSignal) -> tuple[float, int]:
+    """Run the epoch's steps from `first_step` on, until its end or a stop signal.
+
+    Returns (sum of the step losses, steps done). Raises NonFiniteLoss naming the first step
+    whose loss was NaN or inf (checked every step on CPU; every 10 on CUDA, where reading the
+    loss waits for the GPU).
+    """
     model.train()
-    total, start = torch.zeros((), device=device), time.time()
-    bar = tqdm(loader, desc=desc, unit="step", leave=False, mininterval=1.0)
-    for step, (lr, hr) in enumerate(bar, 1):
-        total += train_step(model, lr, hr, optimizer, scaler, dtype, device)
-        if device.type != "cuda" or step % 10 == 0:  # reading the loss waits for the GPU
+    total, unchecked = torch.tensor(loss_sum, device=device), []
+    step, start = first_step, time.time()
+    bar = tqdm(loader, desc=desc, unit="step", total=steps_per_epoch, initial=first_step, leave=False,
+               mininterval=1.0)
+    for lr, hr in bar:
+        loss = train_step(model, lr, hr, optimizer, scaler, dtype, device)
+        step += 1
+        total += loss
+        unchecked.append(loss)
+        if device.type != "cuda" or step % 10 == 0 or step == steps_per_epoch or stop.signum:
+            finite = torch.isfinite(torch.stack(unchecked)).tolist()
+            if not all(finite):
+                first_bad = finite.index(False)
+                raise NonFiniteLoss(step - len(unchecked) + first_bad + 1, unchecked[first_bad].item())
+            unchecked.clear()
             bar.set_postfix(loss=f"{total.item() / step:.4f}", lr=f"{lr_now:.3g}",
-                            patches_s=f"{step * lr.shape[0] / (time.time() - start):.1f}", refresh=False)
-    loss = total.item() / len(loader)
-    if not math.isfinite(loss):
-        raise UserError(f"{desc}: the loss is {loss}; the last good checkpoint is kept")
-    return loss
+                            patches_s=f"{(step - first_step) * lr.shape[0] / (time.time() - start):.1f}",
+                            refresh=False)
+        if stop.signum:
+            break
+    bar.close()
+    return total.item(), step
 
 
 def trim_log(path: Path, keep_through: int) -> None:
-    """Drop log rows after the resumed checkpoint's epoch (they will be trained again)."""
+    """Drop log rows after the resumed checkpoint's epoch (they will be trained again), and torn rows."""
     if not path.exists():
         return
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= keep_through]
-    with open(path, "w", newline="") as f:
+        rows = [r for r in csv.DictReader(f)  # a torn row lacks fields: None
+                if None not in r.values() and None not in r and r["epoch"].isdigit()
+                and int(r["epoch"]) <= keep_through]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -256,5 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed flags, plus `given`: the names of those typed (on --resume, the rest come from the run)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    typed = build_parser()
+    for action in typed._actions:
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(typed.parse_args(argv)))
+    if args.patch_size and not args.resume and args.patch_size % args.upscale_factor:
+        parser.error(f"argument --patch_size: {args.patch_size} is not a multiple of the scale {args.upscale_factor}")
+    return args
+
+
 if __name__ == "__main__":
-    run_cli(main, build_parser().parse_args())
+    run_cli(main, parse_args())

@@ -1,0 +1,193 @@
+"""Interrupted, killed and diverging training runs lose nothing and leave only whole checkpoints."""
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from conftest import ROOT, ResShuffle, run_main, run_script, smooth_image
+from utils import load_checkpoint
+
+# 15 steps of about 70 ms per epoch here: a signal sent 0.4 s into epoch 2 lands mid-epoch.
+RUN = ["--num_features", "32", "--num_residuals", "2", "--patch_size", "64", "--batch_size", "8",
+       "--patches_per_image", "40", "--num_epochs", "3", "--mean_shift", "--image_skip"]
+
+
+def train_args(image_dir, runs, name, *extra):
+    return ["train.py", "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs,
+            "--run_name", name, *RUN, *extra]
+
+
+def start(args):
+    """Start train.py in its own process group (as a terminal's foreground job is)."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"train.py exited early:\n{proc.communicate()}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def read_log(run_dir):
+    with open(run_dir / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 3-epoch run never stopped: the reference."""
+    root = tmp_path_factory.mktemp("reference")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(64, 80), (70, 66), (96, 96)]):
+        Image.fromarray(smooth_image(rng, h, w)).save(images / f"img{i}.png")
+    run_script(*train_args(images, root / "runs", "ref", "--num_workers", "0"))
+    return images, root / "runs" / "ref"
+
+
+@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "0")], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_mid_epoch_and_resuming_gives_the_uninterrupted_weights(uninterrupted, tmp_path,
+                                                                               signum, workers):
+    images, reference = uninterrupted
+    proc = start(train_args(images, tmp_path / "runs", "stopped", "--num_workers", workers))
+    run_dir = tmp_path / "runs" / "stopped"
+    wait_for(run_dir / "last.pt", proc)  # epoch 1 is done
+    time.sleep(0.4)
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # Ctrl-C reaches the loader worker too
+    else:
+        proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name} in epoch 2 after step" in out and "Traceback" not in err
+    assert f"resume with: python train.py --resume {run_dir / 'last.pt'}" in out
+    stopped = load_checkpoint(run_dir / "last.pt")
+    assert stopped["epoch"] == 1 and 0 < stopped["step"] < 15, "the signal should land mid-epoch"
+    assert [r["epoch"] for r in read_log(run_dir)] == ["1"]
+
+    # Only the checkpoint is named: the run's own flags come from it.
+    result = run_script("train.py", "--resume", run_dir / "last.pt")
+    assert f"at epoch 2, step {stopped['step']}" in result.stdout
+    resumed, expected = load_checkpoint(run_dir / "last.pt"), load_checkpoint(reference / "last.pt")
+    assert resumed["epoch"] == expected["epoch"] == 3 and resumed["step"] == 0
+    # Tolerance: none. The same arithmetic in the same order gives the same bits on CPU.
+    for name, tensor in expected["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for i, moments in expected["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][i]["exp_avg_sq"], moments["exp_avg_sq"])
+    keep = ["epoch", "loss", "lr", "val_psnr", "val_ssim"]
+    rows = [[r[k] for k in keep] for r in read_log(run_dir)]
+    assert rows == [[r[k] for k in keep] for r in read_log(reference)]
+
+
+def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(image_dir, tmp_path):
+    # A 0.6M-parameter network: its checkpoint (weights and Adam moments) takes a while to write.
+    args = ["--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path / "runs",
+            "--run_name", "killed", "--num_features", "64", "--num_residuals", "4", "--patch_size", "32",
+            "--batch_size", "4", "--patches_per_image", "4", "--num_workers", "0", "--num_epochs", "100000",
+            "--patience", "0"]
+    run_dir = tmp_path / "runs" / "killed"
+    rng = random.Random(0)
+    mid_write_kills, epochs = 0, []
+    for attempt in range(6):
+        resume = ["--resume", run_dir / "last.pt"] if (run_dir / "last.pt").exists() else []
+        before = (run_dir / "last.pt").stat().st_mtime_ns if resume else None
+        proc = start(["train.py", *args, *resume])
+        # Training runs once this process has saved last.pt.
+        deadline = time.time() + 120
+        while not (run_dir / "last.pt").exists() or (run_dir / "last.pt").stat().st_mtime_ns == before:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.002)
+        if attempt % 2 == 0:  # at a random moment
+            time.sleep(rng.uniform(0, 0.5))
+        else:  # while a checkpoint is being written
+            deadline = time.time() + 20  # about 100 saves
+            while not any(p.name.startswith((".last.pt.", ".best.pt.")) for p in os.scandir(run_dir)):
+                assert proc.poll() is None, proc.communicate()
+                assert time.time() < deadline, "checkpoints are not written through a temporary file"
+        proc.kill()
+        proc.wait()
+        leftovers = [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+        mid_write_kills += bool(leftovers)
+        for name in ["last.pt", "best.pt"]:
+            if (run_dir / name).exists():
+                checkpoint = load_checkpoint(run_dir / name)  # a torn file raises here
+                ResShuffle(**checkpoint["model_args"]).load_state_dict(checkpoint["model"])
+        epochs.append(load_checkpoint(run_dir / "last.pt")["epoch"])
+    assert mid_write_kills >= 1, "no kill landed while a checkpoint was written: the test proved nothing"
+    assert epochs == sorted(epochs) and epochs[-1] > epochs[0], epochs  # every restart went on
+
+    result = run_script("train.py", "--resume", run_dir / "last.pt", "--num_epochs", epochs[-1] + 1)
+    assert "left by a run killed while writing it" in result.stderr or mid_write_kills == 0
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert [int(r["epoch"]) for r in read_log(run_dir)] == list(range(1, epochs[-1] + 2))
+
+
+def test_a_nan_loss_stops_naming_epoch_and_iteration_and_keeps_the_last_good_checkpoint(
+        image_dir, tmp_path, monkeypatch):
+    calls = []
+    real_step = train.train_step
+
+    def step_that_diverges(*args):
+        loss = real_step(*args)
+        calls.append(1)
+        return loss * float("nan") if len(calls) >= 5 else loss  # epoch 2 (3 steps each), iteration 2
+
+    monkeypatch.setattr(train, "train_step", step_that_diverges)
+    runs = tmp_path / "runs"
+    code, out, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs,
+                              "--run_name", "nan", "--num_features", "8", "--num_residuals", "1",
+                              "--patch_size", "32", "--batch_size", "4", "--patches_per_image", "4",
+                              "--num_workers", "0", "--num_epochs", "5")
+    assert code == 1 and "Traceback" not in err
+    assert (f"epoch 2, iteration 2: the loss is nan: training stopped, the last good checkpoint is "
+            f"{runs / 'nan' / 'last.pt'} (epoch 1)") in err
+    assert load_checkpoint(runs / "nan" / "last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_log(runs / "nan")] == ["1"]
+
+
+def test_resume_refuses_flags_that_change_the_run(image_dir, tmp_path):
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
+                            "--run_name", "r", "--num_features", "8", "--num_residuals", "1", "--patch_size", "32",
+                            "--batch_size", "4", "--patches_per_image", "4", "--num_workers", "0",
+                            "--num_epochs", "1")
+    assert code == 0, err
+    code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--upscale_factor", "2")
+    assert code == 1 and "started with --upscale_factor 4 (x4, 8 features, 1 residual blocks)" in err
+    code, out, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2")
+    assert code == 0 and "resumed from" in out and [r["epoch"] for r in read_log(tmp_path / "r")] == ["1", "2"]
+
+
+def test_a_torn_log_row_is_dropped_on_resume(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,lr,val_psnr,val_ssim,seconds\n1,0.1,0.0002,30.0,0.9,1.0\n"
+                   "2,0.09,0.0002,30.5,0.9,1.0\n3,0.0")
+    train.trim_log(log, keep_through=2)
+    assert [r["epoch"] for r in read_log(tmp_path)] == ["1", "2"]
+    log.write_text(log.read_text() + "1")  # a row torn inside its first field
+    train.trim_log(log, keep_through=2)
+    assert [r["epoch"] for r in read_log(tmp_path)] == ["1", "2"]
+
+
+def test_a_second_signal_quits_at_once():
+    with train.StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
