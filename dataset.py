@@ -104,21 +104,25 @@ class EpochSampler(Sampler):
 
     The epoch travels with the index, so workers (persistent ones too) draw the right
     patches without being told the epoch. Call `set_epoch` before each epoch; its `start`
-    skips that many samples of the epoch's order (a run resumed mid-epoch).
+    skips that many samples of the epoch's order (a run resumed mid-epoch). With
+    `world_size` processes (torchrun), process `rank` takes every world_size-th sample of
+    the same order, so the processes see different patches and the same number of them.
     """
 
-    def __init__(self, dataset: Dataset, seed: int = 0):
+    def __init__(self, dataset: Dataset, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.length, self.seed, self.epoch, self.start = len(dataset), seed, 0, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.length - self.start
+        return (self.length - self.start) // self.world_size
 
     def __iter__(self):
         order = np.random.default_rng((self.seed, self.epoch, 0x5A)).permutation(self.length)
-        return iter([(self.epoch, int(i)) for i in order[self.start:]])
+        mine = order[self.start + self.rank::self.world_size][:len(self)]
+        return iter([(self.epoch, int(i)) for i in mine])
 
 
 def try_load_rgb(path: Path) -> np.ndarray | str:
@@ -136,3 +140,4 @@ def eval_pairs(paths: list[Path], scale: int):
         if min(hr.shape[:2]) < scale:
             raise UserError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}")
         yield path.name, hr, downsample(hr, scale)
+

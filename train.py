@@ -15,15 +15,19 @@ channels_last.
 """
 import argparse
 import csv
+import inspect
 import math
+import os
 import signal
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -99,8 +103,8 @@ class StopSignal:
     A second signal stops at once, without saving (last.pt then holds the previous save).
     """
 
-    def __init__(self):
-        self.signum, self.previous = None, {}
+    def __init__(self, quiet: bool = False):
+        self.signum, self.previous, self.quiet = None, {}, quiet
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -115,13 +119,17 @@ class StopSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving and stopping after this step "
-              f"(send it again to quit at once, without saving)", file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name}: saving and stopping after this step "
+                  f"(send it again to quit at once, without saving)", file=sys.stderr, flush=True)
 
-    def exit(self, where: str, path: Path) -> None:
-        print(f"stopped by {signal.Signals(self.signum).name} {where}; saved {path}\n"
-              f"resume with: python train.py --resume {path}", flush=True)
-        sys.exit(128 + self.signum)
+    def exit(self, where: str, path: Path, world_size: int = 1) -> None:
+        signum = self.signum or signal.SIGTERM  # under torchrun, another process may have had it
+        launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+        if not self.quiet:
+            print(f"stopped by {signal.Signals(signum).name} {where}; saved {path}\n"
+                  f"resume with: {launcher} train.py --resume {path}", flush=True)
+        sys.exit(128 + signum)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -130,15 +138,68 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# DDP need not broadcast the model's one buffer (the constant RGB mean) each step; torch 2.14
+# renamed the flag, and deprecates the old name.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) join the process group:
+    NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = select_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # Rank 0 validates while the others wait: give that an hour.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    return dist.get_rank(), world_size, device
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """True on every process if it is true on any (a no-op without torchrun)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def weights_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every process holds the same weights (a fingerprint's max equals its min)."""
+    fingerprint = torch.stack([sum(p.detach().double().sum() for p in model.parameters()),
+                               sum(p.detach().double().square().sum() for p in model.parameters())]).to(device)
+    high, low = fingerprint.clone(), -fingerprint
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MAX)
+    return torch.equal(high, -low)
+
+
 def main(args):
+    try:
+        train(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args):
     if args.export:
         return export_weights(*args.export)
-    device = select_device(args.device)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint:
         if "optimizer" not in checkpoint or "args" not in checkpoint:
             raise UserError(f"{args.resume}: holds weights only; --resume needs a run's last.pt")
         resume_args(args, checkpoint)
+    rank, world_size, device = setup_distributed(args.device)
+    lead = rank == 0  # the process that validates, prints and writes
+    if checkpoint and checkpoint.get("step") and checkpoint.get("world_size", 1) != world_size:
+        raise UserError(f"{args.resume}: stopped mid-epoch with {checkpoint.get('world_size', 1)} process(es); "
+                        f"resume it with as many (this is {world_size})")
     seed_everything(args.seed)
 
     if checkpoint:
@@ -155,18 +216,23 @@ def main(args):
 
     train_set = TrainDataset(args.train_dir, scale=scale, patch_size=patch_size,
                              patches_per_image=args.patches_per_image, seed=args.seed)
-    val_pairs = load_val_pairs(args.val_dir, scale, args.max_val_images)
-    sampler = EpochSampler(train_set, seed=args.seed)
+    val_pairs = load_val_pairs(args.val_dir, scale, args.max_val_images) if lead else []
+    sampler = EpochSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
     cuda = device.type == "cuda"
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         num_workers=args.num_workers, pin_memory=cuda, worker_init_fn=ignore_stop_signals,
                         persistent_workers=args.num_workers > 0)
-    steps_per_epoch = len(train_set) // args.batch_size
+    steps_per_epoch = len(train_set) // world_size // args.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} patches per epoch is less than one batch of {args.batch_size}: "
+        raise UserError(f"{len(train_set)} patches per epoch is less than one batch of {args.batch_size}"
+                        f"{f' for each of {world_size} processes' if world_size > 1 else ''}: "
                         f"raise --patches_per_image or lower --batch_size")
 
     model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last)
+    # DDP averages the gradients across processes; `model` stays the unwrapped network whose
+    # weights are saved, so infer.py and evaluate.py load a torchrun checkpoint unchanged.
+    net = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None, **NO_BUFFER_SYNC)
+           if world_size > 1 else model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     dtype = amp_dtype(device)
@@ -189,22 +255,29 @@ def main(args):
     if cuda:
         torch.backends.cudnn.benchmark = True
 
-    make_dir(run_dir)
-    for stale in remove_stale_temporaries(run_dir):
-        warn(f"removed {stale}, left by a run killed while writing it")
     log_path, last_path = run_dir / "log.csv", run_dir / "last.pt"
-    trim_log(log_path, keep_through=start_epoch - 1)
+    say = print if lead else (lambda *a, **k: None)
+    if lead:
+        make_dir(run_dir)
+        for stale in remove_stale_temporaries(run_dir):
+            warn(f"removed {stale}, left by a run killed while writing it")
+        trim_log(log_path, keep_through=start_epoch - 1)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"run {run_dir}: {model_args}, {n_params:,} parameters, device {device}"
-          f"{', amp ' + str(dtype).split('.')[-1] if dtype else ''}")
-    print(f"train: {len(train_set.hr)} images, {len(train_set)} patches of {patch_size}px per epoch, "
-          f"{steps_per_epoch} steps of {args.batch_size}; val: {len(val_pairs)} images")
-    bicubic = bicubic_rows(val_pairs, crop_border=scale)
-    print(f"val bicubic: {mean(bicubic, 'bicubic_psnr'):.4f} dB / {mean(bicubic, 'bicubic_ssim'):.4f}")
+    say(f"run {run_dir}: {model_args}, {n_params:,} parameters, device {device}"
+        f"{', amp ' + str(dtype).split('.')[-1] if dtype else ''}")
+    if world_size > 1:
+        say(f"distributed: {world_size} processes ({dist.get_backend()}), batch {args.batch_size} per process, "
+            f"{args.batch_size * world_size} per step")
+    say(f"train: {len(train_set.hr)} images, {len(train_set)} patches of {patch_size}px per epoch, "
+        f"{steps_per_epoch} steps of {args.batch_size}{f' x {world_size}' if world_size > 1 else ''}; "
+        f"val: {len(val_pairs)} images")
+    bicubic = bicubic_rows(val_pairs, crop_border=scale) if lead else []
+    if lead:
+        print(f"val bicubic: {mean(bicubic, 'bicubic_psnr'):.4f} dB / {mean(bicubic, 'bicubic_ssim'):.4f}")
     if checkpoint:
-        print(f"resumed from {args.resume} at epoch {start_epoch}"
-              f"{f', step {first_step}' if first_step else ''}, lr {scheduler.get_last_lr()[0]:.3g}, "
-              f"best PSNR {best_psnr:.4f} dB")
+        say(f"resumed from {args.resume} at epoch {start_epoch}"
+            f"{f', step {first_step}' if first_step else ''}, lr {scheduler.get_last_lr()[0]:.3g}, "
+            f"best PSNR {best_psnr:.4f} dB")
 
     def state(epoch: int, step: int = 0, loss_sum: float = 0.0, seconds: float = 0.0) -> dict:
         """The checkpoint after `epoch` whole epochs and `step` steps of the next one."""
@@ -212,35 +285,41 @@ def main(args):
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "step": step, "loss_sum": loss_sum, "seconds": seconds,
-            "best_psnr": best_psnr, "best_epoch": best_epoch,
+            "best_psnr": best_psnr, "best_epoch": best_epoch, "world_size": world_size,
             "model_args": model_args, "args": vars(args),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
         }
 
-    with StopSignal() as stop:
+    with StopSignal(quiet=not lead) as stop:
         for epoch in range(start_epoch, args.num_epochs + 1):
             start = time.time() - seconds
-            sampler.set_epoch(epoch, start=first_step * args.batch_size)
+            sampler.set_epoch(epoch, start=first_step * args.batch_size * world_size)
             lr_now = scheduler.get_last_lr()[0]
             try:
-                loss_sum, step = train_one_epoch(model, loader, optimizer, scaler, dtype, device,
+                loss_sum, step = train_one_epoch(net, loader, optimizer, scaler, dtype, device,
                                                  desc=f"epoch {epoch}/{args.num_epochs}", lr_now=lr_now,
                                                  first_step=first_step, steps_per_epoch=steps_per_epoch,
-                                                 loss_sum=loss_sum, stop=stop)
+                                                 loss_sum=loss_sum, stop=stop, progress=lead)
             except NonFiniteLoss as e:
+                if not lead:
+                    sys.exit(1)
                 kept = (f"the last good checkpoint is {last_path} (epoch {load_checkpoint(last_path)['epoch']})"
                         if last_path.exists() else "no checkpoint was saved before it")
                 raise UserError(f"epoch {epoch}, {e}: training stopped, {kept}; lower --lr or check the data"
                                 ) from None
             if step < steps_per_epoch:
-                save_checkpoint(state(epoch - 1, step, loss_sum, time.time() - start), last_path)
-                stop.exit(f"in epoch {epoch} after step {step} of {steps_per_epoch}", last_path)
+                if lead:
+                    save_checkpoint(state(epoch - 1, step, loss_sum, time.time() - start), last_path)
+                stop.exit(f"in epoch {epoch} after step {step} of {steps_per_epoch}", last_path, world_size)
             first_step, seconds = 0, 0.0
             loss, loss_sum = loss_sum / steps_per_epoch, 0.0
             scheduler.step()
+            in_sync = weights_in_sync(model, device) if world_size > 1 else True
+            if not in_sync:
+                raise UserError(f"epoch {epoch}: the {world_size} processes hold different weights")
             row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "val_psnr": "", "val_ssim": ""}
             stop_reason, improved = None, False
-            if epoch % args.val_every == 0 or epoch == args.num_epochs:
+            if lead and (epoch % args.val_every == 0 or epoch == args.num_epochs):
                 model.eval()
                 rows = evaluate(model, val_pairs, crop_border=scale, baseline=False, progress=False)
                 model.train()
@@ -253,21 +332,24 @@ def main(args):
                     stop_reason = (f"early stopping: no validation PSNR gain for {epoch - best_epoch} epochs "
                                    f"(best {best_psnr:.4f} dB at epoch {best_epoch}, --patience {args.patience})")
             row["seconds"] = f"{time.time() - start:.1f}"
-            # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
-            append_log(log_path, row)
-            if improved:
-                save_checkpoint(state(epoch), run_dir / "best.pt")
-            save_checkpoint(state(epoch), last_path)
+            if lead:
+                # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
+                append_log(log_path, row)
+                if improved:
+                    save_checkpoint(state(epoch), run_dir / "best.pt")
+                save_checkpoint(state(epoch), last_path)
             if row["val_psnr"]:
                 print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val PSNR/SSIM {val_psnr:.4f} dB / "
                       f"{val_ssim:.4f} ({val_psnr - mean(bicubic, 'bicubic_psnr'):+.2f} dB vs bicubic)"
-                      f"{' best' if improved else ''}, {row['seconds']} s")
-            if stop_reason:
-                print(stop_reason)
+                      f"{' best' if improved else ''}, {row['seconds']} s"
+                      f"{f', weights identical on {world_size} processes' if world_size > 1 else ''}")
+            # Decided by rank 0 (early stopping) or by any process (a signal), obeyed by all.
+            if agree(stop_reason is not None, device):
+                say(stop_reason)
                 break
-            if stop.signum and epoch < args.num_epochs:
-                stop.exit(f"after epoch {epoch}", last_path)
-    print(f"done: best val PSNR {best_psnr:.4f} dB at epoch {best_epoch}; checkpoints in {run_dir}")
+            if agree(stop.signum is not None, device) and epoch < args.num_epochs:
+                stop.exit(f"after epoch {epoch}", last_path, world_size)
+    say(f"done: best val PSNR {best_psnr:.4f} dB at epoch {best_epoch}; checkpoints in {run_dir}")
 
 
 def train_step(model, lr, hr, optimizer, scaler, dtype, device) -> torch.Tensor:
@@ -284,37 +366,42 @@ def train_step(model, lr, hr, optimizer, scaler, dtype, device) -> torch.Tensor:
     return loss.detach()
 
 
-def train_one_epoch(model, loader, optimizer, scaler, dtype, device, desc: str, lr_now: float,
-                    first_step: int, steps_per_epoch: int, loss_sum: float, stop: StopSignal) -> tuple[float, int]:
+def train_one_epoch(net, loader, optimizer, scaler, dtype, device, desc: str, lr_now: float, first_step: int,
+                    steps_per_epoch: int, loss_sum: float, stop: StopSignal,
+                    progress: bool = True) -> tuple[float, int]:
     """Run the epoch's steps from `first_step` on, until its end or a stop signal.
 
     Returns (sum of the step losses, steps done). Raises NonFiniteLoss naming the first step
-    whose loss was NaN or inf (checked every step on CPU; every 10 on CUDA, where reading the
-    loss waits for the GPU).
+    whose loss was NaN or inf. The losses are read every step on CPU and every 10 on CUDA
+    (reading waits for the GPU); under torchrun every process reads at the same steps, with
+    the losses (averaged) and stop requests of all, so all stop together.
     """
-    model.train()
-    total, unchecked = torch.tensor(loss_sum, device=device), []
-    step, start = first_step, time.time()
+    net.train()
+    distributed = dist.is_initialized()
+    unchecked, step, start = [], first_step, time.time()
     bar = tqdm(loader, desc=desc, unit="step", total=steps_per_epoch, initial=first_step, leave=False,
-               mininterval=1.0)
+               mininterval=1.0, disable=not progress)
     for lr, hr in bar:
-        loss = train_step(model, lr, hr, optimizer, scaler, dtype, device)
+        unchecked.append(train_step(net, lr, hr, optimizer, scaler, dtype, device))
         step += 1
-        total += loss
-        unchecked.append(loss)
-        if device.type != "cuda" or step % 10 == 0 or step == steps_per_epoch or stop.signum:
-            finite = torch.isfinite(torch.stack(unchecked)).tolist()
-            if not all(finite):
-                first_bad = finite.index(False)
-                raise NonFiniteLoss(step - len(unchecked) + first_bad + 1, unchecked[first_bad].item())
-            unchecked.clear()
-            bar.set_postfix(loss=f"{total.item() / step:.4f}", lr=f"{lr_now:.3g}",
-                            patches_s=f"{(step - first_step) * lr.shape[0] / (time.time() - start):.1f}",
-                            refresh=False)
-        if stop.signum:
+        if device.type == "cuda" and step % 10 and step < steps_per_epoch and not (stop.signum and not distributed):
+            continue
+        checked = torch.stack(unchecked + [torch.tensor(float(stop.signum is not None), device=device)])
+        if distributed:
+            dist.all_reduce(checked)
+            checked[:-1] /= dist.get_world_size()
+        *losses, stopping = checked.tolist()
+        bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLoss(step - len(losses) + bad[0] + 1, losses[bad[0]])
+        loss_sum += sum(losses)
+        unchecked.clear()
+        bar.set_postfix(loss=f"{loss_sum / step:.4f}", lr=f"{lr_now:.3g}",
+                        patches_s=f"{(step - first_step) * lr.shape[0] / (time.time() - start):.1f}", refresh=False)
+        if stopping:
             break
     bar.close()
-    return total.item(), step
+    return loss_sum, step
 
 
 def trim_log(path: Path, keep_through: int) -> None:
