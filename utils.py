@@ -65,7 +65,9 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files directly inside `folder`, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder")
+        hint = (f"; get DIV2K with: python dataset.py download --root {folder.parent}"
+                if folder.name.startswith("DIV2K_") else "")
+        raise UserError(f"{folder}: no such folder{hint}")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
