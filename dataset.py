@@ -176,13 +176,18 @@ def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
         while (have := part.stat().st_size if part.exists() else 0) < size:
             request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
             try:
-                with urllib.request.urlopen(request, timeout=60) as response, \
-                        open(part, "ab" if have and response.status == 206 else "wb") as f:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    total = (response.headers.get("Content-Range", "").rpartition("/")[2] if response.status == 206
+                             else response.headers.get("Content-Length"))
+                    if total and total.isdigit() and int(total) != size:
+                        raise UserError(f"{url}: the file there is {int(total):,} bytes, not {size:,}: "
+                                        f"not the zip expected; try another --url_base")
                     if have and response.status != 206:  # the server sent the whole file: start over
                         bar.reset(total=size)
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
+                    with open(part, "ab" if have and response.status == 206 else "wb") as f:
+                        while chunk := response.read(1 << 20):
+                            f.write(chunk)
+                            bar.update(len(chunk))
                 error = "closed early" if part.stat().st_size < size else None
             except urllib.error.HTTPError as e:
                 if e.code == 416 and not restarted:  # asked past the end: a .part of something else
@@ -198,11 +203,11 @@ def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
                 raise UserError(f"{part}: cannot write ({e.strerror or e})") from None
             if error:
                 failures += 1
+                have = part.stat().st_size if part.exists() else 0
                 if failures > RETRIES:
-                    raise UserError(f"{url}: {failures} failed attempts, last: {error}; "
-                                    f"run again to resume from {part}")
-                tqdm.write(f"{dest.name}: connection lost ({error}), resuming at "
-                           f"{part.stat().st_size if part.exists() else 0:,} bytes")
+                    raise UserError(f"{url}: {failures} failed attempts, last: {error}"
+                                    f"{f'; run again to resume from {part} ({have:,} bytes)' if have else ''}")
+                tqdm.write(f"{dest.name}: {error}; retrying" + (f" from byte {have:,}" if have else ""))
                 time.sleep(min(2 ** failures, 30) * RETRY_SLEEP)
     got, digest = part.stat().st_size, file_sha256(part)
     if got != size or digest != sha256:
