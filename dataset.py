@@ -4,8 +4,9 @@
     loader = DataLoader(train, batch_size=32, sampler=EpochSampler(train, seed=0), ...)
     for name, hr, lr in eval_pairs(list_images("data/DIV2K_valid_HR"), scale=4): ...
 
-The LR image is always PIL's bicubic downsampling (utils.downsample) of the whole HR image,
-cropped to a multiple of the scale: in training, evaluation and inference alike.
+The LR image is always the bicubic downsampling (utils.downsample: PIL's by default, or
+MATLAB's imresize) of the whole HR image, cropped to a multiple of the scale: in training and
+evaluation alike.
 
     python dataset.py download --root data     # DIV2K_train_HR/ and DIV2K_valid_HR/ under data/
 """
@@ -49,10 +50,11 @@ class TrainDataset(Dataset):
         patch_size: side of the HR patch (the LR patch is patch_size // scale).
         patches_per_image: samples drawn from each image per epoch.
         seed: base of every sample's random crop and augmentation.
+        degradation: how the LR image is made, "pil" or "matlab" (utils.downsample).
     """
 
-    def __init__(self, hr_dir: str | Path, scale: int = 4, patch_size: int = 192,
-                 patches_per_image: int = 20, seed: int = 0, num_threads: int = min(8, os.cpu_count() or 1)):
+    def __init__(self, hr_dir: str | Path, scale: int = 4, patch_size: int = 192, patches_per_image: int = 20,
+                 seed: int = 0, degradation: str = "pil", num_threads: int = min(8, os.cpu_count() or 1)):
         if patch_size % scale:
             raise UserError(f"patch size {patch_size} is not a multiple of the scale {scale}")
         paths = list_images(hr_dir)
@@ -75,7 +77,7 @@ class TrainDataset(Dataset):
             # torch wants writable memory; PIL's arrays are read-only (np.require copies those).
             hrs = [np.require(modcrop(images[i], scale), requirements=["W"]) for i in keep]
             del images
-            lrs = list(pool.map(lambda hr: np.require(downsample(hr, scale), requirements=["W"]), hrs))
+            lrs = list(pool.map(lambda hr: np.require(downsample(hr, scale, degradation), requirements=["W"]), hrs))
         self.hr, self.lr = [torch.from_numpy(hr) for hr in hrs], [torch.from_numpy(lr) for lr in lrs]
         self.scale, self.lr_patch = scale, patch_size // scale
         self.patches_per_image, self.seed = patches_per_image, seed
@@ -143,13 +145,13 @@ def try_load_rgb(path: Path) -> np.ndarray | str:
         return str(e).removeprefix(f"{path}: ")
 
 
-def eval_pairs(paths: list[Path], scale: int):
+def eval_pairs(paths: list[Path], scale: int, degradation: str = "pil"):
     """Yield (name, hr, lr) for whole images: HR modcropped to the scale, LR its bicubic downsampling."""
     for path in paths:
         hr = modcrop(load_rgb(path), scale)
         if min(hr.shape[:2]) < scale:
             raise UserError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}")
-        yield path.name, hr, downsample(hr, scale)
+        yield path.name, hr, downsample(hr, scale, degradation)
 
 
 # ---------------------------------------------------------------- DIV2K download

@@ -1,13 +1,18 @@
-"""Measure a checkpoint on a folder of HR images, against bicubic upsampling.
+"""Measure a checkpoint on folders of HR images, against bicubic upsampling.
 
-usage: python evaluate.py --data_dir data/DIV2K_valid_HR --checkpoint checkpoints/resshuffle_x4.pt
-           [--y_channel] [--crop_border N] [--csv results.csv] [--save_dir sr/] [--tile 256]
+usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--checkpoint checkpoints/resshuffle_x4.pt]
+       python evaluate.py --benchmark benchmarks/ --paper       # Set5, Set14, B100, Urban100, DIV2K_valid_HR
+           [--y_channel] [--crop_border N] [--degradation pil|matlab] [--self_ensemble] [--raw_weights]
+           [--csv results.csv] [--save_dir sr/] [--per_image] [--tile 256]
 
-Protocol (BasicSR's): each HR image is cropped to a multiple of the scale, downsampled with
-PIL bicubic, super-resolved; the uint8-rounded output is compared with the HR image after
-removing `crop_border` (default: the scale) pixels at each edge. PSNR on [0, 255], SSIM with
-an 11x11 Gaussian window (sigma 1.5), RGB by default or BT.601 luma with --y_channel;
-per-image values, then their mean. Bicubic upsampling with PIL gives the baseline.
+Protocol (BasicSR's): each HR image is cropped to a multiple of the scale and downsampled
+(PIL bicubic by default; MATLAB's imresize with --degradation matlab), super-resolved; the
+uint8-rounded output is compared with the HR image after removing `crop_border` (default: the
+scale) pixels at each edge. PSNR on [0, 255], SSIM with an 11x11 Gaussian window (sigma 1.5);
+per-image values, then their mean per set. Bicubic upsampling with PIL gives the baseline.
+The set table shows RGB and Y (BT.601 luma) for both; --y_channel makes Y the channel of the
+per-image table and the gain line. --paper is the protocol of published tables (EDSR, RCAN,
+SwinIR): MATLAB degradation, Y channel, crop border = scale.
 """
 import argparse
 import csv
@@ -18,45 +23,55 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import eval_pairs
-from utils import (DEFAULT_TILE, UserError, atomic_path, list_images, load_model, make_dir, non_negative_int, psnr,
-                   resize_bicubic, run_cli, save_image, select_device, ssim, upscale)
+from utils import (DEFAULT_TILE, DEGRADATIONS, UserError, atomic_path, list_images, load_model, make_dir,
+                   non_negative_int, psnr, resize_bicubic, run_cli, save_image, select_device, ssim, upscale, warn)
 
 DEFAULT_CHECKPOINT = "checkpoints/resshuffle_x4.pt"
+BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
 
 
-def protocol(scale: int, crop_border: int, y_channel: bool) -> str:
-    return (f"x{scale}, LR = PIL bicubic of the modcropped HR, {'Y (BT.601)' if y_channel else 'RGB'}, "
-            f"crop border {crop_border}, uint8 output, SSIM 11x11 Gaussian sigma 1.5, mean over images")
+def protocol(scale: int, crop_border: int, y_channel: bool, degradation: str = "pil",
+             self_ensemble: bool = False) -> str:
+    lr = "MATLAB imresize" if degradation == "matlab" else "PIL"
+    return (f"x{scale}, LR = {lr} bicubic of the modcropped HR, {'Y (BT.601)' if y_channel else 'RGB'}, "
+            f"crop border {crop_border}, uint8 output, SSIM 11x11 Gaussian sigma 1.5, mean over images"
+            f"{', self-ensemble x8' if self_ensemble else ''}")
 
 
-def measure(img: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool = False) -> tuple[float, float]:
-    """(PSNR, SSIM) of one uint8 RGB image against its HR reference, by the protocol above."""
-    return psnr(img, hr, crop_border, y_channel), ssim(img, hr, crop_border, y_channel)
+def measure(img: np.ndarray, hr: np.ndarray, crop_border: int, channels=("rgb",), prefix: str = "") -> dict:
+    """PSNR and SSIM of one uint8 RGB image against its HR reference, by the protocol above.
+
+    Keys: psnr, ssim for "rgb"; psnr_y, ssim_y for "y"; each after `prefix`.
+    """
+    out = {}
+    for channel in channels:
+        y, suffix = channel == "y", "_y" if channel == "y" else ""
+        out[f"{prefix}psnr{suffix}"] = psnr(img, hr, crop_border, y)
+        out[f"{prefix}ssim{suffix}"] = ssim(img, hr, crop_border, y)
+    return out
 
 
-def bicubic_rows(pairs, crop_border: int, y_channel: bool = False) -> list[dict]:
+def bicubic_rows(pairs, crop_border: int, channels=("rgb",)) -> list[dict]:
     """The baseline: PIL bicubic upsampling of each LR image, measured like the model."""
-    rows = []
-    for name, hr, lr in pairs:
-        p, s = measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border, y_channel)
-        rows.append({"name": name, "bicubic_psnr": p, "bicubic_ssim": s})
-    return rows
+    return [{"name": name} | measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border, channels,
+                                     prefix="bicubic_")
+            for name, hr, lr in pairs]
 
 
-def evaluate(model, pairs, crop_border: int, y_channel: bool = False, tile: int = DEFAULT_TILE, tile_pad=None,
-             baseline: bool = True, save_dir: Path | None = None, progress: bool = True) -> list[dict]:
+def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFAULT_TILE, tile_pad=None,
+             self_ensemble: bool = False, baseline: bool = True, save_dir: Path | None = None,
+             progress: bool = True) -> list[dict]:
     """Super-resolve every (name, hr, lr) pair and measure it; the per-image rows.
 
-    Each row: name, width, height, psnr, ssim (the model) and, with `baseline`,
-    bicubic_psnr, bicubic_ssim. train.py validates with this function too.
+    Each row: name, width, height, the model's metrics (`measure`) and, with `baseline`, the
+    same with the prefix bicubic_. train.py validates with this function too.
     """
     rows = []
     for name, hr, lr in tqdm(pairs, desc="evaluating", unit="img", leave=False, disable=not progress):
-        sr = upscale(model, lr, tile=tile, tile_pad=tile_pad)
-        row = {"name": name, "width": hr.shape[1], "height": hr.shape[0]}
-        row["psnr"], row["ssim"] = measure(sr, hr, crop_border, y_channel)
+        sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble)
+        row = {"name": name, "width": hr.shape[1], "height": hr.shape[0]} | measure(sr, hr, crop_border, channels)
         if baseline:
-            row |= bicubic_rows([(name, hr, lr)], crop_border, y_channel)[0]
+            row |= bicubic_rows([(name, hr, lr)], crop_border, channels)[0]
         if save_dir is not None:
             save_image(sr, save_dir / f"{Path(name).stem}.png")
         rows.append(row)
@@ -67,50 +82,89 @@ def mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
+def find_sets(args) -> list[tuple[str, Path]]:
+    """(name, folder) of each set to evaluate: the --benchmark subfolders that exist, or --data_dir."""
+    if args.benchmark:
+        root = Path(args.benchmark)
+        if not root.is_dir():
+            raise UserError(f"{root}: no such folder")
+        found = [(name, root / name) for name in BENCHMARK_SETS if (root / name).is_dir()]
+        if not found:
+            raise UserError(f"{root}: holds none of {', '.join(BENCHMARK_SETS)} (folders of HR images)")
+        return found
+    return [(Path(d).name, Path(d)) for d in args.data_dir]
+
+
 def main(args):
+    if args.paper:
+        args.degradation, args.y_channel = "matlab", True
     device = select_device(args.device)
-    model = load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, device, raw_weights=args.raw_weights)
     scale = model.scale
-    crop_border = scale if args.crop_border is None else args.crop_border
-    paths = list_images(args.data_dir)
-    if args.max_images:
-        paths = paths[:args.max_images]
-    if not paths:
-        raise UserError(f"{args.data_dir}: no images found")
+    crop_border = scale if args.crop_border is None or args.paper else args.crop_border
+    sets = []
+    for name, folder in find_sets(args):
+        paths = list_images(folder)[:args.max_images or None]
+        if not paths:
+            raise UserError(f"{folder}: no images found")
+        sets.append((name, folder, paths))
     save_dir = make_dir(args.save_dir) if args.save_dir else None
 
-    print(f"checkpoint {args.checkpoint}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters")
-    print(f"protocol: {protocol(scale, crop_border, args.y_channel)}")
-    start = time.time()
-    rows = evaluate(model, eval_pairs(paths, scale), crop_border, args.y_channel,
-                    tile=args.tile, tile_pad=args.tile_pad,
-                    save_dir=save_dir)
-    seconds = time.time() - start
+    print(f"checkpoint {args.checkpoint}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{'EMA' if model.weights == 'ema' else 'raw'} weights, trained on {model.degradation or 'unrecorded'} LR")
+    if model.degradation and model.degradation != args.degradation:
+        warn(f"the checkpoint was trained on {model.degradation} LR images and is evaluated on {args.degradation}")
+    print(f"protocol{' (--paper)' if args.paper else ''}: "
+          f"{protocol(scale, crop_border, args.y_channel, args.degradation, args.self_ensemble)}")
+    y = "_y" if args.y_channel else ""
+    table, all_rows = [], []
+    for name, folder, paths in sets:
+        start = time.time()
+        rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
+                        tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
+                        save_dir=make_dir(save_dir / name) if save_dir and len(sets) > 1 else save_dir)
+        seconds = (time.time() - start) / len(rows)
+        all_rows += [{"set": name} | r for r in rows]
+        if len(sets) == 1 or args.per_image:
+            print(f"{'image':<28} {'size':>11}  {'bicubic PSNR/SSIM':>18}  {'ResShuffle PSNR/SSIM':>20}")
+            for r in rows:
+                print(f"{r['name']:<28} {r['width']:>5}x{r['height']:<5}  {r['bicubic_psnr' + y]:9.4f} "
+                      f"{r['bicubic_ssim' + y]:.4f}  {r['psnr' + y]:11.4f} {r['ssim' + y]:.4f}")
+            print(f"{'mean of ' + str(len(rows)) + ' images':<40}  {mean(rows, 'bicubic_psnr' + y):9.4f} "
+                  f"{mean(rows, 'bicubic_ssim' + y):.4f}  {mean(rows, 'psnr' + y):11.4f} {mean(rows, 'ssim' + y):.4f}")
+            print(f"gain over bicubic{' (Y)' if y else ''}: "
+                  f"{mean(rows, 'psnr' + y) - mean(rows, 'bicubic_psnr' + y):+.4f} dB PSNR, "
+                  f"{mean(rows, 'ssim' + y) - mean(rows, 'bicubic_ssim' + y):+.4f} SSIM  ({seconds:.2f} s per image)")
+        table.append((name, len(rows), [mean(rows, k) for k in (
+            "bicubic_psnr", "bicubic_ssim", "psnr", "ssim", "bicubic_psnr_y", "bicubic_ssim_y", "psnr_y", "ssim_y")]))
 
-    header = f"{'image':<28} {'size':>11}  {'bicubic PSNR/SSIM':>18}  {'ResShuffle PSNR/SSIM':>20}"
-    print(header)
-    for r in rows:
-        print(f"{r['name']:<28} {r['width']:>5}x{r['height']:<5}  {r['bicubic_psnr']:9.4f} {r['bicubic_ssim']:.4f}"
-              f"  {r['psnr']:11.4f} {r['ssim']:.4f}")
-    print(f"{'mean of ' + str(len(rows)) + ' images':<40}  {mean(rows, 'bicubic_psnr'):9.4f} "
-          f"{mean(rows, 'bicubic_ssim'):.4f}  {mean(rows, 'psnr'):11.4f} {mean(rows, 'ssim'):.4f}")
-    print(f"gain over bicubic: {mean(rows, 'psnr') - mean(rows, 'bicubic_psnr'):+.4f} dB PSNR, "
-          f"{mean(rows, 'ssim') - mean(rows, 'bicubic_ssim'):+.4f} SSIM  ({seconds / len(rows):.2f} s per image)")
+    print(f"\n{'set':<16} {'images':>6}  {'bicubic RGB':>16}  {'ResShuffle RGB':>16}  {'bicubic Y':>16}  "
+          f"{'ResShuffle Y':>16}")
+    for name, n, v in table:
+        print(f"{name:<16} {n:>6}  " + "  ".join(f"{v[i]:8.4f}/{v[i + 1]:.4f}" for i in range(0, 8, 2)))
 
     if args.csv:
         with atomic_path(Path(args.csv)) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(all_rows)
         print(f"per-image table written to {args.csv}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default="data/DIV2K_valid_HR", help="folder of HR images")
+    parser.add_argument("--data_dir", nargs="+", default=["data/DIV2K_valid_HR"], help="folders of HR images")
+    parser.add_argument("--benchmark", default=None,
+                        help=f"a folder holding any of {', '.join(BENCHMARK_SETS)}: evaluate those instead")
+    parser.add_argument("--paper", action="store_true",
+                        help="the published protocol: --degradation matlab, --y_channel, crop border = scale")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint to evaluate")
+    parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
+    parser.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="how LR images are made")
     parser.add_argument("--crop_border", type=non_negative_int, default=None, help="default: the scale")
-    parser.add_argument("--y_channel", action="store_true", help="measure BT.601 luma instead of RGB")
+    parser.add_argument("--y_channel", action="store_true", help="per-image table and gain in BT.601 luma")
+    parser.add_argument("--self_ensemble", action="store_true", help="average the 8 flips/rotations (x8 time)")
+    parser.add_argument("--per_image", action="store_true", help="per-image tables for several sets too")
     parser.add_argument("--csv", default=None, help="write the per-image table to this CSV file")
     parser.add_argument("--save_dir", default=None, help="write the SR images to this folder")
     parser.add_argument("--max_images", type=non_negative_int, default=0, help="first N images only (0: all)")

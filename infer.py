@@ -1,7 +1,7 @@
 """Upscale an image, or every image in a folder, with a ResShuffle checkpoint.
 
 usage: python infer.py INPUT [-o OUTPUT] [--checkpoint checkpoints/resshuffle_x4.pt]
-           [--tile 256] [--tile_pad N] [--device auto]
+           [--tile 256] [--tile_pad N] [--self_ensemble] [--raw_weights] [--device auto]
 
 INPUT is an image file or a folder of them. OUTPUT defaults to <name>_x<scale>.png beside a
 file, or to the folder <INPUT>_x<scale>/ for a folder. The output is exactly scale x the
@@ -27,14 +27,16 @@ from utils import (DEFAULT_TILE, IMAGE_EXTENSIONS, UserError, list_images, load_
 DEFAULT_CHECKPOINT = Path("checkpoints/resshuffle_x4.pt")
 
 
-def upscale_image(model, img: Image.Image, tile: int = DEFAULT_TILE, tile_pad: int | None = None) -> Image.Image:
+def upscale_image(model, img: Image.Image, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
+                  self_ensemble: bool = False) -> Image.Image:
     """Upscale a PIL image of any mode; grayscale stays grayscale, alpha is kept (bicubic)."""
     scale = model.scale
     size = (img.width * scale, img.height * scale)
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     gray = img.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1")
     alpha = img.convert("RGBA").getchannel("A").resize(size, Image.BICUBIC) if has_alpha else None
-    sr = Image.fromarray(upscale(model, np.asarray(to_rgb8(img)), tile=tile, tile_pad=tile_pad))
+    sr = Image.fromarray(upscale(model, np.asarray(to_rgb8(img)), tile=tile, tile_pad=tile_pad,
+                                 self_ensemble=self_ensemble))
     if gray:
         sr = sr.convert("L")
     if alpha is not None:
@@ -66,14 +68,14 @@ def main(args):
         raise UserError(f"no checkpoint at {DEFAULT_CHECKPOINT}: restore the shipped one with "
                         f"`git checkout -- {DEFAULT_CHECKPOINT}`, or pass one of yours with --checkpoint")
     device = select_device(args.device)
-    model = load_model(checkpoint, device)
+    model = load_model(checkpoint, device, raw_weights=args.raw_weights)
     pairs = output_paths(Path(args.input), args.output, model.scale)
     if len(pairs) == 1:
-        return upscale_file(model, *pairs[0], tile=args.tile, tile_pad=args.tile_pad)
+        return upscale_file(model, *pairs[0], tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble)
     failed = []
     for src, dst in tqdm(pairs, desc="upscaling", unit="img"):
         try:
-            upscale_file(model, src, dst, tile=args.tile, tile_pad=args.tile_pad)
+            upscale_file(model, src, dst, tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble)
         except UserError as e:  # one bad file in a folder: say so, do the others
             tqdm.write(f"infer.py: skipped: {e}", file=sys.stderr)
             failed.append(src.name)
@@ -81,9 +83,9 @@ def main(args):
         raise UserError(f"{len(failed)} of {len(pairs)} images failed, the others were written: {', '.join(failed)}")
 
 
-def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None) -> None:
+def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, self_ensemble: bool = False) -> None:
     img = open_image(src)
-    sr = upscale_image(model, img, tile=tile, tile_pad=tile_pad)
+    sr = upscale_image(model, img, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble)
     note = ", read and written as 8-bit" if img.mode.startswith("I") or img.mode == "F" else ""
     if dst.suffix.lower() in (".jpg", ".jpeg") and sr.mode in ("RGBA", "LA"):
         sr, note = sr.convert(sr.mode[:-1]), note + ", alpha dropped: JPEG has none"
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", help="an image file or a folder of images")
     parser.add_argument("-o", "--output", default=None, help="output file (or folder, for a folder INPUT)")
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
+    parser.add_argument("--self_ensemble", action="store_true",
+                        help="average the outputs for the 8 flips/rotations (EDSR's x8; 8 times slower)")
     parser.add_argument("--tile", type=non_negative_int, default=DEFAULT_TILE, help="LR tile size (0: whole image)")
     parser.add_argument("--tile_pad", type=non_negative_int, default=None,
                         help="LR context around each tile (default: the receptive-field radius)")

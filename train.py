@@ -34,21 +34,21 @@ from tqdm import tqdm
 from dataset import EpochSampler, TrainDataset, eval_pairs
 from evaluate import bicubic_rows, evaluate, mean
 from model import UPSAMPLE_STAGES, ResShuffle
-from utils import (UserError, atomic_path, list_images, load_checkpoint, make_dir, non_negative_int, positive_float,
-                   positive_int, remove_stale_temporaries, run_cli, save_checkpoint, seed_everything, select_device,
-                   warn)
+from utils import (DEGRADATIONS, UserError, atomic_path, list_images, load_checkpoint, make_dir, non_negative_int,
+                   positive_float, positive_int, remove_stale_temporaries, run_cli, save_checkpoint, seed_everything,
+                   select_device, warn)
 
 CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds"]
 
 
-def load_val_pairs(val_dir: str, scale: int, max_images: int) -> list:
+def load_val_pairs(val_dir: str, scale: int, max_images: int, degradation: str) -> list:
     """Validation images decoded once for the whole run (HR modcropped, LR bicubic)."""
     paths = list_images(val_dir)
     if max_images:
         paths = paths[:max_images]
     if not paths:
         raise UserError(f"{val_dir}: no validation images found")
-    return list(eval_pairs(paths, scale))
+    return list(eval_pairs(paths, scale, degradation))
 
 
 def amp_dtype(device: torch.device):
@@ -61,9 +61,10 @@ def amp_dtype(device: torch.device):
 def export_weights(src: str, dst: str) -> None:
     """Write a run's checkpoint as weights and model_args only: what infer.py and evaluate.py need."""
     checkpoint = load_checkpoint(src)
-    save_checkpoint({"model": checkpoint["model"], "model_args": checkpoint["model_args"]}, dst)
+    keep = {k: checkpoint[k] for k in ("model", "ema", "model_args", "degradation") if checkpoint.get(k) is not None}
+    save_checkpoint(keep, dst)
     print(f"{src} (epoch {checkpoint.get('epoch')}, val PSNR {checkpoint.get('best_psnr', float('nan')):.4f} dB)"
-          f" -> {dst}: weights and model_args {checkpoint['model_args']}")
+          f" -> {dst}: {', '.join(keep)}; model_args {checkpoint['model_args']}")
 
 
 # Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
@@ -215,8 +216,8 @@ def train(args):
     patch_size = args.patch_size or 48 * scale
 
     train_set = TrainDataset(args.train_dir, scale=scale, patch_size=patch_size,
-                             patches_per_image=args.patches_per_image, seed=args.seed)
-    val_pairs = load_val_pairs(args.val_dir, scale, args.max_val_images) if lead else []
+                             patches_per_image=args.patches_per_image, seed=args.seed, degradation=args.degradation)
+    val_pairs = load_val_pairs(args.val_dir, scale, args.max_val_images, args.degradation) if lead else []
     sampler = EpochSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
     cuda = device.type == "cuda"
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
@@ -237,6 +238,9 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     dtype = amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    # EMA of the weights (--ema): updated after every step, validated and saved beside them.
+    ema = [p.detach().clone() for p in model.parameters()] if args.ema else None
+    ema_model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last).eval() if ema else None
     start_epoch, best_psnr, best_epoch = 1, -math.inf, 0
     # Where the interrupted epoch stopped (a run stopped by a signal saves mid-epoch).
     first_step, loss_sum, seconds = 0, 0.0, 0.0
@@ -249,6 +253,10 @@ def train(args):
         best_psnr, best_epoch = checkpoint["best_psnr"], checkpoint["best_epoch"]
         first_step, loss_sum = checkpoint.get("step", 0), checkpoint.get("loss_sum", 0.0)
         seconds = checkpoint.get("seconds", 0.0)
+        if ema:
+            saved = checkpoint.get("ema") or checkpoint["model"]  # --ema added to a run: start from its weights
+            for e, (name, _) in zip(ema, model.named_parameters()):
+                e.copy_(saved[name])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if cuda and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
@@ -285,6 +293,8 @@ def train(args):
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "step": step, "loss_sum": loss_sum, "seconds": seconds,
+            "ema": dict(zip([n for n, _ in model.named_parameters()], ema)) if ema else None,
+            "degradation": args.degradation,
             "best_psnr": best_psnr, "best_epoch": best_epoch, "world_size": world_size,
             "model_args": model_args, "args": vars(args),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
@@ -299,7 +309,8 @@ def train(args):
                 loss_sum, step = train_one_epoch(net, loader, optimizer, scaler, dtype, device,
                                                  desc=f"epoch {epoch}/{args.num_epochs}", lr_now=lr_now,
                                                  first_step=first_step, steps_per_epoch=steps_per_epoch,
-                                                 loss_sum=loss_sum, stop=stop, progress=lead)
+                                                 loss_sum=loss_sum, stop=stop, progress=lead,
+                                                 ema=ema, ema_decay=args.ema)
             except NonFiniteLoss as e:
                 if not lead:
                     sys.exit(1)
@@ -320,8 +331,13 @@ def train(args):
             row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "val_psnr": "", "val_ssim": ""}
             stop_reason, improved = None, False
             if lead and (epoch % args.val_every == 0 or epoch == args.num_epochs):
-                model.eval()
-                rows = evaluate(model, val_pairs, crop_border=scale, baseline=False, progress=False)
+                if ema:
+                    with torch.no_grad():
+                        for p, e in zip(ema_model.parameters(), ema):
+                            p.copy_(e)
+                validated = ema_model or model
+                validated.eval()
+                rows = evaluate(validated, val_pairs, crop_border=scale, baseline=False, progress=False)
                 model.train()
                 val_psnr, val_ssim = mean(rows, "psnr"), mean(rows, "ssim")
                 row.update(val_psnr=f"{val_psnr:.4f}", val_ssim=f"{val_ssim:.4f}")
@@ -339,7 +355,8 @@ def train(args):
                     save_checkpoint(state(epoch), run_dir / "best.pt")
                 save_checkpoint(state(epoch), last_path)
             if row["val_psnr"]:
-                print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val PSNR/SSIM {val_psnr:.4f} dB / "
+                print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val{' (EMA)' if ema else ''} "
+                      f"PSNR/SSIM {val_psnr:.4f} dB / "
                       f"{val_ssim:.4f} ({val_psnr - mean(bicubic, 'bicubic_psnr'):+.2f} dB vs bicubic)"
                       f"{' best' if improved else ''}, {row['seconds']} s"
                       f"{f', weights identical on {world_size} processes' if world_size > 1 else ''}")
@@ -367,22 +384,26 @@ def train_step(model, lr, hr, optimizer, scaler, dtype, device) -> torch.Tensor:
 
 
 def train_one_epoch(net, loader, optimizer, scaler, dtype, device, desc: str, lr_now: float, first_step: int,
-                    steps_per_epoch: int, loss_sum: float, stop: StopSignal,
-                    progress: bool = True) -> tuple[float, int]:
+                    steps_per_epoch: int, loss_sum: float, stop: StopSignal, progress: bool = True,
+                    ema: list | None = None, ema_decay: float = 0.0) -> tuple[float, int]:
     """Run the epoch's steps from `first_step` on, until its end or a stop signal.
 
     Returns (sum of the step losses, steps done). Raises NonFiniteLoss naming the first step
     whose loss was NaN or inf. The losses are read every step on CPU and every 10 on CUDA
     (reading waits for the GPU); under torchrun every process reads at the same steps, with
-    the losses (averaged) and stop requests of all, so all stop together.
+    the losses (averaged) and stop requests of all, so all stop together. With `ema`, each
+    step moves those tensors (1 - ema_decay) of the way to the new weights.
     """
     net.train()
+    params = [p.detach() for p in net.parameters()]
     distributed = dist.is_initialized()
     unchecked, step, start = [], first_step, time.time()
     bar = tqdm(loader, desc=desc, unit="step", total=steps_per_epoch, initial=first_step, leave=False,
                mininterval=1.0, disable=not progress)
     for lr, hr in bar:
         unchecked.append(train_step(net, lr, hr, optimizer, scaler, dtype, device))
+        if ema is not None:
+            torch._foreach_lerp_(ema, params, 1 - ema_decay)
         step += 1
         if device.type == "cuda" and step % 10 and step < steps_per_epoch and not (stop.signum and not distributed):
             continue
@@ -447,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_dir", default="data/DIV2K_valid_HR")
     p.add_argument("--patch_size", type=positive_int, default=None, help="HR patch side (default: 48 x scale)")
     p.add_argument("--patches_per_image", type=positive_int, default=20, help="patches per image per epoch")
+    p.add_argument("--degradation", choices=DEGRADATIONS, default="pil",
+                   help="how LR images are made: PIL bicubic, or MATLAB's imresize (published tables)")
+    p.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999), validate and save it")
     p.add_argument("--max_val_images", type=non_negative_int, default=0, help="validate on the first N (0: all)")
     # Run.
     p.add_argument("--val_every", type=positive_int, default=1, help="validate every N epochs")
@@ -460,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     return p
+
+
+def ema_decay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0: off), got {text}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -175,9 +175,62 @@ def resize_bicubic(img: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))
 
 
-def downsample(img: np.ndarray, scale: int) -> np.ndarray:
-    """The LR image: bicubic downsampling to exactly (H // scale, W // scale)."""
+DEGRADATIONS = ("pil", "matlab")
+
+
+def downsample(img: np.ndarray, scale: int, degradation: str = "pil") -> np.ndarray:
+    """The LR image: bicubic downsampling to exactly (H // scale, W // scale).
+
+    degradation: "pil" (PIL's antialiased bicubic, a = -0.5) or "matlab" (MATLAB's
+    `imresize(img, 1/scale, 'bicubic')`, what published SR tables use; `imresize_matlab`).
+    """
+    if degradation == "matlab":
+        return imresize_matlab(img, 1 / scale)
+    if degradation != "pil":
+        raise ValueError(f"unknown degradation {degradation!r}: use one of {', '.join(DEGRADATIONS)}")
     return resize_bicubic(img, img.shape[1] // scale, img.shape[0] // scale)
+
+
+def cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """Keys' cubic convolution kernel, MATLAB's 'bicubic' (a = -0.5)."""
+    x = np.abs(x)
+    return np.where(x <= 1, (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1,
+                    np.where(x < 2, a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a, 0.0))
+
+
+def resize_matrix(in_length: int, out_length: int, scale: float) -> np.ndarray:
+    """The (out_length, in_length) matrix of MATLAB's bicubic imresize along one axis.
+
+    MATLAB's convention: output pixel x (1-based) samples input position x / scale +
+    (1 - 1 / scale) / 2; when shrinking, the kernel is stretched by 1 / scale (antialiasing);
+    each row's weights are normalised to sum to 1; positions past an edge mirror back into the
+    image (symmetric padding).
+    """
+    width = 4.0 / scale if scale < 1 else 4.0
+    x = np.arange(1, out_length + 1, dtype=np.float64)
+    u = x / scale + 0.5 * (1 - 1 / scale)
+    taps = np.floor(u - width / 2)[:, None] + np.arange(int(np.ceil(width)) + 2)[None, :]
+    weights = cubic((u[:, None] - taps) * scale) * scale if scale < 1 else cubic(u[:, None] - taps)
+    weights /= weights.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(in_length), np.arange(in_length)[::-1]])
+    columns = mirror[(taps.astype(np.int64) - 1) % (2 * in_length)]
+    matrix = np.zeros((out_length, in_length))
+    np.add.at(matrix, (np.repeat(np.arange(out_length), taps.shape[1]), columns.ravel()), weights.ravel())
+    return matrix
+
+
+def imresize_matlab(img: np.ndarray, scale: float) -> np.ndarray:
+    """MATLAB's `imresize(img, scale, 'bicubic')` of an HWC uint8 image, as uint8.
+
+    Output size ceil(scale * H) x ceil(scale * W), as MATLAB. Rows are resized first, then
+    columns, in float64 with one rounding at the end; MATLAB's own uint8 path may round
+    between the two passes, so a few pixels can differ from it by one level.
+    """
+    h, w = img.shape[:2]
+    rows = resize_matrix(h, math.ceil(scale * h - 1e-9), scale)
+    cols = resize_matrix(w, math.ceil(scale * w - 1e-9), scale)
+    out = np.einsum("oh,hwc,pw->opc", rows, img.astype(np.float64), cols, optimize=True)
+    return np.floor(out.clip(0, 255) + 0.5).astype(np.uint8)  # MATLAB rounds halves up
 
 
 def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
@@ -267,34 +320,57 @@ RECONSTRUCT_TILE = 128
 
 
 @torch.inference_mode()
-def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE,
-            tile_pad: int | None = None) -> np.ndarray:
+def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
+            self_ensemble: bool = False) -> np.ndarray:
     """Super-resolve one HWC uint8 RGB image with `model`, whole or in tiles.
 
     Each tile's LR features are computed with `tile_pad` pixels of context; the HR stages then
     run on blocks of those features (at most RECONSTRUCT_TILE wide) with only the few pixels
     of margin that upsampling needs (`model.reconstruct_radius()`). The output is written into
-    one preallocated uint8 array.
+    one preallocated array.
 
     Args:
         tile: LR tile size in pixels; 0 runs the whole image at once.
         tile_pad: LR pixels of context around each tile; None: the model's `receptive_radius()`,
             with which (or more) the result equals the whole-image result.
+        self_ensemble: average the outputs for the 8 flips/rotations of the input, each mapped
+            back (EDSR's "+"), before rounding; 8 times the work.
     Returns: HWC uint8 RGB of exactly (scale * H, scale * W).
     """
+    if not self_ensemble:
+        return super_resolve(model, img, tile, tile_pad, np.uint8)
+    total = None
+    for k in range(4):
+        for flip in (False, True):
+            t = np.rot90(img, k)[:, ::-1] if flip else np.rot90(img, k)
+            sr = super_resolve(model, np.ascontiguousarray(t), tile, tile_pad, np.float32)
+            sr = np.rot90(sr[:, ::-1] if flip else sr, -k)
+            if total is None:
+                total = sr.copy()
+            else:
+                total += sr
+    return np.rint(np.clip(total / 8, 0, 1) * 255).astype(np.uint8)
+
+
+def super_resolve(model: torch.nn.Module, img: np.ndarray, tile: int, tile_pad: int | None, dtype) -> np.ndarray:
+    """`upscale` without the ensemble: HWC uint8 (rounded) or float32 (raw, in [0, 1] units)."""
     device = next(model.parameters()).device
     s, margin = model.scale, model.reconstruct_radius()
     tile_pad = model.receptive_radius() if tile_pad is None else tile_pad
     x = image_to_tensor(img).to(device)
     h, w = img.shape[:2]
+
+    def to_array(t: torch.Tensor) -> np.ndarray:
+        return tensor_to_image(t) if dtype == np.uint8 else t.squeeze(0).float().permute(1, 2, 0).cpu().numpy()
+
     if tile <= 0 or (tile >= h and tile >= w):
         needed, free = untiled_bytes(model, h, w), available_memory(device)
         if needed < 0.8 * free:
-            return tensor_to_image(model(x))
+            return to_array(model(x))
         warn(f"{w}x{h} in one piece needs about {needed / 1e9:.1f} GB and {free / 1e9:.1f} GB are free: "
              f"tiling it by {DEFAULT_TILE} instead (same result)")
         tile = DEFAULT_TILE
-    out = np.empty((h * s, w * s, 3), dtype=np.uint8)
+    out = np.empty((h * s, w * s, 3), dtype=dtype)
     for box in tiles(h, w, tile):
         py0, py1, px0, px1 = padded = grow(box, tile_pad, (0, h, 0, w))
         features = model.features(x[:, :, py0:py1, px0:px1].contiguous(memory_format=torch.channels_last))
@@ -305,7 +381,7 @@ def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE,
             f = features[:, :, my0 - py0:my1 - py0, mx0 - px0:mx1 - px0]
             sr = model.reconstruct(f.contiguous(memory_format=torch.channels_last),
                                    x[:, :, my0:my1, mx0:mx1].contiguous(memory_format=torch.channels_last))
-            out[b0 * s:b1 * s, c0 * s:c1 * s] = tensor_to_image(
+            out[b0 * s:b1 * s, c0 * s:c1 * s] = to_array(
                 sr[:, :, (b0 - my0) * s:(b1 - my0) * s, (c0 - mx0) * s:(c1 - mx0) * s])
     return out
 
@@ -358,17 +434,25 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return checkpoint
 
 
-def load_model(path: str | Path, device: torch.device) -> torch.nn.Module:
-    """Rebuild the network a checkpoint describes and load its weights, in eval mode."""
+def load_model(path: str | Path, device: torch.device, raw_weights: bool = False) -> torch.nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights, in eval mode.
+
+    A checkpoint trained with --ema holds two sets: the EMA weights are used unless
+    `raw_weights`. The model gets two attributes: `weights` ("ema" or "raw") and
+    `degradation` (what it was trained on, None if the checkpoint does not say).
+    """
     from model import ResShuffle
 
     checkpoint = load_checkpoint(path)
+    kind = "ema" if checkpoint.get("ema") is not None and not raw_weights else "raw"
+    state = checkpoint["ema"] if kind == "ema" else checkpoint["model"]
     try:
         model = ResShuffle(**checkpoint["model_args"])
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: its weights are {describe_weights(checkpoint['model'])}, which does not match "
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise UserError(f"{path}: its weights are {describe_weights(state)}, which does not match "
                         f"its model_args {checkpoint['model_args']} ({first_line(e)})") from None
+    model.weights, model.degradation = kind, checkpoint.get("degradation")
     return model.to(device, memory_format=torch.channels_last).eval()
 
 

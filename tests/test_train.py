@@ -51,7 +51,7 @@ def test_two_epochs_write_checkpoints_and_log_then_resume_continues(image_dir, t
     # A weights-only export loads in infer.py, and cannot be resumed.
     exported = tmp_path / "weights.pt"
     run_script("train.py", "--export", run_dir / "best.pt", exported)
-    assert set(torch.load(exported, weights_only=True)) == {"model", "model_args"}
+    assert set(torch.load(exported, weights_only=True)) == {"model", "model_args", "degradation"}  # no --ema
     run_script("infer.py", image_dir / "img0.png", "-o", tmp_path / "sr.png", "--checkpoint", exported)
     refused = run_script("train.py", "--train_dir", image_dir, "--resume", exported, check=False)
     assert refused.returncode == 1 and "weights only" in refused.stderr

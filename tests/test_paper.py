@@ -1,0 +1,182 @@
+"""Evaluating as papers do: MATLAB bicubic, benchmark sets, --paper, self-ensemble, EMA weights."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluate
+import infer
+import train
+from conftest import run_main, smooth_image
+from utils import downsample, imresize_matlab, load_checkpoint, upscale
+
+
+def matlab_reference(img: np.ndarray, scale: float) -> np.ndarray:
+    """MATLAB's imresize(img, scale, 'bicubic') written out pixel by pixel, from its documented
+    steps (for shrinking): kernel stretched by 1/scale, weights normalised, mirrored edges."""
+    def keys(x):
+        x = abs(x)
+        return 1.5 * x ** 3 - 2.5 * x ** 2 + 1 if x <= 1 else (-0.5 * x ** 3 + 2.5 * x ** 2 - 4 * x + 2 if x < 2 else 0)
+
+    def resize_axis(a, n_out):  # a: (n_in, ...) float; resizes axis 0
+        n_in = a.shape[0]
+        out = np.zeros((n_out,) + a.shape[1:])
+        for x in range(1, n_out + 1):
+            u = x / scale + 0.5 * (1 - 1 / scale)
+            total, acc = 0.0, 0.0
+            for k in range(math.floor(u - 2 / scale), math.floor(u + 2 / scale) + 2):
+                w = scale * keys(scale * (u - k))
+                j = k
+                while j < 1 or j > n_in:  # mirror: ..., 2, 1, [1, 2, ..., n], n, n-1, ...
+                    j = 1 - j if j < 1 else 2 * n_in + 1 - j
+                total += w
+                acc = acc + w * a[j - 1]
+            out[x - 1] = acc / total
+        return out
+
+    h, w = img.shape[:2]
+    rows = resize_axis(img.astype(np.float64), math.ceil(h * scale))
+    both = resize_axis(rows.transpose(1, 0, 2), math.ceil(w * scale)).transpose(1, 0, 2)
+    return np.floor(np.clip(both, 0, 255) + 0.5).astype(np.uint8)
+
+
+@pytest.mark.parametrize("scale", [1 / 2, 1 / 3, 1 / 4])
+def test_matlab_bicubic_matches_a_pixel_by_pixel_reference(scale):
+    img = np.random.default_rng(0).integers(0, 256, (11, 13, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(imresize_matlab(img, scale), matlab_reference(img, scale))
+
+
+def test_matlab_bicubic_reproduces_a_linear_ramp_away_from_the_edges():
+    # Keys' kernel reproduces linear functions: output pixel x samples the input at
+    # u = x / s + (1 - 1 / s) / 2 (1-based), so a ramp 10 * (k - 1) gives 10 * (u - 1).
+    ramp = np.tile((np.arange(32) * 6).astype(np.uint8), (4, 1))[..., None].repeat(3, axis=2)
+    out = imresize_matlab(ramp, 1 / 4)[0, :, 0].astype(float)
+    u = np.arange(1, 9) * 4 - 1.5
+    np.testing.assert_allclose(out[2:6], np.floor(6 * (u[2:6] - 1) + 0.5))
+
+
+def test_matlab_and_pil_agree_on_shapes_and_nearly_on_values():
+    img = smooth_image(np.random.default_rng(1), 48, 64)
+    for scale in (2, 3, 4):
+        hr = img[:48 - 48 % scale, :64 - 64 % scale]
+        matlab, pil = downsample(hr, scale, "matlab"), downsample(hr, scale, "pil")
+        assert matlab.shape == pil.shape == (48 // scale, 64 // scale, 3)
+        inner = np.abs(matlab[2:-2, 2:-2].astype(int) - pil[2:-2, 2:-2].astype(int))
+        assert inner.mean() < 1.5 and not np.array_equal(matlab, pil)  # both antialiased cubic, a = -0.5
+
+
+class Bicubic(torch.nn.Module):
+    """An x2 'network' that is bicubic upsampling: equivariant to flips and 90-degree rotations."""
+    scale, num_features = 2, 3
+
+    def __init__(self, shift: int = 0):
+        super().__init__()
+        self.weight, self.shift = torch.nn.Parameter(torch.zeros(1)), shift
+
+    def features(self, x):
+        return torch.roll(x, self.shift, dims=3) if self.shift else x  # a shift breaks the symmetry
+
+    def reconstruct(self, features, x):
+        return F.interpolate(features, scale_factor=2, mode="bicubic", align_corners=False) + self.weight
+
+    def forward(self, x):
+        return self.reconstruct(self.features(x), x)
+
+    def reconstruct_radius(self):
+        return 2
+
+    def receptive_radius(self):
+        return 2 + self.shift
+
+
+def test_self_ensemble_keeps_an_equivariant_models_output_and_composes_with_tiles():
+    img = smooth_image(np.random.default_rng(2), 13, 21)  # not square: rotations change the shape
+    plain = upscale(Bicubic(), img, tile=0)
+    ensemble = upscale(Bicubic(), img, tile=0, self_ensemble=True)
+    assert plain.shape == ensemble.shape == (26, 42, 3)
+    assert np.abs(plain.astype(int) - ensemble.astype(int)).max() <= 1
+    tiled = upscale(Bicubic(), img, tile=5, self_ensemble=True)
+    assert np.abs(tiled.astype(int) - ensemble.astype(int)).max() <= 1
+    # The test can fail: a model that is not equivariant gives another output.
+    shifted = Bicubic(shift=3)
+    assert np.abs(upscale(shifted, img, tile=0, self_ensemble=True).astype(int)
+                  - upscale(shifted, img, tile=0).astype(int)).max() > 10
+
+
+def test_ema_follows_the_weights_by_its_decay(monkeypatch):
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = [p.detach().clone() for p in model.parameters()]
+    steps = []
+
+    def fake_step(net, lr, hr, *rest):  # "training" sets the weight to the step number
+        steps.append(1)
+        with torch.no_grad():
+            net.weight.fill_(len(steps))
+        return torch.zeros(())
+
+    monkeypatch.setattr(train, "train_step", fake_step)
+    loader = [(torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3))] * 3
+    train.train_one_epoch(model, loader, None, None, None, torch.device("cpu"), "t", 0.1, first_step=0,
+                          steps_per_epoch=3, loss_sum=0.0, stop=train.StopSignal(), progress=False,
+                          ema=ema, ema_decay=0.5)
+    assert ema[0].item() == pytest.approx(2.125)  # 0 -> 0.5 -> 1.25 -> 2.125
+
+
+def test_ema_and_degradation_are_trained_saved_resumed_and_used(image_dir, tmp_path):
+    args = ["--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path, "--num_features", "8",
+            "--num_residuals", "1", "--patch_size", "32", "--batch_size", "4", "--patches_per_image", "4",
+            "--num_workers", "0", "--mean_shift", "--image_skip", "--ema", "0.5", "--degradation", "matlab"]
+    code, out, err = run_main(train, *args, "--run_name", "a", "--num_epochs", "2")
+    assert code == 0, err
+    assert "val (EMA) PSNR/SSIM" in out
+    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert a["degradation"] == "matlab" and set(a["ema"]) == set(a["model"])
+    assert not torch.equal(a["ema"]["tail.weight"], a["model"]["tail.weight"])
+    # Stopped after epoch 1 and resumed: the same EMA as the run never stopped.
+    assert run_main(train, *args, "--run_name", "b", "--num_epochs", "1")[0] == 0
+    assert run_main(train, "--resume", tmp_path / "b" / "last.pt", "--num_epochs", "2")[0] == 0
+    b = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(b["ema"][k], v) for k, v in a["ema"].items())
+
+    # infer.py and evaluate.py use the EMA weights unless told otherwise; evaluate warns on
+    # a degradation other than the checkpoint's.
+    exported = tmp_path / "export.pt"
+    assert run_main(train, "--export", tmp_path / "a" / "best.pt", exported)[0] == 0
+    assert {"model", "ema", "model_args", "degradation"} == set(torch.load(exported, weights_only=True))
+    outputs = {}
+    for flags in ([], ["--raw_weights"]):
+        out_path = tmp_path / f"sr{len(flags)}.png"
+        assert run_main(infer, image_dir / "img0.png", "-o", out_path, "--checkpoint", exported, *flags)[0] == 0
+        outputs[len(flags)] = np.asarray(Image.open(out_path))
+    assert not np.array_equal(outputs[0], outputs[1])
+    code, out, err = run_main(evaluate, "--data_dir", image_dir, "--checkpoint", exported)
+    assert code == 0 and "EMA weights, trained on matlab LR" in out
+    assert "trained on matlab LR images and is evaluated on pil" in err
+    code, out, err = run_main(evaluate, "--data_dir", image_dir, "--checkpoint", exported, "--paper")
+    assert code == 0 and "warning" not in err
+
+
+def test_benchmark_sets_and_the_paper_protocol_in_one_table(tiny_checkpoint, tmp_path):
+    rng = np.random.default_rng(4)
+    for name, n in [("Set5", 2), ("Urban100", 3)]:
+        (tmp_path / "bench" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(smooth_image(rng, 40, 52)).save(tmp_path / "bench" / name / f"{i}.png")
+    code, out, err = run_main(evaluate, "--benchmark", tmp_path / "bench", "--checkpoint", tiny_checkpoint, "--paper",
+                              "--csv", tmp_path / "t.csv")
+    assert code == 0, err
+    assert "protocol (--paper): x4, LR = MATLAB imresize bicubic of the modcropped HR, Y (BT.601), crop border 4" in out
+    lines = [line.split() for line in out.splitlines() if line.startswith(("Set5 ", "Urban100 "))]
+    assert [(line[0], line[1]) for line in lines] == [("Set5", "2"), ("Urban100", "3")]
+    assert all(len(line) == 6 for line in lines)  # bicubic and ResShuffle, RGB and Y
+    assert "mean of" not in out  # several sets: the table only, unless --per_image
+    code, out, _ = run_main(evaluate, "--benchmark", tmp_path / "bench", "--checkpoint", tiny_checkpoint,
+                            "--self_ensemble", "--per_image", "--max_images", "1")
+    assert code == 0 and "self-ensemble x8" in out and out.count("mean of 1 images") == 2
+    code, _, err = run_main(evaluate, "--benchmark", tmp_path, "--checkpoint", tiny_checkpoint)
+    assert code == 1 and "holds none of Set5, Set14, B100, Urban100, DIV2K_valid_HR" in err
+
