@@ -148,9 +148,11 @@ def try_load_rgb(path: Path) -> np.ndarray | str:
 def eval_pairs(paths: list[Path], scale: int, degradation: str = "pil"):
     """Yield (name, hr, lr) for whole images: HR modcropped to the scale, LR its bicubic downsampling."""
     for path in paths:
-        hr = modcrop(load_rgb(path), scale)
-        if min(hr.shape[:2]) < scale:
-            raise UserError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}")
+        img = load_rgb(path)
+        if min(img.shape[:2]) < scale:
+            raise UserError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small for x{scale} "
+                            f"(an HR image needs at least {scale}x{scale} pixels)")
+        hr = modcrop(img, scale)
         yield path.name, hr, downsample(hr, scale, degradation)
 
 

@@ -67,14 +67,16 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
     same with the prefix bicubic_. train.py validates with this function too.
     """
     rows = []
-    for name, hr, lr in tqdm(pairs, desc="evaluating", unit="img", leave=False, disable=not progress):
-        sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble)
-        row = {"name": name, "width": hr.shape[1], "height": hr.shape[0]} | measure(sr, hr, crop_border, channels)
-        if baseline:
-            row |= bicubic_rows([(name, hr, lr)], crop_border, channels)[0]
-        if save_dir is not None:
-            save_image(sr, save_dir / f"{Path(name).stem}.png")
-        rows.append(row)
+    # A context manager: an error (an unreadable image) clears the bar before it is printed.
+    with tqdm(pairs, desc="evaluating", unit="img", leave=False, disable=not progress) as bar:
+        for name, hr, lr in bar:
+            sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble)
+            row = {"name": name, "width": hr.shape[1], "height": hr.shape[0]} | measure(sr, hr, crop_border, channels)
+            if baseline:
+                row |= bicubic_rows([(name, hr, lr)], crop_border, channels)[0]
+            if save_dir is not None:
+                save_image(sr, save_dir / f"{Path(name).stem}.png")
+            rows.append(row)
     return rows
 
 

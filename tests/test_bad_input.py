@@ -37,7 +37,9 @@ def broken_files(folder, photo):
 
 
 def assert_one_line_error(code, err, *needles):
-    lines = err.strip().splitlines()
+    # What a terminal shows: a progress bar (cleared with \r) is not a line of its own.
+    lines = [line.rsplit("\r", 1)[-1] for line in err.strip().split("\n")]
+    lines = [line for line in lines if line.strip()]
     assert code == 1, err
     assert len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
@@ -72,6 +74,16 @@ def test_unreadable_inputs_are_one_line_errors_with_no_output(tiny_checkpoint, t
                                     "--csv", tmp_path / "t.csv")
             assert code == 1 and f"{folder / path.name}: not a readable image" in err and "Traceback" not in err
             assert not (tmp_path / "t.csv").exists()
+
+
+def test_an_image_too_small_for_the_scale(tiny_checkpoint, tmp_path):
+    # infer.py: any size is valid input (1x1 -> 4x4, in test_every_kind_of_image...); evaluate.py
+    # needs an HR image of at least scale x scale to make an LR image from.
+    folder = tmp_path / "small"
+    folder.mkdir()
+    Image.fromarray(np.zeros((3, 5, 3), np.uint8)).save(folder / "tiny.png")
+    code, _, err = run_main(evaluate, "--data_dir", folder, "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, folder / "tiny.png", "5x3 is too small for x4")
 
 
 def test_a_folder_with_bad_files_writes_the_others_and_fails_naming_them(tiny_checkpoint, tmp_path, photo):
