@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from dataset import eval_pairs
 from utils import (DEFAULT_TILE, DEGRADATIONS, UserError, atomic_path, list_images, load_model, make_dir,
-                   non_negative_int, psnr, resize_bicubic, run_cli, save_image, select_device, ssim, upscale, warn)
+                   non_negative_int, positive_int, psnr, resize_bicubic, run_cli, save_image, select_device, ssim,
+                   upscale, warn)
 
 DEFAULT_CHECKPOINT = "checkpoints/resshuffle_x4.pt"
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
@@ -60,11 +62,12 @@ def bicubic_rows(pairs, crop_border: int, channels=("rgb",)) -> list[dict]:
 
 def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFAULT_TILE, tile_pad=None,
              self_ensemble: bool = False, baseline: bool = True, save_dir: Path | None = None,
-             progress: bool = True) -> list[dict]:
+             compare_dir: Path | None = None, compare_size: int = 192, progress: bool = True) -> list[dict]:
     """Super-resolve every (name, hr, lr) pair and measure it; the per-image rows.
 
     Each row: name, width, height, the model's metrics (`measure`) and, with `baseline`, the
-    same with the prefix bicubic_. train.py validates with this function too.
+    same with the prefix bicubic_. With `compare_dir`, also writes <name>_compare.png there
+    (`comparison`). train.py validates with this function too.
     """
     rows = []
     # A context manager: an error (an unreadable image) clears the bar before it is printed.
@@ -76,8 +79,45 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
                 row |= bicubic_rows([(name, hr, lr)], crop_border, channels)[0]
             if save_dir is not None:
                 save_image(sr, save_dir / f"{Path(name).stem}.png")
+            if compare_dir is not None:
+                save_image(comparison(hr, lr, sr, model.scale, compare_size),
+                           compare_dir / f"{Path(name).stem}_compare.png")
             rows.append(row)
     return rows
+
+
+def detail_crop(hr: np.ndarray, size: int, scale: int) -> tuple[int, int]:
+    """Top-left (y, x) of the size x size HR window with the most fine detail (gradient energy),
+    on a grid aligned to the scale, so that the same window cuts the LR image exactly."""
+    gray = hr.astype(np.float64).mean(axis=2)
+    energy = np.abs(np.diff(gray, axis=0))[:, :-1] + np.abs(np.diff(gray, axis=1))[:-1, :]
+    step = max(scale, size // 4 // scale * scale)
+    best, where = -1.0, (0, 0)
+    for y in range(0, hr.shape[0] - size + 1, step):
+        for x in range(0, hr.shape[1] - size + 1, step):
+            e = energy[y:y + size - 1, x:x + size - 1].mean()
+            if e > best:
+                best, where = e, (y, x)
+    return where
+
+
+def comparison(hr: np.ndarray, lr: np.ndarray, sr: np.ndarray, scale: int, size: int) -> Image.Image:
+    """One panel, as the original README's table: original | low-resolution input | bicubic |
+    ResShuffle, on the same detailed crop; the LR crop is shown with nearest-neighbour pixels."""
+    size = min(size, hr.shape[0], hr.shape[1]) // scale * scale
+    y, x = detail_crop(hr, size, scale)
+    crop = (slice(y, y + size), slice(x, x + size))
+    lr_crop = lr[y // scale:(y + size) // scale, x // scale:(x + size) // scale]
+    tiles = [hr[crop], np.asarray(Image.fromarray(lr_crop).resize((size, size), Image.NEAREST)),
+             resize_bicubic(lr, hr.shape[1], hr.shape[0])[crop], sr[crop]]
+    labels = ["original", f"input (1/{scale})", "bicubic", "ResShuffle"]
+    gap, text = 4, 16
+    panel = Image.new("RGB", (4 * size + 3 * gap, size + text), "white")
+    draw = ImageDraw.Draw(panel)
+    for i, (tile, label) in enumerate(zip(tiles, labels)):
+        panel.paste(Image.fromarray(tile), (i * (size + gap), 0))
+        draw.text((i * (size + gap) + 2, size + 2), label, fill="black")
+    return panel
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -111,6 +151,7 @@ def main(args):
             raise UserError(f"{folder}: no images found")
         sets.append((name, folder, paths))
     save_dir = make_dir(args.save_dir) if args.save_dir else None
+    compare_dir = make_dir(args.compare_dir) if args.compare_dir else None
 
     print(f"checkpoint {args.checkpoint}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{'EMA' if model.weights == 'ema' else 'raw'} weights, trained on {model.degradation or 'unrecorded'} LR")
@@ -124,7 +165,8 @@ def main(args):
         start = time.time()
         rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
                         tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
-                        save_dir=make_dir(save_dir / name) if save_dir and len(sets) > 1 else save_dir)
+                        save_dir=make_dir(save_dir / name) if save_dir and len(sets) > 1 else save_dir,
+                        compare_dir=compare_dir, compare_size=args.compare_size)
         seconds = (time.time() - start) / len(rows)
         all_rows += [{"set": name} | r for r in rows]
         if len(sets) == 1 or args.per_image:
@@ -169,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per_image", action="store_true", help="per-image tables for several sets too")
     parser.add_argument("--csv", default=None, help="write the per-image table to this CSV file")
     parser.add_argument("--save_dir", default=None, help="write the SR images to this folder")
+    parser.add_argument("--compare_dir", default=None,
+                        help="write <image>_compare.png panels (original | input | bicubic | ResShuffle) here")
+    parser.add_argument("--compare_size", type=positive_int, default=192, help="HR side of the panels' crops")
     parser.add_argument("--max_images", type=non_negative_int, default=0, help="first N images only (0: all)")
     parser.add_argument("--tile", type=non_negative_int, default=DEFAULT_TILE, help="LR tile size (0: whole image)")
     parser.add_argument("--tile_pad", type=non_negative_int, default=None,

@@ -104,3 +104,23 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(Exception, match="not a loadable checkpoint"):
         load_model(path, torch.device("cpu"))
     assert not marker.exists()
+
+
+def test_comparison_panels_show_the_most_detailed_crop_four_ways(tiny_checkpoint, tmp_path):
+    from evaluate import comparison
+    rng = np.random.default_rng(5)
+    hr = np.full((64, 96, 3), 128, np.uint8)
+    hr[16:48, 56:88] = rng.integers(0, 256, (32, 32, 3))  # the only detail in the image
+    lr = np.asarray(Image.fromarray(hr).resize((24, 16), Image.BICUBIC))
+    sr = np.asarray(Image.fromarray(lr).resize((96, 64), Image.NEAREST))
+    panel = np.asarray(comparison(hr, lr, sr, scale=4, size=32))
+    assert panel.shape == (32 + 16, 4 * 32 + 3 * 4, 3)
+    np.testing.assert_array_equal(panel[:32, :32], hr[16:48, 56:88])  # found the detailed window
+    np.testing.assert_array_equal(panel[:32, 3 * 36:3 * 36 + 32], sr[16:48, 56:88])
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(hr).save(folder / "a.png")
+    run_script("evaluate.py", "--data_dir", folder, "--checkpoint", tiny_checkpoint, "--compare_dir", tmp_path / "cmp",
+               "--compare_size", "32")
+    assert Image.open(tmp_path / "cmp" / "a_compare.png").size == (140, 48)
