@@ -69,7 +69,7 @@ def export_weights(src: str, dst: str) -> None:
 
 # Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
 RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "val_every", "patience", "max_val_images",
-                     "train_dir", "val_dir")
+                     "train_dir", "val_dir", "ema")
 
 
 def resume_args(args, checkpoint: dict) -> None:
