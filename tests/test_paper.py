@@ -122,8 +122,12 @@ def test_ema_follows_the_weights_by_its_decay(monkeypatch):
     loader = [(torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3))] * 3
     train.train_one_epoch(model, loader, None, None, None, torch.device("cpu"), "t", 0.1, first_step=0,
                           steps_per_epoch=3, loss_sum=0.0, stop=train.StopSignal(), progress=False,
-                          ema=ema, ema_decay=0.5)
+                          ema=ema, ema_decay=0.5, steps_before=1000)
     assert ema[0].item() == pytest.approx(2.125)  # 0 -> 0.5 -> 1.25 -> 2.125
+    # Warm-up: the first updates follow the weights closely (the initial weights fade fast).
+    assert train.ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert train.ema_decay_at(0.999, 100) == pytest.approx(101 / 110)
+    assert train.ema_decay_at(0.999, 100_000) == 0.999
 
 
 def test_ema_and_degradation_are_trained_saved_resumed_and_used(image_dir, tmp_path):
