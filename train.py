@@ -492,8 +492,8 @@ def ema_decay_at(decay: float, t: int) -> float:
     """The EMA decay for update t (0-based): min(decay, (1 + t) / (10 + t)).
 
     Without the warm-up, the random initial weights keep decay ** t of the average (0.995:
-    20% after 315 steps, measured as a 0.3 dB validation lag here); with it, early updates
-    follow the weights closely and the full decay applies once (1 + t) / (10 + t) exceeds it.
+    20% after 315 steps); with it, early updates follow the weights closely and the full
+    decay applies once (1 + t) / (10 + t) exceeds it.
     """
     return min(decay, (1 + t) / (10 + t))
 
