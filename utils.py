@@ -7,9 +7,12 @@ import argparse
 import contextlib
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -420,14 +423,31 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
         torch.save(checkpoint, tmp)
 
 
+def weights_only_reason(e: pickle.UnpicklingError) -> str:
+    """torch's weights_only refusal, without its advice to retry with weights_only=False."""
+    found = re.search(r"Unsupported global: GLOBAL \S+|unsupported GLOBAL \S+|Unsupported operand \d+", str(e))
+    detail = found.group(0) if found else ""
+    return ("it holds objects that weights_only=True loading does not allow, which could run code"
+            + (f" ({detail})" if detail else ""))
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint dict with weights_only=True: a file that would run code is refused."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip (PK..); the legacy format and plain pickles start with PROTO (0x80)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise UserError(f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file)")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ..." for plain pickles
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused: {weights_only_reason(e)}") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... here
         raise UserError(f"{path}: not a loadable checkpoint ({first_line(e)})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
         raise UserError(f"{path}: not a ResShuffle checkpoint (no 'model' and 'model_args' entries)")
