@@ -183,6 +183,11 @@ def weights_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
 def main(args):
     try:
         train(args)
+        if dist.is_initialized():
+            # All processes tear down together: a rank that destroyed its group while another
+            # was still finishing (rank 0 saves, prints) aborted at exit, now and then, with
+            # "terminate called without an active exception".
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
