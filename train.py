@@ -14,6 +14,7 @@ fp16 with loss scaling), pinned memory, persistent workers; on every device the 
 channels_last.
 """
 import argparse
+import copy
 import csv
 import inspect
 import math
@@ -243,9 +244,10 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     dtype = amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    # EMA of the weights (--ema): updated after every step, validated and saved beside them.
-    ema = [p.detach().clone() for p in model.parameters()] if args.ema else None
-    ema_model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last).eval() if ema else None
+    # EMA of the weights (--ema): a copy of the network whose parameters are the average,
+    # updated after every step (in place), validated and saved beside the weights.
+    ema_model = copy.deepcopy(model).eval() if args.ema else None
+    ema = [p.detach() for p in ema_model.parameters()] if ema_model else None
     start_epoch, best_psnr, best_epoch = 1, -math.inf, 0
     # Where the interrupted epoch stopped (a run stopped by a signal saves mid-epoch).
     first_step, loss_sum, seconds = 0, 0.0, 0.0
@@ -337,10 +339,6 @@ def train(args):
             row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "val_psnr": "", "val_ssim": ""}
             stop_reason, improved = None, False
             if lead and (epoch % args.val_every == 0 or epoch == args.num_epochs):
-                if ema:
-                    with torch.no_grad():
-                        for p, e in zip(ema_model.parameters(), ema):
-                            p.copy_(e)
                 validated = ema_model or model
                 validated.eval()
                 rows = evaluate(validated, val_pairs, crop_border=scale, baseline=False, progress=False)
