@@ -9,9 +9,10 @@ like content) are written to a temporary folder, so no data set is needed.
 1. training step, batch 16 of 48x48 LR patches at x4: train.py's step (channels_last, AMP on
    CUDA) against a plain NCHW fp32 step; GFLOP/s from the FLOPs PyTorch's FlopCounterMode
    counts, against one large 64->64 3x3 convolution forward+backward (the practical ceiling).
-2. data: patches/s from dataset.py's loader with 1 and 2 workers against a loader that decodes
-   the image file for every patch; and the patches/s an H100 would consume (counted FLOPs per
-   patch at 40% of the H100 SXM's 989 TFLOP/s dense bf16).
+2. data: patches/s from dataset.py's loader (PatchLoader: cut patches, their flips left to the
+   device, which the training step above includes) with 1 and 2 worker threads against a
+   DataLoader worker process that decodes the image file for every patch; and the patches/s an
+   H100 would consume (counted FLOPs per patch at 40% of the H100 SXM's 989 TFLOP/s dense bf16).
 3. inference: output megapixels/s of infer.py's path (utils.upscale) on a 510x339 input, untiled
    against the plain model call, and tiled (infer.py's default) against untiled; peak resident
    memory and speed of infer.py on a 2040x1360 input (8160x5440 output), tiled and untiled.
@@ -32,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from dataset import EpochSampler, TrainDataset
+from dataset import EpochSampler, PatchLoader, TrainDataset
 from model import ResShuffle
 from train import amp_dtype, train_step
 from utils import downsample, list_images, load_rgb, select_device, save_checkpoint, upscale
@@ -73,13 +74,14 @@ def bench_training(device, steps: int) -> dict:
     flops = training_step_flops()
     lr8 = torch.randint(0, 256, (BATCH, LR_PATCH, LR_PATCH, 3), dtype=torch.uint8)
     hr8 = torch.randint(0, 256, (BATCH, LR_PATCH * SCALE, LR_PATCH * SCALE, 3), dtype=torch.uint8)
+    flips = torch.rand(BATCH, 3) < 0.5
 
     torch.manual_seed(0)
     model = ResShuffle().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     dtype = amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    ours = timed(lambda: train_step(model, lr8, hr8, optimizer, scaler, dtype, device), device, steps)
+    ours = timed(lambda: train_step(model, lr8, hr8, flips, optimizer, scaler, dtype, device), device, steps)
 
     torch.manual_seed(0)
     plain_model = ResShuffle().to(device)
@@ -149,8 +151,7 @@ def loader_rate(loader, batches: int) -> float:
     next(it)
     start, n = time.perf_counter(), 0
     for _ in range(batches):
-        lr, _ = next(it)
-        n += lr.shape[0]
+        n += next(it)[0].shape[0]
     return n / (time.perf_counter() - start)
 
 
@@ -161,9 +162,8 @@ def bench_data(folder: Path, flops_per_step: int) -> dict:
     decode_s = time.perf_counter() - start
     out = {"data_decode_all_s": decode_s, "data_images": len(paths)}
     for workers in (1, 2):
-        sampler = EpochSampler(data, seed=0)
-        loader = DataLoader(data, batch_size=BATCH, sampler=sampler, num_workers=workers, drop_last=True)
-        out[f"data_patches_s_{workers}w"] = loader_rate(loader, batches=100 * workers)
+        loader = PatchLoader(data, EpochSampler(data, seed=0), batch_size=BATCH, num_workers=workers)
+        out[f"data_patches_s_{workers}w"] = loader_rate(loader, batches=1000)
     naive = DataLoader(DecodePerPatch(paths, 50), batch_size=BATCH, shuffle=True, num_workers=1,
                        generator=torch.Generator().manual_seed(0))
     out["data_decode_per_patch_patches_s_1w"] = loader_rate(naive, batches=3)

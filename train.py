@@ -10,8 +10,8 @@ and log.csv, each written atomically. Ctrl-C or SIGTERM saves last.pt where the 
 too, and --resume goes on from there with the run's own flags, to the same weights as a run
 never stopped. A NaN/inf loss stops the run, naming the iteration; the checkpoints are kept.
 Adam + StepLR + L1 loss, as the original. On CUDA: mixed precision (bf16 where supported, else
-fp16 with loss scaling), pinned memory, persistent workers; on every device the network runs
-channels_last.
+fp16 with loss scaling), patches cut straight into pinned memory; on every device the network
+runs channels_last, and the patches are flipped on the device.
 """
 import argparse
 import copy
@@ -29,10 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import EpochSampler, TrainDataset, eval_pairs
+from dataset import EpochSampler, PatchLoader, TrainDataset, augment, eval_pairs
 from evaluate import bicubic_rows, evaluate, mean
 from model import UPSAMPLE_STAGES, ResShuffle
 from utils import (DEGRADATIONS, UserError, atomic_path, list_images, load_checkpoint, make_dir, non_negative_int,
@@ -134,12 +133,6 @@ class StopSignal:
         sys.exit(128 + signum)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGINT/SIGTERM (Ctrl-C reaches the whole process group) to the main process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 # DDP need not broadcast the model's one buffer (the constant RGB mean) each step; torch 2.14
 # renamed the flag, and deprecates the old name.
 NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
@@ -226,9 +219,7 @@ def train(args):
     val_pairs = load_val_pairs(args.val_dir, scale, args.max_val_images, args.degradation) if lead else []
     sampler = EpochSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
     cuda = device.type == "cuda"
-    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=args.num_workers, pin_memory=cuda, worker_init_fn=ignore_stop_signals,
-                        persistent_workers=args.num_workers > 0)
+    loader = PatchLoader(train_set, sampler, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=cuda)
     steps_per_epoch = len(train_set) // world_size // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_set)} patches per epoch is less than one batch of {args.batch_size}"
@@ -373,11 +364,15 @@ def train(args):
     say(f"done: best val PSNR {best_psnr:.4f} dB at epoch {best_epoch}; checkpoints in {run_dir}")
 
 
-def train_step(model, lr, hr, optimizer, scaler, dtype, device) -> torch.Tensor:
-    """One optimisation step on a batch of NHWC uint8 (lr, hr) patches; the loss, left on the device."""
-    # Permuted to NCHW, an NHWC batch is channels_last already: no layout conversion.
-    lr = lr.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    hr = hr.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+def train_step(model, lr, hr, flips, optimizer, scaler, dtype, device) -> torch.Tensor:
+    """One optimisation step on a batch of NHWC uint8 (lr, hr) patches and their flips (dataset.batch).
+
+    Returns the loss, left on the device.
+    """
+    # Permuted to NCHW, an NHWC batch is channels_last already: no layout conversion. The flips
+    # are applied to the uint8 batch, on the device.
+    lr = augment(lr.to(device, non_blocking=True).permute(0, 3, 1, 2), flips).float().div_(255)
+    hr = augment(hr.to(device, non_blocking=True).permute(0, 3, 1, 2), flips).float().div_(255)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         loss = F.l1_loss(model(lr), hr)
     optimizer.zero_grad(set_to_none=True)
@@ -404,8 +399,8 @@ def train_one_epoch(net, loader, optimizer, scaler, dtype, device, desc: str, lr
     unchecked, step, start = [], first_step, time.time()
     bar = tqdm(loader, desc=desc, unit="step", total=steps_per_epoch, initial=first_step, leave=False,
                mininterval=1.0, disable=not progress)
-    for lr, hr in bar:
-        unchecked.append(train_step(net, lr, hr, optimizer, scaler, dtype, device))
+    for lr, hr, flips in bar:
+        unchecked.append(train_step(net, lr, hr, flips, optimizer, scaler, dtype, device))
         if ema is not None:
             torch._foreach_lerp_(ema, params, 1 - ema_decay_at(ema_decay, steps_before + step))
         step += 1
@@ -461,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale_factor", type=int, default=4, choices=sorted(UPSAMPLE_STAGES))
     p.add_argument("--num_features", type=positive_int, default=64)
     p.add_argument("--num_residuals", type=non_negative_int, default=16)
-    p.add_argument("--num_workers", type=non_negative_int, default=4)
+    p.add_argument("--num_workers", type=non_negative_int, default=4,
+                   help="threads cutting training patches ahead of the step (0: the main thread)")
     p.add_argument("--step_size", type=positive_int, default=50, help="StepLR period, in epochs")
     p.add_argument("--gamma", type=positive_float, default=0.5, help="StepLR factor")
     # Model options beyond the original (README: they matter for short CPU runs).

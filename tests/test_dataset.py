@@ -2,10 +2,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 import dataset
-from dataset import EpochSampler, TrainDataset, eval_pairs
+from dataset import EpochSampler, PatchLoader, TrainDataset, augment, eval_pairs
 from utils import UserError, list_images, load_rgb
 
 
@@ -17,6 +16,12 @@ def noise_dir(tmp_path, sizes):
     for i, (h, w) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return folder
+
+
+def sample(data, epoch, i):
+    """Sample i of the epoch as training sees it: cut, then flipped; HWC numpy arrays."""
+    lr, hr, flips = data.batch(epoch, [i])
+    return tuple(augment(t.permute(0, 3, 1, 2), flips)[0].permute(1, 2, 0).numpy() for t in (lr, hr))
 
 
 def d4(patch):
@@ -36,7 +41,7 @@ def test_samples_are_aligned_crops_of_the_image_and_its_bicubic_lr_under_all_eig
     whole_lr = np.asarray(Image.fromarray(img).resize((22, 20), Image.BICUBIC))
     seen = set()
     for i in range(len(data)):
-        lr, hr = (t.numpy() for t in data[(0, i)])
+        lr, hr = sample(data, 0, i)
         assert hr.shape == (p, p, 3) and lr.shape == (p // scale, p // scale, 3)
         # Find the crop: with random noise, one transform and one position match.
         matches = [(k, y, x) for k, t in enumerate(d4(hr))
@@ -81,15 +86,15 @@ def test_each_file_is_decoded_once(tmp_path, monkeypatch):
     data = TrainDataset(noise_dir(tmp_path, [(40, 40), (48, 40)]), scale=2, patch_size=16, patches_per_image=10)
     for epoch in range(3):
         for i in range(len(data)):
-            data[(epoch, i)]
+            data.batch(epoch, [i])
     assert sorted(p.name for p in calls) == ["0.png", "1.png"]
 
 
 def batches(data, num_workers, epoch):
     sampler = EpochSampler(data, seed=5)
     sampler.set_epoch(epoch)
-    loader = DataLoader(data, batch_size=4, sampler=sampler, num_workers=num_workers)
-    return [torch.cat([lr.flatten(), hr.flatten()]) for lr, hr in loader]
+    loader = PatchLoader(data, sampler, batch_size=4, num_workers=num_workers)
+    return [torch.cat([lr.flatten(), hr.flatten(), flips.flatten()]) for lr, hr, flips in loader]
 
 
 def test_patches_depend_on_seed_and_epoch_only(tmp_path):
@@ -97,10 +102,29 @@ def test_patches_depend_on_seed_and_epoch_only(tmp_path):
     data = TrainDataset(folder, scale=2, patch_size=16, patches_per_image=4, seed=5)
     again = TrainDataset(folder, scale=2, patch_size=16, patches_per_image=4, seed=5)
     one = batches(data, 0, epoch=2)
+    assert len(one) == 2 and len(batches(again, 2, epoch=2)) == 2
     assert all(torch.equal(a, b) for a, b in zip(one, batches(again, 2, epoch=2)))  # workers change nothing
     assert not torch.equal(torch.cat(one), torch.cat(batches(data, 0, epoch=3)))
     other_seed = TrainDataset(folder, scale=2, patch_size=16, patches_per_image=4, seed=6)
     assert not torch.equal(torch.cat(one), torch.cat(batches(other_seed, 0, epoch=2)))
+
+
+def test_the_loader_gives_whole_batches_from_the_resume_point_and_can_be_left_early(tmp_path):
+    data = TrainDataset(noise_dir(tmp_path, [(40, 40), (48, 40)]), scale=2, patch_size=16, patches_per_image=7)
+    sampler = EpochSampler(data, seed=1)
+    sampler.set_epoch(3, start=5)  # 14 samples, 5 done: 9 left, 2 whole batches of 4
+    order = list(sampler)
+    for workers in (0, 1, 3):
+        loader = PatchLoader(data, sampler, batch_size=4, num_workers=workers)
+        got = list(loader)
+        assert len(got) == len(loader) == 2
+        for k, (lr, hr, flips) in enumerate(got):
+            want = data.batch(3, order[4 * k:4 * k + 4])
+            assert lr.shape == (4, 8, 8, 3) and hr.shape == (4, 16, 16, 3) and flips.shape == (4, 3)
+            assert all(torch.equal(a, b) for a, b in zip((lr, hr, flips), want))
+        it = iter(loader)
+        next(it)
+        it.close()  # a stop signal leaves the epoch early: the threads end, nothing hangs
 
 
 def test_patch_size_must_be_a_multiple_of_the_scale(tmp_path):

@@ -28,8 +28,8 @@ def test_ranks_draw_disjoint_patches_of_the_same_epoch_order():
     ranks = [EpochSampler(data, seed=3, rank=r, world_size=2) for r in range(2)]
     for sampler in [one, *ranks]:
         sampler.set_epoch(5, start=4)
-    full = [i for _, i in one]
-    mine = [[i for _, i in s] for s in ranks]
+    full = list(one)
+    mine = [list(s) for s in ranks]
     assert len(mine[0]) == len(mine[1]) == len(ranks[0]) == 9  # (23 - 4) // 2
     assert not set(mine[0]) & set(mine[1])
     # Global step k of batch b uses samples [k*b*2, (k+1)*b*2) of the order, split between ranks.

@@ -119,7 +119,7 @@ def test_ema_follows_the_weights_by_its_decay(monkeypatch):
         return torch.zeros(())
 
     monkeypatch.setattr(train, "train_step", fake_step)
-    loader = [(torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3))] * 3
+    loader = [(torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3), torch.zeros(1, 3, dtype=torch.bool))] * 3
     train.train_one_epoch(model, loader, None, None, None, torch.device("cpu"), "t", 0.1, first_step=0,
                           steps_per_epoch=3, loss_sum=0.0, stop=train.StopSignal(), progress=False,
                           ema=ema, ema_decay=0.5, steps_before=1000)
