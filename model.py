@@ -93,8 +93,20 @@ class ResShuffle(nn.Module):
         return features + self.body_conv(self.body(features))
 
     def reconstruct(self, features, x):
-        """The SR image from `features` and the LR input `x` they were computed from."""
-        out = self.tail(self.upsample(features))
+        """The SR image from `features` and the LR input `x` they were computed from.
+
+        The same as `self.tail(self.upsample(features))`, computed faster: the 9x9 tail conv
+        runs before the last PixelShuffle, as an equivalent conv on its r*r-times-deeper input
+        (`subpixel_conv_weight`). After the shuffle it has 3 output channels at full
+        resolution, a shape that runs at under a third of a 3x3 64->64 conv's FLOP rate on
+        this repository's CPU: shuffle and tail, forward and backward, batch 16 at x4, took
+        1.12 s there (of a 3.4 s training step) and take 0.42 s this way.
+        """
+        z = self.upsample[:-1](features)
+        r = self.upsample[-1].upscale_factor
+        weight = subpixel_conv_weight(self.tail.weight, r)
+        out = F.pixel_shuffle(F.conv2d(z, weight, self.tail.bias.repeat_interleave(r * r),
+                                       padding=weight.shape[-1] // 2), r)
         if self.image_skip:
             # bicubic(x - mean) + mean == bicubic(x): the weights sum to one.
             return out + F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
@@ -121,3 +133,24 @@ class ResShuffle(nn.Module):
         A tile padded by at least this much gives the same output as the whole image.
         """
         return self.feature_radius() + self.reconstruct_radius()
+
+
+def subpixel_conv_weight(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """The kernel that, applied before PixelShuffle(r), equals `weight` (stride 1, same padding) after it.
+
+    With u = pixel_shuffle(z, r), output pixel (r*I + p, r*J + q) of the conv on u reads
+    u[c, r*I + p + dy - k, ...] = z[c*r*r + a*r + b, I + m, ...], where p + dy - k = r*m + a.
+    So the conv on u equals pixel_shuffle(conv(z, w2), r), with w2[o*r*r + p*r + q, c*r*r + a*r + b,
+    m, n] = weight[o, c, r*m + a - p + k, r*n + b - q + k] (0 where that tap is outside the
+    kernel): an exact rearrangement, zero padding included.
+    """
+    out_ch, in_ch, size, _ = weight.shape
+    k = size // 2
+    m = torch.arange(-((k + r - 1) // r), (k + r - 1) // r + 1, device=weight.device)
+    phase = torch.arange(r, device=weight.device)
+    taps = r * m.view(1, 1, -1) + phase.view(1, -1, 1) - phase.view(-1, 1, 1) + k  # [p, a, m]
+    # select[p, a, m, d] = 1 where that tap is row d of the kernel; taps outside it select nothing.
+    # A product, not indexing: indexing's gradient adds with parallel atomics, in no fixed order.
+    select = (taps.unsqueeze(-1) == torch.arange(size, device=weight.device)).to(weight.dtype)
+    w2 = torch.einsum("pamy,qbnx,ocyx->opqcabmn", select, select, weight)
+    return w2.reshape(out_ch * r * r, in_ch * r * r, len(m), len(m))

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ResShuffle
+from model import ResShuffle, subpixel_conv_weight
 
 
 def test_default_model_has_the_original_parameter_count():
@@ -23,6 +23,34 @@ def test_output_is_exactly_scale_times_the_input(scale, size):
     with torch.no_grad():
         out = model(torch.rand(2, 3, *size))
     assert out.shape == (2, 3, size[0] * scale, size[1] * scale)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4, 8])
+def test_the_tail_before_the_shuffle_equals_the_tail_after_it_with_the_same_gradients(scale):
+    torch.manual_seed(scale)
+    model = ResShuffle(scale=scale, num_features=6, num_residuals=1).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # non-zero everywhere, bias included
+    features = torch.rand(2, 6, 7, 5, dtype=torch.double)
+    as_written = model.tail(model.upsample(features)) + model.rgb_mean
+    fast = model.reconstruct(features, None)
+    torch.testing.assert_close(fast, as_written, atol=1e-12, rtol=0)  # borders (zero padding) too
+    grads = [torch.autograd.grad(out.pow(2).sum(), [model.tail.weight, model.tail.bias]) for out in (as_written, fast)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("size, r", [(9, 2), (9, 3), (3, 2), (5, 4)])
+def test_subpixel_weight_keeps_every_tap_once(size, r):
+    weight = torch.arange(1.0, 2 * 3 * size * size + 1).view(2, 3, size, size)
+    w2 = subpixel_conv_weight(weight, r)
+    assert w2.shape[:2] == (2 * r * r, 3 * r * r)
+    # Each output phase holds every tap of its output channel once; the rest are zeros.
+    for o in range(2):
+        for phase in range(r * r):
+            taps = w2[o * r * r + phase]
+            assert sorted(taps[taps != 0].tolist()) == weight[o].flatten().tolist()
 
 
 def test_unsupported_scale_names_the_supported_ones():
