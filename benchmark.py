@@ -183,8 +183,9 @@ def bench_data(folder: Path, flops_per_step: int) -> dict:
     return out
 
 
-def run_infer(args: list[str]) -> tuple[float | None, float]:
-    """Run infer.py in a fresh process: (its peak resident memory in GB or None if it failed, seconds).
+def run_infer(args: list[str]) -> tuple[float | None, float, bool]:
+    """Run infer.py in a fresh process: (peak resident memory in GB or None if it failed, seconds,
+    whether it tiled an image it was asked to run whole because memory was short).
 
     The peak is VmHWM of the process's own memory: getrusage's ru_maxrss would also count
     this (large) benchmark process, which the child is forked from.
@@ -199,9 +200,9 @@ def run_infer(args: list[str]) -> tuple[float | None, float]:
     if result.returncode != 0:
         print(f"  infer.py {' '.join(args)} failed (exit {result.returncode}): "
               f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'killed'}")
-        return None, seconds
+        return None, seconds, False
     peak_kb = next(int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("VmHWM"))
-    return peak_kb / 1024 ** 2, seconds
+    return peak_kb * 1024 / 1e9, seconds, "tiling it by" in result.stderr
 
 
 def bench_inference(device, folder: Path, repeats: int, memory: bool) -> dict:
@@ -240,8 +241,9 @@ def bench_inference(device, folder: Path, repeats: int, memory: bool) -> dict:
             common = [str(tmp / "big.png"), "--checkpoint", str(ckpt), "--device", device.type]
             big_mp = 8160 * 5440 / 1e6
             for name, extra in (("tile256", ["--tile", "256"]), ("untiled", ["--tile", "0"])):
-                peak, seconds = run_infer(common + ["-o", str(tmp / f"{name}.png"), *extra])
+                peak, seconds, auto_tiled = run_infer(common + ["-o", str(tmp / f"{name}.png"), *extra])
                 out[f"infer_8160x5440_{name}_peak_gb"], out[f"infer_8160x5440_{name}_mp_s"] = peak, big_mp / seconds
+                out[f"infer_8160x5440_{name}_auto_tiled"] = auto_tiled
     return out
 
 
@@ -300,7 +302,8 @@ def report(f: dict) -> None:
     if "infer_8160x5440_tile256_peak_gb" in f:
         for name in ("tile256", "untiled"):
             peak = f[f"infer_8160x5440_{name}_peak_gb"]
-            row(f"infer.py 2040x1360 -> 8160x5440, {name}", "failed" if peak is None else f"{peak:.2f} GB",
+            label = name + (" (infer.py tiled it: memory short)" if f[f"infer_8160x5440_{name}_auto_tiled"] else "")
+            row(f"infer.py 2040x1360 -> 8160x5440, {label}", "failed" if peak is None else f"{peak:.2f} GB",
                 f"{f[f'infer_8160x5440_{name}_mp_s']:.3f} MP/s", "", "tiled < 2 GB" if name == "tile256" else "")
     row("evaluate.py, s per 2K image", f"{f['evaluate_s_per_2k_image']:.1f}", "", "", "")
     print(json.dumps(f))

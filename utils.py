@@ -20,6 +20,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from skimage.metrics import structural_similarity
 
+from model import UPSAMPLE_STAGES
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -392,10 +394,12 @@ def super_resolve(model: torch.nn.Module, img: np.ndarray, tile: int, tile_pad: 
 def untiled_bytes(model: torch.nn.Module, height: int, width: int) -> int:
     """Roughly the peak memory of running `model` on a whole height x width LR image.
 
-    Float32 activations: about three feature maps at LR size and two at HR size; benchmark.py
-    measured 22.2 GB for a 2040x1360 input at x4 (this gives 24.9 GB).
+    Float32 activations: the last upsampling conv's input and output (the tail runs before
+    its PixelShuffle, so no larger map follows) and two feature maps at LR size; benchmark.py
+    measured a 15.6 GB peak for a 2040x1360 input at x4 (this gives 15.6 GB).
     """
-    return 4 * model.num_features * height * width * (3 + 2 * model.scale ** 2)
+    last_input = model.scale // UPSAMPLE_STAGES[model.scale][-1]  # the last stage's input, in LR sizes
+    return 4 * model.num_features * height * width * (model.scale ** 2 + last_input ** 2 + 2)
 
 
 def available_memory(device: torch.device) -> float:
