@@ -42,7 +42,7 @@ class TrainDataset:
     (seed, epoch, i): the same patches whatever the worker count, and after a resume.
 
     `batch` cuts samples as they lie, a row copy each; `augment` then flips and transposes the
-    whole batch on the training device. Cutting is cheap on the CPU (about 30,000 patches/s per
+    whole batch on the training device. Cutting is cheap on the CPU (26,000 to 44,000 patches/s per
     thread here); flipping or transposing 3-byte pixels there costs up to 60 times a plain cut,
     and on the device it is one batched select.
 
