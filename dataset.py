@@ -106,12 +106,13 @@ class TrainDataset:
         is bool (N, 3), each sample's (hflip, vflip, transpose) for `augment`. With
         `pin_memory`, lr and hr are cut straight into page-locked memory (CUDA).
         """
-        draws = self.draws(epoch)[np.asarray(indices)]
+        indices = np.asarray(indices)
+        draws = self.draws(epoch)[indices]
         p, s = self.lr_patch, self.scale
         lr = torch.empty((len(draws), p, p, 3), dtype=torch.uint8, pin_memory=pin_memory)
         hr = torch.empty((len(draws), p * s, p * s, 3), dtype=torch.uint8, pin_memory=pin_memory)
         lr_np, hr_np = lr.numpy(), hr.numpy()  # numpy copies run without the GIL and on one core
-        for j, (i, y, x) in enumerate(zip(np.asarray(indices).tolist(), *draws[:, :2].T.tolist())):
+        for j, (i, y, x) in enumerate(zip(indices.tolist(), *draws[:, :2].T.tolist())):
             k = i // self.patches_per_image
             lr_np[j] = self.lr[k][y:y + p, x:x + p]
             hr_np[j] = self.hr[k][y * s:(y + p) * s, x * s:(x + p) * s]

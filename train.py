@@ -371,6 +371,7 @@ def train_step(model, lr, hr, flips, optimizer, scaler, dtype, device) -> torch.
     """
     # Permuted to NCHW, an NHWC batch is channels_last already: no layout conversion. The flips
     # are applied to the uint8 batch, on the device.
+    flips = flips.to(device, non_blocking=True)  # once, for both
     lr = augment(lr.to(device, non_blocking=True).permute(0, 3, 1, 2), flips).float().div_(255)
     hr = augment(hr.to(device, non_blocking=True).permute(0, 3, 1, 2), flips).float().div_(255)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
