@@ -3,23 +3,15 @@
     train = TrainDataset("data/DIV2K_train_HR", scale=4, patch_size=192, patches_per_image=20, seed=0)
     sampler = EpochSampler(train, seed=0)
     for lr, hr, flips in PatchLoader(train, sampler, batch_size=32, num_workers=4): ...
+
+    lr, hr = device_batch(lr, hr, flips, device)   # flipped on the device, float in [0, 1]
     for name, hr, lr in eval_pairs(list_images("data/DIV2K_valid_HR"), scale=4): ...
 
-The LR image is always the bicubic downsampling (utils.downsample: PIL's by default, or
+The LR image is always the bicubic downsampling (resize.downsample: PIL's by default, or
 MATLAB's imresize) of the whole HR image, cropped to a multiple of the scale: in training and
-evaluation alike.
-
-    python dataset.py download --root data     # DIV2K_train_HR/ and DIV2K_valid_HR/ under data/
+evaluation alike. To change the data a run sees, this is the file.
 """
-import argparse
-import hashlib
-import http.client
 import os
-import shutil
-import time
-import urllib.error
-import urllib.request
-import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, downsample, list_images, load_rgb, make_dir, modcrop, run_cli, warn
+from images import list_images, load_rgb
+from resize import downsample, modcrop
+from utils import UserError, warn
 
 
 class TrainDataset:
@@ -42,9 +36,9 @@ class TrainDataset:
     (seed, epoch, i): the same patches whatever the worker count, and after a resume.
 
     `batch` cuts samples as they lie, a row copy each; `augment` then flips and transposes the
-    whole batch on the training device. Cutting is cheap on the CPU (26,000 to 44,000 patches/s per
-    thread here); flipping or transposing 3-byte pixels there costs up to 60 times a plain cut,
-    and on the device it is one batched select.
+    whole batch on the training device (`device_batch`). Cutting is row copies, cheap on the CPU;
+    flipping or transposing 3-byte pixels there costs many times a plain cut, and on the device
+    it is one batched select.
 
     Args:
         hr_dir: folder of HR images. Unreadable images and images smaller than `patch_size` are
@@ -53,7 +47,7 @@ class TrainDataset:
         patch_size: side of the HR patch (the LR patch is patch_size // scale).
         patches_per_image: samples drawn from each image per epoch.
         seed: base of every sample's random crop and augmentation.
-        degradation: how the LR image is made, "pil" or "matlab" (utils.downsample).
+        degradation: how the LR image is made, "pil" or "matlab" (resize.downsample).
     """
 
     def __init__(self, hr_dir: str | Path, scale: int = 4, patch_size: int = 192, patches_per_image: int = 20,
@@ -132,6 +126,19 @@ def augment(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def device_batch(lr: torch.Tensor, hr: torch.Tensor, flips: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch as the network takes it: on `device`, flipped (`augment`), float in [0, 1].
+
+    Permuted to NCHW, the NHWC uint8 batch is channels_last already: no layout conversion. The
+    flips run on the uint8 batch, on the device.
+    """
+    flips = flips.to(device, non_blocking=True)  # once, for both
+    lr = augment(lr.to(device, non_blocking=True).permute(0, 3, 1, 2), flips).float().div_(255)
+    hr = augment(hr.to(device, non_blocking=True).permute(0, 3, 1, 2), flips).float().div_(255)
+    return lr, hr
+
+
 class EpochSampler:
     """A fresh permutation of the dataset's indices each epoch.
 
@@ -162,8 +169,8 @@ class PatchLoader:
     `num_workers` threads each keep two batches ready (0: each batch is cut when asked for).
     Threads, not worker processes: the images are already decoded in this process, a batch is
     row copies that run without the GIL, and nothing is pickled or sent through shared memory
-    (that alone held one DataLoader worker process under 9,000 patches/s here, with no cutting
-    at all). Batches come in the sampler's order whatever the thread count.
+    (which alone caps a DataLoader worker process well below a thread; docs/speed.md). Batches
+    come in the sampler's order whatever the thread count.
     """
 
     def __init__(self, dataset: TrainDataset, sampler: EpochSampler, batch_size: int, num_workers: int = 0,
@@ -215,144 +222,3 @@ def eval_pairs(paths: list[Path], scale: int, degradation: str = "pil"):
                             f"(an HR image needs at least {scale}x{scale} pixels)")
         hr = modcrop(img, scale)
         yield path.name, hr, downsample(hr, scale, degradation)
-
-
-# ---------------------------------------------------------------- DIV2K download
-
-DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
-# name: (zip size in bytes, SHA-256 of the zip, images inside). Sizes and checksums of the
-# official zips as tensorflow_datasets pins them (datasets/div2k/checksums.tsv).
-DIV2K_FILES = {
-    "DIV2K_train_HR": (3_530_603_713, "9d0b9c463f6e35b6c62cc6a930ee2224f670b34c1df841a57670f9acf0f6c335", 800),
-    "DIV2K_valid_HR": (448_993_893, "20dd31fd84d777bc1cf5d6b7654a3f569c0aec74458ae094122ad1d0489900fc", 100),
-}
-RETRIES = 5
-
-
-def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
-    """Download `url` to `dest`, resuming `dest`.part across dropped connections and runs.
-
-    The file is renamed to `dest` only once its size and SHA-256 match; a mismatch deletes it.
-    """
-    part = dest.with_name(dest.name + ".part")
-    failures, restarted = 0, False
-    with tqdm(total=size, initial=part.stat().st_size if part.exists() else 0, unit="B", unit_scale=True,
-              unit_divisor=1024, desc=dest.name) as bar:
-        while (have := part.stat().st_size if part.exists() else 0) < size:
-            request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    total = (response.headers.get("Content-Range", "").rpartition("/")[2] if response.status == 206
-                             else response.headers.get("Content-Length"))
-                    if total and total.isdigit() and int(total) != size:
-                        raise UserError(f"{url}: the file there is {int(total):,} bytes, not {size:,}: "
-                                        f"not the zip expected; try another --url_base")
-                    if have and response.status != 206:  # the server sent the whole file: start over
-                        bar.reset(total=size)
-                    with open(part, "ab" if have and response.status == 206 else "wb") as f:
-                        while chunk := response.read(1 << 20):
-                            f.write(chunk)
-                            bar.update(len(chunk))
-                error = "closed early" if part.stat().st_size < size else None
-            except urllib.error.HTTPError as e:
-                if e.code == 416 and not restarted:  # asked past the end: a .part of something else
-                    part.unlink()
-                    restarted = True
-                    continue
-                raise UserError(f"{url}: {e.code} {e.reason}"
-                                f"{' (the file there is shorter than DIV2K' + chr(39) + 's)' if e.code == 416 else ''}"
-                                ) from None
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
-                error = str(getattr(e, "reason", None) or e) or type(e).__name__  # refused, reset, cut short
-            except OSError as e:
-                raise UserError(f"{part}: cannot write ({e.strerror or e})") from None
-            if error:
-                failures += 1
-                have = part.stat().st_size if part.exists() else 0
-                if failures > RETRIES:
-                    raise UserError(f"{url}: {failures} failed attempts, last: {error}"
-                                    f"{f'; run again to resume from {part} ({have:,} bytes)' if have else ''}")
-                tqdm.write(f"{dest.name}: {error}; retrying" + (f" from byte {have:,}" if have else ""))
-                time.sleep(min(2 ** failures, 30) * RETRY_SLEEP)
-    got, digest = part.stat().st_size, file_sha256(part)
-    if got != size or digest != sha256:
-        part.unlink()
-        raise UserError(f"{url}: corrupt download ({got:,} bytes, SHA-256 {digest[:16]}...; expected {size:,} "
-                        f"bytes, {sha256[:16]}...): deleted; run again, or pass another --url_base")
-    os.replace(part, dest)
-
-
-RETRY_SLEEP = 1.0  # seconds, times 2, 4, 8, ... (tests set it to 0)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def extract(archive: Path, root: Path, name: str, count: int) -> Path:
-    """Unzip `archive` to root/name, whole or not at all: into a hidden folder, then renamed."""
-    work = root / f".{name}.extracting"
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(archive) as z:
-            for member in z.namelist():
-                if member.startswith(("/", "\\")) or ".." in Path(member).parts:
-                    raise UserError(f"{archive}: refusing the unsafe member {member!r}")
-            z.extractall(work)
-        src = work / name if (work / name).is_dir() else work
-        found = len(list_images(src))
-        if found != count:
-            raise UserError(f"{archive}: holds {found} images where {name} has {count}")
-        os.replace(src, root / name)
-    except zipfile.BadZipFile as e:
-        raise UserError(f"{archive}: not a readable zip ({e})") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return root / name
-
-
-def download_div2k(root: Path, url_base: str = DIV2K_URL, names=tuple(DIV2K_FILES), keep_zip: bool = False) -> None:
-    """Fetch, check and extract DIV2K's HR sets into root/<name>/, skipping those already complete."""
-    root = make_dir(root)
-    for name in names:
-        size, sha256, count = DIV2K_FILES[name]
-        target = root / name
-        if target.is_dir():
-            found = len(list_images(target))
-            if found != count:
-                raise UserError(f"{target}: {found} of {count} images; delete the folder to download it again")
-            print(f"{target}: already there, {count} images")
-            continue
-        archive = root / f"{name}.zip"
-        if not archive.exists():
-            fetch(f"{url_base.rstrip('/')}/{name}.zip", archive, size, sha256)
-        elif file_sha256(archive) != sha256:
-            raise UserError(f"{archive}: checksum mismatch; delete it to download again")
-        extract(archive, root, name, count)
-        if not keep_zip:
-            archive.unlink()
-        print(f"{target}: {count} images")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Get the data: python dataset.py download --root data")
-    commands = parser.add_subparsers(dest="command", required=True)
-    download = commands.add_parser("download", help="download DIV2K_train_HR and DIV2K_valid_HR")
-    download.add_argument("--root", default="data", help="folder to put DIV2K_train_HR/ and DIV2K_valid_HR/ in")
-    download.add_argument("--url_base", default=DIV2K_URL, help="where the zips are (a mirror of the official site)")
-    download.add_argument("--sets", nargs="+", choices=list(DIV2K_FILES), default=list(DIV2K_FILES))
-    download.add_argument("--keep_zip", action="store_true", help="keep the zips after extracting them")
-    return parser
-
-
-def main(args):
-    if args.command == "download":
-        download_div2k(Path(args.root), url_base=args.url_base, names=args.sets, keep_zip=args.keep_zip)
-
-
-if __name__ == "__main__":
-    run_cli(main, build_parser().parse_args())

@@ -23,10 +23,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from checkpoint import load_model
 from dataset import eval_pairs
-from utils import (DEFAULT_TILE, DEGRADATIONS, UserError, atomic_path, list_images, load_model, make_dir,
-                   non_negative_int, positive_int, psnr, resize_bicubic, run_cli, save_image, select_device, ssim,
-                   upscale, warn)
+from images import list_images, save_image
+from metrics import mean, measure
+from resize import DEGRADATIONS, resize_bicubic
+from upscale import DEFAULT_TILE, upscale
+from utils import UserError, atomic_path, make_dir, non_negative_int, positive_int, run_cli, select_device, warn
 
 DEFAULT_CHECKPOINT = "checkpoints/resshuffle_x4.pt"
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
@@ -40,43 +43,23 @@ def protocol(scale: int, crop_border: int, y_channel: bool, degradation: str = "
             f"{', self-ensemble x8' if self_ensemble else ''}")
 
 
-def measure(img: np.ndarray, hr: np.ndarray, crop_border: int, channels=("rgb",), prefix: str = "") -> dict:
-    """PSNR and SSIM of one uint8 RGB image against its HR reference, by the protocol above.
-
-    Keys: psnr, ssim for "rgb"; psnr_y, ssim_y for "y"; each after `prefix`.
-    """
-    out = {}
-    for channel in channels:
-        y, suffix = channel == "y", "_y" if channel == "y" else ""
-        out[f"{prefix}psnr{suffix}"] = psnr(img, hr, crop_border, y)
-        out[f"{prefix}ssim{suffix}"] = ssim(img, hr, crop_border, y)
-    return out
-
-
-def bicubic_rows(pairs, crop_border: int, channels=("rgb",)) -> list[dict]:
-    """The baseline: PIL bicubic upsampling of each LR image, measured like the model."""
-    return [{"name": name} | measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border, channels,
-                                     prefix="bicubic_")
-            for name, hr, lr in pairs]
-
-
 def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFAULT_TILE, tile_pad=None,
-             self_ensemble: bool = False, baseline: bool = True, save_dir: Path | None = None,
-             compare_dir: Path | None = None, compare_size: int = 192, progress: bool = True) -> list[dict]:
-    """Super-resolve every (name, hr, lr) pair and measure it; the per-image rows.
+             self_ensemble: bool = False, save_dir: Path | None = None, compare_dir: Path | None = None,
+             compare_size: int = 192) -> list[dict]:
+    """Super-resolve every (name, hr, lr) pair, measure it and bicubic upsampling; the per-image rows.
 
-    Each row: name, width, height, the model's metrics (`measure`) and, with `baseline`, the
-    same with the prefix bicubic_. With `compare_dir`, also writes <name>_compare.png there
-    (`comparison`). train.py validates with this function too.
+    Each row: name, width, height, the model's metrics (metrics.measure) and the same for
+    bicubic with the prefix bicubic_. With `compare_dir`, also writes <name>_compare.png there
+    (`comparison`).
     """
     rows = []
     # A context manager: an error (an unreadable image) clears the bar before it is printed.
-    with tqdm(pairs, desc="evaluating", unit="img", leave=False, disable=not progress) as bar:
+    with tqdm(pairs, desc="evaluating", unit="img", leave=False) as bar:
         for name, hr, lr in bar:
             sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble)
-            row = {"name": name, "width": hr.shape[1], "height": hr.shape[0]} | measure(sr, hr, crop_border, channels)
-            if baseline:
-                row |= bicubic_rows([(name, hr, lr)], crop_border, channels)[0]
+            bicubic = resize_bicubic(lr, hr.shape[1], hr.shape[0])
+            row = ({"name": name, "width": hr.shape[1], "height": hr.shape[0]} | measure(sr, hr, crop_border, channels)
+                   | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
             if save_dir is not None:
                 save_image(sr, save_dir / f"{Path(name).stem}.png")
             if compare_dir is not None:
@@ -120,10 +103,6 @@ def comparison(hr: np.ndarray, lr: np.ndarray, sr: np.ndarray, scale: int, size:
     return panel
 
 
-def mean(rows: list[dict], key: str) -> float:
-    return float(np.mean([r[key] for r in rows]))
-
-
 def find_sets(args) -> list[tuple[str, Path]]:
     """(name, folder) of each set to evaluate: the --benchmark subfolders that exist, or --data_dir."""
     if args.benchmark:
@@ -137,11 +116,24 @@ def find_sets(args) -> list[tuple[str, Path]]:
     return [(Path(d).name, Path(d)) for d in args.data_dir]
 
 
+def print_images(rows: list[dict], y: str, seconds: float) -> None:
+    """The per-image table of one set, its means and the gain over bicubic; `y` is "_y" for luma."""
+    print(f"{'image':<28} {'size':>11}  {'bicubic PSNR/SSIM':>18}  {'ResShuffle PSNR/SSIM':>20}")
+    for r in rows:
+        print(f"{r['name']:<28} {r['width']:>5}x{r['height']:<5}  {r['bicubic_psnr' + y]:9.4f} "
+              f"{r['bicubic_ssim' + y]:.4f}  {r['psnr' + y]:11.4f} {r['ssim' + y]:.4f}")
+    print(f"{'mean of ' + str(len(rows)) + ' images':<40}  {mean(rows, 'bicubic_psnr' + y):9.4f} "
+          f"{mean(rows, 'bicubic_ssim' + y):.4f}  {mean(rows, 'psnr' + y):11.4f} {mean(rows, 'ssim' + y):.4f}")
+    print(f"gain over bicubic{' (Y)' if y else ''}: "
+          f"{mean(rows, 'psnr' + y) - mean(rows, 'bicubic_psnr' + y):+.4f} dB PSNR, "
+          f"{mean(rows, 'ssim' + y) - mean(rows, 'bicubic_ssim' + y):+.4f} SSIM  ({seconds:.2f} s per image)")
+
+
 def main(args):
     if args.paper:
         args.degradation, args.y_channel = "matlab", True
     device = select_device(args.device)
-    model = load_model(args.checkpoint, device, raw_weights=args.raw_weights)
+    model, info = load_model(args.checkpoint, device, raw_weights=args.raw_weights)
     scale = model.scale
     crop_border = scale if args.crop_border is None or args.paper else args.crop_border
     sets = []
@@ -154,9 +146,9 @@ def main(args):
     compare_dir = make_dir(args.compare_dir) if args.compare_dir else None
 
     print(f"checkpoint {args.checkpoint}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{'EMA' if model.weights == 'ema' else 'raw'} weights, trained on {model.degradation or 'unrecorded'} LR")
-    if model.degradation and model.degradation != args.degradation:
-        warn(f"the checkpoint was trained on {model.degradation} LR images and is evaluated on {args.degradation}")
+          f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} LR")
+    if info["degradation"] and info["degradation"] != args.degradation:
+        warn(f"the checkpoint was trained on {info['degradation']} LR images and is evaluated on {args.degradation}")
     print(f"protocol{' (--paper)' if args.paper else ''}: "
           f"{protocol(scale, crop_border, args.y_channel, args.degradation, args.self_ensemble)}")
     y = "_y" if args.y_channel else ""
@@ -170,15 +162,7 @@ def main(args):
         seconds = (time.time() - start) / len(rows)
         all_rows += [{"set": name} | r for r in rows]
         if len(sets) == 1 or args.per_image:
-            print(f"{'image':<28} {'size':>11}  {'bicubic PSNR/SSIM':>18}  {'ResShuffle PSNR/SSIM':>20}")
-            for r in rows:
-                print(f"{r['name']:<28} {r['width']:>5}x{r['height']:<5}  {r['bicubic_psnr' + y]:9.4f} "
-                      f"{r['bicubic_ssim' + y]:.4f}  {r['psnr' + y]:11.4f} {r['ssim' + y]:.4f}")
-            print(f"{'mean of ' + str(len(rows)) + ' images':<40}  {mean(rows, 'bicubic_psnr' + y):9.4f} "
-                  f"{mean(rows, 'bicubic_ssim' + y):.4f}  {mean(rows, 'psnr' + y):11.4f} {mean(rows, 'ssim' + y):.4f}")
-            print(f"gain over bicubic{' (Y)' if y else ''}: "
-                  f"{mean(rows, 'psnr' + y) - mean(rows, 'bicubic_psnr' + y):+.4f} dB PSNR, "
-                  f"{mean(rows, 'ssim' + y) - mean(rows, 'bicubic_ssim' + y):+.4f} SSIM  ({seconds:.2f} s per image)")
+            print_images(rows, y, seconds)
         table.append((name, len(rows), [mean(rows, k) for k in (
             "bicubic_psnr", "bicubic_ssim", "psnr", "ssim", "bicubic_psnr_y", "bicubic_ssim_y", "psnr_y", "ssim_y")]))
 

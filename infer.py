@@ -21,8 +21,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import (DEFAULT_TILE, IMAGE_EXTENSIONS, UserError, list_images, load_model, make_dir, non_negative_int,
-                   open_image, run_cli, save_image, select_device, to_rgb8, upscale)
+from checkpoint import load_model
+from images import IMAGE_EXTENSIONS, list_images, open_image, save_image, to_rgb8
+from upscale import DEFAULT_TILE, upscale
+from utils import UserError, make_dir, non_negative_int, run_cli, select_device
 
 DEFAULT_CHECKPOINT = Path("checkpoints/resshuffle_x4.pt")
 
@@ -68,7 +70,7 @@ def main(args):
         raise UserError(f"no checkpoint at {DEFAULT_CHECKPOINT}: restore the shipped one with "
                         f"`git checkout -- {DEFAULT_CHECKPOINT}`, or pass one of yours with --checkpoint")
     device = select_device(args.device)
-    model = load_model(checkpoint, device, raw_weights=args.raw_weights)
+    model, _ = load_model(checkpoint, device, raw_weights=args.raw_weights)
     pairs = output_paths(Path(args.input), args.output, model.scale)
     if len(pairs) == 1:
         return upscale_file(model, *pairs[0], tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble)

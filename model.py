@@ -3,6 +3,10 @@
     from model import ResShuffle
     net = ResShuffle(scale=4)          # 1,545,219 parameters
     sr = net(lr)                       # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W)
+
+This file also owns what follows from the architecture: how far an output pixel sees
+(`receptive_radius`, which tiled inference pads by) and the activation memory of a whole
+image (`untiled_bytes`).
 """
 import math
 
@@ -50,7 +54,6 @@ class ResShuffle(nn.Module):
       about `lr` per step, which leaves short runs with a colour cast.
     - `image_skip`: add the bicubic-upsampled input to the output, so the network learns
       only the residual detail (as Real-ESRGAN's compact net adds its upsampled input).
-      In short CPU runs this is what puts the network above bicubic at all (README).
 
     Args:
         scale: upscaling factor, one of 2, 3, 4, 8.
@@ -59,6 +62,9 @@ class ResShuffle(nn.Module):
         mean_shift: subtract/add DIV2K's mean RGB around the network.
         image_skip: add the bicubic-upsampled input to the output.
     """
+
+    # False runs the tail after the last PixelShuffle, as written (benchmark.py's baseline).
+    fast_tail = True
 
     def __init__(self, scale: int = 4, num_features: int = 64, num_residuals: int = 16,
                  mean_shift: bool = False, image_skip: bool = False):
@@ -83,34 +89,60 @@ class ResShuffle(nn.Module):
             for layer in (nn.Conv2d(num_features, num_features * r * r, 3, padding=1), nn.PixelShuffle(r))
         ])
         self.tail = nn.Conv2d(num_features, 3, 9, padding=4)
+        self._tail_cache = None
 
     def forward(self, x):
-        return self.reconstruct(self.features(x), x)
+        features = self.features(x)           # head, residual body, global skip
+        return self.reconstruct(features, x)  # upsampling stages, tail
 
     def features(self, x):
-        """LR features: the head and the residual body, with the global skip."""
-        features = self.head(x - self.rgb_mean)
-        return features + self.body_conv(self.body(features))
+        """LR features: head, residual body, then the body conv plus the head's output (global skip)."""
+        head = self.head(x - self.rgb_mean)
+        return head + self.body_conv(self.body(head))
 
     def reconstruct(self, features, x):
-        """The SR image from `features` and the LR input `x` they were computed from.
+        """The SR image from LR `features` and the LR input `x` they were computed from."""
+        return self.upsample_and_tail(features) + self.base(x)  # upsample_and_tail == tail(upsample(.))
 
-        The same as `self.tail(self.upsample(features))`, computed faster: the 9x9 tail conv
-        runs before the last PixelShuffle, as an equivalent conv on its r*r-times-deeper input
-        (`subpixel_conv_weight`). After the shuffle it has 3 output channels at full
-        resolution, a shape that runs at under a third of a 3x3 64->64 conv's FLOP rate on
-        this repository's CPU: shuffle and tail, forward and backward, batch 16 at x4, took
-        1.12 s there (of a 3.4 s training step) and take 0.42 s this way.
+    def base(self, x):
+        """What the network's output is added to: the mean it took off, or with `image_skip` the
+        bicubic-upsampled input (bicubic(x - mean) + mean == bicubic(x): the weights sum to one)."""
+        if self.image_skip:
+            return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return self.rgb_mean
+
+    def upsample_and_tail(self, features):
+        """`self.tail(self.upsample(features))`, computed with the tail before the last PixelShuffle.
+
+        Why: after the shuffle the 9x9 tail is a 3-channel conv at full resolution, a shape that
+        runs at a fraction of a 64->64 conv's FLOP rate on CPU. Run before the shuffle, on its
+        r*r-times-deeper input, it is an exactly equivalent conv (`subpixel_conv_weight`) with
+        r*r*3 outputs, a shape that runs near the convolution peak. Same parameters, same
+        state_dict; tests/test_model.py checks outputs and gradients against the plain form.
         """
+        if not self.fast_tail:
+            return self.tail(self.upsample(features))
         z = self.upsample[:-1](features)
         r = self.upsample[-1].upscale_factor
-        weight = subpixel_conv_weight(self.tail.weight, r)
-        out = F.pixel_shuffle(F.conv2d(z, weight, self.tail.bias.repeat_interleave(r * r),
-                                       padding=weight.shape[-1] // 2), r)
-        if self.image_skip:
-            # bicubic(x - mean) + mean == bicubic(x): the weights sum to one.
-            return out + F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
-        return out + self.rgb_mean
+        weight, bias = self.subpixel_tail(r)
+        return F.pixel_shuffle(F.conv2d(z, weight, bias, padding=weight.shape[-1] // 2), r)
+
+    def subpixel_tail(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tail's weight and bias rearranged for use before PixelShuffle(r).
+
+        Without gradients (inference) the pair is kept until the tail's tensors change (their
+        version counters move on every in-place update: optimizer steps, load_state_dict), so
+        tiled inference builds it once, not once per tile.
+        """
+        w, b = self.tail.weight, self.tail.bias
+        if torch.is_grad_enabled():
+            return subpixel_conv_weight(w, r), b.repeat_interleave(r * r)
+        key = (w.data_ptr(), w._version, b.data_ptr(), b._version, w.dtype, w.device)
+        if self._tail_cache is None or self._tail_cache[0] != key:
+            # The detached views keep the tensors' memory alive, so no other tensor can take
+            # their address and pass for them.
+            self._tail_cache = (key, (w.detach(), b.detach()), subpixel_conv_weight(w, r), b.repeat_interleave(r * r))
+        return self._tail_cache[2:]
 
     def feature_radius(self) -> int:
         """LR pixels on each side that one feature depends on: 9x9 head, two 3x3 per block, body conv."""
@@ -133,6 +165,15 @@ class ResShuffle(nn.Module):
         A tile padded by at least this much gives the same output as the whole image.
         """
         return self.feature_radius() + self.reconstruct_radius()
+
+    def untiled_bytes(self, height: int, width: int) -> int:
+        """Roughly the peak memory of running the network on a whole height x width LR image.
+
+        Float32 activations: the last upsampling conv's input and output (the tail runs before
+        its PixelShuffle, so no larger map follows) and two feature maps at LR size.
+        """
+        last_input = self.scale // UPSAMPLE_STAGES[self.scale][-1]  # the last stage's input, in LR sizes
+        return 4 * self.num_features * height * width * (self.scale ** 2 + last_input ** 2 + 2)
 
 
 def subpixel_conv_weight(weight: torch.Tensor, r: int) -> torch.Tensor:

@@ -12,33 +12,222 @@ never stopped. A NaN/inf loss stops the run, naming the iteration; the checkpoin
 Adam + StepLR + L1 loss, as the original. On CUDA: mixed precision (bf16 where supported, else
 fp16 with loss scaling), patches cut straight into pinned memory; on every device the network
 runs channels_last, and the patches are flipped on the device.
+
+Where things are: the loop is `train` below; the step and its loss are training.train_step;
+the network is model.py; the patches are dataset.py.
 """
 import argparse
 import copy
 import csv
-import inspect
 import math
-import os
-import signal
 import sys
 import time
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dataset import EpochSampler, PatchLoader, TrainDataset, augment, eval_pairs
-from evaluate import bicubic_rows, evaluate, mean
+import distributed
+from checkpoint import export_weights, load_checkpoint, save_checkpoint
+from dataset import EpochSampler, PatchLoader, TrainDataset, device_batch, eval_pairs
+from images import list_images
+from metrics import mean, measure
 from model import UPSAMPLE_STAGES, ResShuffle
-from utils import (DEGRADATIONS, UserError, atomic_path, list_images, load_checkpoint, make_dir, non_negative_int,
-                   positive_float, positive_int, remove_stale_temporaries, run_cli, save_checkpoint, seed_everything,
-                   select_device, warn)
+from resize import DEGRADATIONS, resize_bicubic
+from training import StopSignal, amp_dtype, ema_decay_at, train_step, update_ema
+from upscale import upscale
+from utils import (UserError, atomic_path, make_dir, non_negative_int, positive_float, positive_int,
+                   remove_stale_temporaries, run_cli, seed_everything, warn)
 
 CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds"]
+
+# Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
+RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "val_every", "patience", "max_val_images",
+                     "train_dir", "val_dir", "ema")
+
+
+@dataclass
+class Run:
+    """One training run: what trains, with what, on what data, and how far it has come.
+
+    `checkpoint()` is the one dict that last.pt and best.pt hold; `restore()` reads it back.
+    """
+    args: argparse.Namespace
+    model_args: dict
+    folder: Path
+    device: torch.device
+    rank: int                     # 0 validates, prints and writes; under torchrun there are others
+    world_size: int
+    model: ResShuffle             # the network whose weights are saved
+    net: torch.nn.Module          # what trains: `model`, or DDP around it under torchrun
+    ema: ResShuffle | None        # --ema: the average of the weights, validated and saved beside them
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None     # autocast dtype; None: fp32
+    loader: PatchLoader
+    steps_per_epoch: int
+    val_pairs: list               # (name, hr, lr), decoded once; rank 0 only
+    bicubic_psnr: float = math.nan
+    epoch: int = 0                # whole epochs done
+    step: int = 0                 # steps done of the next epoch (a run stopped mid-epoch)
+    loss_sum: float = 0.0         # the sum of those steps' losses
+    seconds: float = 0.0          # and the time they took
+    best_psnr: float = -math.inf
+    best_epoch: int = 0
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.folder / "last.pt"
+
+    def checkpoint(self) -> dict:
+        cuda = self.device.type == "cuda"
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum, "seconds": self.seconds,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "degradation": self.args.degradation, "best_psnr": self.best_psnr, "best_epoch": self.best_epoch,
+            "world_size": self.world_size, "model_args": self.model_args, "args": vars(self.args),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
+        }
+
+    def restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None:  # --ema added to a run starts from its weights
+            self.ema.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
+        for name in ("epoch", "step", "loss_sum", "seconds", "best_psnr", "best_epoch"):
+            setattr(self, name, checkpoint.get(name, getattr(self, name)))
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if self.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+
+
+def main(args):
+    if args.export:
+        return export_weights(*args.export)
+    try:
+        train(args)
+        distributed.barrier()  # all processes finish together
+    finally:
+        distributed.leave()
+
+
+def train(args):
+    run = start_run(args)
+    with StopSignal(quiet=not run.lead) as stop:
+        for epoch in range(run.epoch + 1, args.num_epochs + 1):
+            started, lr_now = time.time() - run.seconds, run.scheduler.get_last_lr()[0]
+            train_epoch(run, epoch, lr_now, stop)
+            if run.step < run.steps_per_epoch:  # a stop signal, mid-epoch: save where it is
+                run.seconds = time.time() - started
+                if run.lead:
+                    save_checkpoint(run.checkpoint(), run.last_path)
+                stop.exit(f"in epoch {epoch} after step {run.step} of {run.steps_per_epoch}", run.last_path,
+                          run.world_size)
+            loss = end_epoch(run, epoch)
+            due = epoch % args.val_every == 0 or epoch == args.num_epochs
+            val = validate(run) if run.lead and due else None
+            early_stop = record(run, epoch, loss, lr_now, val, seconds=time.time() - started)
+            # Decided by rank 0 (early stopping) or by any process (a signal), obeyed by all.
+            if distributed.any_process(early_stop is not None, run.device):
+                if run.lead:
+                    print(early_stop)
+                break
+            if distributed.any_process(stop.signum is not None, run.device) and epoch < args.num_epochs:
+                stop.exit(f"after epoch {epoch}", run.last_path, run.world_size)
+    if run.lead:
+        print(f"done: best val PSNR {run.best_psnr:.4f} dB at epoch {run.best_epoch}; checkpoints in {run.folder}")
+
+
+# ---------------------------------------------------------------- set-up
+
+def start_run(args) -> Run:
+    """A new run, or the one --resume names, with its data, network, optimizer and progress."""
+    checkpoint = resumed_checkpoint(args)
+    rank, world_size, device = distributed.setup(args.device)
+    if checkpoint and checkpoint.get("step") and checkpoint.get("world_size", 1) != world_size:
+        raise UserError(f"{args.resume}: stopped mid-epoch with {checkpoint.get('world_size', 1)} process(es); "
+                        f"resume it with as many (this is {world_size})")
+    seed_everything(args.seed)
+    if checkpoint:
+        model_args, folder = checkpoint["model_args"], Path(args.resume).parent
+    else:
+        model_args = dict(scale=args.upscale_factor, num_features=args.num_features,
+                          num_residuals=args.num_residuals, mean_shift=args.mean_shift, image_skip=args.image_skip)
+        run_name = args.run_name or f"x{args.upscale_factor}_{datetime.now():%Y%m%d-%H%M%S}"
+        folder = Path(args.checkpoint_dir) / run_name
+    scale = model_args["scale"]
+    loader, steps_per_epoch = make_loader(args, scale, rank, world_size, device)
+    val_pairs = load_val_pairs(args.val_dir, scale, args.max_val_images, args.degradation) if rank == 0 else []
+    model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    dtype = amp_dtype(device)
+    run = Run(args=args, model_args=model_args, folder=folder, device=device, rank=rank, world_size=world_size,
+              model=model, net=distributed.wrap(model, device),
+              ema=copy.deepcopy(model).requires_grad_(False).eval() if args.ema else None,
+              optimizer=optimizer,
+              scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma),
+              scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16), dtype=dtype,
+              loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs)
+    if checkpoint:
+        run.restore(checkpoint)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if run.lead:
+        prepare_folder(run)
+        announce(run)
+    return run
+
+
+def resumed_checkpoint(args) -> dict | None:
+    """The checkpoint --resume names, with the run's own flags taken into `args`; None for a new run."""
+    if not args.resume:
+        return None
+    checkpoint = load_checkpoint(args.resume)
+    if "optimizer" not in checkpoint or "args" not in checkpoint:
+        raise UserError(f"{args.resume}: holds weights only; --resume needs a run's last.pt")
+    saved = {k: v for k, v in checkpoint["args"].items() if k not in ("resume", "export", "given")}
+    for name in args.given:
+        if name in saved and name not in RESUME_MAY_CHANGE and getattr(args, name) != saved[name]:
+            raise UserError(f"{args.resume}: the run was started with --{name} {saved[name]} "
+                            f"({describe_run(checkpoint)}); it can't change on resume "
+                            f"(these can: {', '.join('--' + n for n in RESUME_MAY_CHANGE)})")
+    for name, value in saved.items():
+        if name not in args.given:
+            setattr(args, name, value)
+    return checkpoint
+
+
+def describe_run(checkpoint: dict) -> str:
+    m = checkpoint["model_args"]
+    options = [o for o in ("mean_shift", "image_skip") if m.get(o)]
+    return (f"x{m['scale']}, {m['num_features']} features, {m['num_residuals']} residual blocks"
+            f"{', ' + ', '.join(options) if options else ''}")
+
+
+def make_loader(args, scale: int, rank: int, world_size: int, device: torch.device) -> tuple[PatchLoader, int]:
+    """The training patches, in batches for this process; and the steps in an epoch."""
+    train_set = TrainDataset(args.train_dir, scale=scale, patch_size=args.patch_size or 48 * scale,
+                             patches_per_image=args.patches_per_image, seed=args.seed, degradation=args.degradation)
+    sampler = EpochSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
+    loader = PatchLoader(train_set, sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                         pin_memory=device.type == "cuda")
+    steps = len(train_set) // world_size // args.batch_size
+    if steps == 0:
+        raise UserError(f"{len(train_set)} patches per epoch is less than one batch of {args.batch_size}"
+                        f"{f' for each of {world_size} processes' if world_size > 1 else ''}: "
+                        f"raise --patches_per_image or lower --batch_size")
+    return loader, steps
 
 
 def load_val_pairs(val_dir: str, scale: int, max_images: int, degradation: str) -> list:
@@ -51,379 +240,139 @@ def load_val_pairs(val_dir: str, scale: int, max_images: int, degradation: str) 
     return list(eval_pairs(paths, scale, degradation))
 
 
-def amp_dtype(device: torch.device):
-    """The autocast dtype for this device, or None for fp32 (CPU: bf16 measured slower here)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def prepare_folder(run: Run) -> None:
+    """Rank 0: the run's folder, without what a killed run left in it, its log cut back to the checkpoint."""
+    make_dir(run.folder)
+    for stale in remove_stale_temporaries(run.folder):
+        warn(f"removed {stale}, left by a run killed while writing it")
+    trim_log(run.folder / "log.csv", keep_through=run.epoch)
 
 
-def export_weights(src: str, dst: str) -> None:
-    """Write a run's checkpoint as weights and model_args only: what infer.py and evaluate.py need."""
-    checkpoint = load_checkpoint(src)
-    keep = {k: checkpoint[k] for k in ("model", "ema", "model_args", "degradation") if checkpoint.get(k) is not None}
-    save_checkpoint(keep, dst)
-    print(f"{src} (epoch {checkpoint.get('epoch')}, val PSNR {checkpoint.get('best_psnr', float('nan')):.4f} dB)"
-          f" -> {dst}: {', '.join(keep)}; model_args {checkpoint['model_args']}")
+def announce(run: Run) -> None:
+    """Rank 0: what is trained on what, and bicubic's validation score to beat."""
+    args, data, n = run.args, run.loader.dataset, run.world_size
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(f"run {run.folder}: {run.model_args}, {n_params:,} parameters, device {run.device}"
+          f"{', amp ' + str(run.dtype).split('.')[-1] if run.dtype else ''}")
+    if n > 1:
+        print(f"distributed: {n} processes ({torch.distributed.get_backend()}), batch {args.batch_size} per process, "
+              f"{args.batch_size * n} per step")
+    print(f"train: {len(data.hr)} images, {len(data)} patches of {data.lr_patch * data.scale}px per epoch, "
+          f"{run.steps_per_epoch} steps of {args.batch_size}{f' x {n}' if n > 1 else ''}; "
+          f"val: {len(run.val_pairs)} images")
+    scale = run.model_args["scale"]
+    bicubic = [measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border=scale)
+               for _, hr, lr in run.val_pairs]
+    run.bicubic_psnr = mean(bicubic, "psnr")
+    print(f"val bicubic: {run.bicubic_psnr:.4f} dB / {mean(bicubic, 'ssim'):.4f}")
+    if args.resume:
+        print(f"resumed from {args.resume} at epoch {run.epoch + 1}{f', step {run.step}' if run.step else ''}, "
+              f"lr {run.scheduler.get_last_lr()[0]:.3g}, best PSNR {run.best_psnr:.4f} dB")
 
 
-# Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
-RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "val_every", "patience", "max_val_images",
-                     "train_dir", "val_dir", "ema")
+# ---------------------------------------------------------------- one epoch
 
-
-def resume_args(args, checkpoint: dict) -> None:
-    """Take the run's own flags from its checkpoint; refuse typed flags that would change the run."""
-    saved = {k: v for k, v in checkpoint["args"].items() if k not in ("resume", "export", "given")}
-    for name in args.given:
-        if name in saved and name not in RESUME_MAY_CHANGE and getattr(args, name) != saved[name]:
-            raise UserError(f"{args.resume}: the run was started with --{name} {saved[name]} "
-                            f"({describe_run(checkpoint)}); it can't change on resume "
-                            f"(these can: {', '.join('--' + n for n in RESUME_MAY_CHANGE)})")
-    for name, value in saved.items():
-        if name not in args.given:
-            setattr(args, name, value)
-
-
-def describe_run(checkpoint: dict) -> str:
-    m = checkpoint["model_args"]
-    options = [o for o in ("mean_shift", "image_skip") if m.get(o)]
-    return (f"x{m['scale']}, {m['num_features']} features, {m['num_residuals']} residual blocks"
-            f"{', ' + ', '.join(options) if options else ''}")
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, step: int, value: float):
-        super().__init__(f"iteration {step}: the loss is {value}")
-        self.step, self.value = step, value
-
-
-class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to save last.pt and stop after this step.
-
-    A second signal stops at once, without saving (last.pt then holds the previous save).
-    """
-
-    def __init__(self, quiet: bool = False):
-        self.signum, self.previous, self.quiet = None, {}, quiet
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self.previous[s] = signal.signal(s, self.handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if not self.quiet:
-            print(f"\n{signal.Signals(signum).name}: saving and stopping after this step "
-                  f"(send it again to quit at once, without saving)", file=sys.stderr, flush=True)
-
-    def exit(self, where: str, path: Path, world_size: int = 1) -> None:
-        signum = self.signum or signal.SIGTERM  # under torchrun, another process may have had it
-        launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
-        if not self.quiet:
-            print(f"stopped by {signal.Signals(signum).name} {where}; saved {path}\n"
-                  f"resume with: {launcher} train.py --resume {path}", flush=True)
-        sys.exit(128 + signum)
-
-
-# DDP need not broadcast the model's one buffer (the constant RGB mean) each step; torch 2.14
-# renamed the flag, and deprecates the old name.
-NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                  if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                  else {"broadcast_buffers": False})
-
-
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) join the process group:
-    NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = select_device(device_name)
-    if world_size == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    # Rank 0 validates while the others wait: give that an hour.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
-    return dist.get_rank(), world_size, device
-
-
-def agree(flag: bool, device: torch.device) -> bool:
-    """True on every process if it is true on any (a no-op without torchrun)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def weights_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether every process holds the same weights (a fingerprint's max equals its min)."""
-    fingerprint = torch.stack([sum(p.detach().double().sum() for p in model.parameters()),
-                               sum(p.detach().double().square().sum() for p in model.parameters())]).to(device)
-    high, low = fingerprint.clone(), -fingerprint
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    dist.all_reduce(low, op=dist.ReduceOp.MAX)
-    return torch.equal(high, -low)
-
-
-def main(args):
-    try:
-        train(args)
-        if dist.is_initialized():
-            # All processes tear down together: a rank that destroyed its group while another
-            # was still finishing (rank 0 saves, prints) aborted at exit, now and then, with
-            # "terminate called without an active exception".
-            dist.barrier()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train(args):
-    if args.export:
-        return export_weights(*args.export)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint:
-        if "optimizer" not in checkpoint or "args" not in checkpoint:
-            raise UserError(f"{args.resume}: holds weights only; --resume needs a run's last.pt")
-        resume_args(args, checkpoint)
-    rank, world_size, device = setup_distributed(args.device)
-    lead = rank == 0  # the process that validates, prints and writes
-    if checkpoint and checkpoint.get("step") and checkpoint.get("world_size", 1) != world_size:
-        raise UserError(f"{args.resume}: stopped mid-epoch with {checkpoint.get('world_size', 1)} process(es); "
-                        f"resume it with as many (this is {world_size})")
-    seed_everything(args.seed)
-
-    if checkpoint:
-        model_args = checkpoint["model_args"]
-        run_dir = Path(args.resume).parent
-    else:
-        model_args = dict(scale=args.upscale_factor, num_features=args.num_features,
-                          num_residuals=args.num_residuals, mean_shift=args.mean_shift,
-                          image_skip=args.image_skip)
-        run_name = args.run_name or f"x{args.upscale_factor}_{datetime.now():%Y%m%d-%H%M%S}"
-        run_dir = Path(args.checkpoint_dir) / run_name
-    scale = model_args["scale"]
-    patch_size = args.patch_size or 48 * scale
-
-    train_set = TrainDataset(args.train_dir, scale=scale, patch_size=patch_size,
-                             patches_per_image=args.patches_per_image, seed=args.seed, degradation=args.degradation)
-    val_pairs = load_val_pairs(args.val_dir, scale, args.max_val_images, args.degradation) if lead else []
-    sampler = EpochSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
-    cuda = device.type == "cuda"
-    loader = PatchLoader(train_set, sampler, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=cuda)
-    steps_per_epoch = len(train_set) // world_size // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} patches per epoch is less than one batch of {args.batch_size}"
-                        f"{f' for each of {world_size} processes' if world_size > 1 else ''}: "
-                        f"raise --patches_per_image or lower --batch_size")
-
-    model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last)
-    # DDP averages the gradients across processes; `model` stays the unwrapped network whose
-    # weights are saved, so infer.py and evaluate.py load a torchrun checkpoint unchanged.
-    net = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None, **NO_BUFFER_SYNC)
-           if world_size > 1 else model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
-    dtype = amp_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    # EMA of the weights (--ema): a copy of the network whose parameters are the average,
-    # updated after every step (in place), validated and saved beside the weights.
-    ema_model = copy.deepcopy(model).eval() if args.ema else None
-    ema = [p.detach() for p in ema_model.parameters()] if ema_model else None
-    start_epoch, best_psnr, best_epoch = 1, -math.inf, 0
-    # Where the interrupted epoch stopped (a run stopped by a signal saves mid-epoch).
-    first_step, loss_sum, seconds = 0, 0.0, 0.0
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = checkpoint["epoch"] + 1
-        best_psnr, best_epoch = checkpoint["best_psnr"], checkpoint["best_epoch"]
-        first_step, loss_sum = checkpoint.get("step", 0), checkpoint.get("loss_sum", 0.0)
-        seconds = checkpoint.get("seconds", 0.0)
-        if ema:
-            saved = checkpoint.get("ema") or checkpoint["model"]  # --ema added to a run: start from its weights
-            for e, (name, _) in zip(ema, model.named_parameters()):
-                e.copy_(saved[name])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if cuda and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-
-    log_path, last_path = run_dir / "log.csv", run_dir / "last.pt"
-    say = print if lead else (lambda *a, **k: None)
-    if lead:
-        make_dir(run_dir)
-        for stale in remove_stale_temporaries(run_dir):
-            warn(f"removed {stale}, left by a run killed while writing it")
-        trim_log(log_path, keep_through=start_epoch - 1)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"run {run_dir}: {model_args}, {n_params:,} parameters, device {device}"
-        f"{', amp ' + str(dtype).split('.')[-1] if dtype else ''}")
-    if world_size > 1:
-        say(f"distributed: {world_size} processes ({dist.get_backend()}), batch {args.batch_size} per process, "
-            f"{args.batch_size * world_size} per step")
-    say(f"train: {len(train_set.hr)} images, {len(train_set)} patches of {patch_size}px per epoch, "
-        f"{steps_per_epoch} steps of {args.batch_size}{f' x {world_size}' if world_size > 1 else ''}; "
-        f"val: {len(val_pairs)} images")
-    bicubic = bicubic_rows(val_pairs, crop_border=scale) if lead else []
-    if lead:
-        print(f"val bicubic: {mean(bicubic, 'bicubic_psnr'):.4f} dB / {mean(bicubic, 'bicubic_ssim'):.4f}")
-    if checkpoint:
-        say(f"resumed from {args.resume} at epoch {start_epoch}"
-            f"{f', step {first_step}' if first_step else ''}, lr {scheduler.get_last_lr()[0]:.3g}, "
-            f"best PSNR {best_psnr:.4f} dB")
-
-    def state(epoch: int, step: int = 0, loss_sum: float = 0.0, seconds: float = 0.0) -> dict:
-        """The checkpoint after `epoch` whole epochs and `step` steps of the next one."""
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "loss_sum": loss_sum, "seconds": seconds,
-            "ema": dict(zip([n for n, _ in model.named_parameters()], ema)) if ema else None,
-            "degradation": args.degradation,
-            "best_psnr": best_psnr, "best_epoch": best_epoch, "world_size": world_size,
-            "model_args": model_args, "args": vars(args),
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
-        }
-
-    with StopSignal(quiet=not lead) as stop:
-        for epoch in range(start_epoch, args.num_epochs + 1):
-            start = time.time() - seconds
-            sampler.set_epoch(epoch, start=first_step * args.batch_size * world_size)
-            lr_now = scheduler.get_last_lr()[0]
-            try:
-                loss_sum, step = train_one_epoch(net, loader, optimizer, scaler, dtype, device,
-                                                 desc=f"epoch {epoch}/{args.num_epochs}", lr_now=lr_now,
-                                                 first_step=first_step, steps_per_epoch=steps_per_epoch,
-                                                 loss_sum=loss_sum, stop=stop, progress=lead,
-                                                 ema=ema, ema_decay=args.ema,
-                                                 steps_before=(epoch - 1) * steps_per_epoch)
-            except NonFiniteLoss as e:
-                if not lead:
-                    sys.exit(1)
-                kept = (f"the last good checkpoint is {last_path} (epoch {load_checkpoint(last_path)['epoch']})"
-                        if last_path.exists() else "no checkpoint was saved before it")
-                raise UserError(f"epoch {epoch}, {e}: training stopped, {kept}; lower --lr or check the data"
-                                ) from None
-            if step < steps_per_epoch:
-                if lead:
-                    save_checkpoint(state(epoch - 1, step, loss_sum, time.time() - start), last_path)
-                stop.exit(f"in epoch {epoch} after step {step} of {steps_per_epoch}", last_path, world_size)
-            first_step, seconds = 0, 0.0
-            loss, loss_sum = loss_sum / steps_per_epoch, 0.0
-            scheduler.step()
-            in_sync = weights_in_sync(model, device) if world_size > 1 else True
-            if not in_sync:
-                raise UserError(f"epoch {epoch}: the {world_size} processes hold different weights")
-            row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "val_psnr": "", "val_ssim": ""}
-            stop_reason, improved = None, False
-            if lead and (epoch % args.val_every == 0 or epoch == args.num_epochs):
-                validated = ema_model or model
-                validated.eval()
-                rows = evaluate(validated, val_pairs, crop_border=scale, baseline=False, progress=False)
-                model.train()
-                val_psnr, val_ssim = mean(rows, "psnr"), mean(rows, "ssim")
-                row.update(val_psnr=f"{val_psnr:.4f}", val_ssim=f"{val_ssim:.4f}")
-                improved = val_psnr > best_psnr
-                if improved:
-                    best_psnr, best_epoch = val_psnr, epoch
-                if args.patience and epoch - best_epoch >= args.patience:
-                    stop_reason = (f"early stopping: no validation PSNR gain for {epoch - best_epoch} epochs "
-                                   f"(best {best_psnr:.4f} dB at epoch {best_epoch}, --patience {args.patience})")
-            row["seconds"] = f"{time.time() - start:.1f}"
-            if lead:
-                # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
-                append_log(log_path, row)
-                if improved:
-                    save_checkpoint(state(epoch), run_dir / "best.pt")
-                save_checkpoint(state(epoch), last_path)
-            if row["val_psnr"]:
-                print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val{' (EMA)' if ema else ''} "
-                      f"PSNR/SSIM {val_psnr:.4f} dB / "
-                      f"{val_ssim:.4f} ({val_psnr - mean(bicubic, 'bicubic_psnr'):+.2f} dB vs bicubic)"
-                      f"{' best' if improved else ''}, {row['seconds']} s"
-                      f"{f', weights identical on {world_size} processes' if world_size > 1 else ''}")
-            # Decided by rank 0 (early stopping) or by any process (a signal), obeyed by all.
-            if agree(stop_reason is not None, device):
-                say(stop_reason)
+def train_epoch(run: Run, epoch: int, lr_now: float, stop: StopSignal) -> None:
+    """Train `epoch` from step `run.step` on, to its end or to a stop signal (`run.step` then says where)."""
+    args = run.args
+    run.loader.sampler.set_epoch(epoch, start=run.step * args.batch_size * run.world_size)
+    run.net.train()
+    first_step, started, pending = run.step, time.time(), []
+    with tqdm(run.loader, desc=f"epoch {epoch}/{args.num_epochs}", unit="step", total=run.steps_per_epoch,
+              initial=run.step, leave=False, mininterval=1.0, disable=not run.lead) as bar:
+        for lr, hr, flips in bar:
+            lr, hr = device_batch(lr, hr, flips, run.device)
+            pending.append(train_step(run.net, lr, hr, run.optimizer, run.scaler, run.dtype))
+            if run.ema is not None:
+                update_ema(run.ema, run.model, ema_decay_at(args.ema, (epoch - 1) * run.steps_per_epoch + run.step))
+            run.step += 1
+            if not losses_due(run, stop):
+                continue
+            stopping = add_losses(run, epoch, pending, stop)
+            bar.set_postfix(loss=f"{run.loss_sum / run.step:.4f}", lr=f"{lr_now:.3g}", refresh=False,
+                            patches_s=f"{(run.step - first_step) * lr.shape[0] / (time.time() - started):.1f}")
+            if stopping:
                 break
-            if agree(stop.signum is not None, device) and epoch < args.num_epochs:
-                stop.exit(f"after epoch {epoch}", last_path, world_size)
-    say(f"done: best val PSNR {best_psnr:.4f} dB at epoch {best_epoch}; checkpoints in {run_dir}")
 
 
-def train_step(model, lr, hr, flips, optimizer, scaler, dtype, device) -> torch.Tensor:
-    """One optimisation step on a batch of NHWC uint8 (lr, hr) patches and their flips (dataset.batch).
+def losses_due(run: Run, stop: StopSignal) -> bool:
+    """Whether to read the losses now: every step on CPU; on CUDA (where reading waits for the GPU)
+    every 10 steps, at the epoch's end, and at a stop signal. Under torchrun all processes read at
+    the same steps."""
+    if run.device.type != "cuda":
+        return True
+    return run.step % 10 == 0 or run.step == run.steps_per_epoch or (stop.signum is not None and run.world_size == 1)
 
-    Returns the loss, left on the device.
+
+def add_losses(run: Run, epoch: int, pending: list, stop: StopSignal) -> bool:
+    """Add the pending step losses (averaged over processes) to `run.loss_sum`; whether any process
+    was asked to stop. A NaN or inf loss ends training, naming its epoch and iteration."""
+    flag = torch.tensor(float(stop.signum is not None), device=run.device)
+    *losses, stopping = distributed.mean_over_processes(torch.stack(pending + [flag])).tolist()
+    pending.clear()
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        if not run.lead:
+            sys.exit(1)
+        kept = (f"the last good checkpoint is {run.last_path} (epoch {load_checkpoint(run.last_path)['epoch']})"
+                if run.last_path.exists() else "no checkpoint was saved before it")
+        raise UserError(f"epoch {epoch}, iteration {run.step - len(losses) + bad[0] + 1}: the loss is "
+                        f"{losses[bad[0]]}: training stopped, {kept}; lower --lr or check the data")
+    run.loss_sum += sum(losses)
+    return bool(stopping)
+
+
+def end_epoch(run: Run, epoch: int) -> float:
+    """Count `epoch` as done and step the lr schedule; the epoch's mean loss."""
+    loss = run.loss_sum / run.steps_per_epoch
+    run.epoch, run.step, run.loss_sum, run.seconds = epoch, 0, 0.0, 0.0
+    run.scheduler.step()
+    if not distributed.weights_in_sync(run.model, run.device):
+        raise UserError(f"epoch {epoch}: the {run.world_size} processes hold different weights")
+    return loss
+
+
+def validate(run: Run) -> tuple[float, float]:
+    """Mean PSNR and SSIM (RGB, crop border = scale, as evaluate.py) of the EMA weights, or the weights."""
+    model = run.ema if run.ema is not None else run.model
+    model.eval()
+    scores = [measure(upscale(model, lr), hr, crop_border=run.model_args["scale"]) for _, hr, lr in run.val_pairs]
+    run.model.train()
+    return mean(scores, "psnr"), mean(scores, "ssim")
+
+
+def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, seconds: float) -> str | None:
+    """Rank 0: keep the best, log the epoch, save best.pt and last.pt, print the validation line.
+
+    Returns why to stop early, or None.
     """
-    # Permuted to NCHW, an NHWC batch is channels_last already: no layout conversion. The flips
-    # are applied to the uint8 batch, on the device.
-    flips = flips.to(device, non_blocking=True)  # once, for both
-    lr = augment(lr.to(device, non_blocking=True).permute(0, 3, 1, 2), flips).float().div_(255)
-    hr = augment(hr.to(device, non_blocking=True).permute(0, 3, 1, 2), flips).float().div_(255)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        loss = F.l1_loss(model(lr), hr)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
+    if not run.lead:
+        return None
+    improved = val is not None and val[0] > run.best_psnr
+    if improved:
+        run.best_psnr, run.best_epoch = val[0], epoch
+    row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "seconds": f"{seconds:.1f}",
+           "val_psnr": f"{val[0]:.4f}" if val else "", "val_ssim": f"{val[1]:.4f}" if val else ""}
+    # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
+    append_log(run.folder / "log.csv", row)
+    state = run.checkpoint()
+    if improved:
+        save_checkpoint(state, run.folder / "best.pt")
+    save_checkpoint(state, run.last_path)
+    if val is None:
+        return None
+    print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val{' (EMA)' if run.ema is not None else ''} "
+          f"PSNR/SSIM {val[0]:.4f} dB / {val[1]:.4f} ({val[0] - run.bicubic_psnr:+.2f} dB vs bicubic)"
+          f"{' best' if improved else ''}, {row['seconds']} s"
+          f"{f', weights identical on {run.world_size} processes' if run.world_size > 1 else ''}")
+    patience = run.args.patience
+    if patience and epoch - run.best_epoch >= patience:
+        return (f"early stopping: no validation PSNR gain for {epoch - run.best_epoch} epochs "
+                f"(best {run.best_psnr:.4f} dB at epoch {run.best_epoch}, --patience {patience})")
+    return None
 
 
-def train_one_epoch(net, loader, optimizer, scaler, dtype, device, desc: str, lr_now: float, first_step: int,
-                    steps_per_epoch: int, loss_sum: float, stop: StopSignal, progress: bool = True,
-                    ema: list | None = None, ema_decay: float = 0.0, steps_before: int = 0) -> tuple[float, int]:
-    """Run the epoch's steps from `first_step` on, until its end or a stop signal.
-
-    Returns (sum of the step losses, steps done). Raises NonFiniteLoss naming the first step
-    whose loss was NaN or inf. The losses are read every step on CPU and every 10 on CUDA
-    (reading waits for the GPU); under torchrun every process reads at the same steps, with
-    the losses (averaged) and stop requests of all, so all stop together. With `ema`, each
-    step moves those tensors part of the way to the new weights (`ema_decay_at`).
-    """
-    net.train()
-    params = [p.detach() for p in net.parameters()]
-    distributed = dist.is_initialized()
-    unchecked, step, start = [], first_step, time.time()
-    bar = tqdm(loader, desc=desc, unit="step", total=steps_per_epoch, initial=first_step, leave=False,
-               mininterval=1.0, disable=not progress)
-    for lr, hr, flips in bar:
-        unchecked.append(train_step(net, lr, hr, flips, optimizer, scaler, dtype, device))
-        if ema is not None:
-            torch._foreach_lerp_(ema, params, 1 - ema_decay_at(ema_decay, steps_before + step))
-        step += 1
-        if device.type == "cuda" and step % 10 and step < steps_per_epoch and not (stop.signum and not distributed):
-            continue
-        checked = torch.stack(unchecked + [torch.tensor(float(stop.signum is not None), device=device)])
-        if distributed:
-            dist.all_reduce(checked)
-            checked[:-1] /= dist.get_world_size()
-        *losses, stopping = checked.tolist()
-        bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLoss(step - len(losses) + bad[0] + 1, losses[bad[0]])
-        loss_sum += sum(losses)
-        unchecked.clear()
-        bar.set_postfix(loss=f"{loss_sum / step:.4f}", lr=f"{lr_now:.3g}",
-                        patches_s=f"{(step - first_step) * lr.shape[0] / (time.time() - start):.1f}", refresh=False)
-        if stopping:
-            break
-    bar.close()
-    return loss_sum, step
-
+# ---------------------------------------------------------------- the log
 
 def trim_log(path: Path, keep_through: int) -> None:
     """Drop log rows after the resumed checkpoint's epoch (they will be trained again), and torn rows."""
@@ -447,6 +396,8 @@ def append_log(path: Path, row: dict) -> None:
             writer.writeheader()
         writer.writerow(row)
 
+
+# ---------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -486,16 +437,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     return p
-
-
-def ema_decay_at(decay: float, t: int) -> float:
-    """The EMA decay for update t (0-based): min(decay, (1 + t) / (10 + t)).
-
-    Without the warm-up, the random initial weights keep decay ** t of the average (0.995:
-    20% after 315 steps); with it, early updates follow the weights closely and the full
-    decay applies once (1 + t) / (10 + t) exceeds it.
-    """
-    return min(decay, (1 + t) / (10 + t))
 
 
 def ema_decay(text: str) -> float:

@@ -1,19 +1,31 @@
+"""Shared fixtures and helpers. The suite runs on the CPU, even where a GPU exists."""
+import contextlib
+import csv
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: --device auto then means CPU
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from checkpoint import save_checkpoint  # noqa: E402
 from model import ResShuffle  # noqa: E402
-from utils import save_checkpoint  # noqa: E402
+from utils import run_cli  # noqa: E402
 
 TINY = dict(scale=4, num_features=8, num_residuals=1)
+
+# train.py flags for a run of seconds: the TINY network, 3 images x 4 patches, batch 4.
+TINY_RUN = ["--num_features", "8", "--num_residuals", "1", "--patch_size", "32", "--batch_size", "4",
+            "--patches_per_image", "4", "--num_workers", "0", "--mean_shift", "--image_skip"]
 
 
 def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -24,15 +36,18 @@ def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return img.clip(0, 255).astype(np.uint8)
 
 
-@pytest.fixture
-def image_dir(tmp_path):
-    """Three small RGB PNGs, odd sizes included."""
+def make_images(folder: Path) -> Path:
+    """Three small RGB PNGs in `folder`, odd sizes included."""
     rng = np.random.default_rng(0)
-    folder = tmp_path / "images"
-    folder.mkdir()
+    folder.mkdir(parents=True, exist_ok=True)
     for i, (h, w) in enumerate([(64, 80), (70, 66), (96, 96)]):
         Image.fromarray(smooth_image(rng, h, w)).save(folder / f"img{i}.png")
     return folder
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    return make_images(tmp_path / "images")
 
 
 @pytest.fixture
@@ -41,12 +56,14 @@ def tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = ResShuffle(**TINY, mean_shift=True, image_skip=True)
     path = tmp_path / "tiny.pt"
-    save_checkpoint({"model": model.state_dict(), "model_args": model_args(model)}, path)
+    save_checkpoint({"model": model.state_dict(), "model_args": dict(TINY, mean_shift=True, image_skip=True)}, path)
     return path
 
 
-def model_args(model: ResShuffle) -> dict:
-    return dict(TINY, mean_shift=bool(model.rgb_mean.abs().sum() > 0), image_skip=model.image_skip)
+def read_log(run_dir: Path) -> list[dict]:
+    """A run's log.csv, one dict per row."""
+    with open(run_dir / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def run_script(*args, cwd=ROOT, check=True):
@@ -60,14 +77,8 @@ def run_script(*args, cwd=ROOT, check=True):
 def run_main(module, *argv):
     """Run a script's main() in this process, as its command line would: (exit status, stdout, stderr).
 
-    Fast (no interpreter start, no torch import) for the many bad-input cases; run_script
-    checks the same path end to end.
+    Fast (no interpreter start, no torch import); run_script checks the same path end to end.
     """
-    import contextlib
-    import io
-
-    from utils import run_cli
-
     out, err = io.StringIO(), io.StringIO()
     parse = module.parse_args if hasattr(module, "parse_args") else module.build_parser().parse_args
     old_argv = sys.argv

@@ -9,9 +9,10 @@ from PIL import Image
 
 import evaluate
 import infer
-import utils
+import upscale as upscale_module
+from checkpoint import load_model, save_checkpoint
 from conftest import TINY, ResShuffle, run_main, run_script, smooth_image
-from utils import load_model, save_checkpoint, upscale
+from upscale import upscale
 
 
 @pytest.fixture
@@ -177,15 +178,15 @@ def test_output_in_a_missing_or_read_only_folder(tiny_checkpoint, tmp_path, phot
 
 
 def test_an_untiled_image_too_big_for_memory_is_tiled_instead(tiny_checkpoint, monkeypatch, capsys):
-    model = load_model(tiny_checkpoint, torch.device("cpu"))
+    model, _ = load_model(tiny_checkpoint, torch.device("cpu"))
     img = smooth_image(np.random.default_rng(3), 40, 50)
     whole = upscale(model, img, tile=0)
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(utils, "available_memory", lambda device: 1e6)  # 1 MB free
+    monkeypatch.setattr(upscale_module, "available_memory", lambda device: 1e6)  # 1 MB free
     tiled = upscale(model, img, tile=0)
     assert "50x40 in one piece needs about" in capsys.readouterr().err
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
-    assert utils.untiled_bytes(model, 40, 50) > 1e6
+    assert model.untiled_bytes(40, 50) > 1e6
 
 
 def test_running_out_of_memory_is_one_line_suggesting_tile():

@@ -5,7 +5,8 @@ from PIL import Image
 
 import dataset
 from dataset import EpochSampler, PatchLoader, TrainDataset, augment, eval_pairs
-from utils import UserError, list_images, load_rgb
+from images import list_images, load_rgb
+from utils import UserError
 
 
 def noise_dir(tmp_path, sizes):
@@ -128,7 +129,7 @@ def test_the_loader_gives_whole_batches_from_the_resume_point_and_can_be_left_ea
 
 
 def test_patch_size_must_be_a_multiple_of_the_scale(tmp_path):
-    with pytest.raises(Exception, match="not a multiple"):
+    with pytest.raises(UserError, match="not a multiple"):
         TrainDataset(noise_dir(tmp_path, [(40, 40)]), scale=3, patch_size=16)
 
 

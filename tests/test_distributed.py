@@ -1,12 +1,10 @@
 """train.py under torchrun: 2 CPU processes (gloo), DistributedDataParallel."""
-import csv
-
 import numpy as np
 import torch
 
-from conftest import run_script
+from checkpoint import load_checkpoint
+from conftest import read_log, run_script
 from dataset import EpochSampler
-from utils import load_checkpoint
 
 TINY_RUN = ["--num_features", "8", "--num_residuals", "1", "--patch_size", "32", "--patches_per_image", "4",
             "--num_workers", "0", "--mean_shift", "--image_skip"]
@@ -15,11 +13,6 @@ TINY_RUN = ["--num_features", "8", "--num_residuals", "1", "--patch_size", "32",
 def torchrun(*args, check=True):
     return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args,
                       check=check)
-
-
-def read_log(run_dir):
-    with open(run_dir / "log.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_ranks_draw_disjoint_patches_of_the_same_epoch_order():

@@ -1,4 +1,4 @@
-"""`python dataset.py download` against an HTTP server on 127.0.0.1 that the test starts."""
+"""`python download.py` against an HTTP server on 127.0.0.1 that the test starts."""
 import hashlib
 import http.server
 import io
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataset
+import download
+import evaluate
 from conftest import run_main, smooth_image
 
 
@@ -74,16 +75,16 @@ def div2k(monkeypatch):
     """Small stand-ins for the two zips, and DIV2K_FILES pinned to them."""
     zips = {"DIV2K_train_HR": make_zip("DIV2K_train_HR", 5, 0), "DIV2K_valid_HR": make_zip("DIV2K_valid_HR", 2, 1)}
     counts = {"DIV2K_train_HR": 5, "DIV2K_valid_HR": 2}
-    monkeypatch.setattr(dataset, "DIV2K_FILES", {
+    monkeypatch.setattr(download, "DIV2K_FILES", {
         name: (len(data), hashlib.sha256(data).hexdigest(), counts[name]) for name, data in zips.items()})
-    monkeypatch.setattr(dataset, "RETRY_SLEEP", 0)
+    monkeypatch.setattr(download, "RETRY_SLEEP", 0)
     return {f"/mirror/{name}.zip": data for name, data in zips.items()}
 
 
 def test_download_resumes_a_dropped_connection_extracts_and_skips_what_is_there(div2k, tmp_path):
     server = Server(div2k, drop_once={"/mirror/DIV2K_train_HR.zip"})
     try:
-        code, out, err = run_main(dataset, "download", "--root", tmp_path / "data", "--url_base", server.url)
+        code, out, err = run_main(download, "--root", tmp_path / "data", "--url_base", server.url)
         assert code == 0, err
         train_requests = [r for p, r in server.requests if p == "/mirror/DIV2K_train_HR.zip"]
         half = (len(div2k["/mirror/DIV2K_train_HR.zip"])) // 2
@@ -95,12 +96,12 @@ def test_download_resumes_a_dropped_connection_extracts_and_skips_what_is_there(
         assert len(list((data / "DIV2K_train_HR").glob("*.png"))) == 5
 
         server.requests.clear()
-        code, out, err = run_main(dataset, "download", "--root", data, "--url_base", server.url)
+        code, out, err = run_main(download, "--root", data, "--url_base", server.url)
         assert code == 0 and server.requests == [] and out.count("already there") == 2
 
         # A folder with images missing is not taken for complete.
         (data / "DIV2K_valid_HR" / "0002.png").unlink()
-        code, _, err = run_main(dataset, "download", "--root", data, "--url_base", server.url)
+        code, _, err = run_main(download, "--root", data, "--url_base", server.url)
         assert code == 1 and "1 of 2 images; delete the folder" in err
     finally:
         server.close()
@@ -113,7 +114,7 @@ def test_a_partial_file_from_an_earlier_run_is_resumed(div2k, tmp_path):
     (data / "DIV2K_valid_HR.zip.part").write_bytes(body[:1000])
     server = Server(div2k)
     try:
-        code, _, err = run_main(dataset, "download", "--root", data, "--url_base", server.url,
+        code, _, err = run_main(download, "--root", data, "--url_base", server.url,
                                 "--sets", "DIV2K_valid_HR", "--keep_zip")
     finally:
         server.close()
@@ -130,19 +131,19 @@ def test_a_corrupt_download_is_refused_and_leaves_nothing(div2k, tmp_path):
     server = Server(corrupt)
     data = tmp_path / "data"
     try:
-        code, _, err = run_main(dataset, "download", "--root", data, "--url_base", server.url,
+        code, _, err = run_main(download, "--root", data, "--url_base", server.url,
                                 "--sets", "DIV2K_valid_HR")
         assert code == 1 and "corrupt download" in err and "Traceback" not in err
         assert list(data.iterdir()) == []  # no zip, no .part, no half-extracted folder
 
         # A file of another size is refused from its headers, before anything is written.
         server.files["/mirror/DIV2K_valid_HR.zip"] = good + b"more"
-        code, _, err = run_main(dataset, "download", "--root", data, "--url_base", server.url,
+        code, _, err = run_main(download, "--root", data, "--url_base", server.url,
                                 "--sets", "DIV2K_valid_HR")
         assert code == 1 and f"the file there is {len(good) + 4:,} bytes, not {len(good):,}" in err
         assert list(data.iterdir()) == []
 
-        code, _, err = run_main(dataset, "download", "--root", data, "--url_base", server.url + "/nothere",
+        code, _, err = run_main(download, "--root", data, "--url_base", server.url + "/nothere",
                                 "--sets", "DIV2K_valid_HR")
         assert code == 1 and "404" in err and list(data.iterdir()) == []
     finally:
@@ -151,10 +152,10 @@ def test_a_corrupt_download_is_refused_and_leaves_nothing(div2k, tmp_path):
 
 def test_a_zip_that_does_not_hold_the_set_is_not_extracted(div2k, tmp_path, monkeypatch):
     wrong = make_zip("DIV2K_valid_HR", 1, 2)  # one image where two are expected
-    monkeypatch.setitem(dataset.DIV2K_FILES, "DIV2K_valid_HR", (len(wrong), hashlib.sha256(wrong).hexdigest(), 2))
+    monkeypatch.setitem(download.DIV2K_FILES, "DIV2K_valid_HR", (len(wrong), hashlib.sha256(wrong).hexdigest(), 2))
     server = Server({"/mirror/DIV2K_valid_HR.zip": wrong})
     try:
-        code, _, err = run_main(dataset, "download", "--root", tmp_path, "--url_base", server.url,
+        code, _, err = run_main(download, "--root", tmp_path, "--url_base", server.url,
                                 "--sets", "DIV2K_valid_HR", "--keep_zip")
     finally:
         server.close()
@@ -162,7 +163,6 @@ def test_a_zip_that_does_not_hold_the_set_is_not_extracted(div2k, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DIV2K_valid_HR.zip"]
 
 
-def test_missing_div2k_folders_say_how_to_get_them(tmp_path):
-    import evaluate
-    code, _, err = run_main(evaluate, "--data_dir", tmp_path / "data" / "DIV2K_valid_HR")
-    assert code == 1 and f"get DIV2K with: python dataset.py download --root {tmp_path / 'data'}" in err
+def test_missing_div2k_folders_say_how_to_get_them(tmp_path, tiny_checkpoint):
+    code, _, err = run_main(evaluate, "--data_dir", tmp_path / "data" / "DIV2K_valid_HR", "--checkpoint", tiny_checkpoint)
+    assert code == 1 and f"get DIV2K with: python download.py --root {tmp_path / 'data'}" in err

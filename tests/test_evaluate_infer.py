@@ -5,9 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ResShuffle, TINY, run_script, smooth_image
-import utils
-from utils import UserError, load_model, upscale
+import upscale as upscale_module
+from checkpoint import load_model, save_checkpoint
+from conftest import TINY, ResShuffle, run_script, smooth_image
+from upscale import upscale
+from utils import UserError
 
 
 def test_evaluate_prints_model_and_bicubic_and_writes_csv_and_images(image_dir, tiny_checkpoint, tmp_path):
@@ -59,8 +61,8 @@ def test_infer_folder_gray_and_alpha(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("reconstruct_tile", [128, 4])
 def test_tiled_output_equals_untiled_with_enough_padding(tiny_checkpoint, monkeypatch, reconstruct_tile):
     # 4: the HR stages run on several blocks per tile, at unaligned edges too.
-    monkeypatch.setattr(utils, "RECONSTRUCT_TILE", reconstruct_tile)
-    model = load_model(tiny_checkpoint, torch.device("cpu"))
+    monkeypatch.setattr(upscale_module, "RECONSTRUCT_TILE", reconstruct_tile)
+    model, _ = load_model(tiny_checkpoint, torch.device("cpu"))
     img = smooth_image(np.random.default_rng(3), 37, 29)
     whole = upscale(model, img)
     tiled = upscale(model, img, tile=10, tile_pad=model.receptive_radius())
@@ -84,11 +86,10 @@ def test_missing_checkpoint_and_input_are_one_line_errors(tiny_checkpoint, tmp_p
 
 
 def test_checkpoint_of_another_size_is_refused_with_what_it_holds(tmp_path):
-    from utils import save_checkpoint
     model = ResShuffle(**TINY)
     path = tmp_path / "lying.pt"
     save_checkpoint({"model": model.state_dict(), "model_args": dict(TINY, num_features=16)}, path)
-    with pytest.raises(Exception, match="num_features': 16"):
+    with pytest.raises(UserError, match="num_features': 16"):
         load_model(path, torch.device("cpu"))
 
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from utils import psnr, ssim
+from metrics import psnr, ssim
 
 
 @pytest.fixture

@@ -87,3 +87,35 @@ def test_receptive_radius_bounds_what_an_output_pixel_sees(scale, num_residuals)
     reach = max((rows - size // 2).abs().max(), (cols - size // 2).abs().max()).item()
     # The bound holds and is tight: one pixel less would miss inputs that matter.
     assert model.receptive_radius() - 1 <= reach <= model.receptive_radius()
+
+
+def test_fast_tail_off_is_the_network_as_written():
+    torch.manual_seed(1)
+    model = ResShuffle(scale=4, num_features=6, num_residuals=1, mean_shift=True).double().eval()
+    x = torch.rand(1, 3, 9, 7, dtype=torch.double)
+    with torch.no_grad():
+        fast = model(x)
+        model.fast_tail = False
+        written = model.tail(model.upsample(model.features(x))) + model.rgb_mean
+        torch.testing.assert_close(model(x), written, atol=0, rtol=0)
+    torch.testing.assert_close(fast, written, atol=1e-12, rtol=0)
+
+
+def test_inference_builds_the_rearranged_tail_once_until_the_weights_change(monkeypatch):
+    import model as model_module
+    from upscale import upscale
+    built = []
+    real = model_module.subpixel_conv_weight
+    monkeypatch.setattr(model_module, "subpixel_conv_weight", lambda w, r: built.append(1) or real(w, r))
+    torch.manual_seed(0)
+    net = ResShuffle(scale=2, num_features=4, num_residuals=1).eval()
+    img = (torch.rand(20, 18, 3) * 255).byte().numpy()
+    first = upscale(net, img, tile=5)  # 16 tiles
+    assert len(built) == 1
+    with torch.no_grad():
+        net.tail.weight.mul_(2)  # an in-place update, as an optimizer step or load_state_dict makes
+    second = upscale(net, img, tile=5)
+    assert len(built) == 2 and not (first == second).all()
+    net.train()
+    net(torch.rand(1, 3, 4, 4)).sum().backward()  # with gradients: built on every call, never cached
+    assert len(built) == 3 and net.tail.weight.grad is not None

@@ -10,8 +10,11 @@ from PIL import Image
 import evaluate
 import infer
 import train
-from conftest import run_main, smooth_image
-from utils import downsample, imresize_matlab, load_checkpoint, upscale
+from checkpoint import load_checkpoint
+from conftest import TINY_RUN, make_images, run_main, smooth_image
+from resize import downsample, imresize_matlab
+from training import ema_decay_at, update_ema
+from upscale import upscale
 
 
 def matlab_reference(img: np.ndarray, scale: float) -> np.ndarray:
@@ -91,6 +94,9 @@ class Bicubic(torch.nn.Module):
     def receptive_radius(self):
         return 2 + self.shift
 
+    def untiled_bytes(self, height, width):
+        return 0
+
 
 def test_self_ensemble_keeps_an_equivariant_models_output_and_composes_with_tiles():
     img = smooth_image(np.random.default_rng(2), 13, 21)  # not square: rotations change the shape
@@ -106,61 +112,71 @@ def test_self_ensemble_keeps_an_equivariant_models_output_and_composes_with_tile
                   - upscale(shifted, img, tile=0).astype(int)).max() > 10
 
 
-def test_ema_follows_the_weights_by_its_decay(monkeypatch):
-    model = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
-    ema = [p.detach().clone() for p in model.parameters()]
-    steps = []
-
-    def fake_step(net, lr, hr, *rest):  # "training" sets the weight to the step number
-        steps.append(1)
-        with torch.no_grad():
-            net.weight.fill_(len(steps))
-        return torch.zeros(())
-
-    monkeypatch.setattr(train, "train_step", fake_step)
-    loader = [(torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3), torch.zeros(1, 3, dtype=torch.bool))] * 3
-    train.train_one_epoch(model, loader, None, None, None, torch.device("cpu"), "t", 0.1, first_step=0,
-                          steps_per_epoch=3, loss_sum=0.0, stop=train.StopSignal(), progress=False,
-                          ema=ema, ema_decay=0.5, steps_before=1000)
-    assert ema[0].item() == pytest.approx(2.125)  # 0 -> 0.5 -> 1.25 -> 2.125
-    # Warm-up: the first updates follow the weights closely (the initial weights fade fast).
-    assert train.ema_decay_at(0.999, 0) == pytest.approx(0.1)
-    assert train.ema_decay_at(0.999, 100) == pytest.approx(101 / 110)
-    assert train.ema_decay_at(0.999, 100_000) == 0.999
+def test_ema_moves_each_parameter_by_its_decay():
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(ema.weight)
+    for step in (1, 2, 3):  # "training" sets the weight to the step number
+        torch.nn.init.constant_(model.weight, step)
+        update_ema(ema, model, decay=0.5)
+    assert ema.weight.item() == pytest.approx(2.125)  # 0 -> 0.5 -> 1.25 -> 2.125
 
 
-def test_ema_and_degradation_are_trained_saved_resumed_and_used(image_dir, tmp_path):
-    args = ["--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path, "--num_features", "8",
-            "--num_residuals", "1", "--patch_size", "32", "--batch_size", "4", "--patches_per_image", "4",
-            "--num_workers", "0", "--mean_shift", "--image_skip", "--ema", "0.5", "--degradation", "matlab"]
-    code, out, err = run_main(train, *args, "--run_name", "a", "--num_epochs", "2")
+def test_ema_decay_warms_up_then_holds():
+    # The first updates follow the weights closely (the initial weights fade fast).
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 100) == pytest.approx(101 / 110)
+    assert ema_decay_at(0.999, 100_000) == 0.999
+
+
+EMA_RUN = [*TINY_RUN, "--ema", "0.5", "--degradation", "matlab"]
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """A 2-epoch --ema --degradation matlab run, and its export: (images, run folder, exported weights)."""
+    root = tmp_path_factory.mktemp("ema")
+    images = make_images(root / "images")
+    code, _, err = run_main(train, "--train_dir", images, "--val_dir", images, "--checkpoint_dir", root,
+                            "--run_name", "a", *EMA_RUN, "--num_epochs", "2")
     assert code == 0, err
-    assert "val (EMA) PSNR/SSIM" in out
-    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert run_main(train, "--export", root / "a" / "best.pt", root / "export.pt")[0] == 0
+    return images, root / "a", root / "export.pt"
+
+
+def test_ema_and_degradation_are_saved_beside_the_weights(ema_run):
+    _, run_dir, exported = ema_run
+    a = load_checkpoint(run_dir / "last.pt")
     assert a["degradation"] == "matlab" and set(a["ema"]) == set(a["model"])
     assert not torch.equal(a["ema"]["tail.weight"], a["model"]["tail.weight"])
-    # Stopped after epoch 1 and resumed: the same EMA as the run never stopped.
+    assert {"model", "ema", "model_args", "degradation"} == set(torch.load(exported, weights_only=True))
+
+
+def test_a_resumed_ema_equals_the_never_stopped_one(ema_run, tmp_path):
+    images, run_dir, _ = ema_run
+    args = ["--train_dir", images, "--val_dir", images, "--checkpoint_dir", tmp_path, *EMA_RUN]
     assert run_main(train, *args, "--run_name", "b", "--num_epochs", "1")[0] == 0
-    assert run_main(train, "--resume", tmp_path / "b" / "last.pt", "--num_epochs", "2")[0] == 0
-    b = load_checkpoint(tmp_path / "b" / "last.pt")
+    code, out, err = run_main(train, "--resume", tmp_path / "b" / "last.pt", "--num_epochs", "2")
+    assert code == 0 and "val (EMA) PSNR/SSIM" in out, err
+    a, b = load_checkpoint(run_dir / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert all(torch.equal(b["ema"][k], v) for k, v in a["ema"].items())
 
-    # infer.py and evaluate.py use the EMA weights unless told otherwise; evaluate warns on
-    # a degradation other than the checkpoint's.
-    exported = tmp_path / "export.pt"
-    assert run_main(train, "--export", tmp_path / "a" / "best.pt", exported)[0] == 0
-    assert {"model", "ema", "model_args", "degradation"} == set(torch.load(exported, weights_only=True))
-    outputs = {}
+
+def test_infer_uses_the_ema_weights_unless_told_otherwise(ema_run, tmp_path):
+    images, _, exported = ema_run
+    outputs = []
     for flags in ([], ["--raw_weights"]):
         out_path = tmp_path / f"sr{len(flags)}.png"
-        assert run_main(infer, image_dir / "img0.png", "-o", out_path, "--checkpoint", exported, *flags)[0] == 0
-        outputs[len(flags)] = np.asarray(Image.open(out_path))
-    assert not np.array_equal(outputs[0], outputs[1])
-    code, out, err = run_main(evaluate, "--data_dir", image_dir, "--checkpoint", exported)
+        assert run_main(infer, images / "img0.png", "-o", out_path, "--checkpoint", exported, *flags)[0] == 0
+        outputs.append(np.asarray(Image.open(out_path)))
+    assert not np.array_equal(*outputs)
+
+
+def test_evaluate_names_the_weights_and_warns_on_another_degradation(ema_run):
+    images, _, exported = ema_run
+    code, out, err = run_main(evaluate, "--data_dir", images, "--checkpoint", exported)
     assert code == 0 and "EMA weights, trained on matlab LR" in out
     assert "trained on matlab LR images and is evaluated on pil" in err
-    code, out, err = run_main(evaluate, "--data_dir", image_dir, "--checkpoint", exported, "--paper")
+    code, out, err = run_main(evaluate, "--data_dir", images, "--checkpoint", exported, "--paper")
     assert code == 0 and "warning" not in err
 
 

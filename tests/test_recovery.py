@@ -1,5 +1,4 @@
 """Interrupted, killed and diverging training runs lose nothing and leave only whole checkpoints."""
-import csv
 import os
 import random
 import signal
@@ -7,23 +6,22 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import train
-from conftest import ROOT, ResShuffle, run_main, run_script, smooth_image
-from utils import load_checkpoint
+import training
+from checkpoint import load_checkpoint
+from conftest import ROOT, TINY_RUN, ResShuffle, make_images, read_log, run_main, run_script
 
-# 15 steps of about 70 ms per epoch here: a signal sent 0.4 s into epoch 2 lands mid-epoch.
+# 15 steps an epoch (3 images x 40 patches, batch 8).
 RUN = ["--num_features", "32", "--num_residuals", "2", "--patch_size", "64", "--batch_size", "8",
        "--patches_per_image", "40", "--num_epochs", "3", "--mean_shift", "--image_skip"]
 
 
 def train_args(image_dir, runs, name, *extra):
-    return ["train.py", "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs,
-            "--run_name", name, *RUN, *extra]
+    return ["--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs, "--run_name", name,
+            *RUN, *extra]
 
 
 def start(args):
@@ -40,47 +38,48 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.005)
 
 
-def read_log(run_dir):
-    with open(run_dir / "log.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """A 3-epoch run never stopped: the reference."""
     root = tmp_path_factory.mktemp("reference")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(64, 80), (70, 66), (96, 96)]):
-        Image.fromarray(smooth_image(rng, h, w)).save(images / f"img{i}.png")
-    run_script(*train_args(images, root / "runs", "ref", "--num_workers", "0"))
+    images = make_images(root / "images")
+    code, _, err = run_main(train, *train_args(images, root / "runs", "ref", "--num_workers", "0"))
+    assert code == 0, err
     return images, root / "runs" / "ref"
 
 
+def signal_at_step(monkeypatch, signum, step: int) -> None:
+    """Make this process receive `signum` during training step `step` (1-based, counted over the run)."""
+    calls = []
+    real_step = train.train_step
+
+    def step_then_signal(*args):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signum)
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+
+
 @pytest.mark.parametrize("signum, workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "0")], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_saves_mid_epoch_and_resuming_gives_the_uninterrupted_weights(uninterrupted, tmp_path,
-                                                                               signum, workers):
+def test_a_signal_mid_epoch_saves_there_and_resuming_gives_the_uninterrupted_weights(
+        uninterrupted, tmp_path, monkeypatch, signum, workers):
     images, reference = uninterrupted
-    proc = start(train_args(images, tmp_path / "runs", "stopped", "--num_workers", workers))
+    signal_at_step(monkeypatch, signum, step=15 + 6)  # epoch 2, step 6 of 15
+    code, out, err = run_main(train, *train_args(images, tmp_path / "runs", "stopped", "--num_workers", workers))
     run_dir = tmp_path / "runs" / "stopped"
-    wait_for(run_dir / "last.pt", proc)  # epoch 1 is done
-    time.sleep(0.4)
-    if signum == signal.SIGINT:
-        os.killpg(proc.pid, signum)  # Ctrl-C reaches the loader worker too
-    else:
-        proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signum, err
-    assert f"stopped by {signal.Signals(signum).name} in epoch 2 after step" in out and "Traceback" not in err
+    assert code == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name} in epoch 2 after step 6 of 15" in out
     assert f"resume with: python train.py --resume {run_dir / 'last.pt'}" in out
     stopped = load_checkpoint(run_dir / "last.pt")
-    assert stopped["epoch"] == 1 and 0 < stopped["step"] < 15, "the signal should land mid-epoch"
+    assert (stopped["epoch"], stopped["step"]) == (1, 6)
     assert [r["epoch"] for r in read_log(run_dir)] == ["1"]
 
+    monkeypatch.undo()
     # Only the checkpoint is named: the run's own flags come from it.
-    result = run_script("train.py", "--resume", run_dir / "last.pt")
-    assert f"at epoch 2, step {stopped['step']}" in result.stdout
+    code, out, err = run_main(train, "--resume", run_dir / "last.pt")
+    assert code == 0 and "at epoch 2, step 6" in out, err
     resumed, expected = load_checkpoint(run_dir / "last.pt"), load_checkpoint(reference / "last.pt")
     assert resumed["epoch"] == expected["epoch"] == 3 and resumed["step"] == 0
     # Tolerance: none. The same arithmetic in the same order gives the same bits on CPU.
@@ -91,6 +90,19 @@ def test_a_signal_saves_mid_epoch_and_resuming_gives_the_uninterrupted_weights(u
     keep = ["epoch", "loss", "lr", "val_psnr", "val_ssim"]
     rows = [[r[k] for k in keep] for r in read_log(run_dir)]
     assert rows == [[r[k] for k in keep] for r in read_log(reference)]
+
+
+def test_ctrl_c_to_a_real_process_saves_and_prints_how_to_resume(image_dir, tmp_path):
+    run_dir = tmp_path / "runs" / "long"
+    proc = start(["train.py", *train_args(image_dir, tmp_path / "runs", "long", "--num_epochs", "100000",
+                                          "--patience", "0")])
+    wait_for(run_dir / "last.pt", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "stopped by SIGINT" in out and "Traceback" not in err
+    assert f"resume with: python train.py --resume {run_dir / 'last.pt'}" in out
+    load_checkpoint(run_dir / "last.pt")
 
 
 def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(image_dir, tmp_path):
@@ -149,9 +161,7 @@ def test_a_nan_loss_stops_naming_epoch_and_iteration_and_keeps_the_last_good_che
     monkeypatch.setattr(train, "train_step", step_that_diverges)
     runs = tmp_path / "runs"
     code, out, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs,
-                              "--run_name", "nan", "--num_features", "8", "--num_residuals", "1",
-                              "--patch_size", "32", "--batch_size", "4", "--patches_per_image", "4",
-                              "--num_workers", "0", "--num_epochs", "5")
+                              "--run_name", "nan", *TINY_RUN, "--num_epochs", "5")
     assert code == 1 and "Traceback" not in err
     assert (f"epoch 2, iteration 2: the loss is nan: training stopped, the last good checkpoint is "
             f"{runs / 'nan' / 'last.pt'} (epoch 1)") in err
@@ -161,12 +171,10 @@ def test_a_nan_loss_stops_naming_epoch_and_iteration_and_keeps_the_last_good_che
 
 def test_resume_refuses_flags_that_change_the_run(image_dir, tmp_path):
     code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
-                            "--run_name", "r", "--num_features", "8", "--num_residuals", "1", "--patch_size", "32",
-                            "--batch_size", "4", "--patches_per_image", "4", "--num_workers", "0",
-                            "--num_epochs", "1")
+                            "--run_name", "r", *TINY_RUN, "--num_epochs", "1")
     assert code == 0, err
     code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--upscale_factor", "2")
-    assert code == 1 and "started with --upscale_factor 4 (x4, 8 features, 1 residual blocks)" in err
+    assert code == 1 and "started with --upscale_factor 4 (x4, 8 features, 1 residual blocks, mean_shift, image_skip)" in err
     code, out, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2")
     assert code == 0 and "resumed from" in out and [r["epoch"] for r in read_log(tmp_path / "r")] == ["1", "2"]
 
@@ -184,11 +192,9 @@ def test_a_torn_log_row_is_dropped_on_resume(tmp_path):
 
 def test_a_second_signal_quits_at_once():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # SIG_IGN under nohup ... &
-    with train.StopSignal() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
+    with training.StopSignal() as stop:
+        signal.raise_signal(signal.SIGTERM)  # its handler has run when this returns
         assert stop.signum == signal.SIGTERM
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
+            signal.raise_signal(signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored

@@ -1,73 +1,103 @@
-import csv
+"""train.py as a user runs it: a short run, its checkpoints and log, resume, export, early stopping, bad flags."""
+import shutil
 
+import pytest
 import torch
 
-from conftest import run_script
-from utils import load_checkpoint
+import infer
+import train
+from conftest import TINY_RUN, make_images, read_log, run_main, run_script
+from checkpoint import load_checkpoint
 
-TINY_RUN = ["--num_features", "8", "--num_residuals", "1", "--patch_size", "32", "--batch_size", "4",
-            "--patches_per_image", "4", "--num_workers", "0", "--step_size", "1", "--gamma", "0.5",
-            "--mean_shift", "--image_skip"]
-
-
-def train(image_dir, tmp_path, *extra, check=True):
-    return run_script("train.py", "--train_dir", image_dir, "--val_dir", image_dir,
-                      "--checkpoint_dir", tmp_path / "runs", "--run_name", "tiny", *TINY_RUN, *extra, check=check)
+TWO_EPOCHS = [*TINY_RUN, "--step_size", "1", "--gamma", "0.5", "--num_epochs", "2"]
 
 
-def read_log(run_dir):
-    with open(run_dir / "log.csv", newline="") as f:
-        return list(csv.DictReader(f))
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """A 2-epoch run of train.py in its own process, as a user starts it: (stdout, images, run folder)."""
+    root = tmp_path_factory.mktemp("two_epochs")
+    images = make_images(root / "images")
+    result = run_script("train.py", "--train_dir", images, "--val_dir", images, "--checkpoint_dir", root / "runs",
+                        "--run_name", "tiny", *TWO_EPOCHS)
+    return result.stdout, images, root / "runs" / "tiny"
 
 
-def test_two_epochs_write_checkpoints_and_log_then_resume_continues(image_dir, tmp_path):
-    result = train(image_dir, tmp_path, "--num_epochs", "2")
-    run_dir = tmp_path / "runs" / "tiny"
-    assert {"last.pt", "best.pt", "log.csv"} <= {p.name for p in run_dir.iterdir()}
-    assert "val bicubic" in result.stdout and "epoch 2: loss" in result.stdout
+def test_a_run_writes_last_best_and_one_log_row_per_epoch(two_epochs):
+    stdout, _, run_dir = two_epochs
+    assert {p.name for p in run_dir.iterdir()} == {"last.pt", "best.pt", "log.csv"}
+    assert "val bicubic" in stdout and "epoch 2: loss" in stdout
     log = read_log(run_dir)
     assert [r["epoch"] for r in log] == ["1", "2"]
-    assert [float(r["lr"]) for r in log] == [2e-4, 1e-4]
+    assert [float(r["lr"]) for r in log] == [2e-4, 1e-4]  # StepLR, step 1, gamma 0.5
     assert all(float(r["val_psnr"]) > 10 and 0 < float(r["val_ssim"]) <= 1 for r in log)
 
-    last = load_checkpoint(run_dir / "last.pt")
-    assert last["epoch"] == 2 and last["model_args"]["num_features"] == 8
-    assert {"model", "optimizer", "scheduler", "scaler", "best_psnr", "rng", "args"} <= last.keys()
-    assert abs(last["best_psnr"] - max(float(r["val_psnr"]) for r in log)) < 1e-4  # the log rounds to 4 digits
 
-    result = run_script("train.py", "--train_dir", image_dir, "--val_dir", image_dir, "--num_epochs", "3",
-                        "--num_workers", "0", "--batch_size", "4", "--patches_per_image", "4",
-                        "--patch_size", "32", "--resume", run_dir / "last.pt")
-    assert "at epoch 3, lr 5e-05" in result.stdout
+def test_last_pt_holds_the_whole_run_state(two_epochs):
+    _, _, run_dir = two_epochs
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["epoch"] == 2 and last["step"] == 0 and last["model_args"]["num_features"] == 8
+    assert {"model", "optimizer", "scheduler", "scaler", "best_psnr", "best_epoch", "rng", "args"} <= last.keys()
+    best_in_log = max(float(r["val_psnr"]) for r in read_log(run_dir))
+    assert abs(last["best_psnr"] - best_in_log) < 1e-4  # the log rounds to 4 digits
+
+
+def test_resume_goes_on_with_the_optimizer_state_and_lr_schedule(two_epochs, tmp_path):
+    _, images, run_dir = two_epochs
+    run_dir = shutil.copytree(run_dir, tmp_path / "tiny")
+    before = load_checkpoint(run_dir / "last.pt")
+    code, out, err = run_main(train, "--train_dir", images, "--val_dir", images, "--num_epochs", "3",
+                              "--resume", run_dir / "last.pt")
+    assert code == 0, err
+    assert "at epoch 3, lr 5e-05" in out
     log = read_log(run_dir)
     assert [r["epoch"] for r in log] == ["1", "2", "3"] and float(log[2]["lr"]) == 5e-5
-    resumed = load_checkpoint(run_dir / "last.pt")
-    assert resumed["epoch"] == 3
-    # The optimizer's state went on from the checkpoint: Adam's step count is 3 epochs' worth.
-    steps = [s["step"] for s in resumed["optimizer"]["state"].values()]
-    assert all(float(s) == 3 * float(last["optimizer"]["state"][0]["step"]) / 2 for s in steps)
-    assert not torch.equal(resumed["model"]["tail.weight"], last["model"]["tail.weight"])
+    after = load_checkpoint(run_dir / "last.pt")
+    assert after["epoch"] == 3
+    # Adam's step count went on from the checkpoint: 3 epochs' worth.
+    steps_per_epoch = float(before["optimizer"]["state"][0]["step"]) / 2
+    assert all(float(s["step"]) == 3 * steps_per_epoch for s in after["optimizer"]["state"].values())
+    assert not torch.equal(after["model"]["tail.weight"], before["model"]["tail.weight"])
 
-    # A weights-only export loads in infer.py, and cannot be resumed.
+
+def test_an_export_holds_the_weights_only_and_infer_loads_it(two_epochs, tmp_path):
+    _, images, run_dir = two_epochs
     exported = tmp_path / "weights.pt"
-    run_script("train.py", "--export", run_dir / "best.pt", exported)
+    code, out, err = run_main(train, "--export", run_dir / "best.pt", exported)
+    assert code == 0, err
     assert set(torch.load(exported, weights_only=True)) == {"model", "model_args", "degradation"}  # no --ema
-    run_script("infer.py", image_dir / "img0.png", "-o", tmp_path / "sr.png", "--checkpoint", exported)
-    refused = run_script("train.py", "--train_dir", image_dir, "--resume", exported, check=False)
-    assert refused.returncode == 1 and "weights only" in refused.stderr
+    code, _, err = run_main(infer, images / "img0.png", "-o", tmp_path / "sr.png", "--checkpoint", exported)
+    assert code == 0 and (tmp_path / "sr.png").exists(), err
+
+
+def test_an_export_cannot_be_resumed(two_epochs, tmp_path):
+    _, images, run_dir = two_epochs
+    assert run_main(train, "--export", run_dir / "best.pt", tmp_path / "weights.pt")[0] == 0
+    code, _, err = run_main(train, "--train_dir", images, "--resume", tmp_path / "weights.pt")
+    assert code == 1 and "holds weights only; --resume needs a run's last.pt" in err
 
 
 def test_early_stopping_says_why(image_dir, tmp_path):
     # A learning rate this small cannot change the uint8 output, so validation never improves.
-    result = train(image_dir, tmp_path, "--num_epochs", "10", "--lr", "1e-14", "--patience", "2")
-    assert "early stopping: no validation PSNR gain for 2 epochs" in result.stdout
-    assert [r["epoch"] for r in read_log(tmp_path / "runs" / "tiny")] == ["1", "2", "3"]
+    code, out, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
+                              "--run_name", "tiny", *TINY_RUN, "--num_epochs", "10", "--lr", "1e-14",
+                              "--patience", "2")
+    assert code == 0, err
+    assert "early stopping: no validation PSNR gain for 2 epochs" in out
+    assert [r["epoch"] for r in read_log(tmp_path / "tiny")] == ["1", "2", "3"]
 
 
-def test_bad_flags_are_rejected_before_training(image_dir, tmp_path):
-    for flags, message in [(["--batch_size", "0"], "must be >= 1"), (["--lr", "-1"], "positive number"),
-                           (["--upscale_factor", "5"], "invalid choice"),
-                           (["--patch_size", "30"], "not a multiple of the scale 4")]:
-        result = train(image_dir, tmp_path, *flags, check=False)
-        assert result.returncode != 0 and message in result.stderr, (flags, result.stderr)
-        assert "Traceback" not in result.stderr
+@pytest.mark.parametrize("flags, message", [(["--batch_size", "0"], "must be >= 1"),
+                                            (["--lr", "-1"], "positive number"),
+                                            (["--upscale_factor", "5"], "invalid choice"),
+                                            (["--patch_size", "30"], "not a multiple of the scale 4")])
+def test_a_bad_flag_is_one_line_before_training(image_dir, tmp_path, flags, message):
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
+                            *TINY_RUN, *flags)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [image_dir]  # no run folder
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused(image_dir, tmp_path):
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
+                            *TINY_RUN, "--batch_size", "64")
+    assert code == 1 and "12 patches per epoch is less than one batch of 64" in err

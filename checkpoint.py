@@ -1,0 +1,98 @@
+"""Checkpoints: one dict of state dicts and plain data, written atomically, loaded without running code."""
+import math
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from model import ResShuffle
+from utils import UserError, atomic_path, first_line
+
+# What a weights-only checkpoint (--export, the shipped one) keeps of a run's checkpoint.
+WEIGHT_KEYS = ("model", "ema", "model_args", "degradation")
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """torch.save to a temporary file, fsync, rename: a kill never leaves a torn checkpoint."""
+    with atomic_path(Path(path)) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint dict with weights_only=True: a file that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip (PK..); the legacy format and plain pickles start with PROTO (0x80)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise UserError(f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file)")
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ..." for plain pickles
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused: {weights_only_reason(e)}") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... here
+        raise UserError(f"{path}: not a loadable checkpoint ({first_line(e)})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
+        raise UserError(f"{path}: not a ResShuffle checkpoint (no 'model' and 'model_args' entries)")
+    return checkpoint
+
+
+def weights_only_reason(e: pickle.UnpicklingError) -> str:
+    """torch's weights_only refusal, without its advice to retry with weights_only=False.
+
+    torch gives the refused global only inside its message text, so it is read from there.
+    """
+    found = re.search(r"Unsupported global: GLOBAL \S+|unsupported GLOBAL \S+|Unsupported operand \d+", str(e))
+    detail = found.group(0) if found else ""
+    return ("it holds objects that weights_only=True loading does not allow, which could run code"
+            + (f" ({detail})" if detail else ""))
+
+
+def load_model(path: str | Path, device: torch.device, raw_weights: bool = False) -> tuple[ResShuffle, dict]:
+    """The network a checkpoint describes, with its weights, in eval mode and channels_last.
+
+    A checkpoint trained with --ema holds two sets: the EMA weights are used unless
+    `raw_weights`. Returns (model, info); info: `weights` ("ema" or "raw"), `degradation`
+    (what it was trained on, None if the checkpoint does not say), `model_args`.
+    """
+    checkpoint = load_checkpoint(path)
+    kind = "ema" if checkpoint.get("ema") is not None and not raw_weights else "raw"
+    state = checkpoint["ema"] if kind == "ema" else checkpoint["model"]
+    try:
+        model = ResShuffle(**checkpoint["model_args"])
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise UserError(f"{path}: its weights are {describe_weights(state)}, which does not match "
+                        f"its model_args {checkpoint['model_args']} ({first_line(e)})") from None
+    info = {"weights": kind, "degradation": checkpoint.get("degradation"), "model_args": checkpoint["model_args"]}
+    return model.to(device, memory_format=torch.channels_last).eval(), info
+
+
+def describe_weights(state_dict) -> str:
+    """What network a state_dict's tensor shapes describe, e.g. 'a x4 network with 64 features and
+    16 residual blocks'; or what it is instead, for weights of some other network."""
+    try:
+        features = state_dict["head.0.weight"].shape[0]
+        blocks = len({k.split(".")[1] for k in state_dict if k.startswith("body.") and k.count(".") >= 2})
+        stages = [v.shape[0] // features for k, v in sorted(state_dict.items())
+                  if k.startswith("upsample.") and k.endswith(".weight")]
+        scale = math.prod(math.isqrt(r) for r in stages)
+        return f"a x{scale} network with {features} features and {blocks} residual blocks"
+    except (KeyError, AttributeError, IndexError, TypeError, ZeroDivisionError, ValueError):
+        keys = list(state_dict)[:3] if isinstance(state_dict, dict) else []
+        return f"not a ResShuffle network's (first entries: {', '.join(map(str, keys)) or 'none'})"
+
+
+def export_weights(src: str | Path, dst: str | Path) -> None:
+    """Write a run's checkpoint as weights and model_args only: what infer.py and evaluate.py need."""
+    checkpoint = load_checkpoint(src)
+    keep = {k: checkpoint[k] for k in WEIGHT_KEYS if checkpoint.get(k) is not None}
+    save_checkpoint(keep, dst)
+    print(f"{src} (epoch {checkpoint.get('epoch')}, val PSNR {checkpoint.get('best_psnr', float('nan')):.4f} dB)"
+          f" -> {dst}: {', '.join(keep)}; model_args {checkpoint['model_args']}")

@@ -1,0 +1,60 @@
+"""PSNR and SSIM as BasicSR defines them: uint8 images, a cropped border, RGB or BT.601 luma."""
+import numpy as np
+from skimage.metrics import structural_similarity
+
+
+def rgb_to_y(img: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of uint8 RGB, as float64 in [16, 235] (BasicSR's `to_y_channel`)."""
+    return img.astype(np.float64) @ np.array([65.481, 128.553, 24.966]) / 255.0 + 16.0
+
+
+def _prepare(img1: np.ndarray, img2: np.ndarray, crop_border: int, y_channel: bool):
+    if img1.shape != img2.shape:
+        raise ValueError(f"image shapes differ: {img1.shape} vs {img2.shape}")
+    if crop_border:
+        img1 = img1[crop_border:-crop_border, crop_border:-crop_border]
+        img2 = img2[crop_border:-crop_border, crop_border:-crop_border]
+    if y_channel:
+        return rgb_to_y(img1), rgb_to_y(img2)
+    return img1.astype(np.float64), img2.astype(np.float64)
+
+
+def psnr(img1: np.ndarray, img2: np.ndarray, crop_border: int = 0, y_channel: bool = False) -> float:
+    """PSNR in dB of two HWC uint8 RGB images, on [0, 255]; inf when identical.
+
+    Args:
+        crop_border: pixels removed from each edge first (the protocol uses the scale).
+        y_channel: compare BT.601 luma instead of RGB.
+    """
+    a, b = _prepare(img1, img2, crop_border, y_channel)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def ssim(img1: np.ndarray, img2: np.ndarray, crop_border: int = 0, y_channel: bool = False) -> float:
+    """SSIM of Wang et al. (11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) on [0, 255].
+
+    RGB: the mean of the per-channel SSIMs, as BasicSR. Same arguments as `psnr`.
+    """
+    a, b = _prepare(img1, img2, crop_border, y_channel)
+    return float(structural_similarity(a, b, data_range=255, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False,
+                                       channel_axis=None if y_channel else -1))
+
+
+def measure(img: np.ndarray, hr: np.ndarray, crop_border: int, channels=("rgb",), prefix: str = "") -> dict:
+    """PSNR and SSIM of one uint8 RGB image against its HR reference.
+
+    Keys: psnr, ssim for "rgb"; psnr_y, ssim_y for "y"; each after `prefix`.
+    """
+    out = {}
+    for channel in channels:
+        y, suffix = channel == "y", "_y" if channel == "y" else ""
+        out[f"{prefix}psnr{suffix}"] = psnr(img, hr, crop_border, y)
+        out[f"{prefix}ssim{suffix}"] = ssim(img, hr, crop_border, y)
+    return out
+
+
+def mean(rows: list[dict], key: str) -> float:
+    """The mean of one metric over per-image rows (the protocol's per-set figure)."""
+    return float(np.mean([r[key] for r in rows]))

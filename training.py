@@ -1,0 +1,84 @@
+"""The training step and what train.py's loop keeps beside it: precision, the EMA of the weights, stop signals.
+
+The loss is here (`train_step`); train.py strings these together into epochs, and benchmark.py
+times `train_step` as train.py runs it.
+"""
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this device, or None for fp32 (CPU: fp32)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def train_step(model: torch.nn.Module, lr: torch.Tensor, hr: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimisation step on a batch of (lr, hr) float patches on the model's device (dataset.device_batch).
+
+    The loss is L1, as the original's. Returns it, left on the device (reading it waits for a GPU).
+    """
+    with torch.autocast(lr.device.type, dtype=dtype, enabled=dtype is not None):
+        loss = F.l1_loss(model(lr), hr)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def ema_decay_at(decay: float, t: int) -> float:
+    """The EMA decay for update t (0-based): min(decay, (1 + t) / (10 + t)).
+
+    Without the warm-up, the random initial weights keep decay ** t of the average (0.995:
+    20% after 315 steps); with it, early updates follow the weights closely and the full
+    decay applies once (1 + t) / (10 + t) exceeds it.
+    """
+    return min(decay, (1 + t) / (10 + t))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Move each of `ema`'s parameters (1 - decay) of the way to `model`'s, in place."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to save last.pt and stop after this step.
+
+    A second signal stops at once, without saving (last.pt then holds the previous save).
+    """
+
+    def __init__(self, quiet: bool = False):
+        self.signum, self.previous, self.quiet = None, {}, quiet
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name}: saving and stopping after this step "
+                  f"(send it again to quit at once, without saving)", file=sys.stderr, flush=True)
+
+    def exit(self, where: str, path: Path, world_size: int = 1) -> None:
+        signum = self.signum or signal.SIGTERM  # under torchrun, another process may have had it
+        launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+        if not self.quiet:
+            print(f"stopped by {signal.Signals(signum).name} {where}; saved {path}\n"
+                  f"resume with: {launcher} train.py --resume {path}", flush=True)
+        sys.exit(128 + signum)

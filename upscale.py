@@ -1,0 +1,142 @@
+"""Super-resolving whole images with a ResShuffle network: in tiles with context, with self-ensemble.
+
+Tiling relies on the split that model.py defines: `features` (the LR body, which sees
+`feature_radius` pixels) and `reconstruct` (the HR stages, which see `reconstruct_radius`).
+Images are HWC uint8 RGB numpy arrays.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+
+from model import ResShuffle
+from utils import warn
+
+# Tiled is the default: on CPU it measured as fast as whole images or faster, in a fraction of
+# the memory (benchmark.py); with the default padding the output is the same.
+DEFAULT_TILE = 256
+
+# HR stages run on LR blocks of at most this size (plus their small margin): their tensors are
+# the largest (64 channels at up to 4x4 the pixels), and small blocks keep them in cache.
+RECONSTRUCT_TILE = 128
+
+
+def image_to_tensor(img: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> (1, C, H, W) float32 in [0, 1], channels_last (a view of the same layout)."""
+    return torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1).unsqueeze(0).float().div_(255)
+
+
+def tensor_to_image(t: torch.Tensor) -> np.ndarray:
+    """(1, C, H, W) or (C, H, W) float in [0, 1] -> HWC uint8, clamped and rounded.
+
+    Rounded, not truncated (torchvision's to_pil_image truncates): metrics are taken on the
+    uint8 image a user would save, as BasicSR does.
+    """
+    t = t.squeeze(0) if t.dim() == 4 else t
+    return t.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+@torch.inference_mode()
+def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
+            self_ensemble: bool = False) -> np.ndarray:
+    """Super-resolve one HWC uint8 RGB image with `model`, whole or in tiles.
+
+    Args:
+        tile: LR tile size in pixels; 0 runs the whole image at once (tiled anyway, with a
+            warning, when free memory is short).
+        tile_pad: LR pixels of context around each tile; None: the model's `receptive_radius()`,
+            with which (or more) the result equals the whole-image result.
+        self_ensemble: average the outputs for the 8 flips/rotations of the input, each mapped
+            back (EDSR's "+"), before rounding; 8 times the work.
+    Returns: HWC uint8 RGB of exactly (scale * H, scale * W).
+    """
+    if not self_ensemble:
+        return super_resolve(model, img, tile, tile_pad, np.uint8)
+    total = None
+    for k in range(4):
+        for flip in (False, True):
+            t = np.rot90(img, k)[:, ::-1] if flip else np.rot90(img, k)
+            sr = super_resolve(model, np.ascontiguousarray(t), tile, tile_pad, np.float32)
+            sr = np.rot90(sr[:, ::-1] if flip else sr, -k)
+            total = sr.copy() if total is None else total + sr
+    return np.rint(np.clip(total / 8, 0, 1) * 255).astype(np.uint8)
+
+
+def super_resolve(model: ResShuffle, img: np.ndarray, tile: int, tile_pad: int | None, dtype) -> np.ndarray:
+    """`upscale` without the ensemble: HWC uint8 (rounded) or float32 (raw, in [0, 1] units).
+
+    Each tile's LR features are computed with `tile_pad` pixels of context; the HR stages then
+    run on blocks of those features (at most RECONSTRUCT_TILE wide) with only the few pixels of
+    margin that upsampling needs. The output is written into one preallocated array.
+    """
+    device = next(model.parameters()).device
+    s, margin = model.scale, model.reconstruct_radius()
+    tile_pad = model.receptive_radius() if tile_pad is None else tile_pad
+    x = image_to_tensor(img).to(device)
+    h, w = img.shape[:2]
+
+    def to_array(t: torch.Tensor) -> np.ndarray:
+        return tensor_to_image(t) if dtype == np.uint8 else t.squeeze(0).float().permute(1, 2, 0).cpu().numpy()
+
+    if tile <= 0 or (tile >= h and tile >= w):
+        if fits_in_memory(model, h, w, device):
+            return to_array(model(x))
+        tile = DEFAULT_TILE
+    out = np.empty((h * s, w * s, 3), dtype=dtype)
+    for box in tiles(h, w, tile):
+        py0, py1, px0, px1 = padded = grow(box, tile_pad, (0, h, 0, w))
+        features = model.features(channels_last(x[:, :, py0:py1, px0:px1]))
+        y0, y1, x0, x1 = box
+        for by0, by1, bx0, bx1 in tiles(y1 - y0, x1 - x0, min(tile, RECONSTRUCT_TILE)):
+            b0, b1, c0, c1 = block = (y0 + by0, y0 + by1, x0 + bx0, x0 + bx1)
+            my0, my1, mx0, mx1 = grow(block, margin, padded)
+            f = features[:, :, my0 - py0:my1 - py0, mx0 - px0:mx1 - px0]
+            sr = model.reconstruct(channels_last(f), channels_last(x[:, :, my0:my1, mx0:mx1]))
+            out[b0 * s:b1 * s, c0 * s:c1 * s] = to_array(
+                sr[:, :, (b0 - my0) * s:(b1 - my0) * s, (c0 - mx0) * s:(c1 - mx0) * s])
+    return out
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def tiles(height: int, width: int, size: int):
+    """(y0, y1, x0, x1) of the size x size tiles covering a height x width image, row by row."""
+    for y0 in range(0, height, size):
+        for x0 in range(0, width, size):
+            yield y0, min(y0 + size, height), x0, min(x0 + size, width)
+
+
+def grow(box: tuple, by: int, limit: tuple) -> tuple:
+    """A (y0, y1, x0, x1) box grown by `by` pixels on each side, clipped to `limit`."""
+    (y0, y1, x0, x1), (ly0, ly1, lx0, lx1) = box, limit
+    return max(y0 - by, ly0), min(y1 + by, ly1), max(x0 - by, lx0), min(x1 + by, lx1)
+
+
+def fits_in_memory(model: ResShuffle, height: int, width: int, device: torch.device) -> bool:
+    """Whether a whole height x width image fits in free memory; says so when it does not."""
+    needed, free = model.untiled_bytes(height, width), available_memory(device)
+    if needed < 0.8 * free:
+        return True
+    warn(f"{width}x{height} in one piece needs about {needed / 1e9:.1f} GB and {free / 1e9:.1f} GB are free: "
+         f"tiling it by {DEFAULT_TILE} instead (same result)")
+    return False
+
+
+def available_memory(device: torch.device) -> float:
+    """Bytes free for new allocations on `device` (CPU: the kernel's MemAvailable); inf if unknown."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return math.inf
