@@ -2,9 +2,8 @@
 
     train = TrainDataset("data/DIV2K_train_HR", scale=4, patch_size=192, patches_per_image=20, seed=0)
     sampler = EpochSampler(train, seed=0)
-    for lr, hr, flips in PatchLoader(train, sampler, batch_size=32, num_workers=4): ...
-
-    lr, hr = device_batch(lr, hr, flips, device)   # flipped on the device, float in [0, 1]
+    for lr, hr, flips in PatchLoader(train, sampler, batch_size=32, num_workers=4):
+        lr, hr = device_batch(lr, hr, flips, device)   # flipped on the device, float in [0, 1]
     for name, hr, lr in eval_pairs(list_images("data/DIV2K_valid_HR"), scale=4): ...
 
 The LR image is always the bicubic downsampling (resize.downsample: PIL's by default, or

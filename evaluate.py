@@ -63,7 +63,7 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
             if save_dir is not None:
                 save_image(sr, save_dir / f"{Path(name).stem}.png")
             if compare_dir is not None:
-                save_image(comparison(hr, lr, sr, model.scale, compare_size),
+                save_image(comparison(hr, lr, sr, bicubic, model.scale, compare_size),
                            compare_dir / f"{Path(name).stem}_compare.png")
             rows.append(row)
     return rows
@@ -84,7 +84,8 @@ def detail_crop(hr: np.ndarray, size: int, scale: int) -> tuple[int, int]:
     return where
 
 
-def comparison(hr: np.ndarray, lr: np.ndarray, sr: np.ndarray, scale: int, size: int) -> Image.Image:
+def comparison(hr: np.ndarray, lr: np.ndarray, sr: np.ndarray, bicubic: np.ndarray, scale: int,
+               size: int) -> Image.Image:
     """One panel, as the original README's table: original | low-resolution input | bicubic |
     ResShuffle, on the same detailed crop; the LR crop is shown with nearest-neighbour pixels."""
     size = min(size, hr.shape[0], hr.shape[1]) // scale * scale
@@ -92,7 +93,7 @@ def comparison(hr: np.ndarray, lr: np.ndarray, sr: np.ndarray, scale: int, size:
     crop = (slice(y, y + size), slice(x, x + size))
     lr_crop = lr[y // scale:(y + size) // scale, x // scale:(x + size) // scale]
     tiles = [hr[crop], np.asarray(Image.fromarray(lr_crop).resize((size, size), Image.NEAREST)),
-             resize_bicubic(lr, hr.shape[1], hr.shape[0])[crop], sr[crop]]
+             bicubic[crop], sr[crop]]
     labels = ["original", f"input (1/{scale})", "bicubic", "ResShuffle"]
     gap, text = 4, 16
     panel = Image.new("RGB", (4 * size + 3 * gap, size + text), "white")

@@ -135,7 +135,7 @@ class ResShuffle(nn.Module):
         tiled inference builds it once, not once per tile.
         """
         w, b = self.tail.weight, self.tail.bias
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or w.is_inference():  # inference tensors keep no version counter
             return subpixel_conv_weight(w, r), b.repeat_interleave(r * r)
         key = (w.data_ptr(), w._version, b.data_ptr(), b._version, w.dtype, w.device)
         if self._tail_cache is None or self._tail_cache[0] != key:

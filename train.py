@@ -70,7 +70,7 @@ class Run:
     loader: PatchLoader
     steps_per_epoch: int
     val_pairs: list               # (name, hr, lr), decoded once; rank 0 only
-    bicubic_psnr: float = math.nan
+    bicubic: tuple = (math.nan, math.nan)  # bicubic upsampling's val PSNR and SSIM: the score to beat
     epoch: int = 0                # whole epochs done
     step: int = 0                 # steps done of the next epoch (a run stopped mid-epoch)
     loss_sum: float = 0.0         # the sum of those steps' losses
@@ -137,7 +137,8 @@ def train(args):
             loss = end_epoch(run, epoch)
             due = epoch % args.val_every == 0 or epoch == args.num_epochs
             val = validate(run) if run.lead and due else None
-            early_stop = record(run, epoch, loss, lr_now, val, seconds=time.time() - started)
+            record(run, epoch, loss, lr_now, val, seconds=time.time() - started)
+            early_stop = early_stop_reason(run, epoch) if val is not None else None
             # Decided by rank 0 (early stopping) or by any process (a signal), obeyed by all.
             if distributed.any_process(early_stop is not None, run.device):
                 if run.lead:
@@ -184,6 +185,7 @@ def start_run(args) -> Run:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if run.lead:
+        run.bicubic = bicubic_scores(val_pairs, crop_border=scale)
         prepare_folder(run)
         announce(run)
     return run
@@ -240,6 +242,12 @@ def load_val_pairs(val_dir: str, scale: int, max_images: int, degradation: str) 
     return list(eval_pairs(paths, scale, degradation))
 
 
+def bicubic_scores(pairs: list, crop_border: int) -> tuple[float, float]:
+    """Mean PSNR and SSIM of PIL bicubic upsampling on (name, hr, lr) pairs, measured as the model is."""
+    rows = [measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border) for _, hr, lr in pairs]
+    return mean(rows, "psnr"), mean(rows, "ssim")
+
+
 def prepare_folder(run: Run) -> None:
     """Rank 0: the run's folder, without what a killed run left in it, its log cut back to the checkpoint."""
     make_dir(run.folder)
@@ -260,11 +268,7 @@ def announce(run: Run) -> None:
     print(f"train: {len(data.hr)} images, {len(data)} patches of {data.lr_patch * data.scale}px per epoch, "
           f"{run.steps_per_epoch} steps of {args.batch_size}{f' x {n}' if n > 1 else ''}; "
           f"val: {len(run.val_pairs)} images")
-    scale = run.model_args["scale"]
-    bicubic = [measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border=scale)
-               for _, hr, lr in run.val_pairs]
-    run.bicubic_psnr = mean(bicubic, "psnr")
-    print(f"val bicubic: {run.bicubic_psnr:.4f} dB / {mean(bicubic, 'ssim'):.4f}")
+    print(f"val bicubic: {run.bicubic[0]:.4f} dB / {run.bicubic[1]:.4f}")
     if args.resume:
         print(f"resumed from {args.resume} at epoch {run.epoch + 1}{f', step {run.step}' if run.step else ''}, "
               f"lr {run.scheduler.get_last_lr()[0]:.3g}, best PSNR {run.best_psnr:.4f} dB")
@@ -341,13 +345,10 @@ def validate(run: Run) -> tuple[float, float]:
     return mean(scores, "psnr"), mean(scores, "ssim")
 
 
-def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, seconds: float) -> str | None:
-    """Rank 0: keep the best, log the epoch, save best.pt and last.pt, print the validation line.
-
-    Returns why to stop early, or None.
-    """
+def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, seconds: float) -> None:
+    """Rank 0: keep the best, log the epoch, save best.pt and last.pt, print the validation line."""
     if not run.lead:
-        return None
+        return
     improved = val is not None and val[0] > run.best_psnr
     if improved:
         run.best_psnr, run.best_epoch = val[0], epoch
@@ -359,12 +360,15 @@ def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, 
     if improved:
         save_checkpoint(state, run.folder / "best.pt")
     save_checkpoint(state, run.last_path)
-    if val is None:
-        return None
-    print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val{' (EMA)' if run.ema is not None else ''} "
-          f"PSNR/SSIM {val[0]:.4f} dB / {val[1]:.4f} ({val[0] - run.bicubic_psnr:+.2f} dB vs bicubic)"
-          f"{' best' if improved else ''}, {row['seconds']} s"
-          f"{f', weights identical on {run.world_size} processes' if run.world_size > 1 else ''}")
+    if val is not None:
+        print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val{' (EMA)' if run.ema is not None else ''} "
+              f"PSNR/SSIM {val[0]:.4f} dB / {val[1]:.4f} ({val[0] - run.bicubic[0]:+.2f} dB vs bicubic)"
+              f"{' best' if improved else ''}, {row['seconds']} s"
+              f"{f', weights identical on {run.world_size} processes' if run.world_size > 1 else ''}")
+
+
+def early_stop_reason(run: Run, epoch: int) -> str | None:
+    """Why to stop after a validated `epoch` (--patience epochs without a better val PSNR), or None."""
     patience = run.args.patience
     if patience and epoch - run.best_epoch >= patience:
         return (f"early stopping: no validation PSNR gain for {epoch - run.best_epoch} epochs "

@@ -1,7 +1,7 @@
-"""The training step and what train.py's loop keeps beside it: precision, the EMA of the weights, stop signals.
+"""One training step, and what train.py's loop keeps between steps: the EMA of the weights, stop signals.
 
-The loss is here (`train_step`); train.py strings these together into epochs, and benchmark.py
-times `train_step` as train.py runs it.
+The loss is here (`train_step`). train.py strings these into epochs; benchmark.py times
+`train_step` exactly as train.py runs it.
 """
 import signal
 import sys
@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this device, or None for fp32 (CPU: fp32)."""
+    """The autocast dtype for this device, or None for fp32.
+
+    CPUs train in fp32: whether bf16 autocast is faster depends on the processor.
+    """
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -3,11 +3,8 @@ import numpy as np
 import torch
 
 from checkpoint import load_checkpoint
-from conftest import read_log, run_script
+from conftest import TINY_RUN, read_log, run_script
 from dataset import EpochSampler
-
-TINY_RUN = ["--num_features", "8", "--num_residuals", "1", "--patch_size", "32", "--patches_per_image", "4",
-            "--num_workers", "0", "--mean_shift", "--image_skip"]
 
 
 def torchrun(*args, check=True):

@@ -115,7 +115,8 @@ def test_comparison_panels_show_the_most_detailed_crop_four_ways(tiny_checkpoint
     hr[16:48, 56:88] = rng.integers(0, 256, (32, 32, 3))  # the only detail in the image
     lr = np.asarray(Image.fromarray(hr).resize((24, 16), Image.BICUBIC))
     sr = np.asarray(Image.fromarray(lr).resize((96, 64), Image.NEAREST))
-    panel = np.asarray(comparison(hr, lr, sr, scale=4, size=32))
+    bicubic = np.asarray(Image.fromarray(lr).resize((96, 64), Image.BICUBIC))
+    panel = np.asarray(comparison(hr, lr, sr, bicubic, scale=4, size=32))
     assert panel.shape == (32 + 16, 4 * 32 + 3 * 4, 3)
     np.testing.assert_array_equal(panel[:32, :32], hr[16:48, 56:88])  # found the detailed window
     np.testing.assert_array_equal(panel[:32, 3 * 36:3 * 36 + 32], sr[16:48, 56:88])

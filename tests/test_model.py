@@ -119,3 +119,9 @@ def test_inference_builds_the_rearranged_tail_once_until_the_weights_change(monk
     net.train()
     net(torch.rand(1, 3, 4, 4)).sum().backward()  # with gradients: built on every call, never cached
     assert len(built) == 3 and net.tail.weight.grad is not None
+
+
+def test_a_network_built_under_inference_mode_runs_there():
+    with torch.inference_mode():
+        model = ResShuffle(scale=2, num_features=4, num_residuals=1).eval()
+        assert model(torch.rand(1, 3, 5, 6)).shape == (1, 3, 10, 12)

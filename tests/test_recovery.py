@@ -92,15 +92,19 @@ def test_a_signal_mid_epoch_saves_there_and_resuming_gives_the_uninterrupted_wei
     assert rows == [[r[k] for k in keep] for r in read_log(reference)]
 
 
-def test_ctrl_c_to_a_real_process_saves_and_prints_how_to_resume(image_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_a_real_process_saves_and_prints_how_to_resume(image_dir, tmp_path, signum):
     run_dir = tmp_path / "runs" / "long"
     proc = start(["train.py", *train_args(image_dir, tmp_path / "runs", "long", "--num_epochs", "100000",
                                           "--patience", "0")])
     wait_for(run_dir / "last.pt", proc)
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C: the whole process group
+    else:
+        proc.send_signal(signum)  # as `kill` or a job scheduler
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, err
-    assert "stopped by SIGINT" in out and "Traceback" not in err
+    assert proc.returncode == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name}" in out and "Traceback" not in err
     assert f"resume with: python train.py --resume {run_dir / 'last.pt'}" in out
     load_checkpoint(run_dir / "last.pt")
 
@@ -175,7 +179,9 @@ def test_resume_refuses_flags_that_change_the_run(image_dir, tmp_path):
     assert code == 0, err
     code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--upscale_factor", "2")
     assert code == 1 and "started with --upscale_factor 4 (x4, 8 features, 1 residual blocks, mean_shift, image_skip)" in err
-    code, out, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2")
+    # A run flag typed again with the value the run has is no change.
+    code, out, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2",
+                              "--num_features", "8", "--batch_size", "4")
     assert code == 0 and "resumed from" in out and [r["epoch"] for r in read_log(tmp_path / "r")] == ["1", "2"]
 
 
