@@ -128,6 +128,15 @@ def test_ema_decay_warms_up_then_holds():
     assert ema_decay_at(0.999, 100_000) == 0.999
 
 
+def test_the_ema_decay_follows_the_step_count_across_epochs(image_dir, tmp_path, monkeypatch):
+    decays, real = [], train.update_ema
+    monkeypatch.setattr(train, "update_ema", lambda ema, model, decay: decays.append(decay) or real(ema, model, decay))
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
+                            *TINY_RUN, "--ema", "0.9", "--num_epochs", "2")
+    assert code == 0, err
+    assert decays == [ema_decay_at(0.9, t) for t in range(6)]  # 3 steps an epoch, t counted from 0
+
+
 EMA_RUN = [*TINY_RUN, "--ema", "0.5", "--degradation", "matlab"]
 
 
