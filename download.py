@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -141,6 +142,8 @@ def download_div2k(root: Path, url_base: str = DIV2K_URL, names=tuple(DIV2K_FILE
 
 
 def main(args):
+    if urllib.parse.urlsplit(args.url_base).scheme not in ("http", "https"):
+        raise UserError(f"--url_base {args.url_base}: not an http:// or https:// address")
     download_div2k(Path(args.root), url_base=args.url_base, names=args.sets, keep_zip=args.keep_zip)
 
 

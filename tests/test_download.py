@@ -166,3 +166,9 @@ def test_a_zip_that_does_not_hold_the_set_is_not_extracted(div2k, tmp_path, monk
 def test_missing_div2k_folders_say_how_to_get_them(tmp_path, tiny_checkpoint):
     code, _, err = run_main(evaluate, "--data_dir", tmp_path / "data" / "DIV2K_valid_HR", "--checkpoint", tiny_checkpoint)
     assert code == 1 and f"get DIV2K with: python download.py --root {tmp_path / 'data'}" in err
+
+
+def test_a_url_base_that_is_not_http_is_one_line(tmp_path):
+    code, _, err = run_main(download, "--root", tmp_path / "data", "--url_base", "notaurl")
+    assert code == 1 and "--url_base notaurl: not an http:// or https:// address" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()
