@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -38,9 +39,27 @@ def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
     The file is renamed to `dest` only once its size and SHA-256 match; a mismatch deletes it.
     """
     part = dest.with_name(dest.name + ".part")
+    fresh = not part.exists()
+    try:
+        fetch_part(url, part, size)
+    except BaseException:
+        if fresh and part.exists() and not part.stat().st_size:
+            part.unlink()  # opened, then nothing came: nothing to resume from, and it would keep --root
+        raise
+    got, digest = part.stat().st_size, file_sha256(part)
+    if got != size or digest != sha256:
+        part.unlink()
+        raise UserError(f"{url}: corrupt download ({got:,} bytes, SHA-256 {digest[:16]}...; expected {size:,} "
+                        f"bytes, {sha256[:16]}...): deleted; run again, or pass another --url_base")
+    os.replace(part, dest)
+
+
+def fetch_part(url: str, part: Path, size: int) -> None:
+    """Append to `part` until it holds `size` bytes, retrying what may pass (timeouts, resets, cut-short bodies)."""
     failures, restarted = 0, False
+    # delay: no bar for a run that fails before its first byte, so its error stays one line
     with tqdm(total=size, initial=part.stat().st_size if part.exists() else 0, unit="B", unit_scale=True,
-              unit_divisor=1024, desc=dest.name) as bar:
+              unit_divisor=1024, desc=part.stem, delay=1) as bar:
         while (have := part.stat().st_size if part.exists() else 0) < size:
             request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
             try:
@@ -66,7 +85,9 @@ def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
                                 f"{' (the file there is shorter than DIV2K' + chr(39) + 's)' if e.code == 416 else ''}"
                                 ) from None
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
-                error = str(getattr(e, "reason", None) or e) or type(e).__name__  # refused, reset, cut short
+                if why := unreachable(url, e):
+                    raise UserError(why) from None
+                error = str(getattr(e, "reason", None) or e) or type(e).__name__  # reset, timed out, cut short
             except OSError as e:
                 raise UserError(f"{part}: cannot write ({e.strerror or e})") from None
             if error:
@@ -75,17 +96,26 @@ def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
                 if failures > RETRIES:
                     raise UserError(f"{url}: {failures} failed attempts, last: {error}"
                                     f"{f'; run again to resume from {part} ({have:,} bytes)' if have else ''}")
-                tqdm.write(f"{dest.name}: {error}; retrying" + (f" from byte {have:,}" if have else ""))
+                tqdm.write(f"{part.stem}: {error}; retrying" + (f" from byte {have:,}" if have else ""))
                 time.sleep(min(2 ** failures, 30) * RETRY_SLEEP)
-    got, digest = part.stat().st_size, file_sha256(part)
-    if got != size or digest != sha256:
-        part.unlink()
-        raise UserError(f"{url}: corrupt download ({got:,} bytes, SHA-256 {digest[:16]}...; expected {size:,} "
-                        f"bytes, {sha256[:16]}...): deleted; run again, or pass another --url_base")
-    os.replace(part, dest)
 
 
 RETRY_SLEEP = 1.0  # seconds, times 2, 4, 8, ... (tests set it to 0)
+
+
+def unreachable(url: str, error: Exception) -> str | None:
+    """A one-line reason when `url`'s host cannot be reached at all, None when retrying may help.
+
+    A host name that does not resolve (no network, a typo in --url_base) or a refused connection
+    (nothing listens there) stays that way for the minute the retries would take.
+    """
+    reason = getattr(error, "reason", error)  # urlopen wraps socket errors in URLError.reason
+    host = urllib.parse.urlsplit(url).netloc.rpartition("@")[2]  # host[:port], never a password
+    if isinstance(reason, socket.gaierror):
+        return f"{host}: cannot resolve the host name (no network?): {reason}"
+    if isinstance(reason, ConnectionRefusedError):
+        return f"{host}: connection refused (is the server up? is --url_base right?): {reason}"
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -141,10 +171,38 @@ def download_div2k(root: Path, url_base: str = DIV2K_URL, names=tuple(DIV2K_FILE
         print(f"{target}: {count} images")
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """The folders `make_dir(path)` would create, deepest first."""
+    missing = []
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Undo `make_dir` after a failed run, so a typo in --root or a failed first try leaves no empty folder.
+
+    rmdir only removes empty folders: whatever a run did write (a .part to resume from, an extracted
+    set) stays, and so do the folders holding it.
+    """
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def main(args):
     if urllib.parse.urlsplit(args.url_base).scheme not in ("http", "https"):
         raise UserError(f"--url_base {args.url_base}: not an http:// or https:// address")
-    download_div2k(Path(args.root), url_base=args.url_base, names=args.sets, keep_zip=args.keep_zip)
+    root = Path(args.root)
+    created = missing_folders(root)
+    try:
+        download_div2k(root, url_base=args.url_base, names=args.sets, keep_zip=args.keep_zip)
+    except BaseException:  # Ctrl-C included
+        remove_empty(created)
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 import hashlib
 import http.server
 import io
+import socket
 import threading
+import urllib.request
 import zipfile
 
 import numpy as np
@@ -134,18 +136,18 @@ def test_a_corrupt_download_is_refused_and_leaves_nothing(div2k, tmp_path):
         code, _, err = run_main(download, "--root", data, "--url_base", server.url,
                                 "--sets", "DIV2K_valid_HR")
         assert code == 1 and "corrupt download" in err and "Traceback" not in err
-        assert list(data.iterdir()) == []  # no zip, no .part, no half-extracted folder
+        assert not data.exists()  # no zip, no .part, no half-extracted folder, not even the --root it made
 
         # A file of another size is refused from its headers, before anything is written.
         server.files["/mirror/DIV2K_valid_HR.zip"] = good + b"more"
         code, _, err = run_main(download, "--root", data, "--url_base", server.url,
                                 "--sets", "DIV2K_valid_HR")
         assert code == 1 and f"the file there is {len(good) + 4:,} bytes, not {len(good):,}" in err
-        assert list(data.iterdir()) == []
+        assert not data.exists()
 
         code, _, err = run_main(download, "--root", data, "--url_base", server.url + "/nothere",
                                 "--sets", "DIV2K_valid_HR")
-        assert code == 1 and "404" in err and list(data.iterdir()) == []
+        assert code == 1 and "404" in err and not data.exists()
     finally:
         server.close()
 
@@ -172,3 +174,63 @@ def test_a_url_base_that_is_not_http_is_one_line(tmp_path):
     code, _, err = run_main(download, "--root", tmp_path / "data", "--url_base", "notaurl")
     assert code == 1 and "--url_base notaurl: not an http:// or https:// address" in err and "Traceback" not in err
     assert not (tmp_path / "data").exists()
+
+
+def count_attempts(monkeypatch) -> list:
+    """Record every urlopen call download.py makes; sleeps between retries cost no time."""
+    attempts = []
+    urlopen = urllib.request.urlopen
+
+    def counting(request, *args, **kwargs):
+        attempts.append(request.full_url)
+        return urlopen(request, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", counting)
+    monkeypatch.setattr(download, "RETRY_SLEEP", 0)
+    return attempts
+
+
+def test_a_refused_connection_fails_at_once_in_one_line_and_leaves_no_root(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    attempts = count_attempts(monkeypatch)
+    root = tmp_path / "new" / "data"
+    code, _, err = run_main(download, "--root", root, "--url_base", f"http://127.0.0.1:{port}/mirror",
+                            "--sets", "DIV2K_valid_HR")
+    assert code == 1 and len(attempts) == 1  # no retries
+    assert err.count("\n") == 1 and err.startswith(f"download.py: error: 127.0.0.1:{port}: connection refused"), err
+    assert list(tmp_path.iterdir()) == []  # neither --root nor the parent it made
+
+
+def test_a_host_name_that_does_not_resolve_fails_at_once_naming_the_host(tmp_path, monkeypatch):
+    lookups = []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    attempts = count_attempts(monkeypatch)
+    root = tmp_path / "data"
+    root.mkdir()  # there before: stays, as it was
+    code, _, err = run_main(download, "--root", root, "--url_base", "https://div2k.mirror.invalid/cvl")
+    assert code == 1 and len(attempts) == 1 and lookups == ["div2k.mirror.invalid"]
+    assert err == ("download.py: error: div2k.mirror.invalid: cannot resolve the host name (no network?): "
+                   f"[Errno {socket.EAI_NONAME}] Name or service not known\n")
+    assert root.is_dir() and list(root.iterdir()) == []
+
+
+def test_a_server_that_sends_nothing_is_retried_then_leaves_no_empty_part(tmp_path, monkeypatch):
+    class EmptyBody(io.BytesIO):  # a 200 whose connection closes before the first byte
+        status, headers = 200, {}
+
+    attempts = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: attempts.append(request) or EmptyBody())
+    monkeypatch.setattr(download, "RETRY_SLEEP", 0)
+    root = tmp_path / "data"
+    code, out, err = run_main(download, "--root", root, "--url_base", "http://127.0.0.1:1/mirror",
+                              "--sets", "DIV2K_valid_HR")
+    assert code == 1 and len(attempts) == download.RETRIES + 1 and out.count("closed early; retrying") == download.RETRIES
+    assert f"{download.RETRIES + 1} failed attempts, last: closed early" in err and "resume" not in err
+    assert not root.exists()  # the empty .part went, and then the --root this run made
