@@ -1,6 +1,6 @@
 """Measure ResShuffle's training step, data loader, inference and evaluation against the plain way.
 
-usage: python benchmark.py [--device auto] [--steps 4] [--skip_memory]
+usage: python benchmark.py [--device auto] [--steps 3] [--skip_memory]
 
 Every figure comes from this run, on this machine, both sides measured in the same run. It
 prints a table and then one JSON line with every figure. Synthetic 2K images (2040x1356, photo-
@@ -17,7 +17,6 @@ like content) are written to a temporary folder, so no data set is needed.
    memory and speed of infer.py on a 2040x1360 input (8160x5440 output), tiled and untiled.
 4. evaluate.py: seconds per 2K image.
 """
-import argparse
 import json
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from model import ResShuffle
 from resize import downsample
 from training import amp_dtype, train_step
 from upscale import upscale
-from utils import select_device
+from utils import make_parser, positive_int, select_device
 
 BATCH, LR_PATCH, SCALE = 16, 48, 4
 
@@ -310,8 +309,8 @@ def report(f: dict) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=3, help="timed repeats per measurement")
+    parser = make_parser(__doc__)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed repeats per measurement")
     parser.add_argument("--skip_memory", action="store_true", help="skip the 8160x5440 memory runs")
     main(parser.parse_args())

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from model import ResShuffle
-from utils import UserError, atomic_path, first_line
+from utils import UserError, atomic_path, check_output_file, first_line, same_file
 
 # What a weights-only checkpoint (--export, the shipped one) keeps of a run's checkpoint.
 WEIGHT_KEYS = ("model", "ema", "model_args", "degradation")
@@ -17,7 +17,11 @@ WEIGHT_KEYS = ("model", "ema", "model_args", "degradation")
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """torch.save to a temporary file, fsync, rename: a kill never leaves a torn checkpoint."""
     with atomic_path(Path(path)) as tmp:
-        torch.save(checkpoint, tmp)
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) so
+            detail = first_line(e).split("] ")[-1].lstrip(". ")
+            raise OSError(f"the write failed: {detail}") from None  # atomic_path: one line, old file kept
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -89,10 +93,35 @@ def describe_weights(state_dict) -> str:
         return f"not a ResShuffle network's (first entries: {', '.join(map(str, keys)) or 'none'})"
 
 
-def export_weights(src: str | Path, dst: str | Path) -> None:
-    """Write a run's checkpoint as weights and model_args only: what infer.py and evaluate.py need."""
+def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) -> None:
+    """Write a run's checkpoint as weights and model_args only: what infer.py and evaluate.py need.
+
+    Never over a run's checkpoint (its optimizer state would be lost), and over an existing
+    export only with `overwrite`.
+    """
+    if same_file(src, dst):
+        raise UserError(f"{dst}: is the checkpoint being exported; choose another output name")
     checkpoint = load_checkpoint(src)
+    if overwrite and is_run_checkpoint(dst):
+        raise UserError(f"{dst}: is a run's checkpoint (with its optimizer state); an export never replaces one")
+    check_output_file(dst, overwrite=overwrite)
     keep = {k: checkpoint[k] for k in WEIGHT_KEYS if checkpoint.get(k) is not None}
     save_checkpoint(keep, dst)
-    print(f"{src} (epoch {checkpoint.get('epoch')}, val PSNR {checkpoint.get('best_psnr', float('nan')):.4f} dB)"
-          f" -> {dst}: {', '.join(keep)}; model_args {checkpoint['model_args']}")
+    print(f"{src} ({describe_progress(checkpoint)}) -> {dst}: {', '.join(keep)}; model_args {checkpoint['model_args']}")
+
+
+def is_run_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds a training run's checkpoint (one --resume can continue)."""
+    try:
+        return Path(path).is_file() and "optimizer" in load_checkpoint(path)
+    except UserError:  # not a checkpoint at all
+        return False
+
+
+def describe_progress(checkpoint: dict) -> str:
+    """'epoch 30, best val PSNR 29.6133 dB at epoch 28' for a run's checkpoint; 'weights only' for an export."""
+    if "epoch" not in checkpoint:
+        return "weights only"
+    best = checkpoint.get("best_psnr", -math.inf)
+    return f"epoch {checkpoint['epoch']}" + (f", best val PSNR {best:.4f} dB at epoch {checkpoint.get('best_epoch')}"
+                                             if math.isfinite(best) else ", not validated yet")

@@ -47,10 +47,12 @@ class TrainDataset:
         patches_per_image: samples drawn from each image per epoch.
         seed: base of every sample's random crop and augmentation.
         degradation: how the LR image is made, "pil" or "matlab" (resize.downsample).
+        quiet: no progress bar and no warning (torchrun processes other than rank 0).
     """
 
     def __init__(self, hr_dir: str | Path, scale: int = 4, patch_size: int = 192, patches_per_image: int = 20,
-                 seed: int = 0, degradation: str = "pil", num_threads: int = min(8, os.cpu_count() or 1)):
+                 seed: int = 0, degradation: str = "pil", num_threads: int = min(8, os.cpu_count() or 1),
+                 quiet: bool = False):
         if patch_size % scale:
             raise UserError(f"patch size {patch_size} is not a multiple of the scale {scale}")
         paths = list_images(hr_dir)
@@ -59,11 +61,11 @@ class TrainDataset:
         # Decoding and resizing run in threads: PIL releases the GIL for both.
         with ThreadPoolExecutor(max(1, num_threads)) as pool:
             images = list(tqdm(pool.map(try_load_rgb, paths), total=len(paths), desc=f"decoding {Path(hr_dir).name}",
-                               unit="img", leave=False))
+                               unit="img", leave=False, disable=quiet))
             skipped = [f"{p.name} ({im})" for p, im in zip(paths, images) if isinstance(im, str)]
             skipped += [f"{p.name} ({im.shape[1]}x{im.shape[0]}, smaller than the {patch_size}px patch)"
                         for p, im in zip(paths, images) if not isinstance(im, str) and min(im.shape[:2]) < patch_size]
-            if skipped:
+            if skipped and not quiet:
                 warn(f"{hr_dir}: skipping {len(skipped)} of {len(paths)} images: {'; '.join(skipped)}")
             keep = [i for i, im in enumerate(images) if not isinstance(im, str) and min(im.shape[:2]) >= patch_size]
             if not keep:

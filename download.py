@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from images import list_images
-from utils import UserError, make_dir, run_cli
+from utils import REPO, UserError, make_dir, make_parser, run_cli
 
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
 # name: (zip size in bytes, SHA-256 of the zip, images inside). Sizes and checksums of the
@@ -206,10 +206,11 @@ def main(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="data", help="folder to put DIV2K_train_HR/ and DIV2K_valid_HR/ in")
+    parser = make_parser(__doc__)
+    parser.add_argument("--root", default=str(REPO / "data"), help="folder to put DIV2K_train_HR/ and DIV2K_valid_HR/ in")
     parser.add_argument("--url_base", default=DIV2K_URL, help="where the zips are (a mirror of the official site)")
-    parser.add_argument("--sets", nargs="+", choices=list(DIV2K_FILES), default=list(DIV2K_FILES))
+    parser.add_argument("--sets", nargs="+", choices=list(DIV2K_FILES), default=list(DIV2K_FILES),
+                        help="which sets to get")
     parser.add_argument("--keep_zip", action="store_true", help="keep the zips after extracting them")
     return parser
 

@@ -3,7 +3,7 @@
 usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--checkpoint checkpoints/resshuffle_x4.pt]
        python evaluate.py --benchmark benchmarks/ --paper       # Set5, Set14, B100, Urban100, DIV2K_valid_HR
            [--y_channel] [--crop_border N] [--degradation pil|matlab] [--self_ensemble] [--raw_weights]
-           [--csv results.csv] [--save_dir sr/] [--per_image] [--tile 256]
+           [--csv results.csv] [-o sr/] [--compare_dir panels/] [--overwrite] [--per_image] [--tile 256]
 
 Protocol (BasicSR's): each HR image is cropped to a multiple of the scale and downsampled
 (PIL bicubic by default; MATLAB's imresize with --degradation matlab), super-resolved; the
@@ -13,6 +13,9 @@ per-image values, then their mean per set. Bicubic upsampling with PIL gives the
 The set table shows RGB and Y (BT.601 luma) for both; --y_channel makes Y the channel of the
 per-image table and the gain line. --paper is the protocol of published tables (EDSR, RCAN,
 SwinIR): MATLAB degradation, Y channel, crop border = scale.
+
+Every input and output is checked before any work: image sizes (SSIM's window must fit after
+the crop), output folders (made when written), existing outputs (kept unless --overwrite).
 """
 import argparse
 import csv
@@ -25,13 +28,14 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from dataset import eval_pairs
-from images import list_images, save_image
-from metrics import mean, measure
+from images import image_size, list_images, save_image
+from metrics import check_measurable, mean, measure
 from resize import DEGRADATIONS, resize_bicubic
 from upscale import DEFAULT_TILE, upscale
-from utils import UserError, atomic_path, make_dir, non_negative_int, positive_int, run_cli, select_device, warn
+from utils import (REPO, UserError, atomic_path, check_output_file, make_dir, make_parser, non_negative_int, plural,
+                   positive_int, run_cli, select_device, warn)
 
-DEFAULT_CHECKPOINT = "checkpoints/resshuffle_x4.pt"
+DEFAULT_CHECKPOINT = REPO / "checkpoints/resshuffle_x4.pt"
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
 
 
@@ -45,26 +49,27 @@ def protocol(scale: int, crop_border: int, y_channel: bool, degradation: str = "
 
 def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFAULT_TILE, tile_pad=None,
              self_ensemble: bool = False, save_dir: Path | None = None, compare_dir: Path | None = None,
-             compare_size: int = 192) -> list[dict]:
+             compare_size: int = 192, count: int | None = None, stems: dict | None = None) -> list[dict]:
     """Super-resolve every (name, hr, lr) pair, measure it and bicubic upsampling; the per-image rows.
 
     Each row: name, width, height, the model's metrics (metrics.measure) and the same for
-    bicubic with the prefix bicubic_. With `compare_dir`, also writes <name>_compare.png there
-    (`comparison`).
+    bicubic with the prefix bicubic_. With `save_dir`, writes the SR image as <stem>.png there;
+    with `compare_dir`, <stem>_compare.png (`comparison`); stems as `output_stems`.
     """
     rows = []
     # A context manager: an error (an unreadable image) clears the bar before it is printed.
-    with tqdm(pairs, desc="evaluating", unit="img", leave=False) as bar:
+    with tqdm(pairs, desc="evaluating", unit="img", leave=False, total=count) as bar:
         for name, hr, lr in bar:
             sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble)
             bicubic = resize_bicubic(lr, hr.shape[1], hr.shape[0])
             row = ({"name": name, "width": hr.shape[1], "height": hr.shape[0]} | measure(sr, hr, crop_border, channels)
                    | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
+            stem = stems[name] if stems else Path(name).stem
             if save_dir is not None:
-                save_image(sr, save_dir / f"{Path(name).stem}.png")
+                save_image(sr, make_dir(save_dir) / f"{stem}.png")
             if compare_dir is not None:
                 save_image(comparison(hr, lr, sr, bicubic, model.scale, compare_size),
-                           compare_dir / f"{Path(name).stem}_compare.png")
+                           make_dir(compare_dir) / f"{stem}_compare.png")
             rows.append(row)
     return rows
 
@@ -104,17 +109,55 @@ def comparison(hr: np.ndarray, lr: np.ndarray, sr: np.ndarray, bicubic: np.ndarr
     return panel
 
 
-def find_sets(args) -> list[tuple[str, Path]]:
-    """(name, folder) of each set to evaluate: the --benchmark subfolders that exist, or --data_dir."""
+def find_sets(args) -> list[tuple[str, Path, list[Path]]]:
+    """(name, folder, images) of each set: the --benchmark subfolders that exist, or --data_dir.
+    Two folders of the same name (a/val, b/val) become val and val_2."""
     if args.benchmark:
         root = Path(args.benchmark)
         if not root.is_dir():
             raise UserError(f"{root}: no such folder")
-        found = [(name, root / name) for name in BENCHMARK_SETS if (root / name).is_dir()]
-        if not found:
+        folders = [root / name for name in BENCHMARK_SETS if (root / name).is_dir()]
+        if not folders:
             raise UserError(f"{root}: holds none of {', '.join(BENCHMARK_SETS)} (folders of HR images)")
-        return found
-    return [(Path(d).name, Path(d)) for d in args.data_dir]
+    else:
+        folders = [Path(d) for d in args.data_dir]
+    sets, names = [], []
+    for folder in folders:
+        paths = list_images(folder)[:args.max_images or None]
+        if not paths:
+            raise UserError(f"{folder}: no images found")
+        names.append(folder.name if folder.name not in names else f"{folder.name}_{names.count(folder.name) + 1}")
+        sets.append((names[-1], folder, paths))
+    return sets
+
+
+def output_stems(paths: list[Path]) -> dict[str, str]:
+    """File name -> output stem: a.png -> a, but a.jpg beside a.png -> a_jpg and a_png, so that
+    neither output replaces the other."""
+    stems = [p.stem for p in paths]
+    return {p.name: p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths}
+
+
+def set_folder(folder: str | None, name: str, count: int) -> Path | None:
+    """Where a set's outputs go: `folder`, or its subfolder `name` when there are several sets."""
+    if not folder:
+        return None
+    return Path(folder) / name if count > 1 else Path(folder)
+
+
+def check_work(args, sets: list, scale: int, crop_border: int) -> None:
+    """Before any work: every image measurable at this scale and border, every output writable."""
+    for _, _, paths in sets:
+        for path in paths:
+            check_measurable(str(path), *image_size(path), scale=scale, crop_border=crop_border)
+    if args.csv:
+        check_output_file(args.csv, overwrite=args.overwrite)
+    inputs = [p for _, _, paths in sets for p in paths]
+    for folder, suffix in ((args.save_dir, ".png"), (args.compare_dir, "_compare.png")):
+        for name, _, paths in sets if folder else []:
+            for stem in output_stems(paths).values():
+                check_output_file(set_folder(folder, name, len(sets)) / f"{stem}{suffix}",
+                                  overwrite=args.overwrite, inputs=inputs)
 
 
 def print_images(rows: list[dict], y: str, seconds: float) -> None:
@@ -123,7 +166,7 @@ def print_images(rows: list[dict], y: str, seconds: float) -> None:
     for r in rows:
         print(f"{r['name']:<28} {r['width']:>5}x{r['height']:<5}  {r['bicubic_psnr' + y]:9.4f} "
               f"{r['bicubic_ssim' + y]:.4f}  {r['psnr' + y]:11.4f} {r['ssim' + y]:.4f}")
-    print(f"{'mean of ' + str(len(rows)) + ' images':<40}  {mean(rows, 'bicubic_psnr' + y):9.4f} "
+    print(f"{'mean of ' + plural(len(rows), 'image'):<40}  {mean(rows, 'bicubic_psnr' + y):9.4f} "
           f"{mean(rows, 'bicubic_ssim' + y):.4f}  {mean(rows, 'psnr' + y):11.4f} {mean(rows, 'ssim' + y):.4f}")
     print(f"gain over bicubic{' (Y)' if y else ''}: "
           f"{mean(rows, 'psnr' + y) - mean(rows, 'bicubic_psnr' + y):+.4f} dB PSNR, "
@@ -133,18 +176,12 @@ def print_images(rows: list[dict], y: str, seconds: float) -> None:
 def main(args):
     if args.paper:
         args.degradation, args.y_channel = "matlab", True
+    sets = find_sets(args)
     device = select_device(args.device)
     model, info = load_model(args.checkpoint, device, raw_weights=args.raw_weights)
     scale = model.scale
     crop_border = scale if args.crop_border is None or args.paper else args.crop_border
-    sets = []
-    for name, folder in find_sets(args):
-        paths = list_images(folder)[:args.max_images or None]
-        if not paths:
-            raise UserError(f"{folder}: no images found")
-        sets.append((name, folder, paths))
-    save_dir = make_dir(args.save_dir) if args.save_dir else None
-    compare_dir = make_dir(args.compare_dir) if args.compare_dir else None
+    check_work(args, sets, scale, crop_border)
 
     print(f"checkpoint {args.checkpoint}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} LR")
@@ -158,8 +195,9 @@ def main(args):
         start = time.time()
         rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
                         tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
-                        save_dir=make_dir(save_dir / name) if save_dir and len(sets) > 1 else save_dir,
-                        compare_dir=compare_dir, compare_size=args.compare_size)
+                        save_dir=set_folder(args.save_dir, name, len(sets)),
+                        compare_dir=set_folder(args.compare_dir, name, len(sets)),
+                        compare_size=args.compare_size, count=len(paths), stems=output_stems(paths))
         seconds = (time.time() - start) / len(rows)
         all_rows += [{"set": name} | r for r in rows]
         if len(sets) == 1 or args.per_image:
@@ -173,6 +211,7 @@ def main(args):
         print(f"{name:<16} {n:>6}  " + "  ".join(f"{v[i]:8.4f}/{v[i + 1]:.4f}" for i in range(0, 8, 2)))
 
     if args.csv:
+        make_dir(Path(args.csv).parent)
         with atomic_path(Path(args.csv)) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
@@ -181,29 +220,34 @@ def main(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", nargs="+", default=["data/DIV2K_valid_HR"], help="folders of HR images")
+    parser = make_parser(__doc__)
+    parser.add_argument("--data_dir", nargs="+", default=[str(REPO / "data/DIV2K_valid_HR")],
+                        help="folders of HR images")
     parser.add_argument("--benchmark", default=None,
                         help=f"a folder holding any of {', '.join(BENCHMARK_SETS)}: evaluate those instead")
     parser.add_argument("--paper", action="store_true",
                         help="the published protocol: --degradation matlab, --y_channel, crop border = scale")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint to evaluate")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint to evaluate")
     parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
     parser.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="how LR images are made")
-    parser.add_argument("--crop_border", type=non_negative_int, default=None, help="default: the scale")
+    parser.add_argument("--crop_border", type=non_negative_int, default=None,
+                        help="pixels not measured at each edge; None: the scale")
     parser.add_argument("--y_channel", action="store_true", help="per-image table and gain in BT.601 luma")
     parser.add_argument("--self_ensemble", action="store_true", help="average the 8 flips/rotations (x8 time)")
     parser.add_argument("--per_image", action="store_true", help="per-image tables for several sets too")
     parser.add_argument("--csv", default=None, help="write the per-image table to this CSV file")
-    parser.add_argument("--save_dir", default=None, help="write the SR images to this folder")
+    parser.add_argument("-o", "--output", "--save_dir", dest="save_dir", default=None,
+                        help="write the SR images (<name>.png) to this folder; a subfolder per set if several")
     parser.add_argument("--compare_dir", default=None,
-                        help="write <image>_compare.png panels (original | input | bicubic | ResShuffle) here")
+                        help="write <name>_compare.png panels (original | input | bicubic | ResShuffle) here")
     parser.add_argument("--compare_size", type=positive_int, default=192, help="HR side of the panels' crops")
-    parser.add_argument("--max_images", type=non_negative_int, default=0, help="first N images only (0: all)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
+    parser.add_argument("--max_images", "--max_val_images", dest="max_images", type=non_negative_int, default=0,
+                        help="first N images of each set only (0: all)")
     parser.add_argument("--tile", type=non_negative_int, default=DEFAULT_TILE, help="LR tile size (0: whole image)")
     parser.add_argument("--tile_pad", type=non_negative_int, default=None,
-                        help="LR context around each tile (default: the receptive-field radius)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+                        help="LR context around each tile; None: the receptive-field radius, same result as whole")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     return parser
 
 

@@ -160,6 +160,9 @@ def save_image(img: np.ndarray | Image.Image, path: str | Path, *, quality: int 
     given = {"icc_profile": icc_profile, "exif": exif}
     # PIL's JPEG, WebP and TIFF writers fail on a None, so absent metadata is not passed at all.
     options = {key: given[key] for key in METADATA_KEYS[fmt] if given[key] is not None}
+    if fmt == "JPEG" and len(options.get("exif", b"")) > 65533:  # one JPEG segment; PIL raises beyond it
+        warn(f"{path}: the input's EXIF ({len(exif):,} bytes) is too long for a JPEG and is left out")
+        del options["exif"]
     if fmt in LOSSY_FORMATS:
         options["quality"] = quality
     img = img if isinstance(img, Image.Image) else Image.fromarray(img)

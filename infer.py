@@ -1,17 +1,22 @@
 """Upscale an image, or every image in a folder, with a ResShuffle checkpoint.
 
-usage: python infer.py INPUT [-o OUTPUT] [--checkpoint checkpoints/resshuffle_x4.pt]
-           [--tile 256] [--tile_pad N] [--self_ensemble] [--raw_weights] [--device auto]
+usage: python infer.py INPUT [-o OUTPUT] [--checkpoint checkpoints/resshuffle_x4.pt] [--recursive]
+           [--quality 95] [--overwrite] [--tile 256] [--tile_pad N] [--self_ensemble] [--device auto]
 
-INPUT is an image file or a folder of them. OUTPUT defaults to <name>_x<scale>.png beside a
-file, or to the folder <INPUT>_x<scale>/ for a folder. The output is exactly scale x the
-input size, written whole or not at all. Grayscale stays grayscale; an alpha channel is
-upscaled with bicubic and kept; the EXIF orientation is applied; CMYK becomes RGB; 16-bit
-images are read and written as 8-bit (the network works on 8-bit images) and infer says so.
-In a folder, a file that can't be read is reported and skipped, and the exit status is 1. The architecture comes from
-the checkpoint. The image is processed in LR tiles of --tile pixels (default 256; 0: whole):
-faster on CPU than whole images and a fraction of the memory, and with --tile_pad at least
-the network's receptive-field radius (the default) the same result.
+INPUT is an image file or a folder of them (--recursive: and of its subfolders). Each image
+becomes <name>_x<scale>.png: beside a file INPUT, in the folder <INPUT>_x<scale>/ for a
+folder, or in the folder -o names. `-o` with an image extension (.png .jpg .jpeg .webp .bmp
+.tif .tiff) names the output file of a single image; without one it names a folder, made
+if missing. Outputs never replace an input or an existing file (--overwrite replaces the
+latter); every output is checked before any work and written whole or not at all.
+
+The output is exactly scale x the input size. Grayscale stays grayscale; an alpha channel
+is upscaled with bicubic and kept; the EXIF orientation is applied; the ICC colour profile
+and EXIF are kept where the format carries them; CMYK becomes RGB; 16-bit images are read and
+written as 8-bit (the network works on 8-bit images) and infer says so. In a folder, a file
+that can't be read is reported and skipped, and the exit status is 1. The architecture comes
+from the checkpoint. The image is processed in LR tiles of --tile pixels (faster on CPU than
+whole images, a fraction of the memory, and with the default --tile_pad the same result).
 """
 import argparse
 import sys
@@ -22,11 +27,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import load_model
-from images import IMAGE_EXTENSIONS, list_images, open_image, save_image, to_rgb8
+from images import IMAGE_EXTENSIONS, WRITE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8
 from upscale import DEFAULT_TILE, upscale
-from utils import UserError, make_dir, non_negative_int, run_cli, select_device
+from utils import (REPO, UserError, check_output_file, make_dir, make_parser, non_negative_int,
+                   plural, run_cli, same_file, select_device, warn)
 
-DEFAULT_CHECKPOINT = Path("checkpoints/resshuffle_x4.pt")
+DEFAULT_CHECKPOINT = REPO / "checkpoints/resshuffle_x4.pt"
 
 
 def upscale_image(model, img: Image.Image, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
@@ -38,7 +44,7 @@ def upscale_image(model, img: Image.Image, tile: int = DEFAULT_TILE, tile_pad: i
     gray = img.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1")
     alpha = img.convert("RGBA").getchannel("A").resize(size, Image.BICUBIC) if has_alpha else None
     sr = Image.fromarray(upscale(model, np.asarray(to_rgb8(img)), tile=tile, tile_pad=tile_pad,
-                                 self_ensemble=self_ensemble))
+                                 self_ensemble=self_ensemble, progress=True))
     if gray:
         sr = sr.convert("L")
     if alpha is not None:
@@ -46,68 +52,117 @@ def upscale_image(model, img: Image.Image, tile: int = DEFAULT_TILE, tile_pad: i
     return sr
 
 
-def output_paths(input_path: Path, output: str | None, scale: int) -> list[tuple[Path, Path]]:
-    """(input, output) pairs for a file or a folder INPUT."""
-    if input_path.is_dir():
-        inputs = list_images(input_path)
-        if not inputs:
-            raise UserError(f"{input_path}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
-        out_dir = make_dir(Path(output) if output else input_path.with_name(f"{input_path.name}_x{scale}"))
-        stems = [p.stem for p in inputs]
-        # a.jpg and a.png would both become a.png: those keep their extension in the name.
-        return [(p, out_dir / (f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.name}.png")) for p in inputs]
+def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
+    """The images INPUT names: itself, or those in the folder (and its subfolders, if `recursive`)."""
     if not input_path.exists():
         raise UserError(f"{input_path}: no such file or folder")
-    out = Path(output) if output else input_path.with_name(f"{input_path.stem}_x{scale}.png")
-    if out.is_dir():
-        out = out / f"{input_path.stem}_x{scale}.png"
-    return [(input_path, out)]
+    if not input_path.is_dir():
+        return [input_path]
+    if recursive:
+        inputs = sorted(p for p in input_path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    else:
+        inputs = list_images(input_path)
+        subfolders = [p for p in input_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if subfolders:
+            warn(f"{input_path}: {plural(len(subfolders), 'subfolder')} not searched (--recursive searches them)")
+    if not inputs:
+        raise UserError(f"{input_path}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+    return inputs
+
+
+def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale: int,
+                 overwrite: bool = False) -> list[tuple[Path, Path]]:
+    """(input, output) pairs, every output checked before any work (see the module docstring)."""
+    out = Path(output) if output else None
+    suffix = out.suffix.lower() if out is not None and not out.is_dir() else ""
+    if suffix and suffix not in WRITE_EXTENSIONS:
+        raise UserError(f"{output}: unknown image extension {suffix!r}: use one of {' '.join(WRITE_EXTENSIONS)}, "
+                        f"or no extension for a folder")
+    if suffix and input_path.is_dir():
+        raise UserError(f"{output}: names a file, but {input_path} is a folder: give -o a folder name")
+    if suffix:
+        pairs = [(input_path, out)]
+    else:
+        root = input_path if input_path.is_dir() else input_path.parent
+        out_dir = out or (input_path.with_name(f"{input_path.name}_x{scale}") if input_path.is_dir() else root)
+        if input_path.is_dir() and any(same_file(d, input_path) for d in (out_dir, *out_dir.parents)):
+            raise UserError(f"{out_dir}: is {input_path} or inside it: the next run would upscale the upscales; "
+                            f"choose another -o")
+        pairs = [(p, out_dir / p.parent.relative_to(root) / output_name(p, inputs, scale)) for p in inputs]
+    for src, dst in pairs:
+        check_output_file(dst, overwrite=overwrite, inputs=inputs)
+    return pairs
+
+
+def output_name(path: Path, inputs: list[Path], scale: int) -> str:
+    """<stem>_x<scale>.png; a.jpg beside a.png becomes a_jpg_x4.png, so that neither replaces the other."""
+    twins = [p for p in inputs if p.parent == path.parent and p.stem == path.stem]
+    stem = path.stem if len(twins) == 1 else f"{path.stem}_{path.suffix.lstrip('.')}"
+    return f"{stem}_x{scale}.png"
 
 
 def main(args):
+    input_path = Path(args.input)
+    inputs = find_inputs(input_path, args.recursive)  # the input first: a missing one is named as such
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists() and checkpoint == DEFAULT_CHECKPOINT:
         raise UserError(f"no checkpoint at {DEFAULT_CHECKPOINT}: restore the shipped one with "
-                        f"`git checkout -- {DEFAULT_CHECKPOINT}`, or pass one of yours with --checkpoint")
+                        f"`git checkout -- checkpoints/{DEFAULT_CHECKPOINT.name}`, or pass one of yours with --checkpoint")
     device = select_device(args.device)
     model, _ = load_model(checkpoint, device, raw_weights=args.raw_weights)
-    pairs = output_paths(Path(args.input), args.output, model.scale)
+    pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite)
+    options = dict(tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, quality=args.quality)
     if len(pairs) == 1:
-        return upscale_file(model, *pairs[0], tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble)
+        return upscale_file(model, *pairs[0], **options)
     failed = []
     for src, dst in tqdm(pairs, desc="upscaling", unit="img"):
         try:
-            upscale_file(model, src, dst, tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble)
+            upscale_file(model, src, dst, **options)
         except UserError as e:  # one bad file in a folder: say so, do the others
             tqdm.write(f"infer.py: skipped: {e}", file=sys.stderr)
             failed.append(src.name)
     if failed:
-        raise UserError(f"{len(failed)} of {len(pairs)} images failed, the others were written: {', '.join(failed)}")
+        raise UserError(f"{len(failed)} of {plural(len(pairs), 'image')} failed, the others were written: "
+                        f"{', '.join(failed)}")
 
 
-def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, self_ensemble: bool = False) -> None:
+def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, self_ensemble: bool = False,
+                 quality: int = 95) -> None:
     img = open_image(src)
     sr = upscale_image(model, img, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble)
     note = ", read and written as 8-bit" if img.mode.startswith("I") or img.mode == "F" else ""
     if dst.suffix.lower() in (".jpg", ".jpeg") and sr.mode in ("RGBA", "LA"):
         sr, note = sr.convert(sr.mode[:-1]), note + ", alpha dropped: JPEG has none"
-    save_image(sr, dst)
+    make_dir(dst.parent)
+    save_image(sr, dst, quality=quality, **image_metadata(img))
     tqdm.write(f"{src} ({img.width}x{img.height}{note}) -> {dst} ({sr.width}x{sr.height})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("input", help="an image file or a folder of images")
-    parser.add_argument("-o", "--output", default=None, help="output file (or folder, for a folder INPUT)")
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("-o", "--output", "--save_dir", default=None,
+                        help="output file (with an image extension) or folder (without); "
+                             "None: beside the input file, or <INPUT>_x<scale>/ for a folder")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the network and its weights")
+    parser.add_argument("--recursive", action="store_true", help="a folder INPUT: its subfolders too, mirrored")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
+    parser.add_argument("--quality", type=quality, default=95, help="JPEG and WebP quality, 1-100")
     parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
     parser.add_argument("--self_ensemble", action="store_true",
                         help="average the outputs for the 8 flips/rotations (EDSR's x8; 8 times slower)")
     parser.add_argument("--tile", type=non_negative_int, default=DEFAULT_TILE, help="LR tile size (0: whole image)")
     parser.add_argument("--tile_pad", type=non_negative_int, default=None,
-                        help="LR context around each tile (default: the receptive-field radius)")
+                        help="LR context around each tile; None: the receptive-field radius, same result as whole")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     return parser
+
+
+def quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 1 to 100, got {value}")
+    return value
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from utils import UserError
+
+SSIM_WINDOW = 11  # the Gaussian window's side (sigma 1.5, truncated at 3.5 sigma)
+
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
     """ITU-R BT.601 luma of uint8 RGB, as float64 in [16, 235] (BasicSR's `to_y_channel`)."""
@@ -40,6 +44,16 @@ def ssim(img1: np.ndarray, img2: np.ndarray, crop_border: int = 0, y_channel: bo
     return float(structural_similarity(a, b, data_range=255, gaussian_weights=True, sigma=1.5,
                                        use_sample_covariance=False,
                                        channel_axis=None if y_channel else -1))
+
+
+def check_measurable(name: str, width: int, height: int, scale: int, crop_border: int) -> None:
+    """Fail before any work if an HR image is too small to be measured at `scale`: after the
+    modcrop and the border crop, SSIM's window must fit."""
+    side = min(width // scale * scale, height // scale * scale) - 2 * crop_border
+    if side < SSIM_WINDOW:
+        need = -(-(SSIM_WINDOW + 2 * crop_border) // scale) * scale
+        raise UserError(f"{name}: {width}x{height} is too small to measure at x{scale} with crop border {crop_border}: "
+                        f"SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window needs images of at least {need}x{need}")
 
 
 def measure(img: np.ndarray, hr: np.ndarray, crop_border: int, channels=("rgb",), prefix: str = "") -> dict:

@@ -6,9 +6,11 @@ usage: python train.py [--upscale_factor 4] [--num_epochs 400] [--batch_size 32]
        python train.py --export checkpoints/NAME/best.pt checkpoints/resshuffle_x4.pt
 
 A run writes checkpoints/<run_name>/: last.pt (every epoch), best.pt (best validation PSNR)
-and log.csv, each written atomically. Ctrl-C or SIGTERM saves last.pt where the run is, mid-epoch
-too, and --resume goes on from there with the run's own flags, to the same weights as a run
-never stopped. A NaN/inf loss stops the run, naming the iteration; the checkpoints are kept.
+and log.csv, each written atomically. A new run never writes into a folder that holds a run
+(--overwrite replaces it), and one process at a time uses a run folder. Ctrl-C or SIGTERM
+saves last.pt where the run is, mid-epoch too, and --resume goes on from there with the run's
+own flags, to the same weights as a run never stopped. A NaN/inf loss stops the run, naming the
+iteration; the checkpoints are kept. A full disk stops it with one line; last.pt stays whole.
 Adam + StepLR + L1 loss, as the original. On CUDA: mixed precision (bf16 where supported, else
 fp16 with loss scaling), patches cut straight into pinned memory; on every device the network
 runs channels_last, and the patches are flipped on the device.
@@ -17,6 +19,7 @@ Where things are: the loop is `train` below; the step and its loss are training.
 the network is model.py; the patches are dataset.py.
 """
 import argparse
+import contextlib
 import copy
 import csv
 import math
@@ -32,16 +35,18 @@ from tqdm import tqdm
 import distributed
 from checkpoint import export_weights, load_checkpoint, save_checkpoint
 from dataset import EpochSampler, PatchLoader, TrainDataset, device_batch, eval_pairs
-from images import list_images
-from metrics import mean, measure
+from images import image_size, list_images
+from metrics import check_measurable, mean, measure
 from model import UPSAMPLE_STAGES, ResShuffle
 from resize import DEGRADATIONS, resize_bicubic
 from training import StopSignal, amp_dtype, ema_decay_at, train_step, update_ema
 from upscale import upscale
-from utils import (UserError, atomic_path, make_dir, non_negative_int, positive_float, positive_int,
-                   remove_stale_temporaries, run_cli, seed_everything, warn)
+from utils import (REPO, UserError, atomic_path, check_output_dir, lock_folder, make_dir, make_parser,
+                   non_negative_int, plural, positive_float, positive_int, remove_stale_temporaries, run_cli,
+                   seed_everything, seed_int, warn)
 
 CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds"]
+RUN_FILES = ("last.pt", "best.pt", "log.csv")  # a folder holding any of them holds a run
 
 # Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
 RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "val_every", "patience", "max_val_images",
@@ -77,6 +82,8 @@ class Run:
     seconds: float = 0.0          # and the time they took
     best_psnr: float = -math.inf
     best_epoch: int = 0
+    saved_at: str = ""            # where last.pt is ("after epoch 3", `where`); "" before the first save
+    lock: object = None           # rank 0: the open lock file of `folder` (utils.lock_folder)
 
     @property
     def lead(self) -> bool:
@@ -92,6 +99,7 @@ class Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum, "seconds": self.seconds,
+            "steps_per_epoch": self.steps_per_epoch,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "degradation": self.args.degradation, "best_psnr": self.best_psnr, "best_epoch": self.best_epoch,
             "world_size": self.world_size, "model_args": self.model_args, "args": vars(self.args),
@@ -114,7 +122,7 @@ class Run:
 
 def main(args):
     if args.export:
-        return export_weights(*args.export)
+        return export_weights(*args.export, overwrite=args.overwrite)
     try:
         train(args)
         distributed.barrier()  # all processes finish together
@@ -124,14 +132,17 @@ def main(args):
 
 def train(args):
     run = start_run(args)
-    with StopSignal(quiet=not run.lead) as stop:
+    if run is None:
+        return
+    with StopSignal(quiet=not run.lead) as stop, run.lock or contextlib.nullcontext():
         for epoch in range(run.epoch + 1, args.num_epochs + 1):
             started, lr_now = time.time() - run.seconds, run.scheduler.get_last_lr()[0]
             train_epoch(run, epoch, lr_now, stop)
             if run.step < run.steps_per_epoch:  # a stop signal, mid-epoch: save where it is
                 run.seconds = time.time() - started
                 if run.lead:
-                    save_checkpoint(run.checkpoint(), run.last_path)
+                    with naming_what_is_kept(run):
+                        save_checkpoint(run.checkpoint(), run.last_path)
                 stop.exit(f"in epoch {epoch} after step {run.step} of {run.steps_per_epoch}", run.last_path,
                           run.world_size)
             loss = end_epoch(run, epoch)
@@ -152,9 +163,14 @@ def train(args):
 
 # ---------------------------------------------------------------- set-up
 
-def start_run(args) -> Run:
-    """A new run, or the one --resume names, with its data, network, optimizer and progress."""
+def start_run(args) -> Run | None:
+    """A new run, or the one --resume names, with its data, network, optimizer and progress;
+    None when a resumed run has no epochs left to train."""
     checkpoint = resumed_checkpoint(args)
+    if checkpoint and checkpoint["epoch"] >= args.num_epochs:
+        print(f"{args.resume}: trained {checkpoint['epoch']} of --num_epochs {args.num_epochs} already; "
+              f"nothing to do (a higher --num_epochs goes on)")
+        return None
     rank, world_size, device = distributed.setup(args.device)
     if checkpoint and checkpoint.get("step") and checkpoint.get("world_size", 1) != world_size:
         raise UserError(f"{args.resume}: stopped mid-epoch with {checkpoint.get('world_size', 1)} process(es); "
@@ -168,8 +184,9 @@ def start_run(args) -> Run:
         run_name = args.run_name or f"x{args.upscale_factor}_{datetime.now():%Y%m%d-%H%M%S}"
         folder = Path(args.checkpoint_dir) / run_name
     scale = model_args["scale"]
+    val_paths = check_before_work(args, folder, scale)
     loader, steps_per_epoch = make_loader(args, scale, rank, world_size, device)
-    val_pairs = load_val_pairs(args.val_dir, scale, args.max_val_images, args.degradation) if rank == 0 else []
+    val_pairs = list(eval_pairs(val_paths, scale, args.degradation)) if rank == 0 else []
     model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     dtype = amp_dtype(device)
@@ -182,6 +199,8 @@ def start_run(args) -> Run:
               loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs)
     if checkpoint:
         run.restore(checkpoint)
+        run.saved_at = where(run)
+        resume_notes(run, checkpoint)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if run.lead:
@@ -191,6 +210,34 @@ def start_run(args) -> Run:
     return run
 
 
+def check_before_work(args, folder: Path, scale: int) -> list[Path]:
+    """Every path the run needs, checked before any image is decoded; the validation images.
+
+    The run folder must not hold another run (unless --resume, or --overwrite) and must be
+    writable; the data folders must hold images; each validation image must be big enough to
+    measure (SSIM's window, after the crop border).
+    """
+    for name in RUN_FILES:
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise UserError(f"{folder / name}: is a folder, where the run keeps a file; move it away")
+    if not args.resume and not args.overwrite and holds_run(folder):
+        raise UserError(f"{folder}: holds a run already; continue it with --resume {folder / 'last.pt'}, "
+                        f"choose another --run_name, or pass --overwrite to replace it")
+    check_output_dir(folder)
+    if not list_images(args.train_dir):
+        raise UserError(f"{args.train_dir}: no training images found")
+    paths = list_images(args.val_dir)[:args.max_val_images or None]
+    if not paths:
+        raise UserError(f"{args.val_dir}: no validation images found")
+    for path in paths:
+        check_measurable(str(path), *image_size(path), scale=scale, crop_border=scale)
+    return paths
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
 def resumed_checkpoint(args) -> dict | None:
     """The checkpoint --resume names, with the run's own flags taken into `args`; None for a new run."""
     if not args.resume:
@@ -198,7 +245,11 @@ def resumed_checkpoint(args) -> dict | None:
     checkpoint = load_checkpoint(args.resume)
     if "optimizer" not in checkpoint or "args" not in checkpoint:
         raise UserError(f"{args.resume}: holds weights only; --resume needs a run's last.pt")
-    saved = {k: v for k, v in checkpoint["args"].items() if k not in ("resume", "export", "given")}
+    if Path(args.resume).name != "last.pt":
+        raise UserError(f"{args.resume}: --resume continues a run from its last.pt; resuming this file would "
+                        f"rewind the run (replacing its last.pt and log rows); to branch off it, copy it into a "
+                        f"new folder as last.pt and resume that")
+    saved = {k: v for k, v in checkpoint["args"].items() if k not in ("resume", "export", "given", "overwrite")}
     for name in args.given:
         if name in saved and name not in RESUME_MAY_CHANGE and getattr(args, name) != saved[name]:
             raise UserError(f"{args.resume}: the run was started with --{name} {saved[name]} "
@@ -208,6 +259,26 @@ def resumed_checkpoint(args) -> dict | None:
         if name not in args.given:
             setattr(args, name, value)
     return checkpoint
+
+
+def resume_notes(run: Run, checkpoint: dict) -> None:
+    """Say what differs from the run as it stopped: the process count, the training set's size."""
+    before = checkpoint.get("world_size", 1)
+    if before != run.world_size and run.lead:
+        b = run.args.batch_size
+        print(f"note: the run had {plural(before, 'process', 'processes')} ({b * before} patches per step), this has "
+              f"{run.world_size} ({b * run.world_size} per step, {plural(run.steps_per_epoch, 'step')} per epoch)")
+    if run.step and checkpoint.get("steps_per_epoch", run.steps_per_epoch) != run.steps_per_epoch \
+            or run.step >= run.steps_per_epoch:
+        if run.lead:
+            warn(f"the training set has changed since the run stopped in epoch {run.epoch + 1} at step {run.step}: "
+                 f"that epoch starts over, with {plural(run.steps_per_epoch, 'step')}")
+        run.step, run.loss_sum, run.seconds = 0, 0.0, 0.0
+
+
+def where(run: Run) -> str:
+    """Where the run is: 'after epoch 3', or 'in epoch 4 after step 2'."""
+    return f"in epoch {run.epoch + 1} after step {run.step}" if run.step else f"after epoch {run.epoch}"
 
 
 def describe_run(checkpoint: dict) -> str:
@@ -220,7 +291,8 @@ def describe_run(checkpoint: dict) -> str:
 def make_loader(args, scale: int, rank: int, world_size: int, device: torch.device) -> tuple[PatchLoader, int]:
     """The training patches, in batches for this process; and the steps in an epoch."""
     train_set = TrainDataset(args.train_dir, scale=scale, patch_size=args.patch_size or 48 * scale,
-                             patches_per_image=args.patches_per_image, seed=args.seed, degradation=args.degradation)
+                             patches_per_image=args.patches_per_image, seed=args.seed, degradation=args.degradation,
+                             quiet=rank != 0)
     sampler = EpochSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
     loader = PatchLoader(train_set, sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                          pin_memory=device.type == "cuda")
@@ -232,16 +304,6 @@ def make_loader(args, scale: int, rank: int, world_size: int, device: torch.devi
     return loader, steps
 
 
-def load_val_pairs(val_dir: str, scale: int, max_images: int, degradation: str) -> list:
-    """Validation images decoded once for the whole run (HR modcropped, LR bicubic)."""
-    paths = list_images(val_dir)
-    if max_images:
-        paths = paths[:max_images]
-    if not paths:
-        raise UserError(f"{val_dir}: no validation images found")
-    return list(eval_pairs(paths, scale, degradation))
-
-
 def bicubic_scores(pairs: list, crop_border: int) -> tuple[float, float]:
     """Mean PSNR and SSIM of PIL bicubic upsampling on (name, hr, lr) pairs, measured as the model is."""
     rows = [measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border) for _, hr, lr in pairs]
@@ -249,8 +311,15 @@ def bicubic_scores(pairs: list, crop_border: int) -> tuple[float, float]:
 
 
 def prepare_folder(run: Run) -> None:
-    """Rank 0: the run's folder, without what a killed run left in it, its log cut back to the checkpoint."""
+    """Rank 0: the run's folder, locked for this process, without what a killed run left in it,
+    its log cut back to the checkpoint."""
     make_dir(run.folder)
+    run.lock = lock_folder(run.folder)
+    if not run.args.resume:  # checked again under the lock: a run started at the same moment
+        if holds_run(run.folder) and not run.args.overwrite:
+            raise UserError(f"{run.folder}: another run started there meanwhile; choose another --run_name")
+        for name in RUN_FILES:
+            (run.folder / name).unlink(missing_ok=True)
     for stale in remove_stale_temporaries(run.folder):
         warn(f"removed {stale}, left by a run killed while writing it")
     trim_log(run.folder / "log.csv", keep_through=run.epoch)
@@ -265,13 +334,13 @@ def announce(run: Run) -> None:
     if n > 1:
         print(f"distributed: {n} processes ({torch.distributed.get_backend()}), batch {args.batch_size} per process, "
               f"{args.batch_size * n} per step")
-    print(f"train: {len(data.hr)} images, {len(data)} patches of {data.lr_patch * data.scale}px per epoch, "
-          f"{run.steps_per_epoch} steps of {args.batch_size}{f' x {n}' if n > 1 else ''}; "
-          f"val: {len(run.val_pairs)} images")
+    print(f"train: {plural(len(data.hr), 'image')}, {plural(len(data), 'patch', 'patches')} of {data.lr_patch * data.scale}px "
+          f"per epoch, {plural(run.steps_per_epoch, 'step')} of {args.batch_size}{f' x {n}' if n > 1 else ''}; "
+          f"val: {plural(len(run.val_pairs), 'image')}")
     print(f"val bicubic: {run.bicubic[0]:.4f} dB / {run.bicubic[1]:.4f}")
     if args.resume:
-        print(f"resumed from {args.resume} at epoch {run.epoch + 1}{f', step {run.step}' if run.step else ''}, "
-              f"lr {run.scheduler.get_last_lr()[0]:.3g}, best PSNR {run.best_psnr:.4f} dB")
+        best = f"best PSNR {run.best_psnr:.4f} dB" if math.isfinite(run.best_psnr) else "not validated yet"
+        print(f"resumed from {args.resume} at {where(run)}, lr {run.scheduler.get_last_lr()[0]:.3g}, {best}")
 
 
 # ---------------------------------------------------------------- one epoch
@@ -318,8 +387,8 @@ def add_losses(run: Run, epoch: int, pending: list, stop: StopSignal) -> bool:
     if bad:
         if not run.lead:
             sys.exit(1)
-        kept = (f"the last good checkpoint is {run.last_path} (epoch {load_checkpoint(run.last_path)['epoch']})"
-                if run.last_path.exists() else "no checkpoint was saved before it")
+        kept = (f"the last good checkpoint is {run.last_path} ({run.saved_at})" if run.saved_at
+                else "no checkpoint was saved before it")
         raise UserError(f"epoch {epoch}, iteration {run.step - len(losses) + bad[0] + 1}: the loss is "
                         f"{losses[bad[0]]}: training stopped, {kept}; lower --lr or check the data")
     run.loss_sum += sum(losses)
@@ -355,11 +424,13 @@ def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, 
     row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "seconds": f"{seconds:.1f}",
            "val_psnr": f"{val[0]:.4f}" if val else "", "val_ssim": f"{val[1]:.4f}" if val else ""}
     # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
-    append_log(run.folder / "log.csv", row)
-    state = run.checkpoint()
-    if improved:
-        save_checkpoint(state, run.folder / "best.pt")
-    save_checkpoint(state, run.last_path)
+    with naming_what_is_kept(run):
+        append_log(run.folder / "log.csv", row)
+        state = run.checkpoint()
+        if improved:
+            save_checkpoint(state, run.folder / "best.pt")
+        save_checkpoint(state, run.last_path)
+    run.saved_at = where(run)
     if val is not None:
         print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val{' (EMA)' if run.ema is not None else ''} "
               f"PSNR/SSIM {val[0]:.4f} dB / {val[1]:.4f} ({val[0] - run.bicubic[0]:+.2f} dB vs bicubic)"
@@ -376,42 +447,59 @@ def early_stop_reason(run: Run, epoch: int) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def naming_what_is_kept(run: Run):
+    """A write that fails (a full disk: utils.atomic_path's one line) also names the checkpoint
+    that is still whole, and how to go on from it."""
+    try:
+        yield
+    except UserError as e:
+        kept = (f"{run.last_path} ({run.saved_at}) is intact: free space, then --resume {run.last_path}"
+                if run.saved_at else "no checkpoint of this run was saved yet")
+        raise UserError(f"{e}; {kept}") from None
+
+
 # ---------------------------------------------------------------- the log
 
 def trim_log(path: Path, keep_through: int) -> None:
     """Drop log rows after the resumed checkpoint's epoch (they will be trained again), and torn rows."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f)  # a torn row lacks fields: None
-                if None not in r.values() and None not in r and r["epoch"].isdigit()
-                and int(r["epoch"]) <= keep_through]
+    if path.exists():
+        write_log(path, [r for r in read_log(path) if int(r["epoch"]) <= keep_through])
+
+
+def append_log(path: Path, row: dict) -> None:
+    """Add a row by writing the whole log anew (atomically: a full disk leaves the old log whole)."""
+    write_log(path, (read_log(path) if path.exists() else []) + [row])
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a run's log.csv, without torn ones (a row missing fields, from an old kill)."""
+    try:
+        with open(path, newline="") as f:
+            return [r for r in csv.DictReader(f)  # a torn row lacks fields: None
+                    if None not in r.values() and None not in r and r["epoch"].isdigit()]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: can't be read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
 
 
-def append_log(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 # ---------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     # The original's flags and defaults.
-    p.add_argument("--num_epochs", type=positive_int, default=400)
-    p.add_argument("--batch_size", type=positive_int, default=32)
-    p.add_argument("--lr", type=positive_float, default=2e-4)
-    p.add_argument("--upscale_factor", type=int, default=4, choices=sorted(UPSAMPLE_STAGES))
-    p.add_argument("--num_features", type=positive_int, default=64)
-    p.add_argument("--num_residuals", type=non_negative_int, default=16)
+    p.add_argument("--num_epochs", type=positive_int, default=400, help="epochs to train, in all (with --resume too)")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="patches per step (per process)")
+    p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam's learning rate at the start")
+    p.add_argument("--upscale_factor", type=int, default=4, choices=sorted(UPSAMPLE_STAGES), help="the scale")
+    p.add_argument("--num_features", type=positive_int, default=64, help="channels of the residual blocks")
+    p.add_argument("--num_residuals", type=non_negative_int, default=16, help="residual blocks")
     p.add_argument("--num_workers", type=non_negative_int, default=4,
                    help="threads cutting training patches ahead of the step (0: the main thread)")
     p.add_argument("--step_size", type=positive_int, default=50, help="StepLR period, in epochs")
@@ -420,27 +508,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean_shift", action="store_true", help="subtract/add DIV2K's mean RGB (EDSR's MeanShift)")
     p.add_argument("--image_skip", action="store_true", help="add the bicubic-upsampled input to the output")
     # Data.
-    p.add_argument("--train_dir", default="data/DIV2K_train_HR")
-    p.add_argument("--val_dir", default="data/DIV2K_valid_HR")
-    p.add_argument("--patch_size", type=positive_int, default=None, help="HR patch side (default: 48 x scale)")
+    p.add_argument("--train_dir", default=str(REPO / "data/DIV2K_train_HR"), help="folder of HR training images")
+    p.add_argument("--val_dir", default=str(REPO / "data/DIV2K_valid_HR"), help="folder of HR validation images")
+    p.add_argument("--patch_size", type=positive_int, default=None, help="HR patch side; None: 48 x scale")
     p.add_argument("--patches_per_image", type=positive_int, default=20, help="patches per image per epoch")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="pil",
                    help="how LR images are made: PIL bicubic, or MATLAB's imresize (published tables)")
     p.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights (e.g. 0.999), validate and save it")
-    p.add_argument("--max_val_images", type=non_negative_int, default=0, help="validate on the first N (0: all)")
+    p.add_argument("--max_images", "--max_val_images", dest="max_val_images", type=non_negative_int, default=0,
+                   help="validate on the first N images of --val_dir (0: all)")
     # Run.
     p.add_argument("--val_every", type=positive_int, default=1, help="validate every N epochs")
     p.add_argument("--patience", type=non_negative_int, default=50,
                    help="stop after N epochs without a better validation PSNR (0: never)")
-    p.add_argument("--checkpoint_dir", default="checkpoints")
-    p.add_argument("--run_name", default=None, help="run folder under --checkpoint_dir (default: x<scale>_<time>)")
+    p.add_argument("--checkpoint_dir", default=str(REPO / "checkpoints"), help="where run folders are made")
+    p.add_argument("--run_name", type=run_name, default=None,
+                   help="run folder under --checkpoint_dir; None: x<scale>_<date>-<time>")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds one, deleting it; --export over an existing export")
     p.add_argument("--resume", default=None, help="a run's last.pt: continue that run")
     p.add_argument("--export", nargs=2, metavar=("RUN_CHECKPOINT", "OUT"), default=None,
                    help="write RUN_CHECKPOINT's weights and model_args (no optimizer state) to OUT, and exit")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="seeds the weights, the patches and their flips")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     return p
+
+
+def run_name(text: str) -> str:
+    """A folder name, not a path: a run stays inside --checkpoint_dir."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder name (no / or \\, not . or ..)")
+    return text
 
 
 def ema_decay(text: str) -> float:

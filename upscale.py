@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model import ResShuffle
 from utils import warn
@@ -39,7 +40,7 @@ def tensor_to_image(t: torch.Tensor) -> np.ndarray:
 
 @torch.inference_mode()
 def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
-            self_ensemble: bool = False) -> np.ndarray:
+            self_ensemble: bool = False, progress: bool = False) -> np.ndarray:
     """Super-resolve one HWC uint8 RGB image with `model`, whole or in tiles.
 
     Args:
@@ -49,21 +50,27 @@ def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_p
             with which (or more) the result equals the whole-image result.
         self_ensemble: average the outputs for the 8 flips/rotations of the input, each mapped
             back (EDSR's "+"), before rounding; 8 times the work.
+        progress: a progress bar over the tiles (on stderr, cleared when done) for images of
+            more than one tile.
     Returns: HWC uint8 RGB of exactly (scale * H, scale * W).
     """
-    if not self_ensemble:
-        return super_resolve(model, img, tile, tile_pad, np.uint8)
-    total = None
-    for k in range(4):
-        for flip in (False, True):
-            t = np.rot90(img, k)[:, ::-1] if flip else np.rot90(img, k)
-            sr = super_resolve(model, np.ascontiguousarray(t), tile, tile_pad, np.float32)
-            sr = np.rot90(sr[:, ::-1] if flip else sr, -k)
-            total = sr.copy() if total is None else total + sr
-    return np.rint(np.clip(total / 8, 0, 1) * 255).astype(np.uint8)
+    passes = 8 if self_ensemble else 1
+    count = passes * len(list(tiles(*img.shape[:2], tile))) if tile > 0 else passes
+    with tqdm(total=count, desc="tiles", unit="tile", leave=False, disable=not progress or count == 1) as bar:
+        if not self_ensemble:
+            return super_resolve(model, img, tile, tile_pad, np.uint8, bar)
+        total = None
+        for k in range(4):
+            for flip in (False, True):
+                t = np.rot90(img, k)[:, ::-1] if flip else np.rot90(img, k)
+                sr = super_resolve(model, np.ascontiguousarray(t), tile, tile_pad, np.float32, bar)
+                sr = np.rot90(sr[:, ::-1] if flip else sr, -k)
+                total = sr.copy() if total is None else total + sr
+        return np.rint(np.clip(total / 8, 0, 1) * 255).astype(np.uint8)
 
 
-def super_resolve(model: ResShuffle, img: np.ndarray, tile: int, tile_pad: int | None, dtype) -> np.ndarray:
+def super_resolve(model: ResShuffle, img: np.ndarray, tile: int, tile_pad: int | None, dtype,
+                  bar: tqdm | None = None) -> np.ndarray:
     """`upscale` without the ensemble: HWC uint8 (rounded) or float32 (raw, in [0, 1] units).
 
     Each tile's LR features are computed with `tile_pad` pixels of context; the HR stages then
@@ -95,6 +102,8 @@ def super_resolve(model: ResShuffle, img: np.ndarray, tile: int, tile_pad: int |
             sr = model.reconstruct(channels_last(f), channels_last(x[:, :, my0:my1, mx0:mx1]))
             out[b0 * s:b1 * s, c0 * s:c1 * s] = to_array(
                 sr[:, :, (b0 - my0) * s:(b1 - my0) * s, (c0 - mx0) * s:(c1 - mx0) * s])
+        if bar is not None:
+            bar.update()
     return out
 
 

@@ -4,12 +4,18 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+# Default paths (the shipped checkpoint, data/, checkpoints/) are resolved from here, not from
+# the current folder, so that the scripts work when run from anywhere.
+REPO = Path(__file__).resolve().parent
 
 
 class UserError(Exception):
@@ -49,6 +55,11 @@ def first_line(e: BaseException) -> str:
     """An exception's message, first line only (torch's run to pages)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 image', '2 images'; `nouns` where adding an s is wrong ('patches')."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def warn(message: str) -> None:
@@ -98,8 +109,19 @@ class atomic_path:
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
         if isinstance(exc, OSError):  # a full disk, a vanished folder, ...
-            raise UserError(f"{self.path}: could not be written ({exc.strerror or exc})") from None
+            kept = "the file there before is unchanged" if self.path.exists() else "nothing was written"
+            raise UserError(f"{self.path}: could not be written ({exc.strerror or exc}; "
+                            f"{free_space(self.path.parent)}); {kept}") from None
         return False
+
+
+def free_space(folder: Path) -> str:
+    """'12.3 GB free', or 'the disk is full', for error messages about failed writes."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return "the disk is full" if free < 1e6 else f"{free / 1e9:.1f} GB free"
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -110,6 +132,49 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return stale
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """Fail now, before any work, if `path` is not a folder that can be written or made.
+
+    The folder itself is made only when something is written into it (`make_dir`), so that a
+    failed run leaves no empty folders. Writing is tried, not inferred from permissions: root
+    may write to a 0555 folder, nobody to a read-only mount.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: can't be an output folder: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{existing}: can't write there ({e.strerror})") from None
+    return path
+
+
+def check_output_file(path: str | Path, overwrite: bool = False, inputs=()) -> Path:
+    """Fail now, before any work, if writing `path` would replace an input, or an existing file
+    without `overwrite`, or can't be done."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a file name")
+    if any(same_file(path, p) for p in inputs):
+        raise UserError(f"{path}: is an input; outputs never replace inputs: choose another output name")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: exists; pass --overwrite to replace it")
+    check_output_dir(path.parent)
+    return path
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file or folder (through links, `..` and case-folding file systems)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
 def make_dir(path: str | Path) -> Path:
     """mkdir -p, with a one-line error when it can't be made."""
     path = Path(path)
@@ -118,6 +183,23 @@ def make_dir(path: str | Path) -> Path:
     except OSError as e:
         raise UserError(f"{path}: cannot create folder ({e.strerror})") from None
     return path
+
+
+def lock_folder(folder: Path):
+    """An exclusive lock on folder/.lock, held while the returned file is open; a second process
+    asking for it gets a one-line error. None where the platform has no flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(folder / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"{folder}: another process is using this folder; wait for it to end, "
+                        f"or choose another one") from None
+    return f
 
 
 # ---------------------------------------------------------------- runtime
@@ -157,8 +239,35 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A seed numpy accepts: 0 to 2**32 - 1."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be in 0 to {2 ** 32 - 1}, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+# ---------------------------------------------------------------- argparse help
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser for a script whose docstring is: a summary, a `usage:` paragraph, the rest.
+
+    The usage paragraph becomes argparse's usage (printed once, not twice), the rest the description.
+    """
+    summary, _, rest = doc.strip().partition("\n\n")
+    usage, body = "", rest
+    if rest.startswith("usage:"):
+        usage, _, body = rest.partition("\n\n")
+    return argparse.ArgumentParser(usage=usage.removeprefix("usage:").strip() or None,
+                                   description=f"{summary}\n\n{body}".strip(), formatter_class=HelpFormatter)

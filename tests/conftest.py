@@ -2,6 +2,7 @@
 import contextlib
 import csv
 import io
+import re
 import os
 import subprocess
 import sys
@@ -93,3 +94,18 @@ def run_main(module, *argv):
     finally:
         sys.argv = old_argv
     return code, out.getvalue(), err.getvalue()
+
+
+def terminal_lines(err: str) -> list[str]:
+    """stderr's lines as a terminal shows them: progress bars (cleared with \\r when done) are not lines."""
+    lines = [line.rsplit("\r", 1)[-1] for line in err.strip().split("\n")]
+    return [line for line in lines if line.strip() and not re.search(r"\d+%\|.*\| \d+/\d+ \[", line)]
+
+
+def assert_one_line_error(code, err, *needles):
+    """Exit status 1 and one line of stderr, no traceback, holding each of `needles`."""
+    lines = terminal_lines(err)
+    assert code == 1, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])

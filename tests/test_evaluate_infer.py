@@ -51,7 +51,7 @@ def test_infer_folder_gray_and_alpha(tiny_checkpoint, tmp_path):
     rgba.putalpha(Image.fromarray(alpha))
     rgba.save(folder / "alpha.png")
     run_script("infer.py", folder, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint)
-    gray, rgba_out = Image.open(tmp_path / "out" / "gray.png"), Image.open(tmp_path / "out" / "alpha.png")
+    gray, rgba_out = Image.open(tmp_path / "out" / "gray_x4.png"), Image.open(tmp_path / "out" / "alpha_x4.png")
     assert gray.mode == "L" and gray.size == (48, 40)
     assert rgba_out.mode == "RGBA" and rgba_out.size == (48, 40)
     out_alpha = np.asarray(rgba_out.getchannel("A"))

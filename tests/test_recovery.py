@@ -79,7 +79,7 @@ def test_a_signal_mid_epoch_saves_there_and_resuming_gives_the_uninterrupted_wei
     monkeypatch.undo()
     # Only the checkpoint is named: the run's own flags come from it.
     code, out, err = run_main(train, "--resume", run_dir / "last.pt")
-    assert code == 0 and "at epoch 2, step 6" in out, err
+    assert code == 0 and "in epoch 2 after step 6" in out, err
     resumed, expected = load_checkpoint(run_dir / "last.pt"), load_checkpoint(reference / "last.pt")
     assert resumed["epoch"] == expected["epoch"] == 3 and resumed["step"] == 0
     # Tolerance: none. The same arithmetic in the same order gives the same bits on CPU.
@@ -168,7 +168,7 @@ def test_a_nan_loss_stops_naming_epoch_and_iteration_and_keeps_the_last_good_che
                               "--run_name", "nan", *TINY_RUN, "--num_epochs", "5")
     assert code == 1 and "Traceback" not in err
     assert (f"epoch 2, iteration 2: the loss is nan: training stopped, the last good checkpoint is "
-            f"{runs / 'nan' / 'last.pt'} (epoch 1)") in err
+            f"{runs / 'nan' / 'last.pt'} (after epoch 1)") in err
     assert load_checkpoint(runs / "nan" / "last.pt")["epoch"] == 1
     assert [r["epoch"] for r in read_log(runs / "nan")] == ["1"]
 

@@ -24,7 +24,7 @@ def two_epochs(tmp_path_factory):
 
 def test_a_run_writes_last_best_and_one_log_row_per_epoch(two_epochs):
     stdout, _, run_dir = two_epochs
-    assert {p.name for p in run_dir.iterdir()} == {"last.pt", "best.pt", "log.csv"}
+    assert {p.name for p in run_dir.iterdir()} == {"last.pt", "best.pt", "log.csv", ".lock"}
     assert "val bicubic" in stdout and "epoch 2: loss" in stdout
     log = read_log(run_dir)
     assert [r["epoch"] for r in log] == ["1", "2"]
@@ -48,7 +48,7 @@ def test_resume_goes_on_with_the_optimizer_state_and_lr_schedule(two_epochs, tmp
     code, out, err = run_main(train, "--train_dir", images, "--val_dir", images, "--num_epochs", "3",
                               "--resume", run_dir / "last.pt")
     assert code == 0, err
-    assert "at epoch 3, lr 5e-05" in out
+    assert "after epoch 2, lr 5e-05" in out
     log = read_log(run_dir)
     assert [r["epoch"] for r in log] == ["1", "2", "3"] and float(log[2]["lr"]) == 5e-5
     after = load_checkpoint(run_dir / "last.pt")

@@ -1,0 +1,216 @@
+"""train.py never loses what a user made: run folders, checkpoints, logs; and it says what is
+wrong in one line, before any work, when it can't go on (full disk, odd data, bad flags)."""
+import resource
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import ROOT, TINY_RUN, assert_one_line_error, make_images, read_log, run_main, smooth_image
+from utils import lock_folder
+
+
+def train_args(image_dir, runs, name="r", *extra):
+    return ["--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs, "--run_name", name,
+            *TINY_RUN, *extra]
+
+
+@pytest.fixture
+def one_epoch(image_dir, tmp_path):
+    """A finished 1-epoch run: (runs folder, its run folder)."""
+    runs = tmp_path / "runs"
+    code, _, err = run_main(train, *train_args(image_dir, runs, "r", "--num_epochs", "1"))
+    assert code == 0, err
+    return runs, runs / "r"
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+# ---------------------------------------------------------------- 1. run folders
+
+def test_a_new_run_never_writes_into_a_folder_that_holds_a_run(one_epoch, image_dir):
+    runs, folder = one_epoch
+    before = snapshot(folder)
+    code, out, err = run_main(train, *train_args(image_dir, runs, "r", "--num_epochs", "1", "--seed", "1"))
+    assert_one_line_error(code, err, folder, "holds a run already", f"--resume {folder / 'last.pt'}", "--overwrite")
+    assert "decoding" not in err and snapshot(folder) == before  # refused before any work
+    # Asked explicitly, a new run replaces it.
+    code, out, err = run_main(train, *train_args(image_dir, runs, "r", "--num_epochs", "1", "--seed", "1",
+                                                 "--overwrite"))
+    assert code == 0, err
+    assert load_checkpoint(folder / "last.pt")["args"]["seed"] == 1 and len(read_log(folder)) == 1
+
+
+def test_two_processes_never_share_a_run_folder(one_epoch, image_dir):
+    runs, folder = one_epoch
+    before = snapshot(folder)
+    with lock_folder(folder):  # as a run in progress holds it (flock: any other open file is refused)
+        code, _, err = run_main(train, *train_args(image_dir, runs, "r", "--resume", folder / "last.pt",
+                                                   "--num_epochs", "2"))
+        assert_one_line_error(code, err, folder, "another process is using this folder")
+        (runs / "new").mkdir()
+        with lock_folder(runs / "new"):  # a run started at the same moment under the same name
+            code, _, err = run_main(train, *train_args(image_dir, runs, "new", "--num_epochs", "1"))
+            assert_one_line_error(code, err, runs / "new", "another process is using this folder")
+    assert snapshot(folder) == before and sorted(p.name for p in (runs / "new").iterdir()) == [".lock"]
+
+
+def test_a_run_name_stays_inside_the_checkpoint_folder(image_dir, tmp_path):
+    code, _, err = run_main(train, *train_args(image_dir, tmp_path / "runs", "../escape", "--num_epochs", "1"))
+    assert code == 2 and "--run_name: '../escape' is not a folder name" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+# ---------------------------------------------------------------- 3. resume and export
+
+def test_resume_from_best_pt_is_refused_instead_of_rewinding_the_run(one_epoch, image_dir):
+    runs, folder = one_epoch
+    code, _, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "2")
+    assert code == 0, err
+    before = snapshot(folder)
+    best_epoch = load_checkpoint(folder / "best.pt")["epoch"]
+    code, _, err = run_main(train, "--resume", folder / "best.pt", "--num_epochs", "3")
+    assert_one_line_error(code, err, folder / "best.pt", "would rewind the run", "copy it into a new folder")
+    assert snapshot(folder) == before and best_epoch <= 2
+
+
+def test_export_never_replaces_a_run_checkpoint_and_asks_before_replacing_an_export(one_epoch, tmp_path):
+    runs, folder = one_epoch
+    before = snapshot(folder)
+    code, _, err = run_main(train, "--export", folder / "last.pt", folder / "last.pt")
+    assert_one_line_error(code, err, folder / "last.pt", "is the checkpoint being exported")
+    code, _, err = run_main(train, "--export", folder / "best.pt", folder / "last.pt", "--overwrite")
+    assert_one_line_error(code, err, folder / "last.pt", "is a run's checkpoint")
+    assert snapshot(folder) == before
+    out = tmp_path / "x4.pt"
+    assert run_main(train, "--export", folder / "best.pt", out)[0] == 0
+    exported = out.read_bytes()
+    code, _, err = run_main(train, "--export", folder / "last.pt", out)
+    assert_one_line_error(code, err, out, "exists; pass --overwrite")
+    assert out.read_bytes() == exported
+    code, stdout, err = run_main(train, "--export", folder / "last.pt", out, "--overwrite")
+    assert code == 0 and "epoch 1, best val PSNR" in stdout, err
+    # Exporting an export says what it is, not "epoch None, val PSNR nan".
+    code, stdout, err = run_main(train, "--export", out, tmp_path / "again.pt")
+    assert code == 0 and "(weights only)" in stdout, err
+
+
+# ---------------------------------------------------------------- 4. a full disk
+
+def run_with_file_size_limit(args, limit_bytes):
+    """train.py in a process that can't write files over `limit_bytes` (as a disk that fills up):
+    writes past it fail with EFBIG, as they would with ENOSPC on a full disk."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+
+
+@pytest.mark.parametrize("limit, failing", [(100, "log.csv: "), (20_000, ".pt: ")])
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint_and_the_log(one_epoch, limit, failing):
+    runs, folder = one_epoch
+    before = snapshot(folder)
+    # 100 bytes: room for the log as it is, not for one more row; 20 kB: for the log, not a checkpoint.
+    assert len(before["log.csv"]) < limit < len(before["log.csv"]) + 60 or len(before["log.csv"]) + 60 < limit < len(
+        before["last.pt"])
+    result = run_with_file_size_limit(["--resume", folder / "last.pt", "--num_epochs", "2"], limit)
+    assert_one_line_error(result.returncode, result.stderr, failing, "could not be written",
+                          f"{folder / 'last.pt'} (after epoch 1) is intact", "--resume")
+    after = snapshot(folder)  # no temporary file left; the log whole, not 0 bytes
+    assert after.pop("log.csv").startswith(before.pop("log.csv")) and after == before
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 1
+
+
+def test_a_failed_torch_save_says_the_disk_is_full(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError ('enforce fail at inline_container.cc')."""
+    save_checkpoint({"model": {}, "model_args": {}}, tmp_path / "last.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def full(obj, f):
+        open(f, "wb").write(b"PK\x03\x04partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore lines")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr("shutil.disk_usage", lambda p: SimpleNamespace(free=0))
+    with pytest.raises(Exception) as e:
+        save_checkpoint({"model": {}, "model_args": {}}, tmp_path / "last.pt")
+    assert str(e.value) == (f"{tmp_path / 'last.pt'}: could not be written (the write failed: unexpected pos 64 vs 0; "
+                            f"the disk is "
+                            f"full); the file there before is unchanged")
+    assert (tmp_path / "last.pt").read_bytes() == before and sorted(tmp_path.iterdir()) == [tmp_path / "last.pt"]
+
+
+# ---------------------------------------------------------------- 5-7. odd data and flags
+
+def test_a_mid_epoch_resume_with_a_smaller_training_set_starts_that_epoch_over(one_epoch, tmp_path):
+    runs, folder = one_epoch
+    state = load_checkpoint(folder / "last.pt")
+    state.update(epoch=0, step=2, loss_sum=0.2)  # as if stopped in epoch 1 after step 2 of 3
+    save_checkpoint(state, folder / "last.pt")
+    one = make_images(tmp_path / "one")
+    for p in sorted(one.iterdir())[1:]:
+        p.unlink()  # 1 image x 4 patches: 1 step per epoch
+    code, out, err = run_main(train, "--resume", folder / "last.pt", "--train_dir", one, "--num_epochs", "1")
+    assert code == 0, err
+    assert "the training set has changed since the run stopped in epoch 1 at step 2: that epoch starts over, " \
+           "with 1 step" in err
+    assert "train: 1 image, 4 patches of 32px per epoch, 1 step of 4" in out
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 1
+
+
+def test_images_too_small_to_measure_are_named_before_any_work(image_dir, tmp_path):
+    val = tmp_path / "val"
+    val.mkdir()
+    Image.fromarray(smooth_image(np.random.default_rng(1), 12, 12)).save(val / "tiny.png")
+    runs = tmp_path / "runs"
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", val, "--checkpoint_dir", runs,
+                            *TINY_RUN, "--num_epochs", "1")
+    assert_one_line_error(code, err, val / "tiny.png", "12x12 is too small to measure at x4")
+    assert "decoding" not in err and not runs.exists()  # no empty run folder left behind
+
+
+def test_a_negative_seed_and_a_log_that_is_a_folder_are_one_line(one_epoch, image_dir):
+    runs, folder = one_epoch
+    code, _, err = run_main(train, *train_args(image_dir, runs, "s", "--seed", "-1"))
+    assert code == 2 and "argument --seed: must be in 0 to 4294967295, got -1" in err and "Traceback" not in err
+    (folder / "log.csv").unlink()
+    (folder / "log.csv").mkdir()
+    code, _, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "2")
+    assert_one_line_error(code, err, folder / "log.csv", "is a folder")
+
+
+# ---------------------------------------------------------------- 18. say it at once
+
+def test_nothing_to_do_and_a_mistyped_folder_are_said_before_decoding(one_epoch, image_dir, tmp_path):
+    runs, folder = one_epoch
+    code, out, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "1")
+    assert code == 0 and "trained 1 of --num_epochs 1 already; nothing to do" in out and "decoding" not in err
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", tmp_path / "vla", "--checkpoint_dir", runs,
+                            *TINY_RUN)
+    assert_one_line_error(code, err, tmp_path / "vla", "no such folder")
+    assert "decoding" not in err
+
+
+def test_resuming_under_another_process_count_says_so(capsys):
+    run = SimpleNamespace(world_size=1, lead=True, args=SimpleNamespace(batch_size=2), steps_per_epoch=16,
+                          step=0, epoch=1)
+    train.resume_notes(run, {"world_size": 2, "steps_per_epoch": 8})
+    assert "the run had 2 processes (4 patches per step), this has 1 (2 per step, 16 steps per epoch)" in \
+           capsys.readouterr().out
+
+
+def test_only_rank_0_shows_the_decoding_bar(image_dir, capsys):
+    args = train.parse_args(["--train_dir", str(image_dir), *TINY_RUN])
+    train.make_loader(args, scale=4, rank=1, world_size=2, device=torch.device("cpu"))
+    assert capsys.readouterr().err == ""
+    train.make_loader(args, scale=4, rank=0, world_size=2, device=torch.device("cpu"))
+    assert "decoding images" in capsys.readouterr().err

@@ -1,0 +1,222 @@
+"""One set of output rules for infer.py and evaluate.py: inputs never replaced, existing outputs
+kept unless --overwrite, names the same for files and folders, outputs checked before any work;
+and the same help, flag names and progress in every script."""
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms
+
+import benchmark
+import download
+import evaluate
+import infer
+import train
+from checkpoint import load_model
+from conftest import ROOT, assert_one_line_error, make_images, run_main, run_script, smooth_image
+from upscale import upscale
+
+
+def photo(path, size=(30, 20), **save):
+    Image.fromarray(smooth_image(np.random.default_rng(5), size[1], size[0])).save(path, **save)
+    return path
+
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# ---------------------------------------------------------------- 2. inputs are never replaced
+
+def test_infer_never_overwrites_its_inputs(tiny_checkpoint, tmp_path):
+    folder = make_images(tmp_path / "in")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run_main(infer, folder, "-o", folder, "--checkpoint", tiny_checkpoint, *extra)
+        assert_one_line_error(code, err, folder, "the next run would upscale the upscales")
+        code, _, err = run_main(infer, folder / "img0.png", "-o", folder / "img0.png", "--checkpoint",
+                                tiny_checkpoint, *extra)
+        assert_one_line_error(code, err, folder / "img0.png", "is an input")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tiny_checkpoint, tmp_path):
+    src = photo(tmp_path / "a.png")
+    assert run_main(infer, src, "--checkpoint", tiny_checkpoint)[0] == 0
+    (tmp_path / "a_x4.png").write_bytes(b"mine")
+    code, _, err = run_main(infer, src, "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, tmp_path / "a_x4.png", "exists; pass --overwrite")
+    assert (tmp_path / "a_x4.png").read_bytes() == b"mine"
+    assert run_main(infer, src, "--checkpoint", tiny_checkpoint, "--overwrite")[0] == 0
+    assert Image.open(tmp_path / "a_x4.png").size == (120, 80)
+
+
+# ---------------------------------------------------------------- 8. colour profile
+
+def test_infer_keeps_the_icc_profile(tiny_checkpoint, tmp_path):
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    src = photo(tmp_path / "wide.jpg", icc_profile=icc, quality=95)
+    code, _, err = run_main(infer, src, "-o", tmp_path / "out.jpg", "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert Image.open(tmp_path / "out.jpg").info.get("icc_profile") == icc
+
+
+# ---------------------------------------------------------------- 9. evaluate's outputs never collide
+
+def test_evaluate_outputs_of_same_named_images_and_sets_do_not_collide(tiny_checkpoint, tmp_path):
+    a, b = tmp_path / "a" / "val", tmp_path / "b" / "val"
+    for folder in (a, b):
+        folder.mkdir(parents=True)
+        photo(folder / "x.png", size=(40, 40))
+    photo(a / "x.jpg", size=(40, 40), quality=95)
+    code, out, err = run_main(evaluate, "--data_dir", a, b, "--checkpoint", tiny_checkpoint,
+                              "-o", tmp_path / "sr", "--compare_dir", tmp_path / "cmp", "--compare_size", "16")
+    assert code == 0, err
+    assert tree(tmp_path / "sr") == ["val", "val/x_jpg.png", "val/x_png.png", "val_2", "val_2/x.png"]
+    assert tree(tmp_path / "cmp") == ["val", "val/x_jpg_compare.png", "val/x_png_compare.png", "val_2",
+                                      "val_2/x_compare.png"]
+    assert "val                   2" in out and "val_2                 1" in out
+
+
+# ---------------------------------------------------------------- 10. one naming rule
+
+def test_output_names_are_one_rule_for_files_and_folders(tiny_checkpoint, tmp_path):
+    folder = make_images(tmp_path / "in")
+    (folder / "sub").mkdir()
+    photo(folder / "sub" / "deep.png")
+    code, _, err = run_main(infer, folder, "-o", f"{tmp_path / 'new'}/", "--checkpoint", tiny_checkpoint)
+    assert code == 0 and "1 subfolder not searched (--recursive searches them)" in err, err
+    assert tree(tmp_path / "new") == ["img0_x4.png", "img1_x4.png", "img2_x4.png"]
+    code, _, err = run_main(infer, folder, "--recursive", "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert tree(tmp_path / "in_x4") == ["img0_x4.png", "img1_x4.png", "img2_x4.png", "sub", "sub/deep_x4.png"]
+    code, _, err = run_main(infer, folder / "img0.png", "-o", tmp_path / "newdir", "--checkpoint", tiny_checkpoint)
+    assert code == 0 and tree(tmp_path / "newdir") == ["img0_x4.png"], err
+
+
+def test_an_unknown_output_extension_is_an_error_before_any_work(tiny_checkpoint, tmp_path):
+    src = photo(tmp_path / "a.png")
+    code, _, err = run_main(infer, src, "-o", tmp_path / "x.xyz", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "x.xyz: unknown image extension '.xyz'")
+    code, _, err = run_main(infer, tmp_path, "-o", tmp_path / "x.png", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "names a file, but", "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "tiny.pt"]
+
+
+def test_jpeg_quality_has_a_flag_with_default_95(tiny_checkpoint, tmp_path):
+    src = photo(tmp_path / "a.png", size=(60, 40))
+    for q in ("95", "30"):
+        extra = ["--quality", q] if q != "95" else []
+        code, _, err = run_main(infer, src, "-o", tmp_path / f"q{q}.jpg", "--checkpoint", tiny_checkpoint, *extra)
+        assert code == 0, err
+    model, _ = load_model(tiny_checkpoint, torch.device("cpu"))
+    sr = Image.fromarray(upscale(model, np.asarray(Image.open(src))))
+    for q in (95, 30):
+        sr.save(tmp_path / "ref.jpg", quality=q)
+        assert Image.open(tmp_path / f"q{q}.jpg").quantization == Image.open(tmp_path / "ref.jpg").quantization
+    code, _, err = run_main(infer, src, "-o", tmp_path / "q0.jpg", "--quality", "0", "--checkpoint", tiny_checkpoint)
+    assert code == 2 and "--quality: must be 1 to 100" in err
+
+
+# ---------------------------------------------------------------- 11-12. outputs checked before the work
+
+def test_evaluate_checks_and_makes_its_outputs_like_infer(tiny_checkpoint, tmp_path):
+    data = make_images(tmp_path / "val")
+    csv = tmp_path / "missing" / "deeper" / "r.csv"
+    code, _, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, "--csv", csv)
+    assert code == 0 and csv.is_file(), err
+    csv.write_text("mine")
+    code, out, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, "--csv", csv)
+    assert_one_line_error(code, err, csv, "exists; pass --overwrite")
+    assert out == "" and csv.read_text() == "mine"  # refused before any work
+    (tmp_path / "sr").mkdir()
+    (tmp_path / "sr" / "img1.png").write_bytes(b"mine")
+    code, out, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "sr")
+    assert_one_line_error(code, err, tmp_path / "sr" / "img1.png", "exists")
+    assert out == "" and tree(tmp_path / "sr") == ["img1.png"]
+
+
+def test_a_read_only_output_folder_is_one_line_before_any_work(tiny_checkpoint, tmp_path):
+    folder = make_images(tmp_path / "in")
+    # /proc takes no new files, even from root (chmod 0555 would not stop root).
+    code, out, err = run_main(infer, folder, "-o", "/proc/resshuffle_out", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "/proc", "can't write there")
+    assert out == "" and "skipped" not in err
+
+
+# ---------------------------------------------------------------- 13. defaults from the repository
+
+def test_shipped_defaults_resolve_from_the_repository_not_the_current_folder(tmp_path):
+    src = photo(tmp_path / "a.png")
+    result = run_script(ROOT / "infer.py", src.name, cwd=tmp_path)  # the default checkpoint, run from elsewhere
+    assert "a.png (30x20) -> a_x4.png (120x80)" in result.stdout
+    result = run_script(ROOT / "infer.py", "missing.png", "--checkpoint", "missing.pt", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr.strip() == "infer.py: error: missing.png: no such file or folder"
+
+
+# ---------------------------------------------------------------- 15-16. help and names
+
+@pytest.mark.parametrize("module", [train, infer, evaluate, download])
+def test_every_flag_has_help_with_its_default_and_usage_is_printed_once(module):
+    parser = module.build_parser()
+    for action in parser._actions:
+        assert action.help, f"{module.__name__}: {action.option_strings or action.dest} has no help"
+    text = parser.format_help()
+    assert text.count("usage:") == 1
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert text.split("options:")[1].count("(default:") == len(flags), text
+
+
+def test_benchmark_flags_have_help_too():
+    source = (ROOT / "benchmark.py").read_text()
+    assert "make_parser(__doc__)" in source and source.count("add_argument(") == source.count("help=")
+    assert benchmark.__doc__.count("usage:") == 1
+
+
+def test_one_name_for_one_thing_and_the_old_names_still_work(tiny_checkpoint, tmp_path):
+    data = make_images(tmp_path / "val")
+    for flags in (["--max_images", "1", "-o", tmp_path / "a"], ["--max_val_images", "1", "--save_dir", tmp_path / "b"]):
+        code, out, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, *flags)
+        assert code == 0 and "mean of 1 image " in out, err
+    assert tree(tmp_path / "a") == tree(tmp_path / "b") == ["img0.png"]
+    assert train.parse_args(["--max_images", "2"]).max_val_images == 2
+    assert train.parse_args(["--max_val_images", "3"]).max_val_images == 3
+    code, _, err = run_main(infer, data / "img0.png", "--save_dir", tmp_path / "c", "--checkpoint", tiny_checkpoint)
+    assert code == 0 and tree(tmp_path / "c") == ["img0_x4.png"], err
+
+
+# ---------------------------------------------------------------- 17. progress
+
+def test_a_large_image_shows_progress_over_its_tiles(tiny_checkpoint, capsys):
+    model, _ = load_model(tiny_checkpoint, torch.device("cpu"))
+    img = smooth_image(np.random.default_rng(2), 40, 70)
+    upscale(model, img, tile=32)
+    assert capsys.readouterr().err == ""
+    upscale(model, img, tile=32, progress=True)
+    err = capsys.readouterr().err
+    assert "tiles:   0%|          | 0/6 [" in err
+    upscale(model, img, tile=32, self_ensemble=True, progress=True)
+    assert "| 0/48 [" in capsys.readouterr().err
+
+
+def test_evaluates_bar_has_a_total(tiny_checkpoint, tmp_path):
+    data = make_images(tmp_path / "val")
+    code, _, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint)
+    assert code == 0 and "evaluating:   0%|          | 0/3 [" in err, err
+
+
+# ---------------------------------------------------------------- 19. wording
+
+def test_counts_of_one_are_singular_and_the_demo_output_is_ignored(image_dir, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(image_dir / "img0.png", one)
+    code, out, err = run_main(train, "--train_dir", one, "--val_dir", one, "--checkpoint_dir", tmp_path / "runs",
+                              "--num_features", "8", "--num_residuals", "1", "--patch_size", "32", "--batch_size",
+                              "4", "--patches_per_image", "4", "--num_workers", "0", "--num_epochs", "1")
+    assert code == 0, err
+    assert "train: 1 image, 4 patches of 32px per epoch, 1 step of 4; val: 1 image" in out
+    ignored = subprocess.run(["git", "check-ignore", "-q", "coffee_x4.png"], cwd=ROOT)
+    assert ignored.returncode == 0
