@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from model import ResShuffle
-from utils import UserError, atomic_path, check_output_file, first_line, same_file
+from utils import UserError, atomic_path, check_output_file, first_line, make_dir, same_file
 
 # What a weights-only checkpoint (--export, the shipped one) keeps of a run's checkpoint.
 WEIGHT_KEYS = ("model", "ema", "model_args", "degradation")
@@ -105,6 +105,7 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
     if overwrite and is_run_checkpoint(dst):
         raise UserError(f"{dst}: is a run's checkpoint (with its optimizer state); an export never replaces one")
     check_output_file(dst, overwrite=overwrite)
+    make_dir(Path(dst).parent)
     keep = {k: checkpoint[k] for k in WEIGHT_KEYS if checkpoint.get(k) is not None}
     save_checkpoint(keep, dst)
     print(f"{src} ({describe_progress(checkpoint)}) -> {dst}: {', '.join(keep)}; model_args {checkpoint['model_args']}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from images import list_images, load_rgb
 from resize import downsample, modcrop
-from utils import UserError, warn
+from utils import UserError, plural, warn
 
 
 class TrainDataset:
@@ -69,7 +69,7 @@ class TrainDataset:
                 warn(f"{hr_dir}: skipping {len(skipped)} of {len(paths)} images: {'; '.join(skipped)}")
             keep = [i for i, im in enumerate(images) if not isinstance(im, str) and min(im.shape[:2]) >= patch_size]
             if not keep:
-                raise UserError(f"{hr_dir}: none of its {len(paths)} images is readable and at least "
+                raise UserError(f"{hr_dir}: none of its {plural(len(paths), 'image')} is readable and at least "
                                 f"{patch_size}x{patch_size}")
             self.paths = [paths[i] for i in keep]
             self.hr = [modcrop(images[i], scale) for i in keep]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from dataset import eval_pairs
-from images import image_size, list_images, save_image
+from images import check_distinct, image_size, list_images, output_stems, save_image
 from metrics import check_measurable, mean, measure
 from resize import DEGRADATIONS, resize_bicubic
 from upscale import DEFAULT_TILE, upscale
@@ -121,21 +121,19 @@ def find_sets(args) -> list[tuple[str, Path, list[Path]]]:
             raise UserError(f"{root}: holds none of {', '.join(BENCHMARK_SETS)} (folders of HR images)")
     else:
         folders = [Path(d) for d in args.data_dir]
-    sets, names = [], []
+    sets, names = [], set()
     for folder in folders:
         paths = list_images(folder)[:args.max_images or None]
         if not paths:
             raise UserError(f"{folder}: no images found")
-        names.append(folder.name if folder.name not in names else f"{folder.name}_{names.count(folder.name) + 1}")
-        sets.append((names[-1], folder, paths))
+        name = base = folder.resolve().name or "root"  # `.` and `..` have no name of their own
+        for k in range(2, len(folders) + 2):
+            if name not in names:
+                break
+            name = f"{base}_{k}"
+        names.add(name)
+        sets.append((name, folder, paths))
     return sets
-
-
-def output_stems(paths: list[Path]) -> dict[str, str]:
-    """File name -> output stem: a.png -> a, but a.jpg beside a.png -> a_jpg and a_png, so that
-    neither output replaces the other."""
-    stems = [p.stem for p in paths]
-    return {p.name: p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths}
 
 
 def set_folder(folder: str | None, name: str, count: int) -> Path | None:
@@ -146,18 +144,21 @@ def set_folder(folder: str | None, name: str, count: int) -> Path | None:
 
 
 def check_work(args, sets: list, scale: int, crop_border: int) -> None:
-    """Before any work: every image measurable at this scale and border, every output writable."""
-    for _, _, paths in sets:
-        for path in paths:
-            check_measurable(str(path), *image_size(path), scale=scale, crop_border=crop_border)
+    """Before any work: every image measurable at this scale and border, every output writable
+    and distinct, none of them an input (an image or the checkpoint)."""
+    inputs = [p for _, _, paths in sets for p in paths] + [Path(args.checkpoint)]
+    for path in inputs[:-1]:
+        check_measurable(str(path), *image_size(path), scale=scale, crop_border=crop_border)
     if args.csv:
-        check_output_file(args.csv, overwrite=args.overwrite)
-    inputs = [p for _, _, paths in sets for p in paths]
+        check_output_file(args.csv, overwrite=args.overwrite, inputs=inputs)
+    pairs = []
     for folder, suffix in ((args.save_dir, ".png"), (args.compare_dir, "_compare.png")):
         for name, _, paths in sets if folder else []:
-            for stem in output_stems(paths).values():
-                check_output_file(set_folder(folder, name, len(sets)) / f"{stem}{suffix}",
-                                  overwrite=args.overwrite, inputs=inputs)
+            pairs += [(p, set_folder(folder, name, len(sets)) / f"{stem}{suffix}")
+                      for p, stem in output_stems(paths).items()]
+    for _, dst in pairs:
+        check_output_file(dst, overwrite=args.overwrite, inputs=inputs)
+    check_distinct(pairs)
 
 
 def print_images(rows: list[dict], y: str, seconds: float) -> None:
@@ -197,7 +198,8 @@ def main(args):
                         tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
                         save_dir=set_folder(args.save_dir, name, len(sets)),
                         compare_dir=set_folder(args.compare_dir, name, len(sets)),
-                        compare_size=args.compare_size, count=len(paths), stems=output_stems(paths))
+                        compare_size=args.compare_size, count=len(paths),
+                        stems={p.name: stem for p, stem in output_stems(paths).items()})
         seconds = (time.time() - start) / len(rows)
         all_rows += [{"set": name} | r for r in rows]
         if len(sets) == 1 or args.per_image:

@@ -4,6 +4,7 @@ Images are numpy arrays, HWC uint8 RGB in [0, 255], unless a docstring says othe
 """
 import contextlib
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from utils import UserError, atomic_path, warn
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 # The format each suffix is written in; any other suffix is an error, never a PNG under a wrong name.
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
@@ -50,6 +51,22 @@ def readable(path: Path):
         raise UserError(f"{path}: refused, too many pixels to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
+
+
+def output_stems(paths: list[Path]) -> dict[Path, str]:
+    """Each image's output stem: its own, or with its extension added (a_jpg, a_png) where two
+    images in one folder share a stem, so that neither output replaces the other."""
+    shared = Counter((p.parent, p.stem) for p in paths)
+    return {p: p.stem if shared[p.parent, p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths}
+
+
+def check_distinct(pairs: list[tuple[Path, Path]]) -> None:
+    """No two inputs may have one output (a.png and a.jpg beside a_png.png): refused, not overwritten."""
+    seen = {}
+    for src, dst in pairs:
+        if dst in seen:
+            raise UserError(f"{seen[dst]} and {src} would both be written as {dst}; rename one of them")
+        seen[dst] = src
 
 
 def open_image(path: str | Path) -> Image.Image:

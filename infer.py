@@ -19,6 +19,7 @@ from the checkpoint. The image is processed in LR tiles of --tile pixels (faster
 whole images, a fraction of the memory, and with the default --tile_pad the same result).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import load_model
-from images import IMAGE_EXTENSIONS, WRITE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8
+from images import (IMAGE_EXTENSIONS, WRITE_EXTENSIONS, check_distinct, image_metadata, list_images, open_image,
+                    output_stems, save_image, to_rgb8)
 from upscale import DEFAULT_TILE, upscale
 from utils import (REPO, UserError, check_output_file, make_dir, make_parser, non_negative_int,
                    plural, run_cli, same_file, select_device, warn)
@@ -74,31 +76,28 @@ def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale
                  overwrite: bool = False) -> list[tuple[Path, Path]]:
     """(input, output) pairs, every output checked before any work (see the module docstring)."""
     out = Path(output) if output else None
-    suffix = out.suffix.lower() if out is not None and not out.is_dir() else ""
+    is_folder = out is None or out.is_dir() or output.endswith(("/", os.sep))
+    suffix = "" if is_folder else out.suffix.lower()
     if suffix and suffix not in WRITE_EXTENSIONS:
         raise UserError(f"{output}: unknown image extension {suffix!r}: use one of {' '.join(WRITE_EXTENSIONS)}, "
-                        f"or no extension for a folder")
+                        f"or end it with / for a folder")
     if suffix and input_path.is_dir():
         raise UserError(f"{output}: names a file, but {input_path} is a folder: give -o a folder name")
     if suffix:
         pairs = [(input_path, out)]
     else:
         root = input_path if input_path.is_dir() else input_path.parent
-        out_dir = out or (input_path.with_name(f"{input_path.name}_x{scale}") if input_path.is_dir() else root)
+        named = input_path.resolve()  # `.` and `..` have no name of their own
+        out_dir = out or (named.with_name(f"{named.name}_x{scale}") if input_path.is_dir() else root)
         if input_path.is_dir() and any(same_file(d, input_path) for d in (out_dir, *out_dir.parents)):
             raise UserError(f"{out_dir}: is {input_path} or inside it: the next run would upscale the upscales; "
                             f"choose another -o")
-        pairs = [(p, out_dir / p.parent.relative_to(root) / output_name(p, inputs, scale)) for p in inputs]
+        stems = output_stems(inputs)
+        pairs = [(p, out_dir / p.parent.relative_to(root) / f"{stems[p]}_x{scale}.png") for p in inputs]
     for src, dst in pairs:
         check_output_file(dst, overwrite=overwrite, inputs=inputs)
+    check_distinct(pairs)
     return pairs
-
-
-def output_name(path: Path, inputs: list[Path], scale: int) -> str:
-    """<stem>_x<scale>.png; a.jpg beside a.png becomes a_jpg_x4.png, so that neither replaces the other."""
-    twins = [p for p in inputs if p.parent == path.parent and p.stem == path.stem]
-    stem = path.stem if len(twins) == 1 else f"{path.stem}_{path.suffix.lstrip('.')}"
-    return f"{stem}_x{scale}.png"
 
 
 def main(args):

@@ -3,7 +3,7 @@
 usage: python train.py [--upscale_factor 4] [--num_epochs 400] [--batch_size 32] [--lr 2e-4]
            [--train_dir data/DIV2K_train_HR] [--val_dir data/DIV2K_valid_HR] [--run_name NAME]
        python train.py --resume checkpoints/NAME/last.pt
-       python train.py --export checkpoints/NAME/best.pt checkpoints/resshuffle_x4.pt
+       python train.py --export checkpoints/NAME/best.pt my_x4.pt
 
 A run writes checkpoints/<run_name>/: last.pt (every epoch), best.pt (best validation PSNR)
 and log.csv, each written atomically. A new run never writes into a folder that holds a run
@@ -167,13 +167,16 @@ def start_run(args) -> Run | None:
     """A new run, or the one --resume names, with its data, network, optimizer and progress;
     None when a resumed run has no epochs left to train."""
     checkpoint = resumed_checkpoint(args)
+    # Absolute in the checkpoint's args: a resume from another folder finds the same data.
+    args.train_dir, args.val_dir = str(Path(args.train_dir).resolve()), str(Path(args.val_dir).resolve())
     if checkpoint and checkpoint["epoch"] >= args.num_epochs:
         print(f"{args.resume}: trained {checkpoint['epoch']} of --num_epochs {args.num_epochs} already; "
               f"nothing to do (a higher --num_epochs goes on)")
         return None
     rank, world_size, device = distributed.setup(args.device)
     if checkpoint and checkpoint.get("step") and checkpoint.get("world_size", 1) != world_size:
-        raise UserError(f"{args.resume}: stopped mid-epoch with {checkpoint.get('world_size', 1)} process(es); "
+        raise UserError(f"{args.resume}: stopped mid-epoch with "
+                        f"{plural(checkpoint.get('world_size', 1), 'process', 'processes')}; "
                         f"resume it with as many (this is {world_size})")
     seed_everything(args.seed)
     if checkpoint:
@@ -219,7 +222,7 @@ def check_before_work(args, folder: Path, scale: int) -> list[Path]:
     """
     for name in RUN_FILES:
         if (folder / name).exists() and not (folder / name).is_file():
-            raise UserError(f"{folder / name}: is a folder, where the run keeps a file; move it away")
+            raise UserError(f"{folder / name}: is not a regular file, where the run keeps one; move it away")
     if not args.resume and not args.overwrite and holds_run(folder):
         raise UserError(f"{folder}: holds a run already; continue it with --resume {folder / 'last.pt'}, "
                         f"choose another --run_name, or pass --overwrite to replace it")
@@ -340,7 +343,7 @@ def announce(run: Run) -> None:
     print(f"val bicubic: {run.bicubic[0]:.4f} dB / {run.bicubic[1]:.4f}")
     if args.resume:
         best = f"best PSNR {run.best_psnr:.4f} dB" if math.isfinite(run.best_psnr) else "not validated yet"
-        print(f"resumed from {args.resume} at {where(run)}, lr {run.scheduler.get_last_lr()[0]:.3g}, {best}")
+        print(f"resumed from {args.resume} {where(run)}, lr {run.scheduler.get_last_lr()[0]:.3g}, {best}")
 
 
 # ---------------------------------------------------------------- one epoch
@@ -442,7 +445,7 @@ def early_stop_reason(run: Run, epoch: int) -> str | None:
     """Why to stop after a validated `epoch` (--patience epochs without a better val PSNR), or None."""
     patience = run.args.patience
     if patience and epoch - run.best_epoch >= patience:
-        return (f"early stopping: no validation PSNR gain for {epoch - run.best_epoch} epochs "
+        return (f"early stopping: no validation PSNR gain for {plural(epoch - run.best_epoch, 'epoch')} "
                 f"(best {run.best_psnr:.4f} dB at epoch {run.best_epoch}, --patience {patience})")
     return None
 

@@ -159,6 +159,8 @@ def check_output_file(path: str | Path, overwrite: bool = False, inputs=()) -> P
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a file name")
+    if path.exists() and not path.is_file() or path.is_symlink():  # a device, a pipe; a link's target
+        raise UserError(f"{path}: is not a regular file; outputs are written only as files")
     if any(same_file(path, p) for p in inputs):
         raise UserError(f"{path}: is an input; outputs never replace inputs: choose another output name")
     if path.exists() and not overwrite:
@@ -192,7 +194,10 @@ def lock_folder(folder: Path):
         import fcntl
     except ImportError:
         return None
-    f = open(folder / ".lock", "a")
+    try:
+        f = open(folder / ".lock", "a")
+    except OSError as e:
+        raise UserError(f"{folder / '.lock'}: can't be opened as a lock file ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -59,5 +59,5 @@ def test_torchrun_ranks_obey_early_stopping_decided_by_rank_0(image_dir, tmp_pat
     result = torchrun("--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path, *TINY_RUN,
                       "--run_name", "es", "--batch_size", "2", "--num_epochs", "50", "--lr", "1e-14",
                       "--patience", "1")
-    assert "early stopping: no validation PSNR gain for 1 epochs" in result.stdout
+    assert "early stopping: no validation PSNR gain for 1 epoch " in result.stdout
     assert [r["epoch"] for r in read_log(tmp_path / "es")] == ["1", "2"]

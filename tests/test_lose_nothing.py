@@ -185,7 +185,7 @@ def test_a_negative_seed_and_a_log_that_is_a_folder_are_one_line(one_epoch, imag
     (folder / "log.csv").unlink()
     (folder / "log.csv").mkdir()
     code, _, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "2")
-    assert_one_line_error(code, err, folder / "log.csv", "is a folder")
+    assert_one_line_error(code, err, folder / "log.csv", "is not a regular file")
 
 
 # ---------------------------------------------------------------- 18. say it at once
@@ -214,3 +214,22 @@ def test_only_rank_0_shows_the_decoding_bar(image_dir, capsys):
     assert capsys.readouterr().err == ""
     train.make_loader(args, scale=4, rank=0, world_size=2, device=torch.device("cpu"))
     assert "decoding images" in capsys.readouterr().err
+
+
+def test_hostile_run_folders_are_one_line(one_epoch, image_dir, tmp_path):
+    runs, folder = one_epoch
+    (runs / "odd").mkdir()
+    (runs / "odd" / ".lock").mkdir()
+    code, _, err = run_main(train, *train_args(image_dir, runs, "odd", "--num_epochs", "1"))
+    assert_one_line_error(code, err, runs / "odd" / ".lock", "can't be opened as a lock file")
+    code, _, err = run_main(train, "--export", folder / "best.pt", tmp_path / "new" / "deeper" / "x4.pt")
+    assert code == 0 and (tmp_path / "new" / "deeper" / "x4.pt").is_file(), err  # folders made, as everywhere
+
+
+def test_a_run_resumes_from_any_folder(image_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(image_dir.parent)
+    code, _, err = run_main(train, *train_args(image_dir.name, "runs", "rel", "--num_epochs", "1"))
+    assert code == 0, err
+    monkeypatch.chdir("/")
+    code, out, err = run_main(train, "--resume", tmp_path / "runs" / "rel" / "last.pt", "--num_epochs", "2")
+    assert code == 0 and "resumed from" in out and "after epoch 1" in out, err

@@ -220,3 +220,46 @@ def test_counts_of_one_are_singular_and_the_demo_output_is_ignored(image_dir, tm
     assert "train: 1 image, 4 patches of 32px per epoch, 1 step of 4; val: 1 image" in out
     ignored = subprocess.run(["git", "check-ignore", "-q", "coffee_x4.png"], cwd=ROOT)
     assert ignored.returncode == 0
+
+
+# ---------------------------------------------------------------- what a hostile user tried next
+
+def test_two_inputs_never_share_an_output(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "a.jpg", "a_png.png"):
+        photo(folder / name)
+    code, out, err = run_main(infer, folder, "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "would both be written as", "a_png_x4.png; rename one of them")
+    code, out, err = run_main(evaluate, "--data_dir", folder, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "sr")
+    assert_one_line_error(code, err, "would both be written as", "a_png.png; rename one of them")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "tiny.pt"]
+
+
+def test_evaluate_never_writes_its_csv_over_an_input(tiny_checkpoint, tmp_path):
+    data = make_images(tmp_path / "val")
+    before = (data / "img0.png").read_bytes(), tiny_checkpoint.read_bytes()
+    for target in (data / "img0.png", tiny_checkpoint):
+        code, _, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, "--csv", target,
+                                "--overwrite")
+        assert_one_line_error(code, err, target, "is an input")
+    assert ((data / "img0.png").read_bytes(), tiny_checkpoint.read_bytes()) == before
+
+
+def test_set_names_and_folders_named_dot_are_distinct_and_inside_the_output(tiny_checkpoint, tmp_path, monkeypatch):
+    for parent in ("p", "q", "r"):
+        (tmp_path / parent).mkdir()
+    make_images(tmp_path / "p" / "val_2")
+    make_images(tmp_path / "q" / "val")
+    make_images(tmp_path / "r" / "val")
+    code, out, err = run_main(evaluate, "--data_dir", tmp_path / "p/val_2", tmp_path / "q/val", tmp_path / "r/val",
+                              "--checkpoint", tiny_checkpoint, "--max_images", "1", "-o", tmp_path / "sr")
+    assert code == 0, err
+    assert tree(tmp_path / "sr") == ["val", "val/img0.png", "val_2", "val_2/img0.png", "val_3", "val_3/img0.png"]
+    monkeypatch.chdir(tmp_path / "q" / "val")
+    code, out, err = run_main(infer, ".", "--checkpoint", tiny_checkpoint)
+    assert code == 0 and tree(tmp_path / "q" / "val_x4") == ["img0_x4.png", "img1_x4.png", "img2_x4.png"], err
+    code, out, err = run_main(infer, "img0.png", "-o", "new.dir/", "--checkpoint", tiny_checkpoint)
+    assert code == 0 and tree(tmp_path / "q" / "val" / "new.dir") == ["img0_x4.png"], err
+    code, out, err = run_main(infer, "img0.png", "-o", "new.dir2", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "unknown image extension '.dir2'", "end it with / for a folder")
