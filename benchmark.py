@@ -308,9 +308,13 @@ def report(f: dict) -> None:
     print(json.dumps(f))
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed repeats per measurement")
     parser.add_argument("--skip_memory", action="store_true", help="skip the 8160x5440 memory runs")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

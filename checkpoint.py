@@ -1,4 +1,5 @@
 """Checkpoints: one dict of state dicts and plain data, written atomically, loaded without running code."""
+import errno
 import math
 import pickle
 import re
@@ -8,7 +9,11 @@ from pathlib import Path
 import torch
 
 from model import ResShuffle
-from utils import UserError, atomic_path, check_output_file, first_line, make_dir, same_file
+from files import atomic_path, check_output_file, file_ids, make_dir
+from utils import REPO, UserError, first_line
+
+# infer.py's and evaluate.py's default, found from the repository's folder wherever they run.
+SHIPPED_CHECKPOINT = REPO / "checkpoints" / "resshuffle_x4.pt"
 
 # What a weights-only checkpoint (--export, the shipped one) keeps of a run's checkpoint.
 WEIGHT_KEYS = ("model", "ema", "model_args", "degradation")
@@ -21,12 +26,15 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
             torch.save(checkpoint, tmp)
         except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) so
             detail = first_line(e).split("] ")[-1].lstrip(". ")
-            raise OSError(f"the write failed: {detail}") from None  # atomic_path: one line, old file kept
+            raise OSError(errno.EIO, f"the write failed: {detail}") from None  # atomic_path: one line, old file kept
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint dict with weights_only=True: a file that would run code is refused."""
     path = Path(path)
+    if not path.is_file() and path == SHIPPED_CHECKPOINT:
+        raise UserError(f"no checkpoint at {path}: restore the shipped one with `git -C {REPO} checkout -- "
+                        f"checkpoints/{path.name}`, or pass one of yours with --checkpoint")
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
     with open(path, "rb") as f:
@@ -99,10 +107,10 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
     Never over a run's checkpoint (its optimizer state would be lost), and over an existing
     export only with `overwrite`.
     """
-    if same_file(src, dst):
-        raise UserError(f"{dst}: is the checkpoint being exported; choose another output name")
     checkpoint = load_checkpoint(src)
-    if overwrite and is_run_checkpoint(dst):
+    if Path(dst).exists() and file_ids([dst]) & file_ids([src]):
+        raise UserError(f"{dst}: is the checkpoint being exported; choose another output name")
+    if is_run_checkpoint(dst):
         raise UserError(f"{dst}: is a run's checkpoint (with its optimizer state); an export never replaces one")
     check_output_file(dst, overwrite=overwrite)
     make_dir(Path(dst).parent)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from images import list_images, load_rgb
+from images import image_size, list_images, load_rgb
+from metrics import check_measurable
 from resize import downsample, modcrop
 from utils import UserError, plural, warn
 
@@ -223,3 +224,10 @@ def eval_pairs(paths: list[Path], scale: int, degradation: str = "pil"):
                             f"(an HR image needs at least {scale}x{scale} pixels)")
         hr = modcrop(img, scale)
         yield path.name, hr, downsample(hr, scale, degradation)
+
+
+def check_measurable_images(paths: list, scale: int, crop_border: int) -> None:
+    """`check_measurable` for image files, from their headers: before any image is decoded."""
+    for path in paths:
+        width, height = image_size(path)
+        check_measurable(str(path), width, height, scale=scale, crop_border=crop_border)

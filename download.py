@@ -21,7 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from images import list_images
-from utils import REPO, UserError, make_dir, make_parser, run_cli
+from files import make_dir
+from utils import REPO, UserError, make_parser, run_cli
 
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
 # name: (zip size in bytes, SHA-256 of the zip, images inside). Sizes and checksums of the

@@ -26,16 +26,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from checkpoint import load_model
-from dataset import eval_pairs
-from images import check_distinct, image_size, list_images, output_stems, save_image
-from metrics import check_measurable, mean, measure
+from checkpoint import SHIPPED_CHECKPOINT, load_model
+from dataset import check_measurable_images, eval_pairs
+from files import atomic_path, check_distinct, check_outside, check_output_file, file_ids, make_dir, output_stems
+from images import list_images, save_image
+from metrics import mean, measure
 from resize import DEGRADATIONS, resize_bicubic
 from upscale import DEFAULT_TILE, upscale
-from utils import (REPO, UserError, atomic_path, check_output_file, make_dir, make_parser, non_negative_int, plural,
-                   positive_int, run_cli, select_device, warn)
+from utils import REPO, UserError, make_parser, non_negative_int, plural, positive_int, run_cli, select_device, warn
 
-DEFAULT_CHECKPOINT = REPO / "checkpoints/resshuffle_x4.pt"
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
 
 
@@ -48,13 +47,13 @@ def protocol(scale: int, crop_border: int, y_channel: bool, degradation: str = "
 
 
 def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFAULT_TILE, tile_pad=None,
-             self_ensemble: bool = False, save_dir: Path | None = None, compare_dir: Path | None = None,
-             compare_size: int = 192, count: int | None = None, stems: dict | None = None) -> list[dict]:
+             self_ensemble: bool = False, outputs: dict | None = None, compare_size: int = 192,
+             count: int | None = None) -> list[dict]:
     """Super-resolve every (name, hr, lr) pair, measure it and bicubic upsampling; the per-image rows.
 
     Each row: name, width, height, the model's metrics (metrics.measure) and the same for
-    bicubic with the prefix bicubic_. With `save_dir`, writes the SR image as <stem>.png there;
-    with `compare_dir`, <stem>_compare.png (`comparison`); stems as `output_stems`.
+    bicubic with the prefix bicubic_. `outputs`: name -> (SR image path, comparison panel
+    path), either None where not wanted (`output_plan`).
     """
     rows = []
     # A context manager: an error (an unreadable image) clears the bar before it is printed.
@@ -64,12 +63,12 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
             bicubic = resize_bicubic(lr, hr.shape[1], hr.shape[0])
             row = ({"name": name, "width": hr.shape[1], "height": hr.shape[0]} | measure(sr, hr, crop_border, channels)
                    | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
-            stem = stems[name] if stems else Path(name).stem
-            if save_dir is not None:
-                save_image(sr, make_dir(save_dir) / f"{stem}.png")
-            if compare_dir is not None:
+            sr_path, compare_path = (outputs or {}).get(name, (None, None))
+            if sr_path is not None:
+                save_image(sr, make_dir(sr_path.parent) / sr_path.name)
+            if compare_path is not None:
                 save_image(comparison(hr, lr, sr, bicubic, model.scale, compare_size),
-                           make_dir(compare_dir) / f"{stem}_compare.png")
+                           make_dir(compare_path.parent) / compare_path.name)
             rows.append(row)
     return rows
 
@@ -136,28 +135,34 @@ def find_sets(args) -> list[tuple[str, Path, list[Path]]]:
     return sets
 
 
-def set_folder(folder: str | None, name: str, count: int) -> Path | None:
-    """Where a set's outputs go: `folder`, or its subfolder `name` when there are several sets."""
-    if not folder:
-        return None
-    return Path(folder) / name if count > 1 else Path(folder)
+def output_plan(args, sets: list) -> dict[str, dict[str, tuple]]:
+    """set name -> image name -> (SR image path, comparison panel path), None where not asked for.
+    With several sets, each writes into a subfolder of its name."""
+    plan = {}
+    for name, _, paths in sets:
+        stems = output_stems(paths)
+        folders = [Path(d) / name if d and len(sets) > 1 else Path(d) if d else None
+                   for d in (args.save_dir, args.compare_dir)]
+        plan[name] = {p.name: (folders[0] / f"{stems[p]}.png" if folders[0] else None,
+                               folders[1] / f"{stems[p]}_compare.png" if folders[1] else None) for p in paths}
+    return plan
 
 
-def check_work(args, sets: list, scale: int, crop_border: int) -> None:
-    """Before any work: every image measurable at this scale and border, every output writable
-    and distinct, none of them an input (an image or the checkpoint)."""
-    inputs = [p for _, _, paths in sets for p in paths] + [Path(args.checkpoint)]
-    for path in inputs[:-1]:
-        check_measurable(str(path), *image_size(path), scale=scale, crop_border=crop_border)
+def check_work(args, sets: list, plan: dict, scale: int, crop_border: int) -> None:
+    """Before any work: every image measurable at this scale and border; every output writable,
+    distinct, outside the data folders, and none of them an input (an image or the checkpoint)."""
+    images = [p for _, _, paths in sets for p in paths]
+    check_measurable_images(images, scale=scale, crop_border=crop_border)
+    inputs = file_ids(images + [Path(args.checkpoint)])
     if args.csv:
         check_output_file(args.csv, overwrite=args.overwrite, inputs=inputs)
-    pairs = []
-    for folder, suffix in ((args.save_dir, ".png"), (args.compare_dir, "_compare.png")):
-        for name, _, paths in sets if folder else []:
-            pairs += [(p, set_folder(folder, name, len(sets)) / f"{stem}{suffix}")
-                      for p, stem in output_stems(paths).items()]
-    for _, dst in pairs:
-        check_output_file(dst, overwrite=args.overwrite, inputs=inputs)
+    pairs = [(path, out) for name, _, paths in sets for path in paths
+             for out in plan[name][path.name] if out is not None]
+    for folder in {out.parent for _, out in pairs}:
+        for _, data_dir, _ in sets:
+            check_outside(folder, data_dir)
+    for _, out in pairs:
+        check_output_file(out, overwrite=args.overwrite, inputs=inputs)
     check_distinct(pairs)
 
 
@@ -182,7 +187,8 @@ def main(args):
     model, info = load_model(args.checkpoint, device, raw_weights=args.raw_weights)
     scale = model.scale
     crop_border = scale if args.crop_border is None or args.paper else args.crop_border
-    check_work(args, sets, scale, crop_border)
+    plan = output_plan(args, sets)
+    check_work(args, sets, plan, scale, crop_border)
 
     print(f"checkpoint {args.checkpoint}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} LR")
@@ -196,10 +202,7 @@ def main(args):
         start = time.time()
         rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
                         tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
-                        save_dir=set_folder(args.save_dir, name, len(sets)),
-                        compare_dir=set_folder(args.compare_dir, name, len(sets)),
-                        compare_size=args.compare_size, count=len(paths),
-                        stems={p.name: stem for p, stem in output_stems(paths).items()})
+                        outputs=plan[name], compare_size=args.compare_size, count=len(paths))
         seconds = (time.time() - start) / len(rows)
         all_rows += [{"set": name} | r for r in rows]
         if len(sets) == 1 or args.per_image:
@@ -229,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a folder holding any of {', '.join(BENCHMARK_SETS)}: evaluate those instead")
     parser.add_argument("--paper", action="store_true",
                         help="the published protocol: --degradation matlab, --y_channel, crop border = scale")
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint to evaluate")
+    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="checkpoint to evaluate")
     parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
     parser.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="how LR images are made")
     parser.add_argument("--crop_border", type=non_negative_int, default=None,

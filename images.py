@@ -3,14 +3,15 @@
 Images are numpy arrays, HWC uint8 RGB in [0, 255], unless a docstring says otherwise.
 """
 import contextlib
+import io
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from utils import UserError, atomic_path, warn
+from files import atomic_path
+from utils import UserError, warn
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -30,14 +31,15 @@ LOSSY_FORMATS = ("JPEG", "WEBP")
 QUARTER_TURNS = (5, 6, 7, 8)
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name."""
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files directly inside `folder` (and in its subfolders, if `recursive`), sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
         hint = (f"; get DIV2K with: python download.py --root {folder.parent}"
                 if folder.name.startswith("DIV2K_") else "")
         raise UserError(f"{folder}: no such folder{hint}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 @contextlib.contextmanager
@@ -53,22 +55,6 @@ def readable(path: Path):
         raise UserError(f"{path}: not a readable image ({e})") from None
 
 
-def output_stems(paths: list[Path]) -> dict[Path, str]:
-    """Each image's output stem: its own, or with its extension added (a_jpg, a_png) where two
-    images in one folder share a stem, so that neither output replaces the other."""
-    shared = Counter((p.parent, p.stem) for p in paths)
-    return {p: p.stem if shared[p.parent, p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths}
-
-
-def check_distinct(pairs: list[tuple[Path, Path]]) -> None:
-    """No two inputs may have one output (a.png and a.jpg beside a_png.png): refused, not overwritten."""
-    seen = {}
-    for src, dst in pairs:
-        if dst in seen:
-            raise UserError(f"{seen[dst]} and {src} would both be written as {dst}; rename one of them")
-        seen[dst] = src
-
-
 def open_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image, with its EXIF orientation applied.
 
@@ -77,38 +63,37 @@ def open_image(path: str | Path) -> Image.Image:
     instead of nothing or PIL's two-line warning.
     """
     path = Path(path)
-    with readable(path), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
+    quiet_bomb_warnings()
+    with readable(path):
         with Image.open(path) as img:
             # An MPO's second frame is the camera's preview of the first, not more content.
             frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
+            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                warn(f"{path}: {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} megapixels) is above "
+                     f"PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.1f}; decoding it anyway")
             img.load()
             upright = ImageOps.exif_transpose(img)
     if frames > 1:
         warn(f"{path}: has {frames} frames; only the first is used")
-    report_warnings(path, upright.size, caught)
     return upright
 
 
-def report_warnings(path: Path, size: tuple[int, int], caught: list[warnings.WarningMessage]) -> None:
-    """PIL's decompression-bomb warnings (a GIF gives one per frame) as one line naming the file;
-    other warnings are shown as they would have been."""
-    bombs = [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
-    if bombs:
-        width, height = size
-        warn(f"{path}: {width}x{height} ({width * height / 1e6:.1f} megapixels) is above PIL's "
-             f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.1f}; decoding it anyway")
-    for w in caught:
-        if w not in bombs:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+def quiet_bomb_warnings() -> None:
+    """Silence PIL's two-line DecompressionBombWarning: open_image says it in one line.
+
+    A process-wide filter, not warnings.catch_warnings, which is not thread-safe: images are
+    decoded in threads (dataset.py). filterwarnings replaces an identical filter, so repeating
+    it adds nothing.
+    """
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of the image open_image would return, read from the file's header only,
     so callers can check every input's size before any work."""
     path = Path(path)
-    with readable(path), warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_image says it, once
+    quiet_bomb_warnings()
+    with readable(path):
         with Image.open(path) as img:
             width, height = img.size
             turned = header_orientation(img) in QUARTER_TURNS
@@ -136,7 +121,10 @@ def image_metadata(img: Image.Image) -> dict:
     exif = img.info.get("exif") or None
     if exif is not None:
         tags = Image.Exif()
-        tags.load(exif)
+        try:
+            tags.load(exif)
+        except Exception:  # PIL raises SyntaxError, ValueError, struct.error... for malformed EXIF
+            return {"icc_profile": img.info.get("icc_profile") or None, "exif": None}
         if tags.get(ExifTags.Base.Orientation, 1) != 1:
             tags[ExifTags.Base.Orientation] = 1
             exif = tags.tobytes()
@@ -160,6 +148,25 @@ def load_rgb(path: str | Path) -> np.ndarray:
     return np.asarray(to_rgb8(open_image(path)))
 
 
+def profile_fits(icc_profile: bytes, mode: str) -> bool:
+    """Whether an ICC profile describes images of `mode`: a CMYK input's profile on its RGB
+    upscale would make colour-managed viewers misrender it."""
+    try:
+        space = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)).profile.xcolor_space.strip()
+    except (OSError, ImageCms.PyCMSError, AttributeError):
+        return False
+    return space == ("GRAY" if mode in ("L", "LA") else "RGB")
+
+
+def write_format(path: str | Path) -> str:
+    """The PIL format an output path's suffix names; a one-line error for any other suffix."""
+    fmt = WRITE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unknown image extension {Path(path).suffix!r}: use one of "
+                        f"{' '.join(WRITE_EXTENSIONS)} (for a folder, end the name with /)")
+    return fmt
+
+
 def save_image(img: np.ndarray | Image.Image, path: str | Path, *, quality: int = 95,
                icc_profile: bytes | None = None, exif: bytes | None = None) -> None:
     """Write an image atomically, in the format its suffix names (one of WRITE_EXTENSIONS).
@@ -171,17 +178,18 @@ def save_image(img: np.ndarray | Image.Image, path: str | Path, *, quality: int 
             silently left out where it has none.
     """
     path = Path(path)
-    fmt = WRITE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"{path}: unknown image extension {path.suffix!r}: use one of {' '.join(WRITE_EXTENSIONS)}")
+    fmt = write_format(path)
+    img = img if isinstance(img, Image.Image) else Image.fromarray(img)
+    if icc_profile is not None and not profile_fits(icc_profile, img.mode):
+        warn(f"{path}: the input's colour profile is not one for {img.mode} images (a CMYK one?); left out")
+        icc_profile = None
+    if fmt == "JPEG" and exif is not None and len(exif) > 65533:  # one JPEG segment; PIL raises beyond it
+        warn(f"{path}: the input's EXIF ({len(exif):,} bytes) is too long for a JPEG; left out")
+        exif = None
     given = {"icc_profile": icc_profile, "exif": exif}
     # PIL's JPEG, WebP and TIFF writers fail on a None, so absent metadata is not passed at all.
     options = {key: given[key] for key in METADATA_KEYS[fmt] if given[key] is not None}
-    if fmt == "JPEG" and len(options.get("exif", b"")) > 65533:  # one JPEG segment; PIL raises beyond it
-        warn(f"{path}: the input's EXIF ({len(exif):,} bytes) is too long for a JPEG and is left out")
-        del options["exif"]
     if fmt in LOSSY_FORMATS:
         options["quality"] = quality
-    img = img if isinstance(img, Image.Image) else Image.fromarray(img)
     with atomic_path(path) as tmp:
         img.save(tmp, format=fmt, **options)

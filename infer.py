@@ -27,15 +27,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import load_model
-from images import (IMAGE_EXTENSIONS, WRITE_EXTENSIONS, check_distinct, image_metadata, list_images, open_image,
-                    output_stems, save_image, to_rgb8)
+from checkpoint import SHIPPED_CHECKPOINT, load_model
+from files import check_distinct, check_outside, check_output_file, file_ids, make_dir, output_stems
+from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
 from upscale import DEFAULT_TILE, upscale
-from utils import (REPO, UserError, check_output_file, make_dir, make_parser, non_negative_int,
-                   plural, run_cli, same_file, select_device, warn)
-
-DEFAULT_CHECKPOINT = REPO / "checkpoints/resshuffle_x4.pt"
-
+from utils import UserError, make_parser, non_negative_int, plural, run_cli, select_device, warn
 
 def upscale_image(model, img: Image.Image, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
                   self_ensemble: bool = False) -> Image.Image:
@@ -60,13 +56,10 @@ def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
         raise UserError(f"{input_path}: no such file or folder")
     if not input_path.is_dir():
         return [input_path]
-    if recursive:
-        inputs = sorted(p for p in input_path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    else:
-        inputs = list_images(input_path)
-        subfolders = [p for p in input_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        if subfolders:
-            warn(f"{input_path}: {plural(len(subfolders), 'subfolder')} not searched (--recursive searches them)")
+    inputs = list_images(input_path, recursive=recursive)
+    subfolders = [p for p in input_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if subfolders and not recursive:
+        warn(f"{input_path}: {plural(len(subfolders), 'subfolder')} not searched (--recursive searches them)")
     if not inputs:
         raise UserError(f"{input_path}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return inputs
@@ -75,40 +68,47 @@ def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
 def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale: int,
                  overwrite: bool = False) -> list[tuple[Path, Path]]:
     """(input, output) pairs, every output checked before any work (see the module docstring)."""
-    out = Path(output) if output else None
-    is_folder = out is None or out.is_dir() or output.endswith(("/", os.sep))
-    suffix = "" if is_folder else out.suffix.lower()
-    if suffix and suffix not in WRITE_EXTENSIONS:
-        raise UserError(f"{output}: unknown image extension {suffix!r}: use one of {' '.join(WRITE_EXTENSIONS)}, "
-                        f"or end it with / for a folder")
-    if suffix and input_path.is_dir():
-        raise UserError(f"{output}: names a file, but {input_path} is a folder: give -o a folder name")
-    if suffix:
-        pairs = [(input_path, out)]
+    out_file = output_file(output, input_path)
+    if out_file is not None:
+        pairs = [(input_path, out_file)]
     else:
-        root = input_path if input_path.is_dir() else input_path.parent
-        named = input_path.resolve()  # `.` and `..` have no name of their own
-        out_dir = out or (named.with_name(f"{named.name}_x{scale}") if input_path.is_dir() else root)
-        if input_path.is_dir() and any(same_file(d, input_path) for d in (out_dir, *out_dir.parents)):
-            raise UserError(f"{out_dir}: is {input_path} or inside it: the next run would upscale the upscales; "
-                            f"choose another -o")
-        stems = output_stems(inputs)
+        out_dir, root, stems = output_folder(input_path, output, scale), input_path.parent, output_stems(inputs)
+        if input_path.is_dir():
+            check_outside(out_dir, input_path)
+            root = input_path
         pairs = [(p, out_dir / p.parent.relative_to(root) / f"{stems[p]}_x{scale}.png") for p in inputs]
-    for src, dst in pairs:
-        check_output_file(dst, overwrite=overwrite, inputs=inputs)
+    ids = file_ids(inputs)
+    for _, dst in pairs:
+        check_output_file(dst, overwrite=overwrite, inputs=ids)
     check_distinct(pairs)
     return pairs
+
+
+def output_file(output: str | None, input_path: Path) -> Path | None:
+    """The file -o names (it has an image extension), or None where -o names a folder or is not given."""
+    if not output or Path(output).is_dir() or output.endswith(("/", os.sep)) or not Path(output).suffix:
+        return None
+    write_format(output)  # an unknown extension: an error now
+    if input_path.is_dir():
+        raise UserError(f"{output}: names a file, but {input_path} is a folder: give -o a folder name")
+    return Path(output)
+
+
+def output_folder(input_path: Path, output: str | None, scale: int) -> Path:
+    """Where each image's <name>_x<scale>.png goes: -o, else beside a file, else <INPUT>_x<scale>/."""
+    if output:
+        return Path(output)
+    if not input_path.is_dir():
+        return input_path.parent
+    named = input_path.resolve()  # `.` and `..` have no name of their own
+    return named.with_name(f"{named.name}_x{scale}")
 
 
 def main(args):
     input_path = Path(args.input)
     inputs = find_inputs(input_path, args.recursive)  # the input first: a missing one is named as such
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.exists() and checkpoint == DEFAULT_CHECKPOINT:
-        raise UserError(f"no checkpoint at {DEFAULT_CHECKPOINT}: restore the shipped one with "
-                        f"`git checkout -- checkpoints/{DEFAULT_CHECKPOINT.name}`, or pass one of yours with --checkpoint")
     device = select_device(args.device)
-    model, _ = load_model(checkpoint, device, raw_weights=args.raw_weights)
+    model, _ = load_model(args.checkpoint, device, raw_weights=args.raw_weights)
     pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite)
     options = dict(tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, quality=args.quality)
     if len(pairs) == 1:
@@ -132,6 +132,8 @@ def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, s
     note = ", read and written as 8-bit" if img.mode.startswith("I") or img.mode == "F" else ""
     if dst.suffix.lower() in (".jpg", ".jpeg") and sr.mode in ("RGBA", "LA"):
         sr, note = sr.convert(sr.mode[:-1]), note + ", alpha dropped: JPEG has none"
+    elif dst.suffix.lower() == ".bmp" and sr.mode == "LA":  # BMP holds RGBA, not gray with alpha
+        sr = sr.convert("RGBA")
     make_dir(dst.parent)
     save_image(sr, dst, quality=quality, **image_metadata(img))
     tqdm.write(f"{src} ({img.width}x{img.height}{note}) -> {dst} ({sr.width}x{sr.height})")
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", "--save_dir", default=None,
                         help="output file (with an image extension) or folder (without); "
                              "None: beside the input file, or <INPUT>_x<scale>/ for a folder")
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the network and its weights")
+    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="the network and its weights")
     parser.add_argument("--recursive", action="store_true", help="a folder INPUT: its subfolders too, mirrored")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
     parser.add_argument("--quality", type=quality, default=95, help="JPEG and WebP quality, 1-100")

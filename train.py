@@ -21,8 +21,8 @@ the network is model.py; the patches are dataset.py.
 import argparse
 import contextlib
 import copy
-import csv
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,19 +34,16 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import export_weights, load_checkpoint, save_checkpoint
-from dataset import EpochSampler, PatchLoader, TrainDataset, device_batch, eval_pairs
-from images import image_size, list_images
-from metrics import check_measurable, mean, measure
+from dataset import EpochSampler, PatchLoader, TrainDataset, check_measurable_images, device_batch, eval_pairs
+from images import list_images
+from metrics import mean, measure
 from model import UPSAMPLE_STAGES, ResShuffle
 from resize import DEGRADATIONS, resize_bicubic
+from runs import append_log, check_run_folder, open_run_folder
 from training import StopSignal, amp_dtype, ema_decay_at, train_step, update_ema
 from upscale import upscale
-from utils import (REPO, UserError, atomic_path, check_output_dir, lock_folder, make_dir, make_parser,
-                   non_negative_int, plural, positive_float, positive_int, remove_stale_temporaries, run_cli,
+from utils import (REPO, UserError, make_parser, non_negative_int, plural, positive_float, positive_int, run_cli,
                    seed_everything, seed_int, warn)
-
-CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds"]
-RUN_FILES = ("last.pt", "best.pt", "log.csv")  # a folder holding any of them holds a run
 
 # Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
 RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "val_every", "patience", "max_val_images",
@@ -170,8 +167,9 @@ def start_run(args) -> Run | None:
     # Absolute in the checkpoint's args: a resume from another folder finds the same data.
     args.train_dir, args.val_dir = str(Path(args.train_dir).resolve()), str(Path(args.val_dir).resolve())
     if checkpoint and checkpoint["epoch"] >= args.num_epochs:
-        print(f"{args.resume}: trained {checkpoint['epoch']} of --num_epochs {args.num_epochs} already; "
-              f"nothing to do (a higher --num_epochs goes on)")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{args.resume}: trained {checkpoint['epoch']} of --num_epochs {args.num_epochs} already; "
+                  f"nothing to do (a higher --num_epochs goes on)")
         return None
     rank, world_size, device = distributed.setup(args.device)
     if checkpoint and checkpoint.get("step") and checkpoint.get("world_size", 1) != world_size:
@@ -179,66 +177,63 @@ def start_run(args) -> Run | None:
                         f"{plural(checkpoint.get('world_size', 1), 'process', 'processes')}; "
                         f"resume it with as many (this is {world_size})")
     seed_everything(args.seed)
+    model_args, folder = run_identity(args, checkpoint)
+    lock = check_run_folder(folder, new_run=not args.resume, overwrite=args.overwrite, lock=rank == 0)
+    val_paths = check_data(args, model_args["scale"])
+    run = build_run(args, model_args, folder, rank, world_size, device, val_paths)
     if checkpoint:
-        model_args, folder = checkpoint["model_args"], Path(args.resume).parent
-    else:
-        model_args = dict(scale=args.upscale_factor, num_features=args.num_features,
-                          num_residuals=args.num_residuals, mean_shift=args.mean_shift, image_skip=args.image_skip)
-        run_name = args.run_name or f"x{args.upscale_factor}_{datetime.now():%Y%m%d-%H%M%S}"
-        folder = Path(args.checkpoint_dir) / run_name
+        run.restore(checkpoint)
+        run.saved_at = where(run)
+        note_process_count(run, checkpoint)
+        restart_epoch_if_data_changed(run, checkpoint)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if run.lead:
+        run.bicubic = bicubic_scores(run.val_pairs, crop_border=model_args["scale"])
+        run.lock = open_run_folder(folder, lock, new_run=not args.resume, overwrite=args.overwrite,
+                                   keep_through=run.epoch)
+        announce(run)
+    return run
+
+
+def run_identity(args, checkpoint: dict | None) -> tuple[dict, Path]:
+    """The network's model_args and the run's folder: the checkpoint's, or from the flags."""
+    if checkpoint:
+        return checkpoint["model_args"], Path(args.resume).parent
+    model_args = dict(scale=args.upscale_factor, num_features=args.num_features, num_residuals=args.num_residuals,
+                      mean_shift=args.mean_shift, image_skip=args.image_skip)
+    run_name = args.run_name or f"x{args.upscale_factor}_{datetime.now():%Y%m%d-%H%M%S}"
+    return model_args, Path(args.checkpoint_dir) / run_name
+
+
+def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, device: torch.device,
+              val_paths: list[Path]) -> Run:
+    """The data decoded, the network, its optimizer and schedule: a run at its start."""
     scale = model_args["scale"]
-    val_paths = check_before_work(args, folder, scale)
     loader, steps_per_epoch = make_loader(args, scale, rank, world_size, device)
     val_pairs = list(eval_pairs(val_paths, scale, args.degradation)) if rank == 0 else []
     model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     dtype = amp_dtype(device)
-    run = Run(args=args, model_args=model_args, folder=folder, device=device, rank=rank, world_size=world_size,
-              model=model, net=distributed.wrap(model, device),
-              ema=copy.deepcopy(model).requires_grad_(False).eval() if args.ema else None,
-              optimizer=optimizer,
-              scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma),
-              scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16), dtype=dtype,
-              loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs)
-    if checkpoint:
-        run.restore(checkpoint)
-        run.saved_at = where(run)
-        resume_notes(run, checkpoint)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if run.lead:
-        run.bicubic = bicubic_scores(val_pairs, crop_border=scale)
-        prepare_folder(run)
-        announce(run)
-    return run
+    return Run(args=args, model_args=model_args, folder=folder, device=device, rank=rank, world_size=world_size,
+               model=model, net=distributed.wrap(model, device),
+               ema=copy.deepcopy(model).requires_grad_(False).eval() if args.ema else None,
+               optimizer=optimizer,
+               scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma),
+               scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16), dtype=dtype,
+               loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs)
 
 
-def check_before_work(args, folder: Path, scale: int) -> list[Path]:
-    """Every path the run needs, checked before any image is decoded; the validation images.
-
-    The run folder must not hold another run (unless --resume, or --overwrite) and must be
-    writable; the data folders must hold images; each validation image must be big enough to
-    measure (SSIM's window, after the crop border).
-    """
-    for name in RUN_FILES:
-        if (folder / name).exists() and not (folder / name).is_file():
-            raise UserError(f"{folder / name}: is not a regular file, where the run keeps one; move it away")
-    if not args.resume and not args.overwrite and holds_run(folder):
-        raise UserError(f"{folder}: holds a run already; continue it with --resume {folder / 'last.pt'}, "
-                        f"choose another --run_name, or pass --overwrite to replace it")
-    check_output_dir(folder)
+def check_data(args, scale: int) -> list[Path]:
+    """The data folders, checked before any image is decoded; the validation images. Each of
+    those must be big enough to measure (SSIM's window, after the crop border)."""
     if not list_images(args.train_dir):
         raise UserError(f"{args.train_dir}: no training images found")
     paths = list_images(args.val_dir)[:args.max_val_images or None]
     if not paths:
         raise UserError(f"{args.val_dir}: no validation images found")
-    for path in paths:
-        check_measurable(str(path), *image_size(path), scale=scale, crop_border=scale)
+    check_measurable_images(paths, scale=scale, crop_border=scale)
     return paths
-
-
-def holds_run(folder: Path) -> bool:
-    return any((folder / name).exists() for name in RUN_FILES)
 
 
 def resumed_checkpoint(args) -> dict | None:
@@ -264,15 +259,22 @@ def resumed_checkpoint(args) -> dict | None:
     return checkpoint
 
 
-def resume_notes(run: Run, checkpoint: dict) -> None:
-    """Say what differs from the run as it stopped: the process count, the training set's size."""
+def note_process_count(run: Run, checkpoint: dict) -> None:
+    """Say so when a run goes on under another process count: the patches per step change."""
     before = checkpoint.get("world_size", 1)
     if before != run.world_size and run.lead:
         b = run.args.batch_size
         print(f"note: the run had {plural(before, 'process', 'processes')} ({b * before} patches per step), this has "
               f"{run.world_size} ({b * run.world_size} per step, {plural(run.steps_per_epoch, 'step')} per epoch)")
-    if run.step and checkpoint.get("steps_per_epoch", run.steps_per_epoch) != run.steps_per_epoch \
-            or run.step >= run.steps_per_epoch:
+
+
+def restart_epoch_if_data_changed(run: Run, checkpoint: dict) -> None:
+    """A run stopped mid-epoch whose training set has since changed size starts that epoch over:
+    its step count no longer says where in the new epoch it was."""
+    if not run.step:
+        return
+    changed = checkpoint.get("steps_per_epoch", run.steps_per_epoch) != run.steps_per_epoch
+    if changed or run.step >= run.steps_per_epoch:
         if run.lead:
             warn(f"the training set has changed since the run stopped in epoch {run.epoch + 1} at step {run.step}: "
                  f"that epoch starts over, with {plural(run.steps_per_epoch, 'step')}")
@@ -311,21 +313,6 @@ def bicubic_scores(pairs: list, crop_border: int) -> tuple[float, float]:
     """Mean PSNR and SSIM of PIL bicubic upsampling on (name, hr, lr) pairs, measured as the model is."""
     rows = [measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border) for _, hr, lr in pairs]
     return mean(rows, "psnr"), mean(rows, "ssim")
-
-
-def prepare_folder(run: Run) -> None:
-    """Rank 0: the run's folder, locked for this process, without what a killed run left in it,
-    its log cut back to the checkpoint."""
-    make_dir(run.folder)
-    run.lock = lock_folder(run.folder)
-    if not run.args.resume:  # checked again under the lock: a run started at the same moment
-        if holds_run(run.folder) and not run.args.overwrite:
-            raise UserError(f"{run.folder}: another run started there meanwhile; choose another --run_name")
-        for name in RUN_FILES:
-            (run.folder / name).unlink(missing_ok=True)
-    for stale in remove_stale_temporaries(run.folder):
-        warn(f"removed {stale}, left by a run killed while writing it")
-    trim_log(run.folder / "log.csv", keep_through=run.epoch)
 
 
 def announce(run: Run) -> None:
@@ -460,36 +447,6 @@ def naming_what_is_kept(run: Run):
         kept = (f"{run.last_path} ({run.saved_at}) is intact: free space, then --resume {run.last_path}"
                 if run.saved_at else "no checkpoint of this run was saved yet")
         raise UserError(f"{e}; {kept}") from None
-
-
-# ---------------------------------------------------------------- the log
-
-def trim_log(path: Path, keep_through: int) -> None:
-    """Drop log rows after the resumed checkpoint's epoch (they will be trained again), and torn rows."""
-    if path.exists():
-        write_log(path, [r for r in read_log(path) if int(r["epoch"]) <= keep_through])
-
-
-def append_log(path: Path, row: dict) -> None:
-    """Add a row by writing the whole log anew (atomically: a full disk leaves the old log whole)."""
-    write_log(path, (read_log(path) if path.exists() else []) + [row])
-
-
-def read_log(path: Path) -> list[dict]:
-    """The rows of a run's log.csv, without torn ones (a row missing fields, from an old kill)."""
-    try:
-        with open(path, newline="") as f:
-            return [r for r in csv.DictReader(f)  # a torn row lacks fields: None
-                    if None not in r.values() and None not in r and r["epoch"].isdigit()]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: can't be read ({getattr(e, 'strerror', None) or e})") from None
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 # ---------------------------------------------------------------- flags

@@ -6,6 +6,7 @@ import re
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: --device auto then means CPU
@@ -109,3 +110,29 @@ def assert_one_line_error(code, err, *needles):
     assert len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert str(needle) in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder this process cannot create files in (root ignores permission bits: then /sys)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        open(folder / "probe", "w").close()
+    except PermissionError:
+        yield folder
+    else:
+        os.unlink(folder / "probe")
+        if os.access("/sys", os.W_OK) and not _cannot_create_in("/sys"):
+            pytest.skip("no unwritable folder here (running as root, /sys writable)")
+        yield "/sys"
+    folder.chmod(0o755)
+
+
+def _cannot_create_in(folder) -> bool:
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            return False
+    except OSError:
+        return True

@@ -1,5 +1,6 @@
 """train.py never loses what a user made: run folders, checkpoints, logs; and it says what is
 wrong in one line, before any work, when it can't go on (full disk, odd data, bad flags)."""
+import csv
 import resource
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from PIL import Image
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, TINY_RUN, assert_one_line_error, make_images, read_log, run_main, smooth_image
-from utils import lock_folder
+from files import lock_folder
 
 
 def train_args(image_dir, runs, name="r", *extra):
@@ -56,11 +57,12 @@ def test_two_processes_never_share_a_run_folder(one_epoch, image_dir):
     with lock_folder(folder):  # as a run in progress holds it (flock: any other open file is refused)
         code, _, err = run_main(train, *train_args(image_dir, runs, "r", "--resume", folder / "last.pt",
                                                    "--num_epochs", "2"))
-        assert_one_line_error(code, err, folder, "another process is using this folder")
+        assert_one_line_error(code, err, folder, "is using this folder")
+        assert "decoding" not in err  # refused before any work
         (runs / "new").mkdir()
         with lock_folder(runs / "new"):  # a run started at the same moment under the same name
             code, _, err = run_main(train, *train_args(image_dir, runs, "new", "--num_epochs", "1"))
-            assert_one_line_error(code, err, runs / "new", "another process is using this folder")
+            assert_one_line_error(code, err, runs / "new", "is using this folder")
     assert snapshot(folder) == before and sorted(p.name for p in (runs / "new").iterdir()) == [".lock"]
 
 
@@ -203,7 +205,7 @@ def test_nothing_to_do_and_a_mistyped_folder_are_said_before_decoding(one_epoch,
 def test_resuming_under_another_process_count_says_so(capsys):
     run = SimpleNamespace(world_size=1, lead=True, args=SimpleNamespace(batch_size=2), steps_per_epoch=16,
                           step=0, epoch=1)
-    train.resume_notes(run, {"world_size": 2, "steps_per_epoch": 8})
+    train.note_process_count(run, {"world_size": 2, "steps_per_epoch": 8})
     assert "the run had 2 processes (4 patches per step), this has 1 (2 per step, 16 steps per epoch)" in \
            capsys.readouterr().out
 
@@ -233,3 +235,15 @@ def test_a_run_resumes_from_any_folder(image_dir, tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     code, out, err = run_main(train, "--resume", tmp_path / "runs" / "rel" / "last.pt", "--num_epochs", "2")
     assert code == 0 and "resumed from" in out and "after epoch 1" in out, err
+
+
+def test_a_column_the_user_added_to_the_log_is_kept(one_epoch):
+    runs, folder = one_epoch
+    rows = read_log(folder)
+    with open(folder / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "note"])
+        writer.writeheader()
+        writer.writerows([r | {"note": "lr looks high"} for r in rows])
+    code, _, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "2")
+    assert code == 0, err
+    assert [(r["epoch"], r["note"]) for r in read_log(folder)] == [("1", "lr looks high"), ("2", "")]

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import runs
 import train
 import training
 from checkpoint import load_checkpoint
@@ -189,10 +190,10 @@ def test_a_torn_log_row_is_dropped_on_resume(tmp_path):
     log = tmp_path / "log.csv"
     log.write_text("epoch,loss,lr,val_psnr,val_ssim,seconds\n1,0.1,0.0002,30.0,0.9,1.0\n"
                    "2,0.09,0.0002,30.5,0.9,1.0\n3,0.0")
-    train.trim_log(log, keep_through=2)
+    runs.trim_log(log, keep_through=2)
     assert [r["epoch"] for r in read_log(tmp_path)] == ["1", "2"]
     log.write_text(log.read_text() + "1")  # a row torn inside its first field
-    train.trim_log(log, keep_through=2)
+    runs.trim_log(log, keep_through=2)
     assert [r["epoch"] for r in read_log(tmp_path)] == ["1", "2"]
 
 

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from images import save_image
-from utils import UserError, atomic_path
+from files import atomic_path
+from utils import UserError
 
 
 def test_save_image_writes_whole_files_with_normal_permissions(tmp_path):

@@ -1,0 +1,184 @@
+"""Where outputs go: written whole or not at all, never over an input, over an existing file only
+when asked, into folders made when something is written; all checked before any work."""
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from utils import UserError
+
+TMP_SUFFIX = ".tmp"
+
+# Write failures for which the free space is the likely reason, and worth saying.
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+class atomic_path:
+    """Context manager giving a temporary path beside `path`, renamed onto it on success.
+
+    A reader never sees a half-written file: a failure (or a kill) leaves the old file, or none.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> str:
+        if not self.path.parent.is_dir():
+            raise UserError(f"{self.path.parent}: output folder does not exist")
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a folder, not a file name")
+        try:
+            fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=TMP_SUFFIX)
+        except OSError as e:
+            raise UserError(f"{self.path.parent}: cannot write there ({e.strerror})") from None
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                with open(self.tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                # mkstemp makes the file 0600; give it the mode a plain open() would have.
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)
+                os.replace(self.tmp, self.path)
+                return False
+            except OSError as e:
+                exc = e
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+        if isinstance(exc, OSError):  # a full disk, a vanished folder, a mode the format can't hold
+            space = f"; {free_space(self.path.parent)}" if exc.errno in SPACE_ERRORS else ""
+            kept = "the file there before is unchanged" if self.path.exists() else "nothing was written"
+            raise UserError(f"{self.path}: could not be written ({exc.strerror or exc}{space}); {kept}") from None
+        return False
+
+
+def free_space(folder: Path) -> str:
+    """'12.3 GB free', or 'the disk is full', for error messages about failed writes."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return "the disk is full" if free < 1e6 else f"{free / 1e9:.1f} GB free"
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what `atomic_path` leaves behind when a process is killed mid-write; the paths removed."""
+    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
+def make_dir(path: str | Path) -> Path:
+    """mkdir -p, with a one-line error when it can't be made."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create folder ({e.strerror})") from None
+    return path
+
+
+# ---------------------------------------------------------------- checked before any work
+
+def check_output_dir(path: str | Path) -> Path:
+    """Fail now, before any work, if `path` is not a folder that can be written or made.
+
+    The folder itself is made only when something is written into it (`make_dir`), so that a
+    failed run leaves no empty folders. Writing is tried, not inferred from permissions: root
+    may write to a 0555 folder, nobody to a read-only mount.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: can't be an output folder: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{existing}: can't create files there ({e.strerror})") from None
+    return path
+
+
+def file_ids(paths) -> set[tuple[int, int]]:
+    """The (device, inode) of each existing path: what `check_output_file` compares outputs with,
+    through links, `..` and case-folding file systems, in one stat per file."""
+    ids = set()
+    for p in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+def check_output_file(path: str | Path, overwrite: bool = False, inputs: set = frozenset()) -> Path:
+    """Fail now, before any work, if writing `path` would replace an input (`inputs`: `file_ids`),
+    or an existing file without `overwrite`, or can't be done."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a file name")
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # a link, a device, a pipe
+        raise UserError(f"{path}: is not a regular file; outputs are written only as files")
+    if path.exists() and file_ids([path]) & inputs:
+        raise UserError(f"{path}: is an input; outputs never replace inputs: choose another output name")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: exists; pass --overwrite to replace it")
+    check_output_dir(path.parent)
+    return path
+
+
+def check_outside(out_dir: Path, folder: Path) -> None:
+    """An output folder must not be an input folder or inside one: the next run would read the
+    outputs as inputs."""
+    ids = file_ids([folder])
+    for d in (out_dir, *out_dir.parents):
+        if d.exists() and file_ids([d]) & ids:
+            raise UserError(f"{out_dir}: is {folder} or inside it, where the inputs are; the next run would "
+                            f"read the outputs as inputs: choose another output folder")
+
+
+def output_stems(paths: list[Path]) -> dict[Path, str]:
+    """Each image's output stem: its own, or with its extension added (a_jpg, a_png) where two
+    images in one folder share a stem, so that neither output replaces the other."""
+    shared = Counter((p.parent, p.stem) for p in paths)
+    return {p: p.stem if shared[p.parent, p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths}
+
+
+def check_distinct(pairs: list[tuple[Path, Path]]) -> None:
+    """No two inputs may have one output (a.png and a.jpg beside a_png.png): refused, not overwritten."""
+    seen = {}
+    for src, dst in pairs:
+        if dst in seen:
+            raise UserError(f"{seen[dst]} and {src} would both be written as {dst}; rename one of them")
+        seen[dst] = src
+
+
+# ---------------------------------------------------------------- one process per folder
+
+def lock_folder(folder: Path):
+    """An exclusive lock on folder/.lock, held while the returned file is open; a second process
+    asking for it gets a one-line error. None where the platform has no flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        f = open(folder / ".lock", "a")
+    except OSError as e:
+        raise UserError(f"{folder / '.lock'}: can't be opened as a lock file ({e.strerror})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"{folder}: another process (a training run?) is using this folder; "
+                        f"wait for it to end") from None
+    return f

@@ -1,0 +1,77 @@
+"""A training run's folder: one run per folder, one process at a time, and its log.csv."""
+import csv
+from pathlib import Path
+
+from files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
+from utils import UserError, warn
+
+RUN_FILES = ("last.pt", "best.pt", "log.csv")  # a folder holding any of them holds a run
+CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds"]
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def check_run_folder(folder: Path, new_run: bool, overwrite: bool, lock: bool):
+    """Before any work: a new run's folder holds no run (unless `overwrite`), the run's files are
+    files, the folder can be written. With `lock` (rank 0), an existing folder is locked now,
+    so that a second process is refused before it decodes anything; the lock file, or None."""
+    for name in RUN_FILES:
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise UserError(f"{folder / name}: is not a regular file, where the run keeps one; move it away")
+    if new_run and not overwrite and holds_run(folder):
+        raise UserError(f"{folder}: holds a run already; continue it with --resume {folder / 'last.pt'}, "
+                        f"choose another --run_name, or pass --overwrite to replace it")
+    check_output_dir(folder)
+    return lock_folder(folder) if lock and folder.is_dir() else None
+
+
+def open_run_folder(folder: Path, lock, new_run: bool, overwrite: bool, keep_through: int):
+    """Rank 0, when the run starts writing: the folder made and locked (if it was not there
+    before), a new run's folder checked again under the lock (a run started at the same moment)
+    and emptied of an `overwrite`n run, a killed run's temporaries removed, the log cut back to
+    epoch `keep_through`. The lock file."""
+    make_dir(folder)
+    lock = lock or lock_folder(folder)
+    if new_run:
+        if holds_run(folder) and not overwrite:
+            raise UserError(f"{folder}: another run started there meanwhile; choose another --run_name")
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+    for stale in remove_stale_temporaries(folder):
+        warn(f"removed {stale}, left by a run killed while writing it")
+    trim_log(folder / "log.csv", keep_through=keep_through)
+    return lock
+
+
+# ---------------------------------------------------------------- log.csv
+
+def trim_log(path: Path, keep_through: int) -> None:
+    """Drop log rows after the resumed checkpoint's epoch (they will be trained again), and torn rows."""
+    if path.exists():
+        write_log(path, [r for r in read_log(path) if int(r["epoch"]) <= keep_through])
+
+
+def append_log(path: Path, row: dict) -> None:
+    """Add a row by writing the whole log anew (atomically: a full disk leaves the old log whole)."""
+    write_log(path, (read_log(path) if path.exists() else []) + [row])
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a run's log.csv, without torn ones (a row missing fields, from an old kill)."""
+    try:
+        with open(path, newline="") as f:
+            return [r for r in csv.DictReader(f)  # a torn row lacks fields: None
+                    if None not in r.values() and None not in r and (r.get("epoch") or "").isdigit()]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: can't be read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    """The rows, with the columns a user added to the file kept after ours."""
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in CSV_FIELDS]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + extra, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
