@@ -38,7 +38,7 @@ from model import ResShuffle
 from resize import downsample
 from training import amp_dtype, train_step
 from upscale import upscale
-from utils import make_parser, positive_int, select_device
+from utils import make_parser, positive_int, run_cli, select_device
 
 BATCH, LR_PATCH, SCALE = 16, 48, 4
 
@@ -317,4 +317,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_cli(main, build_parser().parse_args())

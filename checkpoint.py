@@ -35,6 +35,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file() and path == SHIPPED_CHECKPOINT:
         raise UserError(f"no checkpoint at {path}: restore the shipped one with `git -C {REPO} checkout -- "
                         f"checkpoints/{path.name}`, or pass one of yours with --checkpoint")
+    if path.is_dir() and (path / "last.pt").is_file():
+        raise UserError(f"{path}: is a run's folder; name its checkpoint: {path / 'last.pt'}")
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
     with open(path, "rb") as f:

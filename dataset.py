@@ -231,3 +231,15 @@ def check_measurable_images(paths: list, scale: int, crop_border: int) -> None:
     for path in paths:
         width, height = image_size(path)
         check_measurable(str(path), width, height, scale=scale, crop_border=crop_border)
+
+
+def count_patchable(paths: list[Path], patch_size: int) -> int:
+    """How many of the images can give a patch_size patch, from their headers: TrainDataset's
+    count before it decodes them (an unreadable file counts as none, as there)."""
+    count = 0
+    for path in paths:
+        try:
+            count += min(image_size(path)) >= patch_size
+        except UserError:
+            pass
+    return count

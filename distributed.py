@@ -2,6 +2,7 @@
 
 Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op or the obvious answer.
 """
+import gc
 import inspect
 import os
 from datetime import timedelta
@@ -45,6 +46,7 @@ def barrier() -> None:
 def leave() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
+        gc.collect()  # a DDP wrapper held in a reference cycle goes now, not after its group at exit
         dist.destroy_process_group()
 
 

@@ -172,6 +172,19 @@ def download_div2k(root: Path, url_base: str = DIV2K_URL, names=tuple(DIV2K_FILE
         print(f"{target}: {count} images")
 
 
+def check_targets(root: Path, names) -> None:
+    """Before any download: where each set's folder and zip go holds nothing of another kind."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root}: is a file, not a folder")
+    for name in names:
+        for path, folder in ((root / name, True), (root / f"{name}.zip", False)):
+            if path.is_symlink() and not path.exists():
+                raise UserError(f"{path}: is a link to {os.readlink(path)}, which does not exist; remove it")
+            if path.exists() and path.is_dir() != folder:
+                raise UserError(f"{path}: is a {'file' if folder else 'folder'}, where the set's "
+                                f"{'folder' if folder else 'zip'} goes; move it away")
+
+
 def missing_folders(path: Path) -> list[Path]:
     """The folders `make_dir(path)` would create, deepest first."""
     missing = []
@@ -198,6 +211,7 @@ def main(args):
     if urllib.parse.urlsplit(args.url_base).scheme not in ("http", "https"):
         raise UserError(f"--url_base {args.url_base}: not an http:// or https:// address")
     root = Path(args.root)
+    check_targets(root, args.sets)
     created = missing_folders(root)
     try:
         download_div2k(root, url_base=args.url_base, names=args.sets, keep_zip=args.keep_zip)

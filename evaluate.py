@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import SHIPPED_CHECKPOINT, load_model
 from dataset import check_measurable_images, eval_pairs
-from files import atomic_path, check_distinct, check_outside, check_output_file, file_ids, make_dir, output_stems
+from files import atomic_path, check_distinct, check_outside, check_output_file, file_ids, folder_for, output_stems
 from images import list_images, save_image
 from metrics import mean, measure
 from resize import DEGRADATIONS, resize_bicubic
@@ -65,10 +65,11 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
                    | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
             sr_path, compare_path = (outputs or {}).get(name, (None, None))
             if sr_path is not None:
-                save_image(sr, make_dir(sr_path.parent) / sr_path.name)
+                with folder_for(sr_path):
+                    save_image(sr, sr_path)
             if compare_path is not None:
-                save_image(comparison(hr, lr, sr, bicubic, model.scale, compare_size),
-                           make_dir(compare_path.parent) / compare_path.name)
+                with folder_for(compare_path):
+                    save_image(comparison(hr, lr, sr, bicubic, model.scale, compare_size), compare_path)
             rows.append(row)
     return rows
 
@@ -112,6 +113,8 @@ def find_sets(args) -> list[tuple[str, Path, list[Path]]]:
     """(name, folder, images) of each set: the --benchmark subfolders that exist, or --data_dir.
     Two folders of the same name (a/val, b/val) become val and val_2."""
     if args.benchmark:
+        if args.data_dir != build_parser().get_default("data_dir"):
+            warn("--benchmark evaluates its own sets; --data_dir is not used")
         root = Path(args.benchmark)
         if not root.is_dir():
             raise UserError(f"{root}: no such folder")
@@ -163,7 +166,7 @@ def check_work(args, sets: list, plan: dict, scale: int, crop_border: int) -> No
             check_outside(folder, data_dir)
     for _, out in pairs:
         check_output_file(out, overwrite=args.overwrite, inputs=inputs)
-    check_distinct(pairs)
+    check_distinct(pairs + ([("the --csv table", Path(args.csv))] if args.csv else []))
 
 
 def print_images(rows: list[dict], y: str, seconds: float) -> None:
@@ -181,6 +184,8 @@ def print_images(rows: list[dict], y: str, seconds: float) -> None:
 
 def main(args):
     if args.paper:
+        if args.crop_border is not None or args.degradation != "pil":
+            warn("--paper sets --degradation matlab and crop border = scale; the given ones are not used")
         args.degradation, args.y_channel = "matlab", True
     sets = find_sets(args)
     device = select_device(args.device)
@@ -216,8 +221,7 @@ def main(args):
         print(f"{name:<16} {n:>6}  " + "  ".join(f"{v[i]:8.4f}/{v[i + 1]:.4f}" for i in range(0, 8, 2)))
 
     if args.csv:
-        make_dir(Path(args.csv).parent)
-        with atomic_path(Path(args.csv)) as tmp, open(tmp, "w", newline="") as f:
+        with folder_for(Path(args.csv)), atomic_path(Path(args.csv)) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
             writer.writerows(all_rows)

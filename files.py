@@ -31,7 +31,9 @@ class atomic_path:
         if self.path.is_dir():
             raise UserError(f"{self.path}: is a folder, not a file name")
         try:
-            fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=TMP_SUFFIX)
+            # The name cut short: a temporary name must fit where the output's own name just fits.
+            fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name[:200]}.",
+                                            suffix=TMP_SUFFIX)
         except OSError as e:
             raise UserError(f"{self.path.parent}: cannot write there ({e.strerror})") from None
         os.close(fd)
@@ -68,9 +70,10 @@ def free_space(folder: Path) -> str:
     return "the disk is full" if free < 1e6 else f"{free / 1e9:.1f} GB free"
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete what `atomic_path` leaves behind when a process is killed mid-write; the paths removed."""
-    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+def remove_stale_temporaries(folder: Path, names) -> list[Path]:
+    """Delete what `atomic_path` leaves behind when a process is killed mid-write of one of the
+    files `names` (a user's own .tmp files stay); the paths removed."""
+    stale = [p for name in names for p in Path(folder).glob(f".{name}.*{TMP_SUFFIX}") if p.is_file()]
     for p in stale:
         p.unlink()
     return stale
@@ -81,9 +84,26 @@ def make_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{path}: is a file, not a folder") from None
     except OSError as e:
         raise UserError(f"{path}: cannot create folder ({e.strerror})") from None
     return path
+
+
+@contextlib.contextmanager
+def folder_for(path: Path):
+    """The folder of an output file, made if missing, and removed again (if still empty) when
+    writing the file fails: a failed write leaves nothing behind."""
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    make_dir(path.parent)
+    try:
+        yield path
+    except BaseException:
+        for p in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
 
 
 # ---------------------------------------------------------------- checked before any work
@@ -98,6 +118,8 @@ def check_output_dir(path: str | Path) -> Path:
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise UserError(f"{existing}: is a link to {os.readlink(existing)}, which does not exist")
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{path}: can't be an output folder: {existing} is a file")
@@ -125,9 +147,10 @@ def check_output_file(path: str | Path, overwrite: bool = False, inputs: set = f
     or an existing file without `overwrite`, or can't be done."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path}: is a folder, not a file name")
+        raise UserError(f"{path}: is a folder, not a file name; choose another output name")
     if path.is_symlink() or (path.exists() and not path.is_file()):  # a link, a device, a pipe
-        raise UserError(f"{path}: is not a regular file; outputs are written only as files")
+        raise UserError(f"{path}: is not a regular file (a link?); outputs are written only as files: "
+                        f"remove it or choose another output name")
     if path.exists() and file_ids([path]) & inputs:
         raise UserError(f"{path}: is an input; outputs never replace inputs: choose another output name")
     if path.exists() and not overwrite:
@@ -157,9 +180,14 @@ def check_distinct(pairs: list[tuple[Path, Path]]) -> None:
     """No two inputs may have one output (a.png and a.jpg beside a_png.png): refused, not overwritten."""
     seen = {}
     for src, dst in pairs:
-        if dst in seen:
-            raise UserError(f"{seen[dst]} and {src} would both be written as {dst}; rename one of them")
-        seen[dst] = src
+        key = Path(dst).resolve()
+        if key in seen:
+            raise UserError(f"{seen[key]} and {src} would both be written as {dst}; rename one of them")
+        seen[key] = src
+    folders = {p for key in seen for p in key.parents}
+    for key, src in seen.items():
+        if key in folders:  # a_x4.png written as a file, and as the folder of a/a_x4.png/b.png's output
+            raise UserError(f"{key}: would be written as the output of {src} and as a folder of other outputs")
 
 
 # ---------------------------------------------------------------- one process per folder

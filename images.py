@@ -4,6 +4,7 @@ Images are numpy arrays, HWC uint8 RGB in [0, 255], unless a docstring says othe
 """
 import contextlib
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -38,8 +39,20 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
         hint = (f"; get DIV2K with: python download.py --root {folder.parent}"
                 if folder.name.startswith("DIV2K_") else "")
         raise UserError(f"{folder}: no such folder{hint}")
-    found = folder.rglob("*") if recursive else folder.iterdir()
+    found = walk(folder) if recursive else folder.iterdir()
     return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def walk(folder: Path):
+    """Every file under `folder`, through linked subfolders (each real folder once: a link loop
+    ends), hidden folders (.git, ...) left out."""
+    seen = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))
+        if real not in seen:
+            seen.add(real)
+            yield from (Path(root) / f for f in files)
 
 
 @contextlib.contextmanager

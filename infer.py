@@ -1,14 +1,15 @@
 """Upscale an image, or every image in a folder, with a ResShuffle checkpoint.
 
 usage: python infer.py INPUT [-o OUTPUT] [--checkpoint checkpoints/resshuffle_x4.pt] [--recursive]
-           [--quality 95] [--overwrite] [--tile 256] [--tile_pad N] [--self_ensemble] [--device auto]
+           [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
 
 INPUT is an image file or a folder of them (--recursive: and of its subfolders). Each image
 becomes <name>_x<scale>.png: beside a file INPUT, in the folder <INPUT>_x<scale>/ for a
 folder, or in the folder -o names. `-o` with an image extension (.png .jpg .jpeg .webp .bmp
 .tif .tiff) names the output file of a single image; without one it names a folder, made
 if missing. Outputs never replace an input or an existing file (--overwrite replaces the
-latter); every output is checked before any work and written whole or not at all.
+latter, --skip_existing leaves its input out); every output is checked before any work and
+written whole or not at all.
 
 The output is exactly scale x the input size. Grayscale stays grayscale; an alpha channel
 is upscaled with bicubic and kept; the EXIF orientation is applied; the ICC colour profile
@@ -28,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import SHIPPED_CHECKPOINT, load_model
-from files import check_distinct, check_outside, check_output_file, file_ids, make_dir, output_stems
+from files import check_distinct, check_outside, check_output_file, file_ids, folder_for, output_stems
 from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
 from upscale import DEFAULT_TILE, upscale
 from utils import UserError, make_parser, non_negative_int, plural, run_cli, select_device, warn
@@ -66,8 +67,9 @@ def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
 
 
 def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale: int,
-                 overwrite: bool = False) -> list[tuple[Path, Path]]:
-    """(input, output) pairs, every output checked before any work (see the module docstring)."""
+                 overwrite: bool = False, skip_existing: bool = False) -> list[tuple[Path, Path]]:
+    """(input, output) pairs, every output checked before any work (see the module docstring).
+    With `skip_existing`, inputs whose output exists are left out (a folder run finished)."""
     out_file = output_file(output, input_path)
     if out_file is not None:
         pairs = [(input_path, out_file)]
@@ -77,10 +79,15 @@ def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale
             check_outside(out_dir, input_path)
             root = input_path
         pairs = [(p, out_dir / p.parent.relative_to(root) / f"{stems[p]}_x{scale}.png") for p in inputs]
+    check_distinct(pairs)
+    if skip_existing:
+        done = [(src, dst) for src, dst in pairs if dst.is_file()]
+        if done:
+            print(f"{plural(len(done), 'output')} of {len(pairs)} exist already: their inputs are skipped")
+        pairs = [p for p in pairs if p not in done]
     ids = file_ids(inputs)
     for _, dst in pairs:
         check_output_file(dst, overwrite=overwrite, inputs=ids)
-    check_distinct(pairs)
     return pairs
 
 
@@ -109,7 +116,10 @@ def main(args):
     inputs = find_inputs(input_path, args.recursive)  # the input first: a missing one is named as such
     device = select_device(args.device)
     model, _ = load_model(args.checkpoint, device, raw_weights=args.raw_weights)
-    pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite)
+    pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite,
+                         skip_existing=args.skip_existing)
+    if not pairs:
+        return print(f"{input_path}: every output exists already; nothing to do")
     options = dict(tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, quality=args.quality)
     if len(pairs) == 1:
         return upscale_file(model, *pairs[0], **options)
@@ -119,7 +129,7 @@ def main(args):
             upscale_file(model, src, dst, **options)
         except UserError as e:  # one bad file in a folder: say so, do the others
             tqdm.write(f"infer.py: skipped: {e}", file=sys.stderr)
-            failed.append(src.name)
+            failed.append(str(src.relative_to(input_path)))
     if failed:
         raise UserError(f"{len(failed)} of {plural(len(pairs), 'image')} failed, the others were written: "
                         f"{', '.join(failed)}")
@@ -134,8 +144,8 @@ def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, s
         sr, note = sr.convert(sr.mode[:-1]), note + ", alpha dropped: JPEG has none"
     elif dst.suffix.lower() == ".bmp" and sr.mode == "LA":  # BMP holds RGBA, not gray with alpha
         sr = sr.convert("RGBA")
-    make_dir(dst.parent)
-    save_image(sr, dst, quality=quality, **image_metadata(img))
+    with folder_for(dst):
+        save_image(sr, dst, quality=quality, **image_metadata(img))
     tqdm.write(f"{src} ({img.width}x{img.height}{note}) -> {dst} ({sr.width}x{sr.height})")
 
 
@@ -148,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="the network and its weights")
     parser.add_argument("--recursive", action="store_true", help="a folder INPUT: its subfolders too, mirrored")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="leave out inputs whose output exists (finish a folder run that was stopped)")
     parser.add_argument("--quality", type=quality, default=95, help="JPEG and WebP quality, 1-100")
     parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
     parser.add_argument("--self_ensemble", action="store_true",

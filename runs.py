@@ -20,6 +20,9 @@ def check_run_folder(folder: Path, new_run: bool, overwrite: bool, lock: bool):
     for name in RUN_FILES:
         if (folder / name).exists() and not (folder / name).is_file():
             raise UserError(f"{folder / name}: is not a regular file, where the run keeps one; move it away")
+    if new_run and not overwrite and holds_run(folder) and not (folder / "last.pt").exists():
+        raise UserError(f"{folder}: holds a run that saved no last.pt to resume (it stopped in its first epoch); "
+                        f"choose another --run_name, or pass --overwrite to start it again")
     if new_run and not overwrite and holds_run(folder):
         raise UserError(f"{folder}: holds a run already; continue it with --resume {folder / 'last.pt'}, "
                         f"choose another --run_name, or pass --overwrite to replace it")
@@ -39,7 +42,7 @@ def open_run_folder(folder: Path, lock, new_run: bool, overwrite: bool, keep_thr
             raise UserError(f"{folder}: another run started there meanwhile; choose another --run_name")
         for name in RUN_FILES:
             (folder / name).unlink(missing_ok=True)
-    for stale in remove_stale_temporaries(folder):
+    for stale in remove_stale_temporaries(folder, RUN_FILES):
         warn(f"removed {stale}, left by a run killed while writing it")
     trim_log(folder / "log.csv", keep_through=keep_through)
     return lock

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import export_weights, load_checkpoint, save_checkpoint
-from dataset import EpochSampler, PatchLoader, TrainDataset, check_measurable_images, device_batch, eval_pairs
+from dataset import (EpochSampler, PatchLoader, TrainDataset, check_measurable_images, count_patchable, device_batch,
+                     eval_pairs)
 from images import list_images
 from metrics import mean, measure
 from model import UPSAMPLE_STAGES, ResShuffle
@@ -179,7 +180,7 @@ def start_run(args) -> Run | None:
     seed_everything(args.seed)
     model_args, folder = run_identity(args, checkpoint)
     lock = check_run_folder(folder, new_run=not args.resume, overwrite=args.overwrite, lock=rank == 0)
-    val_paths = check_data(args, model_args["scale"])
+    val_paths = check_data(args, model_args["scale"], world_size)
     run = build_run(args, model_args, folder, rank, world_size, device, val_paths)
     if checkpoint:
         run.restore(checkpoint)
@@ -224,11 +225,19 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
                loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs)
 
 
-def check_data(args, scale: int) -> list[Path]:
-    """The data folders, checked before any image is decoded; the validation images. Each of
-    those must be big enough to measure (SSIM's window, after the crop border)."""
-    if not list_images(args.train_dir):
+def check_data(args, scale: int, world_size: int) -> list[Path]:
+    """The data, checked from file headers before any image is decoded (DIV2K takes minutes):
+    enough training images big enough for a patch to fill a batch; validation images big
+    enough to measure (SSIM's window, after the crop border). The validation images."""
+    train = list_images(args.train_dir)
+    if not train:
         raise UserError(f"{args.train_dir}: no training images found")
+    patch = args.patch_size or 48 * scale
+    usable = count_patchable(train, patch)
+    if not usable:
+        raise UserError(f"{args.train_dir}: none of its {plural(len(train), 'image')} is readable and at least "
+                        f"{patch}x{patch}: lower --patch_size")
+    check_batches(usable * args.patches_per_image, args.batch_size, world_size)
     paths = list_images(args.val_dir)[:args.max_val_images or None]
     if not paths:
         raise UserError(f"{args.val_dir}: no validation images found")
@@ -301,12 +310,16 @@ def make_loader(args, scale: int, rank: int, world_size: int, device: torch.devi
     sampler = EpochSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
     loader = PatchLoader(train_set, sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                          pin_memory=device.type == "cuda")
-    steps = len(train_set) // world_size // args.batch_size
-    if steps == 0:
-        raise UserError(f"{len(train_set)} patches per epoch is less than one batch of {args.batch_size}"
+    check_batches(len(train_set), args.batch_size, world_size)
+    return loader, len(train_set) // world_size // args.batch_size
+
+
+def check_batches(patches: int, batch_size: int, world_size: int) -> None:
+    """An epoch must hold at least one batch for each process."""
+    if patches // world_size // batch_size == 0:
+        raise UserError(f"{plural(patches, 'patch', 'patches')} per epoch is less than one batch of {batch_size}"
                         f"{f' for each of {world_size} processes' if world_size > 1 else ''}: "
                         f"raise --patches_per_image or lower --batch_size")
-    return loader, steps
 
 
 def bicubic_scores(pairs: list, crop_border: int) -> tuple[float, float]:

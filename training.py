@@ -83,5 +83,5 @@ class StopSignal:
         launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
         if not self.quiet:
             print(f"stopped by {signal.Signals(signum).name} {where}; saved {path}\n"
-                  f"resume with: {launcher} train.py --resume {path}", flush=True)
+                  f"resume with: {launcher} {sys.argv[0]} --resume {path}", flush=True)
         sys.exit(128 + signum)

@@ -88,7 +88,10 @@ def super_resolve(model: ResShuffle, img: np.ndarray, tile: int, tile_pad: int |
 
     if tile <= 0 or (tile >= h and tile >= w):
         if fits_in_memory(model, h, w, device):
-            return to_array(model(x))
+            out = to_array(model(x))
+            if bar is not None:
+                bar.update()
+            return out
         tile = DEFAULT_TILE
     out = np.empty((h * s, w * s, 3), dtype=dtype)
     for box in tiles(h, w, tile):

@@ -234,3 +234,13 @@ def test_a_server_that_sends_nothing_is_retried_then_leaves_no_empty_part(tmp_pa
     assert code == 1 and len(attempts) == download.RETRIES + 1 and out.count("closed early; retrying") == download.RETRIES
     assert f"{download.RETRIES + 1} failed attempts, last: closed early" in err and "resume" not in err
     assert not root.exists()  # the empty .part went, and then the --root this run made
+
+
+def test_a_file_or_folder_where_download_writes_is_one_line_before_any_download(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_main(download, "--root", tmp_path / "afile", "--url_base", "http://127.0.0.1:9")
+    assert code == 1 and err.strip().endswith("afile: is a file, not a folder"), err
+    (tmp_path / "data" / "DIV2K_valid_HR.zip").mkdir(parents=True)
+    code, _, err = run_main(download, "--root", tmp_path / "data", "--sets", "DIV2K_valid_HR",
+                            "--url_base", "http://127.0.0.1:9")
+    assert code == 1 and "DIV2K_valid_HR.zip: is a folder, where the set's zip goes" in err and "Traceback" not in err

@@ -247,3 +247,27 @@ def test_a_column_the_user_added_to_the_log_is_kept(one_epoch):
     code, _, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "2")
     assert code == 0, err
     assert [(r["epoch"], r["note"]) for r in read_log(folder)] == [("1", "lr looks high"), ("2", "")]
+
+
+def test_what_a_second_hostile_trial_found_in_train(image_dir, tmp_path):
+    runs = tmp_path / "runs"
+    # A run that stopped before its first last.pt: the refusal does not point at a missing file.
+    (runs / "early").mkdir(parents=True)
+    (runs / "early" / "log.csv").write_text("epoch,loss,lr,val_psnr,val_ssim,seconds\n1,0.1,0.0002,,,1.0\n")
+    code, _, err = run_main(train, *train_args(image_dir, runs, "early", "--num_epochs", "1"))
+    assert_one_line_error(code, err, "saved no last.pt to resume", "--overwrite")
+    # A batch an epoch can't fill, said before any decoding.
+    code, _, err = run_main(train, *train_args(image_dir, runs, "big", "--num_epochs", "1", "--batch_size", "64"))
+    assert_one_line_error(code, err, "12 patches per epoch is less than one batch of 64")
+    assert "decoding" not in err
+    code, _, err = run_main(train, *train_args(image_dir, runs, "huge", "--num_epochs", "1", "--patch_size", "400"))
+    assert_one_line_error(code, err, "none of its 3 images is readable and at least 400x400: lower --patch_size")
+    # --resume naming a run's folder points at its last.pt.
+    code, _, err = run_main(train, *train_args(image_dir, runs, "r", "--num_epochs", "1"))
+    assert code == 0, err
+    code, _, err = run_main(train, "--resume", runs / "r", "--num_epochs", "2")
+    assert_one_line_error(code, err, f"is a run's folder; name its checkpoint: {runs / 'r' / 'last.pt'}")
+    # A user's own .tmp file in the run folder is not taken for a killed write.
+    (runs / "r" / ".notes.tmp").write_text("mine")
+    code, _, err = run_main(train, "--resume", runs / "r" / "last.pt", "--num_epochs", "2")
+    assert code == 0 and (runs / "r" / ".notes.tmp").read_text() == "mine", err

@@ -283,3 +283,67 @@ def test_gray_with_alpha_can_be_written_as_bmp(tiny_checkpoint, tmp_path):
     Image.open(photo(tmp_path / "rgb.png")).convert("LA").save(src)
     code, _, err = run_main(infer, src, "-o", tmp_path / "la.bmp", "--checkpoint", tiny_checkpoint)
     assert code == 0 and Image.open(tmp_path / "la.bmp").size == (120, 80), err
+
+
+# ---------------------------------------------------------------- what a second hostile trial tried
+
+def test_evaluates_csv_never_replaces_an_image_it_writes(tiny_checkpoint, tmp_path):
+    data = make_images(tmp_path / "val")
+    code, _, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "sr",
+                            "--csv", tmp_path / "sr" / "img0.png")
+    assert_one_line_error(code, err, "the --csv table", "would both be written as")
+    assert not (tmp_path / "sr").exists()
+
+
+def test_a_dangling_link_on_the_output_path_is_named_before_any_work(tiny_checkpoint, tmp_path):
+    folder = make_images(tmp_path / "in")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    code, out, err = run_main(infer, folder, "-o", tmp_path / "gone" / "out", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, tmp_path / "gone", "is a link to", "which does not exist")
+    assert "skipped" not in err
+
+
+def test_recursive_follows_linked_folders_once_and_skips_hidden_ones(tiny_checkpoint, tmp_path):
+    real = make_images(tmp_path / "real")
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "linked").symlink_to(real)
+    (src / "loop").symlink_to(src)  # a link loop must end
+    make_images(src / ".git")
+    code, _, err = run_main(infer, src, "--recursive", "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert tree(tmp_path / "in_x4") == ["linked", "linked/img0_x4.png", "linked/img1_x4.png", "linked/img2_x4.png"]
+
+
+def test_skip_existing_finishes_a_stopped_folder_run_and_names_failures_by_path(tiny_checkpoint, tmp_path):
+    folder = make_images(tmp_path / "in")
+    (tmp_path / "in_x4").mkdir()
+    (tmp_path / "in_x4" / "img1_x4.png").write_bytes(b"done before")
+    code, out, err = run_main(infer, folder, "--skip_existing", "--checkpoint", tiny_checkpoint)
+    assert code == 0 and "1 output of 3 exist already: their inputs are skipped" in out, err
+    assert (tmp_path / "in_x4" / "img1_x4.png").read_bytes() == b"done before"
+    assert tree(tmp_path / "in_x4") == ["img0_x4.png", "img1_x4.png", "img2_x4.png"]
+    (folder / "sub").mkdir()
+    (folder / "sub" / "bad.png").write_text("not an image")
+    photo(folder / "sub" / "good.png")
+    code, out, err = run_main(infer, folder, "--recursive", "--skip_existing", "--checkpoint", tiny_checkpoint)
+    assert code == 1 and "1 of 2 images failed, the others were written: sub/bad.png" in err
+    assert (tmp_path / "in_x4" / "sub" / "good_x4.png").is_file()
+
+
+def test_a_failed_write_leaves_no_empty_folder(tiny_checkpoint, tmp_path, monkeypatch):
+    src = photo(tmp_path / "a.png")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)
+    code, _, err = run_main(infer, src, "-o", tmp_path / "new" / "deeper" / "a.png", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "could not be written (No space left on device", "nothing was written")
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_output_name_too_long_for_a_temporary_name_is_written(tiny_checkpoint, tmp_path):
+    src = photo(tmp_path / "a.png")
+    out = tmp_path / ("c" * 245 + ".png")  # 249 characters: the file system allows 255
+    code, _, err = run_main(infer, src, "-o", out, "--checkpoint", tiny_checkpoint)
+    assert code == 0 and out.is_file(), err
