@@ -95,9 +95,9 @@ def make_dir(path: str | Path) -> Path:
 def folder_for(path: Path):
     """The folder of an output file, made if missing, and removed again (if still empty) when
     writing the file fails: a failed write leaves nothing behind."""
-    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-    make_dir(path.parent)
+    missing = [p for p in (path.parent, *path.parent.parents) if not os.path.lexists(p)]
     try:
+        make_dir(path.parent)
         yield path
     except BaseException:
         for p in missing:  # deepest first
@@ -116,10 +116,13 @@ def check_output_dir(path: str | Path) -> Path:
     may write to a 0555 folder, nobody to a read-only mount.
     """
     path = Path(path)
+    check_name_lengths(path)
     existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():
-            raise UserError(f"{existing}: is a link to {os.readlink(existing)}, which does not exist")
+            raise UserError(f"{existing}: is a link to {os.readlink(existing)}, which does not exist (or loops)")
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{path}: can't be an output folder: {existing} is a file")
@@ -129,6 +132,14 @@ def check_output_dir(path: str | Path) -> Path:
     except OSError as e:
         raise UserError(f"{existing}: can't create files there ({e.strerror})") from None
     return path
+
+
+def check_name_lengths(path: Path) -> None:
+    """Each part of `path` must fit the file system's name limit (255 bytes on most)."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:
+            raise UserError(f"{path}: the name {part[:24]}... is {len(os.fsencode(part))} bytes, "
+                            f"longer than file systems allow (255)")
 
 
 def file_ids(paths) -> set[tuple[int, int]]:
@@ -146,6 +157,7 @@ def check_output_file(path: str | Path, overwrite: bool = False, inputs: set = f
     """Fail now, before any work, if writing `path` would replace an input (`inputs`: `file_ids`),
     or an existing file without `overwrite`, or can't be done."""
     path = Path(path)
+    check_name_lengths(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a file name; choose another output name")
     if path.is_symlink() or (path.exists() and not path.is_file()):  # a link, a device, a pipe
@@ -169,6 +181,16 @@ def check_outside(out_dir: Path, folder: Path) -> None:
                             f"read the outputs as inputs: choose another output folder")
 
 
+def check_inputs_outside(inputs: list[Path], out_dir: Path) -> None:
+    """No input may lie in the output folder (a linked subfolder under --recursive can lead
+    there): each run would upscale the last run's outputs again."""
+    out_real = os.path.realpath(out_dir) + os.sep
+    for p in inputs:
+        if os.path.realpath(p).startswith(out_real):
+            raise UserError(f"{p}: is inside the output folder {out_dir} (through a link?); the outputs would be "
+                            f"read as inputs: choose another output folder")
+
+
 def output_stems(paths: list[Path]) -> dict[Path, str]:
     """Each image's output stem: its own, or with its extension added (a_jpg, a_png) where two
     images in one folder share a stem, so that neither output replaces the other."""
@@ -180,7 +202,7 @@ def check_distinct(pairs: list[tuple[Path, Path]]) -> None:
     """No two inputs may have one output (a.png and a.jpg beside a_png.png): refused, not overwritten."""
     seen = {}
     for src, dst in pairs:
-        key = Path(dst).resolve()
+        key = Path(os.path.realpath(dst))  # not Path.resolve(), which raises on a link loop
         if key in seen:
             raise UserError(f"{seen[key]} and {src} would both be written as {dst}; rename one of them")
         seen[key] = src

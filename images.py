@@ -95,10 +95,11 @@ def quiet_bomb_warnings() -> None:
     """Silence PIL's two-line DecompressionBombWarning: open_image says it in one line.
 
     A process-wide filter, not warnings.catch_warnings, which is not thread-safe: images are
-    decoded in threads (dataset.py). filterwarnings replaces an identical filter, so repeating
-    it adds nothing.
+    decoded in threads (dataset.py). Added only when missing: the first decode (image_size, in
+    the main thread, before any) adds it, and later calls leave the filter list alone.
     """
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -29,7 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import SHIPPED_CHECKPOINT, load_model
-from files import check_distinct, check_outside, check_output_file, file_ids, folder_for, output_stems
+from files import (check_distinct, check_inputs_outside, check_outside, check_output_file, file_ids, folder_for,
+                   output_stems)
 from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
 from upscale import DEFAULT_TILE, upscale
 from utils import UserError, make_parser, non_negative_int, plural, run_cli, select_device, warn
@@ -77,15 +78,16 @@ def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale
         out_dir, root, stems = output_folder(input_path, output, scale), input_path.parent, output_stems(inputs)
         if input_path.is_dir():
             check_outside(out_dir, input_path)
+            check_inputs_outside(inputs, out_dir)
             root = input_path
         pairs = [(p, out_dir / p.parent.relative_to(root) / f"{stems[p]}_x{scale}.png") for p in inputs]
     check_distinct(pairs)
-    if skip_existing:
-        done = [(src, dst) for src, dst in pairs if dst.is_file()]
-        if done:
-            print(f"{plural(len(done), 'output')} of {len(pairs)} exist already: their inputs are skipped")
-        pairs = [p for p in pairs if p not in done]
     ids = file_ids(inputs)
+    if skip_existing:  # outputs there already (never an input) keep theirs
+        done = [(src, dst) for src, dst in pairs if dst.is_file() and not file_ids([dst]) & ids]
+        if done:
+            print(f"skipped {plural(len(done), 'input')} of {len(pairs)}: their outputs are there already")
+        pairs = [p for p in pairs if p not in done]
     for _, dst in pairs:
         check_output_file(dst, overwrite=overwrite, inputs=ids)
     return pairs
@@ -157,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "None: beside the input file, or <INPUT>_x<scale>/ for a folder")
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="the network and its weights")
     parser.add_argument("--recursive", action="store_true", help="a folder INPUT: its subfolders too, mirrored")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
-    parser.add_argument("--skip_existing", action="store_true",
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
+    existing.add_argument("--skip_existing", action="store_true",
                         help="leave out inputs whose output exists (finish a folder run that was stopped)")
     parser.add_argument("--quality", type=quality, default=95, help="JPEG and WebP quality, 1-100")
     parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")

@@ -232,7 +232,7 @@ def check_data(args, scale: int, world_size: int) -> list[Path]:
     train = list_images(args.train_dir)
     if not train:
         raise UserError(f"{args.train_dir}: no training images found")
-    patch = args.patch_size or 48 * scale
+    patch = hr_patch_size(args, scale)
     usable = count_patchable(train, patch)
     if not usable:
         raise UserError(f"{args.train_dir}: none of its {plural(len(train), 'image')} is readable and at least "
@@ -304,7 +304,7 @@ def describe_run(checkpoint: dict) -> str:
 
 def make_loader(args, scale: int, rank: int, world_size: int, device: torch.device) -> tuple[PatchLoader, int]:
     """The training patches, in batches for this process; and the steps in an epoch."""
-    train_set = TrainDataset(args.train_dir, scale=scale, patch_size=args.patch_size or 48 * scale,
+    train_set = TrainDataset(args.train_dir, scale=scale, patch_size=hr_patch_size(args, scale),
                              patches_per_image=args.patches_per_image, seed=args.seed, degradation=args.degradation,
                              quiet=rank != 0)
     sampler = EpochSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
@@ -312,6 +312,11 @@ def make_loader(args, scale: int, rank: int, world_size: int, device: torch.devi
                          pin_memory=device.type == "cuda")
     check_batches(len(train_set), args.batch_size, world_size)
     return loader, len(train_set) // world_size // args.batch_size
+
+
+def hr_patch_size(args, scale: int) -> int:
+    """--patch_size, or EDSR's 48x48 LR patches."""
+    return args.patch_size or 48 * scale
 
 
 def check_batches(patches: int, batch_size: int, world_size: int) -> None:

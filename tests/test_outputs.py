@@ -320,7 +320,7 @@ def test_skip_existing_finishes_a_stopped_folder_run_and_names_failures_by_path(
     (tmp_path / "in_x4").mkdir()
     (tmp_path / "in_x4" / "img1_x4.png").write_bytes(b"done before")
     code, out, err = run_main(infer, folder, "--skip_existing", "--checkpoint", tiny_checkpoint)
-    assert code == 0 and "1 output of 3 exist already: their inputs are skipped" in out, err
+    assert code == 0 and "skipped 1 input of 3: their outputs are there already" in out, err
     assert (tmp_path / "in_x4" / "img1_x4.png").read_bytes() == b"done before"
     assert tree(tmp_path / "in_x4") == ["img0_x4.png", "img1_x4.png", "img2_x4.png"]
     (folder / "sub").mkdir()
@@ -347,3 +347,53 @@ def test_an_output_name_too_long_for_a_temporary_name_is_written(tiny_checkpoint
     out = tmp_path / ("c" * 245 + ".png")  # 249 characters: the file system allows 255
     code, _, err = run_main(infer, src, "-o", out, "--checkpoint", tiny_checkpoint)
     assert code == 0 and out.is_file(), err
+
+
+def test_what_a_review_of_the_fixes_found(tiny_checkpoint, tmp_path):
+    folder = make_images(tmp_path / "in")
+    # A file output and a folder of other outputs under one name.
+    photo(folder / "a.png")
+    (folder / "a_x4.png").mkdir()
+    photo(folder / "a_x4.png" / "b.png")
+    code, _, err = run_main(infer, folder, "--recursive", "-o", tmp_path / "o1", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "a_x4.png: would be written as the output of", "and as a folder of other outputs")
+    shutil.rmtree(folder / "a_x4.png")
+    # Two names for one place (a link to the output folder) are one output.
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "o2")
+    data = make_images(tmp_path / "val")
+    code, _, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "o2",
+                            "--csv", tmp_path / "alias" / "img0.png")
+    assert_one_line_error(code, err, "the --csv table", "would both be written as")
+    # A link loop, a name too long: one line before any work.
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    code, _, err = run_main(infer, folder, "-o", tmp_path / "loop", "--checkpoint", tiny_checkpoint)
+    assert code == 1 and "Traceback" not in err and "upscaling" not in err, err
+    code, _, err = run_main(infer, folder, "-o", f"{tmp_path}/new/{'c' * 300}/", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "is 300 bytes, longer than file systems allow (255)")
+    assert not (tmp_path / "new").exists()
+    # --skip_existing never takes an input for a finished output; it and --overwrite exclude each other.
+    code, _, err = run_main(infer, folder / "img0.png", "-o", folder / "img0.png", "--skip_existing",
+                            "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "is an input")
+    code, _, err = run_main(infer, folder, "--skip_existing", "--overwrite", "--checkpoint", tiny_checkpoint)
+    assert code == 2 and "not allowed with argument" in err
+
+
+def test_recursive_never_reads_its_outputs_through_a_link(tiny_checkpoint, tmp_path):
+    folder = make_images(tmp_path / "in")
+    (tmp_path / "in_x4").mkdir()
+    photo(tmp_path / "in_x4" / "old_x4.png")
+    (folder / "out").symlink_to(tmp_path / "in_x4")
+    code, _, err = run_main(infer, folder, "--recursive", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "is inside the output folder", "through a link?")
+    assert tree(tmp_path / "in_x4") == ["old_x4.png"]
+
+
+def test_valid_exif_reaches_the_upscale(tiny_checkpoint, tmp_path):
+    exif = Image.Exif()
+    exif[0x010F] = "ResShuffle test camera"  # Make
+    src = photo(tmp_path / "cam.jpg", exif=exif, quality=95)
+    code, _, err = run_main(infer, src, "-o", tmp_path / "up.jpg", "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert Image.open(tmp_path / "up.jpg").getexif().get(0x010F) == "ResShuffle test camera"
