@@ -41,7 +41,7 @@ from metrics import mean, measure
 from model import UPSAMPLE_STAGES, ResShuffle
 from resize import DEGRADATIONS, resize_bicubic
 from runs import append_log, check_run_folder, open_run_folder
-from training import StopSignal, amp_dtype, ema_decay_at, train_step, update_ema
+from training import StopSignal, amp_dtype, ema_decay_at, load_scaler_state, train_step, update_ema
 from upscale import upscale
 from utils import (REPO, UserError, make_parser, non_negative_int, plural, positive_float, positive_int, run_cli,
                    seed_everything, seed_int, warn)
@@ -108,7 +108,7 @@ class Run:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        load_scaler_state(self.scaler, checkpoint.get("scaler"))
         if self.ema is not None:  # --ema added to a run starts from its weights
             self.ema.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
         for name in ("epoch", "step", "loss_sum", "seconds", "best_psnr", "best_epoch"):
