@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from utils import select_device
+from utils import UserError, select_device
 
 # DDP need not broadcast the model's one buffer (the constant RGB mean) each step; torch 2.14
 # renamed the flag, and deprecates the old name.
@@ -28,10 +28,16 @@ def setup(device_name: str) -> tuple[int, int, torch.device]:
     if world_size == 1:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise UserError(f"torchrun started more processes on this machine than it has GPUs ({gpus}): "
+                            f"use --nproc_per_node {gpus} or fewer")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    # Rank 0 validates while the others wait: give that an hour.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    # Rank 0 validates while the others wait: give that an hour. device_id binds NCCL to this
+    # process's GPU at once, instead of guessing it at the first collective.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                            device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), world_size, device
 
 

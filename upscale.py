@@ -4,6 +4,7 @@ Tiling relies on the split that model.py defines: `features` (the LR body, which
 `feature_radius` pixels) and `reconstruct` (the HR stages, which see `reconstruct_radius`).
 Images are HWC uint8 RGB numpy arrays.
 """
+import contextlib
 import math
 import os
 
@@ -21,6 +22,20 @@ DEFAULT_TILE = 256
 # HR stages run on LR blocks of at most this size (plus their small margin): their tensors are
 # the largest (64 channels at up to 4x4 the pixels), and small blocks keep them in cache.
 RECONSTRUCT_TILE = 128
+
+
+@contextlib.contextmanager
+def exact_cuda():
+    """On CUDA, compute what the CPU computes while evaluating or upscaling: no TF32 convolutions
+    (cuDNN's default on Ampere and newer) and no cudnn.benchmark (its algorithm, chosen per tile
+    shape, can differ between tiles). Training keeps both; the flags are restored after."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags
 
 
 def image_to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -56,7 +71,8 @@ def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_p
     """
     passes = 8 if self_ensemble else 1
     count = passes * len(list(tiles(*img.shape[:2], tile))) if tile > 0 else passes
-    with tqdm(total=count, desc="tiles", unit="tile", leave=False, disable=not progress or count == 1) as bar:
+    with exact_cuda(), tqdm(total=count, desc="tiles", unit="tile", leave=False,
+                                disable=not progress or count == 1) as bar:
         if not self_ensemble:
             return super_resolve(model, img, tile, tile_pad, np.uint8, bar)
         total = None

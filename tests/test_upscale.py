@@ -1,5 +1,6 @@
 """Tiled inference: tensors in and out, tiles in their places."""
 import numpy as np
+import pytest
 import torch
 
 from upscale import image_to_tensor, tensor_to_image, upscale
@@ -47,3 +48,44 @@ def test_tiles_are_placed_where_they_belong():
     whole = upscale(Shift(), img)
     np.testing.assert_array_equal(upscale(Shift(), img, tile=4), whole)  # tile_pad: the receptive radius
     assert not np.array_equal(upscale(Shift(), img, tile=4, tile_pad=2), whole)
+
+
+def test_upscaling_runs_without_tf32_or_cudnn_benchmark_and_restores_them(monkeypatch):
+    """GPU PSNR must equal CPU PSNR: no TF32 convolutions, no per-shape algorithm choice while
+    upscaling; training's settings come back after."""
+    import upscale as upscale_module
+    seen = []
+
+    class Spy(torch.nn.Module):
+        scale = 2
+
+        def receptive_radius(self):
+            return 0
+
+        def reconstruct_radius(self):
+            return 0
+
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                         torch.backends.cudnn.benchmark))
+            return torch.nn.functional.interpolate(x, scale_factor=2)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    spy = Spy()
+    spy.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
+    monkeypatch.setattr(upscale_module, "fits_in_memory", lambda *a: True)
+    upscale_module.upscale(spy, np.zeros((8, 8, 3), np.uint8), tile=0)
+    assert seen == [(False, False, False)]
+    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+
+
+def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch):
+    import distributed
+    from utils import UserError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"more processes on this machine than it has GPUs \(1\): use "
+                                        r"--nproc_per_node 1 or fewer"):
+        distributed.setup("cuda")
