@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from images import list_images
-from files import make_dir
+from files import made_folder, make_dir
 from utils import REPO, UserError, make_parser, run_cli
 
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
@@ -185,39 +185,15 @@ def check_targets(root: Path, names) -> None:
                                 f"{'folder' if folder else 'zip'} goes; move it away")
 
 
-def missing_folders(path: Path) -> list[Path]:
-    """The folders `make_dir(path)` would create, deepest first."""
-    missing = []
-    while not path.exists() and not path.is_symlink() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Undo `make_dir` after a failed run, so a typo in --root or a failed first try leaves no empty folder.
-
-    rmdir only removes empty folders: whatever a run did write (a .part to resume from, an extracted
-    set) stays, and so do the folders holding it.
-    """
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
 def main(args):
     if urllib.parse.urlsplit(args.url_base).scheme not in ("http", "https"):
         raise UserError(f"--url_base {args.url_base}: not an http:// or https:// address")
     root = Path(args.root)
     check_targets(root, args.sets)
-    created = missing_folders(root)
-    try:
+    # A failed first try, Ctrl-C included, or a typo in --root leaves no empty folder; what a run
+    # did write (a .part to resume from, an extracted set) stays, and so do its folders.
+    with made_folder(root):
         download_div2k(root, url_base=args.url_base, names=args.sets, keep_zip=args.keep_zip)
-    except BaseException:  # Ctrl-C included
-        remove_empty(created)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:

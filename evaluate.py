@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import SHIPPED_CHECKPOINT, load_model
 from dataset import check_measurable_images, eval_pairs
-from files import atomic_path, check_distinct, check_outside, check_output_file, file_ids, folder_for, output_stems
+from files import atomic_path, check_distinct, check_outside, check_output_file, check_output_files, file_ids, folder_for, output_stems
 from images import list_images, save_image
 from metrics import mean, measure
 from resize import DEGRADATIONS, resize_bicubic
@@ -164,8 +164,7 @@ def check_work(args, sets: list, plan: dict, scale: int, crop_border: int) -> No
     for folder in {out.parent for _, out in pairs}:
         for _, data_dir, _ in sets:
             check_outside(folder, data_dir)
-    for _, out in pairs:
-        check_output_file(out, overwrite=args.overwrite, inputs=inputs)
+    check_output_files([out for _, out in pairs], overwrite=args.overwrite, inputs=inputs)
     check_distinct(pairs + ([("the --csv table", Path(args.csv))] if args.csv else []))
 
 

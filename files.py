@@ -92,18 +92,23 @@ def make_dir(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def folder_for(path: Path):
-    """The folder of an output file, made if missing, and removed again (if still empty) when
-    writing the file fails: a failed write leaves nothing behind."""
-    missing = [p for p in (path.parent, *path.parent.parents) if not os.path.lexists(p)]
+def made_folder(folder: Path):
+    """`folder`, made if missing, and the folders this made removed again (those still empty)
+    when the work inside fails: a failed write, or a typo in a path, leaves nothing behind."""
+    missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
     try:
-        make_dir(path.parent)
-        yield path
+        make_dir(folder)
+        yield folder
     except BaseException:
         for p in missing:  # deepest first
             with contextlib.suppress(OSError):
                 p.rmdir()
         raise
+
+
+def folder_for(path: Path):
+    """`made_folder` for the folder of an output file."""
+    return made_folder(path.parent)
 
 
 # ---------------------------------------------------------------- checked before any work
@@ -156,19 +161,26 @@ def file_ids(paths) -> set[tuple[int, int]]:
 def check_output_file(path: str | Path, overwrite: bool = False, inputs: set = frozenset()) -> Path:
     """Fail now, before any work, if writing `path` would replace an input (`inputs`: `file_ids`),
     or an existing file without `overwrite`, or can't be done."""
-    path = Path(path)
-    check_name_lengths(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, not a file name; choose another output name")
-    if path.is_symlink() or (path.exists() and not path.is_file()):  # a link, a device, a pipe
-        raise UserError(f"{path}: is not a regular file (a link?); outputs are written only as files: "
-                        f"remove it or choose another output name")
-    if path.exists() and file_ids([path]) & inputs:
-        raise UserError(f"{path}: is an input; outputs never replace inputs: choose another output name")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: exists; pass --overwrite to replace it")
-    check_output_dir(path.parent)
-    return path
+    check_output_files([path], overwrite=overwrite, inputs=inputs)
+    return Path(path)
+
+
+def check_output_files(paths, overwrite: bool = False, inputs: set = frozenset()) -> None:
+    """`check_output_file` for many outputs: each file, then each of their folders once."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        check_name_lengths(path)
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder, not a file name; choose another output name")
+        if path.is_symlink() or (path.exists() and not path.is_file()):  # a link, a device, a pipe
+            raise UserError(f"{path}: is not a regular file (a link?); outputs are written only as files: "
+                            f"remove it or choose another output name")
+        if path.exists() and file_ids([path]) & inputs:
+            raise UserError(f"{path}: is an input; outputs never replace inputs: choose another output name")
+        if path.exists() and not overwrite:
+            raise UserError(f"{path}: exists; pass --overwrite to replace it")
+    for folder in dict.fromkeys(path.parent for path in paths):
+        check_output_dir(folder)
 
 
 def check_outside(out_dir: Path, folder: Path) -> None:

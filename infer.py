@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import SHIPPED_CHECKPOINT, load_model
-from files import (check_distinct, check_inputs_outside, check_outside, check_output_file, file_ids, folder_for,
+from files import (check_distinct, check_inputs_outside, check_outside, check_output_files, file_ids, folder_for,
                    output_stems)
 from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
 from upscale import DEFAULT_TILE, upscale
@@ -88,8 +88,7 @@ def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale
         if done:
             print(f"skipped {plural(len(done), 'input')} of {len(pairs)}: their outputs are there already")
         pairs = [p for p in pairs if p not in done]
-    for _, dst in pairs:
-        check_output_file(dst, overwrite=overwrite, inputs=ids)
+    check_output_files([dst for _, dst in pairs], overwrite=overwrite, inputs=ids)
     return pairs
 
 
