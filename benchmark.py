@@ -1,20 +1,24 @@
 """Measure ResShuffle's training step, data loader, inference and evaluation against the plain way.
 
-usage: python benchmark.py [--device auto] [--steps 3] [--skip_memory]
+usage: python benchmark.py [--device auto] [--precision auto] [--steps 3] [--skip_memory]
+       python benchmark.py --check --device cuda      # train, resume, tile in every precision
 
 Every figure comes from this run, on this machine, both sides measured in the same run. It
 prints a table and then one JSON line with every figure. Synthetic 2K images (2040x1356, photo-
-like content) are written to a temporary folder, so no data set is needed.
+like content) are written to a temporary folder, so no data set is needed. Each of the rows
+for the training step and inference is measured in fp32 and in --precision (default: what
+--precision auto picks on this device, bf16 where that is fp32).
 
-1. training step, batch 16 of 48x48 LR patches at x4: train.py's step (channels_last, AMP on
-   CUDA) against a plain NCHW fp32 step; GFLOP/s from the FLOPs PyTorch's FlopCounterMode
-   counts, against one large 64->64 3x3 convolution forward+backward (the practical ceiling).
+1. training step, batch 16 of 48x48 LR patches at x4: train.py's step (channels_last) against
+   a plain NCHW fp32 step; GFLOP/s from the FLOPs PyTorch's FlopCounterMode counts, against
+   one 64->64 3x3 convolution forward+backward in the same precision (the practical ceiling).
 2. data: patches/s from dataset.py's loader (PatchLoader: cut patches, their flips left to the
    device, which the training step above includes) with 1 and 2 worker threads against a
    DataLoader worker process that decodes the image file for every patch.
 3. inference: output megapixels/s of infer.py's path (upscale.upscale) on a 510x339 input, untiled
-   against the plain model call, and tiled (infer.py's default) against untiled; peak resident
-   memory and speed of infer.py on a 2040x1360 input (8160x5440 output), tiled and untiled.
+   against the plain model call, and tiled (infer.py's default) against untiled; the largest
+   difference from fp32; peak resident memory and speed of infer.py on a 2040x1360 input
+   (8160x5440 output) in fp32, tiled and untiled.
 4. evaluate.py: seconds per 2K image.
 """
 import json
@@ -31,14 +35,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from checkpoint import save_checkpoint
 from dataset import EpochSampler, PatchLoader, TrainDataset, device_batch
 from images import list_images, load_rgb
 from model import ResShuffle
 from resize import downsample
-from training import amp_dtype, train_step
+import metrics
+from checkpoint import load_checkpoint, save_checkpoint
+from precision import PRECISIONS, autocast, choose_precision, cpu_bf16_instructions, grad_scaler
+from training import train_step
 from upscale import upscale
-from utils import make_parser, positive_int, run_cli, select_device
+from utils import UserError, make_parser, positive_int, run_cli, select_device
 
 BATCH, LR_PATCH, SCALE = 16, 48, 4
 
@@ -82,19 +88,22 @@ def training_step_flops() -> int:
     return counter.get_total_flops()
 
 
-def bench_training(device, steps: int) -> dict:
+def bench_training(device, steps: int, precision: str) -> dict:
+    """train.py's step in fp32 and in `precision`, the plain NCHW fp32 step, and the conv ceiling in each."""
     flops = training_step_flops()
     lr8 = torch.randint(0, 256, (BATCH, LR_PATCH, LR_PATCH, 3), dtype=torch.uint8)
     hr8 = torch.randint(0, 256, (BATCH, LR_PATCH * SCALE, LR_PATCH * SCALE, 3), dtype=torch.uint8)
     flips = torch.rand(BATCH, 3) < 0.5
-
-    torch.manual_seed(0)
-    model = ResShuffle().to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-    dtype = amp_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    ours = timed(lambda: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler, dtype),
-                 device, steps)
+    out = {"train_flops_per_step": flops}
+    for name in precisions(precision):
+        torch.manual_seed(0)
+        model = ResShuffle().to(device, memory_format=torch.channels_last)
+        optimizer, scaler = torch.optim.Adam(model.parameters(), lr=2e-4), grad_scaler(device, name)
+        seconds = timed(lambda: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler, name),
+                        device, steps)
+        ceiling = conv_ceiling(device, name, steps)
+        out |= {f"train_patches_s_{name}": BATCH / seconds, f"train_gflops_{name}": flops / seconds / 1e9,
+                f"ceiling_gflops_{name}": ceiling / 1e9, f"train_fraction_of_ceiling_{name}": flops / seconds / ceiling}
 
     torch.manual_seed(0)
     plain_model = plain_network().to(device)
@@ -108,22 +117,33 @@ def bench_training(device, steps: int) -> dict:
         plain_opt.step()
 
     plain = timed(plain_step, device, steps)
+    out |= {"plain_patches_s": BATCH / plain, "plain_gflops": flops / plain / 1e9}
+    return out
 
-    # The ceiling: one 64->64 3x3 conv, forward and backward (input and weight gradients), the
-    # best of two sizes (the step's own trunk, 16x48x48, and a larger one) and both layouts.
+
+def conv_ceiling(device, precision: str, steps: int) -> float:
+    """FLOP/s of one 64->64 3x3 conv, forward and backward (input and weight gradients), in
+    `precision`: the best of two sizes (the step's own trunk, 16x48x48, and a larger one) and both
+    layouts. Most of the network's FLOPs are such convs: the step can't run much faster than this."""
     conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device)
     best = 0.0
     for n, size in ((BATCH, LR_PATCH), (32, 128) if device.type == "cuda" else (8, 96)):
         for fmt in (torch.contiguous_format, torch.channels_last):
             c = conv.to(memory_format=fmt)
             x = torch.rand(n, 64, size, size, device=device).contiguous(memory_format=fmt).requires_grad_()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                seconds = timed(lambda: c(x).sum().backward(), device, max(steps, 3))
-            best = max(best, 3 * 2 * n * size * size * 64 * 64 * 9 / seconds)
-    return {"train_flops_per_step": flops, "train_step_s": ours, "plain_step_s": plain,
-            "train_patches_s": BATCH / ours, "plain_patches_s": BATCH / plain, "train_speedup": plain / ours,
-            "train_gflops": flops / ours / 1e9, "plain_gflops": flops / plain / 1e9,
-            "ceiling_gflops": best / 1e9, "train_fraction_of_ceiling": flops / ours / best}
+
+            def step():
+                with autocast(device, precision):
+                    y = c(x)
+                y.float().sum().backward()
+
+            best = max(best, 3 * 2 * n * size * size * 64 * 64 * 9 / timed(step, device, max(steps, 3)))
+    return best
+
+
+def precisions(precision: str) -> list[str]:
+    """fp32, and the reduced precision measured beside it."""
+    return ["fp32"] + ([precision] if precision != "fp32" else [])
 
 
 def make_2k_images(folder: Path, count: int) -> None:
@@ -206,17 +226,24 @@ def run_infer(args: list[str]) -> tuple[float | None, float, bool]:
     return peak_kb * 1024 / 1e9, seconds, "tiling it by" in result.stderr
 
 
-def bench_inference(device, folder: Path, repeats: int, memory: bool) -> dict:
+def bench_inference(device, folder: Path, repeats: int, memory: bool, precision: str) -> dict:
     torch.manual_seed(0)
     model = ResShuffle().to(device, memory_format=torch.channels_last).eval()
     hr = load_rgb(list_images(folder)[0])[:1356, :2040]
     lr = downsample(hr, SCALE)  # 510x339, a DIV2K-size LR image
     out_mp = lr.shape[0] * lr.shape[1] * SCALE ** 2 / 1e6
-    radius = model.receptive_radius()
-    whole = upscale(model, lr, tile=0)
-    ours = timed(lambda: upscale(model, lr, tile=0), device, repeats, warmup=0)
-    tiled_out = upscale(model, lr, tile=256)  # infer.py's default: --tile 256, --tile_pad = radius
-    tiled = timed(lambda: upscale(model, lr, tile=256), device, repeats, warmup=0)
+    out = {"infer_input": f"{lr.shape[1]}x{lr.shape[0]}", "receptive_radius": model.receptive_radius()}
+    for name in precisions(precision):
+        whole = upscale(model, lr, tile=0, precision=name)
+        seconds = timed(lambda: upscale(model, lr, tile=0, precision=name), device, repeats, warmup=0)
+        tiled = upscale(model, lr, tile=256, precision=name)  # infer.py's default: --tile 256, pad = radius
+        tiled_s = timed(lambda: upscale(model, lr, tile=256, precision=name), device, repeats, warmup=0)
+        out |= {f"infer_mp_s_{name}": out_mp / seconds, f"infer_tiled256_mp_s_{name}": out_mp / tiled_s,
+                f"tiled_max_abs_diff_{name}": max_diff(whole, tiled)}
+        if name == "fp32":  # the first
+            exact = whole
+        else:
+            out |= {f"max_abs_diff_from_fp32_{name}": max_diff(whole, exact), f"psnr_vs_fp32_{name}": metrics.psnr(whole, exact)}
 
     plain_model = plain_network().to(device).eval()
     plain_model.load_state_dict(model.state_dict())
@@ -226,12 +253,7 @@ def bench_inference(device, folder: Path, repeats: int, memory: bool) -> dict:
             x = torch.from_numpy(lr.copy()).permute(2, 0, 1).unsqueeze(0).float().div(255).to(device)
             return plain_model(x).clamp(0, 1).mul(255).round().byte().cpu()
 
-    plain_s = timed(plain, device, repeats)
-    out = {"infer_input": f"{lr.shape[1]}x{lr.shape[0]}", "infer_mp_s": out_mp / ours,
-           "infer_tiled256_mp_s": out_mp / tiled, "plain_infer_mp_s": out_mp / plain_s,
-           "infer_speedup": plain_s / ours, "tiled_over_untiled_time": tiled / ours,
-           "receptive_radius": radius, "tiled_equals_untiled_uint8": bool(np.array_equal(whole, tiled_out)),
-           "tiled_max_abs_diff": int(np.abs(whole.astype(int) - tiled_out.astype(int)).max())}
+    out["plain_infer_mp_s"] = out_mp / timed(plain, device, repeats)
     if memory:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -239,13 +261,18 @@ def bench_inference(device, folder: Path, repeats: int, memory: bool) -> dict:
             Image.fromarray(big).save(tmp / "big.png")
             ckpt = tmp / "model.pt"
             save_checkpoint({"model": model.state_dict(), "model_args": dict(scale=SCALE)}, ckpt)
-            common = [str(tmp / "big.png"), "--checkpoint", str(ckpt), "--device", device.type]
+            common = [str(tmp / "big.png"), "--checkpoint", str(ckpt), "--device", device.type, "--precision", "fp32"]
             big_mp = 8160 * 5440 / 1e6
             for name, extra in (("tile256", ["--tile", "256"]), ("untiled", ["--tile", "0"])):
                 peak, seconds, auto_tiled = run_infer(common + ["-o", str(tmp / f"{name}.png"), *extra])
                 out[f"infer_8160x5440_{name}_peak_gb"], out[f"infer_8160x5440_{name}_mp_s"] = peak, big_mp / seconds
                 out[f"infer_8160x5440_{name}_auto_tiled"] = auto_tiled
     return out
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    """The largest difference of two uint8 images, in levels."""
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
 def bench_evaluate(folder: Path, device) -> dict:
@@ -261,18 +288,22 @@ def bench_evaluate(folder: Path, device) -> dict:
 
 def main(args):
     device = select_device(args.device)
+    if args.check:
+        return check(device)
+    precision = choose_precision(args.precision, device)[0]
+    precision = "bf16" if precision == "fp32" and args.precision == "auto" else precision
     figures = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "date": time.strftime("%Y-%m-%d")}
+               "date": time.strftime("%Y-%m-%d"), "precision": precision,
+               "cpu_bf16": cpu_bf16_instructions() if device.type == "cpu" else None}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_2k_images(folder, 4)
         print("training step ...", flush=True)
-        figures |= bench_training(device, args.steps)
-        print(f"  {figures['train_patches_s']:.2f} vs plain {figures['plain_patches_s']:.2f} patches/s", flush=True)
+        figures |= bench_training(device, args.steps, precision)
         print("data loader ...", flush=True)
         figures |= bench_data(folder)
         print("inference ...", flush=True)
-        figures |= bench_inference(device, folder, repeats=2, memory=not args.skip_memory)
+        figures |= bench_inference(device, folder, repeats=2, memory=not args.skip_memory, precision=precision)
         print("evaluate.py ...", flush=True)
         figures |= bench_evaluate(folder, device)
     report(figures)
@@ -280,39 +311,116 @@ def main(args):
 
 def report(f: dict) -> None:
     def row(what, ours, plain="", ratio=""):
-        print(f"{what:<44} {ours:>14} {plain:>14} {ratio:>8}")
+        print(f"{what:<46} {ours:>12} {plain:>12} {ratio:>8}")
 
-    print(f"\nResShuffle benchmark, {f['date']}, device {f['device']}, torch {f['torch']}, {f['threads']} threads")
+    cpu = f" ({f['cpu_bf16'] or 'no bf16 instructions'})" if f["cpu_bf16"] is not None or f["device"] == "cpu" else ""
+    print(f"\nResShuffle benchmark, {f['date']}, device {f['device']}{cpu}, torch {f['torch']}, {f['threads']} threads")
     row("", "ResShuffle", "plain", "ratio")
-    row("train step, patches/s (batch 16, 48px LR, x4)", f"{f['train_patches_s']:.2f}",
-        f"{f['plain_patches_s']:.2f}", f"{f['train_speedup']:.2f}x")
-    row("train step, GFLOP/s (counted)", f"{f['train_gflops']:.1f}", f"{f['plain_gflops']:.1f}")
-    row("one 64->64 3x3 conv fwd+bwd, GFLOP/s", f"{f['ceiling_gflops']:.1f}")
-    row("  train step's GFLOP/s as a share of it", f"{100 * f['train_fraction_of_ceiling']:.0f}%")
+    for name in precisions(f["precision"]):
+        row(f"train step {name}, patches/s (batch 16, 48px LR)", f"{f[f'train_patches_s_{name}']:.2f}",
+            f"{f['plain_patches_s']:.2f}", f"{f[f'train_patches_s_{name}'] / f['plain_patches_s']:.2f}x")
+        row("  GFLOP/s (counted)", f"{f[f'train_gflops_{name}']:.1f}", f"{f['plain_gflops']:.1f}")
+        row(f"  one 64->64 3x3 conv fwd+bwd in {name}, GFLOP/s", f"{f[f'ceiling_gflops_{name}']:.1f}")
+        row("  train step's GFLOP/s as a share of it", f"{100 * f[f'train_fraction_of_ceiling_{name}']:.0f}%")
     row("data, patches/s, 1 worker", f"{f['data_patches_s_1w']:.0f}",
         f"{f['data_decode_per_patch_patches_s_1w']:.1f}", f"{f['data_speedup_1w']:.0f}x")
     row("data, patches/s, 2 workers", f"{f['data_patches_s_2w']:.0f}")
-    row(f"inference {f['infer_input']} untiled, output MP/s", f"{f['infer_mp_s']:.3f}", f"{f['plain_infer_mp_s']:.3f}",
-        f"{f['infer_speedup']:.2f}x")
-    row("  tiled (256, pad = radius), output MP/s", f"{f['infer_tiled256_mp_s']:.3f}", "",
-        f"{f['tiled_over_untiled_time']:.2f}x t")
-    row(f"  tiled == untiled (uint8), radius {f['receptive_radius']} LR px", str(f["tiled_equals_untiled_uint8"]),
-        f"max diff {f['tiled_max_abs_diff']}")
+    for name in precisions(f["precision"]):
+        row(f"inference {f['infer_input']} {name} untiled, output MP/s", f"{f[f'infer_mp_s_{name}']:.3f}",
+            f"{f['plain_infer_mp_s']:.3f}", f"{f[f'infer_mp_s_{name}'] / f['plain_infer_mp_s']:.2f}x")
+        row("  tiled (256, pad = radius), output MP/s", f"{f[f'infer_tiled256_mp_s_{name}']:.3f}")
+        row(f"  tiled vs untiled, radius {f['receptive_radius']} LR px", f"max diff {f[f'tiled_max_abs_diff_{name}']}")
+        if name != "fp32":
+            row(f"  {name} vs fp32 output (uint8)", f"max diff {f[f'max_abs_diff_from_fp32_{name}']}",
+                f"{f[f'psnr_vs_fp32_{name}']:.1f} dB")
     if "infer_8160x5440_tile256_peak_gb" in f:
         for name in ("tile256", "untiled"):
             peak = f[f"infer_8160x5440_{name}_peak_gb"]
             label = name + (" (infer.py tiled it: memory short)" if f[f"infer_8160x5440_{name}_auto_tiled"] else "")
-            row(f"infer.py 2040x1360 -> 8160x5440, {label}", "failed" if peak is None else f"{peak:.2f} GB",
+            row(f"infer.py fp32 2040x1360 -> 8160x5440, {label}", "failed" if peak is None else f"{peak:.2f} GB",
                 f"{f[f'infer_8160x5440_{name}_mp_s']:.3f} MP/s")
-    row("evaluate.py, s per 2K image", f"{f['evaluate_s_per_2k_image']:.1f}")
+    row("evaluate.py (fp32), s per 2K image", f"{f['evaluate_s_per_2k_image']:.1f}")
     print(json.dumps(f))
+
+
+# ---------------------------------------------------------------- --check: a new machine, a GPU
+
+def check(device) -> None:
+    """A few training steps with train.py in each precision, a resume, tiled against untiled
+    upscaling: what to run first on a new machine (a GPU's paths can't be tested without one).
+    Exits 1 if a run fails or a tiled output differs from the untiled one."""
+    print(f"checking train.py and upscaling in fp32, bf16, fp16 on {device}, torch {torch.__version__}", flush=True)
+    failed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_small_images(tmp / "images", 4)
+        failed += [f"train.py {name}" for name in ("fp32", "bf16", "fp16") if not check_training(device, name, tmp)]
+        torch.manual_seed(0)
+        model = ResShuffle().to(device, memory_format=torch.channels_last).eval()
+        lr = load_rgb(list_images(tmp / "images")[0])[:150, :170]
+        exact = upscale(model, lr, tile=0)
+        for name in ("fp32", "bf16", "fp16"):
+            whole = upscale(model, lr, tile=0, precision=name)
+            tiled = max_diff(whole, upscale(model, lr, tile=64, precision=name))
+            print(f"upscale {name}: tiled (64) vs untiled max diff {tiled}, vs fp32 max diff "
+                  f"{max_diff(whole, exact)} levels", flush=True)
+            failed += [f"tiled upscaling in {name}"] if tiled else []
+    if failed:
+        raise UserError(f"--check failed: {', '.join(failed)}")
+    print("--check passed")
+
+
+def make_small_images(folder: Path, count: int) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        y, x = np.mgrid[0:200, 0:240] / 240
+        img = 127 + 60 * np.sin(2 * np.pi * (rng.uniform(1, 8) * x + rng.uniform(1, 8) * y))[..., None] \
+            + rng.normal(0, 8, (200, 240, 3))
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+
+
+def check_training(device, precision: str, tmp: Path) -> bool:
+    """Two epochs straight, and one epoch then --resume to two: the time, the losses, whether
+    the resumed run's weights equal the straight run's (bit for bit on a CPU; on CUDA,
+    cudnn.benchmark may choose other algorithms after the restart). Whether all three ran."""
+    common = ["--train_dir", str(tmp / "images"), "--val_dir", str(tmp / "images"), "--checkpoint_dir", str(tmp),
+              "--batch_size", "4", "--patch_size", "96", "--patches_per_image", "4", "--num_workers", "1",
+              "--device", str(device), "--precision", precision]
+    start = time.perf_counter()
+    results = [train_py(common + ["--run_name", f"{precision}_straight", "--num_epochs", "2"]),
+               train_py(common + ["--run_name", f"{precision}_resumed", "--num_epochs", "1"]),
+               train_py(["--resume", str(tmp / f"{precision}_resumed" / "last.pt"), "--num_epochs", "2"])]
+    failed = next((r for r in results if r.returncode != 0), None)
+    if failed is not None:
+        print(f"train.py {precision}: failed (exit {failed.returncode}): {(failed.stderr.strip().splitlines() or ['?'])[-1]}")
+        return False
+    a, b = (load_checkpoint(tmp / f"{precision}_{kind}" / "last.pt")["model"] for kind in ("straight", "resumed"))
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    epochs = [line for line in results[0].stdout.splitlines() if line.startswith("epoch ")]
+    print(f"train.py {precision}: 2 epochs of 4 steps in {time.perf_counter() - start:.1f} s (3 runs); "
+          f"{epochs[-1].split(', val')[0] if epochs else '?'}; resumed == straight: "
+          f"{'yes, bit for bit' if diff == 0 else f'no, max weight diff {diff:.2e}'}", flush=True)
+    return True
+
+
+def train_py(flags: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *flags], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
 
 
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the reduced precision measured beside fp32; auto: the one the device runs "
+                             "natively (bf16 where it has none)")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed repeats per measurement")
     parser.add_argument("--skip_memory", action="store_true", help="skip the 8160x5440 memory runs")
+    parser.add_argument("--check", action="store_true",
+                        help="instead: train.py in fp32, bf16 and fp16 (all three; --precision is not used) with a "
+                             "resume, and tiled against untiled upscaling in each, on --device (a new machine's "
+                             "first run, a GPU's above all); exit status 1 if any fails")
     return parser
 
 

@@ -100,7 +100,7 @@ class TrainDataset:
         lr and hr are uint8 NHWC (N, p, p, 3) and (N, p * scale, p * scale, 3): permuted to NCHW,
         they are channels_last already, so the training step needs no layout conversion. flips
         is bool (N, 3), each sample's (hflip, vflip, transpose) for `augment`. With
-        `pin_memory`, lr and hr are cut straight into page-locked memory (CUDA).
+        `pin_memory`, all three are made in page-locked memory (CUDA), lr and hr cut straight into it.
         """
         indices = np.asarray(indices)
         draws = self.draws(epoch)[indices]
@@ -112,7 +112,9 @@ class TrainDataset:
             k = i // self.patches_per_image
             lr_np[j] = self.lr[k][y:y + p, x:x + p]
             hr_np[j] = self.hr[k][y * s:(y + p) * s, x * s:(x + p) * s]
-        return lr, hr, torch.from_numpy(draws[:, 2:].astype(bool))
+        flips = torch.empty((len(draws), 3), dtype=torch.bool, pin_memory=pin_memory)  # pinned: non_blocking stays so
+        flips.numpy()[:] = draws[:, 2:]
+        return lr, hr, flips
 
 
 def augment(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:

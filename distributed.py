@@ -77,6 +77,15 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def same_as_rank_0(value):
+    """Rank 0's `value` on every process (any picklable object)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
     """The element-wise mean of `t` over all processes (in place)."""
     if dist.is_initialized():

@@ -32,6 +32,7 @@ from files import atomic_path, check_distinct, check_outside, check_output_file,
 from images import list_images, save_image
 from metrics import mean, measure
 from resize import DEGRADATIONS, resize_bicubic
+from precision import PRECISIONS, choose_precision
 from upscale import DEFAULT_TILE, upscale
 from utils import REPO, UserError, make_parser, non_negative_int, plural, positive_int, run_cli, select_device, warn
 
@@ -48,7 +49,7 @@ def protocol(scale: int, crop_border: int, y_channel: bool, degradation: str = "
 
 def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFAULT_TILE, tile_pad=None,
              self_ensemble: bool = False, outputs: dict | None = None, compare_size: int = 192,
-             count: int | None = None) -> list[dict]:
+             count: int | None = None, precision: str = "fp32") -> list[dict]:
     """Super-resolve every (name, hr, lr) pair, measure it and bicubic upsampling; the per-image rows.
 
     Each row: name, width, height, the model's metrics (metrics.measure) and the same for
@@ -59,7 +60,7 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
     # A context manager: an error (an unreadable image) clears the bar before it is printed.
     with tqdm(pairs, desc="evaluating", unit="img", leave=False, total=count) as bar:
         for name, hr, lr in bar:
-            sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble)
+            sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
             bicubic = resize_bicubic(lr, hr.shape[1], hr.shape[0])
             row = ({"name": name, "width": hr.shape[1], "height": hr.shape[0]} | measure(sr, hr, crop_border, channels)
                    | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
@@ -193,9 +194,11 @@ def main(args):
     crop_border = scale if args.crop_border is None or args.paper else args.crop_border
     plan = output_plan(args, sets)
     check_work(args, sets, plan, scale, crop_border)
+    precision, why = choose_precision(args.precision, device)
 
     print(f"checkpoint {args.checkpoint}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} LR")
+          f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} LR; "
+          f"precision {precision}{f' ({why})' if args.precision == 'auto' else ''}")
     if info["degradation"] and info["degradation"] != args.degradation:
         warn(f"the checkpoint was trained on {info['degradation']} LR images and is evaluated on {args.degradation}")
     print(f"protocol{' (--paper)' if args.paper else ''}: "
@@ -206,7 +209,7 @@ def main(args):
         start = time.time()
         rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
                         tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
-                        outputs=plan[name], compare_size=args.compare_size, count=len(paths))
+                        outputs=plan[name], compare_size=args.compare_size, count=len(paths), precision=precision)
         seconds = (time.time() - start) / len(rows)
         all_rows += [{"set": name} | r for r in rows]
         if len(sets) == 1 or args.per_image:
@@ -256,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile_pad", type=non_negative_int, default=None,
                         help="LR context around each tile; None: the receptive-field radius, same result as whole")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="autocast precision; fp32 gives the same figures on every machine (auto: bf16 or fp16 "
+                             "where the device runs it natively, as infer.py)")
     return parser
 
 

@@ -122,7 +122,9 @@ class ResShuffle(nn.Module):
         """
         if not self.fast_tail:
             return self.tail(self.upsample(features))
-        z = self.upsample[:-1](features)
+        z = features
+        for layer in self.upsample[:-1]:
+            z = pixel_shuffle(z, layer.upscale_factor) if isinstance(layer, nn.PixelShuffle) else layer(z)
         r = self.upsample[-1].upscale_factor
         weight, bias = self.subpixel_tail(r)
         return F.pixel_shuffle(F.conv2d(z, weight, bias, padding=weight.shape[-1] // 2), r)
@@ -174,6 +176,42 @@ class ResShuffle(nn.Module):
         """
         last_input = self.scale // UPSAMPLE_STAGES[self.scale][-1]  # the last stage's input, in LR sizes
         return 4 * self.num_features * height * width * (self.scale ** 2 + last_input ** 2 + 2)
+
+
+# Devices whose pixel_shuffle keeps a channels_last input channels_last (PyTorch's CPU kernel does).
+CHANNELS_LAST_SHUFFLE_DEVICES = {"cpu"}
+
+
+def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
+    """F.pixel_shuffle, with a channels_last input kept channels_last on every device.
+
+    Why: on CUDA F.pixel_shuffle returns NCHW from a channels_last input, and the next conv
+    (channels_last weights) copies that full-size map back, forward and backward.
+    """
+    if x.device.type in CHANNELS_LAST_SHUFFLE_DEVICES or not x.is_contiguous(memory_format=torch.channels_last):
+        return F.pixel_shuffle(x, r)
+    return ChannelsLastShuffle.apply(x, r)
+
+
+class ChannelsLastShuffle(torch.autograd.Function):
+    """pixel_shuffle from channels_last to channels_last in one copy; its gradient likewise."""
+
+    @staticmethod
+    def forward(ctx, x, r):
+        ctx.r = r
+        n, c, h, w = x.shape
+        out = torch.empty((n, c // r ** 2, h * r, w * r), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+        out.view(n, c // r ** 2, h, r, w, r).copy_(x.view(n, c // r ** 2, r, r, h, w).permute(0, 1, 4, 2, 5, 3))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, (n, c, h, w) = ctx.r, grad.shape
+        out = torch.empty((n, c * r * r, h // r, w // r), dtype=grad.dtype, device=grad.device,
+                          memory_format=torch.channels_last)
+        out.view(n, c, r, r, h // r, w // r).copy_(grad.view(n, c, h // r, r, w // r, r).permute(0, 1, 3, 5, 2, 4))
+        return out, None
 
 
 def subpixel_conv_weight(weight: torch.Tensor, r: int) -> torch.Tensor:

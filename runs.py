@@ -6,7 +6,7 @@ from files import atomic_path, check_output_dir, lock_folder, make_dir, remove_s
 from utils import UserError, warn
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv")  # a folder holding any of them holds a run
-CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds"]
+CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds", "precision"]
 
 
 def holds_run(folder: Path) -> bool:

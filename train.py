@@ -11,9 +11,11 @@ and log.csv, each written atomically. A new run never writes into a folder that 
 saves last.pt where the run is, mid-epoch too, and --resume goes on from there with the run's
 own flags, to the same weights as a run never stopped. A NaN/inf loss stops the run, naming the
 iteration; the checkpoints are kept. A full disk stops it with one line; last.pt stays whole.
-Adam + StepLR + L1 loss, as the original. On CUDA: mixed precision (bf16 where supported, else
-fp16 with loss scaling), patches cut straight into pinned memory; on every device the network
-runs channels_last, and the patches are flipped on the device.
+Adam + StepLR + L1 loss, as the original. --precision auto trains in bf16 autocast where the
+device runs it natively (a GPU of compute capability 8.0 or newer; a CPU with AVX512-BF16 or AMX),
+fp16 with loss scaling on older GPUs, else fp32; the log says which and why. On CUDA the patches
+are cut straight into pinned memory; on every device the network runs channels_last, and the
+patches are flipped on the device.
 
 Where things are: the loop is `train` below; the step and its loss are training.train_step;
 the network is model.py; the patches are dataset.py.
@@ -37,17 +39,18 @@ from checkpoint import export_weights, load_checkpoint, save_checkpoint
 from dataset import (EpochSampler, PatchLoader, TrainDataset, check_measurable_images, count_patchable, device_batch,
                      eval_pairs)
 from images import list_images
-from metrics import mean, measure
+from metrics import mean, measure, measure_on_device
 from model import UPSAMPLE_STAGES, ResShuffle
 from resize import DEGRADATIONS, resize_bicubic
 from runs import append_log, check_run_folder, open_run_folder
-from training import StopSignal, amp_dtype, ema_decay_at, load_scaler_state, train_step, update_ema
-from upscale import upscale
+from precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
+from training import StopSignal, ema_decay_at, train_step, update_ema
+from upscale import exact_cuda, upscale
 from utils import (REPO, UserError, make_parser, non_negative_int, plural, positive_float, positive_int, run_cli,
                    seed_everything, seed_int, warn)
 
 # Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
-RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "val_every", "patience", "max_val_images",
+RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "precision", "val_every", "patience", "max_val_images",
                      "train_dir", "val_dir", "ema")
 
 
@@ -69,7 +72,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    dtype: torch.dtype | None     # autocast dtype; None: fp32
+    precision: str                # fp32, bf16 or fp16 (autocast): precision.choose_precision
+    precision_why: str            # why: "asked for", or what --precision auto found
     loader: PatchLoader
     steps_per_epoch: int
     val_pairs: list               # (name, hr, lr), decoded once; rank 0 only
@@ -100,7 +104,7 @@ class Run:
             "steps_per_epoch": self.steps_per_epoch,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "degradation": self.args.degradation, "best_psnr": self.best_psnr, "best_epoch": self.best_epoch,
-            "world_size": self.world_size, "model_args": self.model_args, "args": vars(self.args),
+            "world_size": self.world_size, "precision": self.precision, "model_args": self.model_args, "args": vars(self.args),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
         }
 
@@ -141,8 +145,7 @@ def train(args):
                 if run.lead:
                     with naming_what_is_kept(run):
                         save_checkpoint(run.checkpoint(), run.last_path)
-                stop.exit(f"in epoch {epoch} after step {run.step} of {run.steps_per_epoch}", run.last_path,
-                          run.world_size)
+                stop_all(run, stop, f"in epoch {epoch} after step {run.step} of {run.steps_per_epoch}")
             loss = end_epoch(run, epoch)
             due = epoch % args.val_every == 0 or epoch == args.num_epochs
             val = validate(run) if run.lead and due else None
@@ -154,9 +157,15 @@ def train(args):
                     print(early_stop)
                 break
             if distributed.any_process(stop.signum is not None, run.device) and epoch < args.num_epochs:
-                stop.exit(f"after epoch {epoch}", run.last_path, run.world_size)
+                stop_all(run, stop, f"after epoch {epoch}")
     if run.lead:
         print(f"done: best val PSNR {run.best_psnr:.4f} dB at epoch {run.best_epoch}; checkpoints in {run.folder}")
+
+
+def stop_all(run: Run, stop: StopSignal, where_text: str) -> None:
+    """Every process stops here, together (rank 0 has saved last.pt), as at a normal end."""
+    distributed.barrier()
+    stop.exit(where_text, run.last_path, run.world_size)
 
 
 # ---------------------------------------------------------------- set-up
@@ -215,13 +224,18 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     val_pairs = list(eval_pairs(val_paths, scale, args.degradation)) if rank == 0 else []
     model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    dtype = amp_dtype(device)
+    kept = args.resume and "precision" not in args.given
+    precision, why = (choose_precision(args.precision, device, source="this run's precision" if kept else "--precision")
+                      if rank == 0 else (None, ""))
+    if kept:
+        why = "the run's; --precision changes it"
+    precision = distributed.same_as_rank_0(precision)  # machines of a multi-node run may differ
     return Run(args=args, model_args=model_args, folder=folder, device=device, rank=rank, world_size=world_size,
                model=model, net=distributed.wrap(model, device),
                ema=copy.deepcopy(model).requires_grad_(False).eval() if args.ema else None,
                optimizer=optimizer,
                scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma),
-               scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16), dtype=dtype,
+               scaler=grad_scaler(device, precision), precision=precision, precision_why=why,
                loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs)
 
 
@@ -265,7 +279,14 @@ def resumed_checkpoint(args) -> dict | None:
     for name, value in saved.items():
         if name not in args.given:
             setattr(args, name, value)
+    if "precision" not in args.given:  # the run's own, as its other flags
+        args.precision = checkpoint.get("precision", older_run_precision(checkpoint))
     return checkpoint
+
+
+def older_run_precision(checkpoint: dict) -> str:
+    """The precision of a run saved before --precision existed: fp32 on a CPU, the GPU's choice on CUDA."""
+    return "auto" if checkpoint.get("rng", {}).get("cuda") is not None else "fp32"
 
 
 def note_process_count(run: Run, checkpoint: dict) -> None:
@@ -337,8 +358,8 @@ def announce(run: Run) -> None:
     """Rank 0: what is trained on what, and bicubic's validation score to beat."""
     args, data, n = run.args, run.loader.dataset, run.world_size
     n_params = sum(p.numel() for p in run.model.parameters())
-    print(f"run {run.folder}: {run.model_args}, {n_params:,} parameters, device {run.device}"
-          f"{', amp ' + str(run.dtype).split('.')[-1] if run.dtype else ''}")
+    print(f"run {run.folder}: {run.model_args}, {n_params:,} parameters, device {run.device}, "
+          f"precision {run.precision} ({run.precision_why})")
     if n > 1:
         print(f"distributed: {n} processes ({torch.distributed.get_backend()}), batch {args.batch_size} per process, "
               f"{args.batch_size * n} per step")
@@ -363,7 +384,7 @@ def train_epoch(run: Run, epoch: int, lr_now: float, stop: StopSignal) -> None:
               initial=run.step, leave=False, mininterval=1.0, disable=not run.lead) as bar:
         for lr, hr, flips in bar:
             lr, hr = device_batch(lr, hr, flips, run.device)
-            pending.append(train_step(run.net, lr, hr, run.optimizer, run.scaler, run.dtype))
+            pending.append(train_step(run.net, lr, hr, run.optimizer, run.scaler, run.precision))
             if run.ema is not None:
                 update_ema(run.ema, run.model, ema_decay_at(args.ema, (epoch - 1) * run.steps_per_epoch + run.step))
             run.step += 1
@@ -393,6 +414,7 @@ def add_losses(run: Run, epoch: int, pending: list, stop: StopSignal) -> bool:
     pending.clear()
     bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
     if bad:
+        distributed.barrier()  # every process sees the same mean losses, and leaves together
         if not run.lead:
             sys.exit(1)
         kept = (f"the last good checkpoint is {run.last_path} ({run.saved_at})" if run.saved_at
@@ -417,9 +439,18 @@ def validate(run: Run) -> tuple[float, float]:
     """Mean PSNR and SSIM (RGB, crop border = scale, as evaluate.py) of the EMA weights, or the weights."""
     model = run.ema if run.ema is not None else run.model
     model.eval()
-    scores = [measure(upscale(model, lr), hr, crop_border=run.model_args["scale"]) for _, hr, lr in run.val_pairs]
+    scores = [score(upscale(model, lr), hr, run.model_args["scale"], run.device) for _, hr, lr in run.val_pairs]
     run.model.train()
     return mean(scores, "psnr"), mean(scores, "ssim")
+
+
+def score(sr, hr, crop_border: int, device: torch.device) -> dict:
+    """PSNR and SSIM of uint8 arrays, as evaluate.py measures them: scikit-image's on a CPU (the
+    faster there), the same definitions in torch on a GPU (fast where an epoch takes seconds)."""
+    if device.type == "cpu":
+        return measure(sr, hr, crop_border)
+    with exact_cuda():  # no cudnn.benchmark: it would tune the blur anew for each image size
+        return measure_on_device(torch.from_numpy(sr).to(device), torch.tensor(hr, device=device), crop_border)
 
 
 def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, seconds: float) -> None:
@@ -430,6 +461,7 @@ def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, 
     if improved:
         run.best_psnr, run.best_epoch = val[0], epoch
     row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "seconds": f"{seconds:.1f}",
+           "precision": run.precision,
            "val_psnr": f"{val[0]:.4f}" if val else "", "val_ssim": f"{val[1]:.4f}" if val else ""}
     # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
     with naming_what_is_kept(run):
@@ -510,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write RUN_CHECKPOINT's weights and model_args (no optimizer state) to OUT, and exit")
     p.add_argument("--seed", type=seed_int, default=0, help="seeds the weights, the patches and their flips")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast precision of the network (weights stay fp32); auto: bf16 where the device runs "
+                        "it natively (CUDA 8.0+, a CPU with AVX512-BF16 or AMX), fp16 with loss scaling on older "
+                        "GPUs, else fp32; a resumed run keeps its own unless given")
     return p
 
 

@@ -10,34 +10,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this device, or None for fp32.
-
-    CPUs train in fp32: whether bf16 autocast is faster depends on the processor. On CUDA, bf16
-    where the GPU runs it natively (compute capability 8.0, Ampere, or newer), else fp16 with
-    loss scaling: torch.cuda.is_bf16_supported() also counts emulated bf16 (T4, V100), which
-    is slower than fp16 there.
-    """
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-
-
-def load_scaler_state(scaler: torch.amp.GradScaler, state: dict | None) -> None:
-    """Restore a GradScaler where both sides scale: a CPU or bf16 run saves an empty state,
-    which an fp16 scaler refuses ("The source state dict is empty"); it then starts afresh."""
-    if state and scaler.is_enabled():
-        scaler.load_state_dict(state)
+from precision import autocast
 
 
 def train_step(model: torch.nn.Module, lr: torch.Tensor, hr: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, dtype: torch.dtype | None) -> torch.Tensor:
+               scaler: torch.amp.GradScaler, precision: str) -> torch.Tensor:
     """One optimisation step on a batch of (lr, hr) float patches on the model's device (dataset.device_batch).
 
-    The loss is L1, as the original's. Returns it, left on the device (reading it waits for a GPU).
+    The loss is L1, as the original's; `precision` is precision.py's name (autocast; the weights
+    and the optimizer stay fp32). Returns the loss, left on the device (reading it waits for a GPU).
     """
-    with torch.autocast(lr.device.type, dtype=dtype, enabled=dtype is not None):
+    with autocast(lr.device, precision):
         loss = F.l1_loss(model(lr), hr)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()

@@ -13,11 +13,16 @@ import torch
 from tqdm import tqdm
 
 from model import ResShuffle
+from precision import autocast
 from utils import warn
 
 # Tiled is the default: on CPU it measured as fast as whole images or faster, in a fraction of
 # the memory (benchmark.py); with the default padding the output is the same.
 DEFAULT_TILE = 256
+
+# On CUDA, memory a whole image needs beyond model.untiled_bytes: cuDNN's workspaces, and the
+# caching allocator's rounding and fragmentation (an estimate, unmeasured here: no GPU).
+CUDA_MEMORY_MARGIN = 1.5
 
 # HR stages run on LR blocks of at most this size (plus their small margin): their tensors are
 # the largest (64 channels at up to 4x4 the pixels), and small blocks keep them in cache.
@@ -55,7 +60,7 @@ def tensor_to_image(t: torch.Tensor) -> np.ndarray:
 
 @torch.inference_mode()
 def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
-            self_ensemble: bool = False, progress: bool = False) -> np.ndarray:
+            self_ensemble: bool = False, progress: bool = False, precision: str = "fp32") -> np.ndarray:
     """Super-resolve one HWC uint8 RGB image with `model`, whole or in tiles.
 
     Args:
@@ -67,12 +72,15 @@ def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_p
             back (EDSR's "+"), before rounding; 8 times the work.
         progress: a progress bar over the tiles (on stderr, cleared when done) for images of
             more than one tile.
+        precision: "fp32" (exact: the same on every device), or "bf16" / "fp16" autocast
+            (precision.py), faster where the device runs it natively; outputs differ by a level or so.
     Returns: HWC uint8 RGB of exactly (scale * H, scale * W).
     """
     passes = 8 if self_ensemble else 1
     count = passes * len(list(tiles(*img.shape[:2], tile))) if tile > 0 else passes
-    with exact_cuda(), tqdm(total=count, desc="tiles", unit="tile", leave=False,
-                                disable=not progress or count == 1) as bar:
+    device = next(model.parameters()).device
+    with exact_cuda(), autocast(device, precision), tqdm(total=count, desc="tiles", unit="tile", leave=False,
+                                                         disable=not progress or count == 1) as bar:
         if not self_ensemble:
             return super_resolve(model, img, tile, tile_pad, np.uint8, bar)
         total = None
@@ -146,6 +154,8 @@ def grow(box: tuple, by: int, limit: tuple) -> tuple:
 def fits_in_memory(model: ResShuffle, height: int, width: int, device: torch.device) -> bool:
     """Whether a whole height x width image fits in free memory; says so when it does not."""
     needed, free = model.untiled_bytes(height, width), available_memory(device)
+    if device.type == "cuda":
+        needed *= CUDA_MEMORY_MARGIN
     if needed < 0.8 * free:
         return True
     warn(f"{width}x{height} in one piece needs about {needed / 1e9:.1f} GB and {free / 1e9:.1f} GB are free: "
@@ -155,8 +165,9 @@ def fits_in_memory(model: ResShuffle, height: int, width: int, device: torch.dev
 
 def available_memory(device: torch.device) -> float:
     """Bytes free for new allocations on `device` (CPU: the kernel's MemAvailable); inf if unknown."""
-    if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # free on the GPU, plus what PyTorch holds reserved but unused
+        reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return float(torch.cuda.mem_get_info(device)[0] + reserved_unused)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

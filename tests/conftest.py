@@ -25,9 +25,10 @@ from utils import run_cli  # noqa: E402
 
 TINY = dict(scale=4, num_features=8, num_residuals=1)
 
-# train.py flags for a run of seconds: the TINY network, 3 images x 4 patches, batch 4.
+# train.py flags for a run of seconds: the TINY network, 3 images x 4 patches, batch 4; fp32,
+# so that the suite computes the same on every CPU (auto: bf16 on some, fp32 on others).
 TINY_RUN = ["--num_features", "8", "--num_residuals", "1", "--patch_size", "32", "--batch_size", "4",
-            "--patches_per_image", "4", "--num_workers", "0", "--mean_shift", "--image_skip"]
+            "--patches_per_image", "4", "--num_workers", "0", "--mean_shift", "--image_skip", "--precision", "fp32"]
 
 
 def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

@@ -41,12 +41,19 @@ def wait_for(path, proc, timeout=120):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """A 3-epoch run never stopped: the reference."""
+    """A 3-epoch run never stopped, in one precision: the reference (images, run folder)."""
     root = tmp_path_factory.mktemp("reference")
-    images = make_images(root / "images")
-    code, _, err = run_main(train, *train_args(images, root / "runs", "ref", "--num_workers", "0"))
-    assert code == 0, err
-    return images, root / "runs" / "ref"
+    images, done = make_images(root / "images"), {}
+
+    def reference(precision: str):
+        if precision not in done:
+            code, _, err = run_main(train, *train_args(images, root / "runs", precision, "--num_workers", "0",
+                                                       "--precision", precision))
+            assert code == 0, err
+            done[precision] = root / "runs" / precision
+        return images, done[precision]
+
+    return reference
 
 
 def signal_at_step(monkeypatch, signum, step: int) -> None:
@@ -63,14 +70,18 @@ def signal_at_step(monkeypatch, signum, step: int) -> None:
     monkeypatch.setattr(train, "train_step", step_then_signal)
 
 
-@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "0")], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum, workers, precision", [(signal.SIGINT, "1", "fp32"), (signal.SIGTERM, "0", "bf16")],
+                         ids=["SIGINT-fp32", "SIGTERM-bf16"])
 def test_a_signal_mid_epoch_saves_there_and_resuming_gives_the_uninterrupted_weights(
-        uninterrupted, tmp_path, monkeypatch, signum, workers):
-    images, reference = uninterrupted
+        uninterrupted, tmp_path, monkeypatch, signum, workers, precision):
+    images, reference = uninterrupted(precision)
     signal_at_step(monkeypatch, signum, step=15 + 6)  # epoch 2, step 6 of 15
-    code, out, err = run_main(train, *train_args(images, tmp_path / "runs", "stopped", "--num_workers", workers))
+    barriers = []  # under torchrun every process leaves together, as at a normal end
+    monkeypatch.setattr(train.distributed, "barrier", lambda: barriers.append(1))
+    code, out, err = run_main(train, *train_args(images, tmp_path / "runs", "stopped", "--num_workers", workers,
+                                                 "--precision", precision))
     run_dir = tmp_path / "runs" / "stopped"
-    assert code == 128 + signum, err
+    assert code == 128 + signum and barriers == [1], err
     assert f"stopped by {signal.Signals(signum).name} in epoch 2 after step 6 of 15" in out
     assert f"resume with: python train.py --resume {run_dir / 'last.pt'}" in out
     stopped = load_checkpoint(run_dir / "last.pt")
@@ -164,10 +175,12 @@ def test_a_nan_loss_stops_naming_epoch_and_iteration_and_keeps_the_last_good_che
         return loss * float("nan") if len(calls) >= 5 else loss  # epoch 2 (3 steps each), iteration 2
 
     monkeypatch.setattr(train, "train_step", step_that_diverges)
+    barriers = []  # under torchrun every process leaves together, as at a normal end
+    monkeypatch.setattr(train.distributed, "barrier", lambda: barriers.append(1))
     runs = tmp_path / "runs"
     code, out, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs,
                               "--run_name", "nan", *TINY_RUN, "--num_epochs", "5")
-    assert code == 1 and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err and barriers == [1]
     assert (f"epoch 2, iteration 2: the loss is nan: training stopped, the last good checkpoint is "
             f"{runs / 'nan' / 'last.pt'} (after epoch 1)") in err
     assert load_checkpoint(runs / "nan" / "last.pt")["epoch"] == 1

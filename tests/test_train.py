@@ -101,29 +101,3 @@ def test_a_training_set_smaller_than_one_batch_is_refused(image_dir, tmp_path):
     code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
                             *TINY_RUN, "--batch_size", "64")
     assert code == 1 and "12 patches per epoch is less than one batch of 64" in err
-
-
-def test_cuda_precision_is_decided_by_compute_capability(monkeypatch):
-    """bf16 only where the GPU runs it natively (8.0+); older GPUs get fp16 with loss scaling,
-    though torch.cuda.is_bf16_supported() says yes there (emulated)."""
-    from training import amp_dtype
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    for capability, dtype in [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
-                              ((9, 0), torch.bfloat16)]:
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert amp_dtype(torch.device("cuda")) == dtype, capability
-    assert amp_dtype(torch.device("cpu")) is None
-
-
-def test_scaler_state_moves_between_runs_that_scale_and_runs_that_do_not():
-    from training import load_scaler_state
-    off, on = torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=True, init_scale=128.0)
-    with pytest.raises(RuntimeError, match="empty"):  # what a CPU run's checkpoint did to an fp16 GPU resume
-        torch.amp.GradScaler("cpu", enabled=True).load_state_dict(off.state_dict())
-    fresh = torch.amp.GradScaler("cpu", enabled=True)
-    load_scaler_state(fresh, off.state_dict())  # starts afresh
-    assert fresh.get_scale() == 65536.0
-    load_scaler_state(fresh, on.state_dict())
-    assert fresh.get_scale() == 128.0
-    load_scaler_state(off, on.state_dict())  # a disabled scaler ignores a saved scale
-    assert not off.is_enabled()

@@ -1,0 +1,193 @@
+"""--precision: what auto picks on each kind of device, training and upscaling in each precision,
+where a run records it; and the CUDA-only paths that a CPU can still check (pinned batches,
+channels_last after PixelShuffle, metrics computed with torch)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dataset
+import model as model_module
+import precision
+import train
+from conftest import TINY, TINY_RUN, ResShuffle, read_log, run_main, smooth_image
+from checkpoint import load_checkpoint, save_checkpoint
+from metrics import measure, measure_on_device
+from training import train_step
+from upscale import upscale
+
+
+def test_auto_follows_the_gpu_compute_capability(monkeypatch):
+    """bf16 only where the GPU runs it natively (8.0+); older GPUs get fp16 with loss scaling,
+    though torch.cuda.is_bf16_supported() says yes there (emulated)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for capability, expected in [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        choice, why = precision.choose_precision("auto", torch.device("cuda"))
+        assert choice == expected and f"{capability[0]}.{capability[1]}" in why
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16"), (True, True, "bf16")])
+def test_auto_on_a_cpu_asks_the_hardware(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    choice, why = precision.choose_precision("auto", torch.device("cpu"))
+    assert choice == expected
+    assert ("no bf16 instructions" in why) == (expected == "fp32")
+
+
+def test_a_precision_the_device_emulates_warns(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert precision.choose_precision("bf16", torch.device("cpu")) == ("bf16", "asked for")
+    assert "no native bf16" in capsys.readouterr().err
+    assert precision.choose_precision("fp32", torch.device("cpu")) == ("fp32", "asked for")
+    assert capsys.readouterr().err == ""
+    for capability, request, warns in [((9, 0), "fp16", False), ((9, 0), "bf16", False), ((7, 5), "fp16", False),
+                                        ((7, 5), "bf16", True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        precision.choose_precision(request, torch.device("cuda"))
+        assert ("no native" in capsys.readouterr().err) == warns, (capability, request)
+
+
+def conv_dtypes(net: torch.nn.Module) -> list:
+    """A list that fills with the output dtype of every conv the network runs."""
+    seen = []
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_a_training_step_runs_in_each_precision(name, dtype):
+    torch.manual_seed(0)
+    net = ResShuffle(**TINY).to(memory_format=torch.channels_last)
+    seen = conv_dtypes(net)
+    before = [p.detach().clone() for p in net.parameters()]
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    scaler = precision.grad_scaler(torch.device("cpu"), name)
+    assert scaler.is_enabled() == (name == "fp16")
+    lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
+    loss = train_step(net, lr, hr, optimizer, scaler, name)
+    assert torch.isfinite(loss) and seen and set(seen) == {dtype}
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # the weights stay fp32
+    assert all(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    if name == "fp16":
+        assert scaler.get_scale() == 65536.0  # scaled, and no overflow on this step
+
+
+def test_scaler_state_moves_between_runs_that_scale_and_runs_that_do_not():
+    off, on = torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=True, init_scale=128.0)
+    with pytest.raises(RuntimeError, match="empty"):  # what a CPU run's checkpoint did to an fp16 GPU resume
+        torch.amp.GradScaler("cpu", enabled=True).load_state_dict(off.state_dict())
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    precision.load_scaler_state(fresh, off.state_dict())  # starts afresh
+    assert fresh.get_scale() == 65536.0
+    precision.load_scaler_state(fresh, on.state_dict())
+    assert fresh.get_scale() == 128.0
+    precision.load_scaler_state(off, on.state_dict())  # a disabled scaler ignores a saved scale
+    assert not off.is_enabled()
+
+
+def test_a_run_records_its_precision_keeps_it_on_resume_and_may_change_it(image_dir, tmp_path):
+    common = ["--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path, *TINY_RUN]
+    code, out, err = run_main(train, *common, "--run_name", "r", "--num_epochs", "1", "--precision", "auto")
+    assert code == 0, err
+    last = tmp_path / "r" / "last.pt"
+    chosen = load_checkpoint(last)["precision"]
+    assert chosen in ("fp32", "bf16") and f"precision {chosen} (auto: " in out
+    code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
+    assert code == 0 and f"precision {chosen} (the run's; --precision changes it)" in out, err
+    code, out, err = run_main(train, "--resume", last, "--num_epochs", "3", "--precision", "fp16")
+    assert code == 0 and "precision fp16 (asked for)" in out, err
+    assert load_checkpoint(last)["precision"] == "fp16" and load_checkpoint(last)["scaler"]
+    assert [r["precision"] for r in read_log(tmp_path / "r")] == [chosen, chosen, "fp16"]
+
+
+def test_a_run_saved_before_precision_existed_resumes_as_it_trained(image_dir, tmp_path):
+    """Such a run trained in fp32 on a CPU: it goes on in fp32, not in what auto picks now."""
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
+                            *TINY_RUN, "--run_name", "old", "--num_epochs", "1", "--precision", "auto")
+    assert code == 0, err
+    last = tmp_path / "old" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    del checkpoint["precision"], checkpoint["args"]["precision"]
+    save_checkpoint(checkpoint, last)
+    code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
+    assert code == 0 and "precision fp32 (the run's; --precision changes it)" in out, err
+
+
+def test_upscaling_in_bf16_stays_within_a_few_levels_of_fp32(capsys):
+    torch.manual_seed(0)
+    net = ResShuffle(**TINY, mean_shift=True, image_skip=True).to(memory_format=torch.channels_last).eval()
+    img = smooth_image(np.random.default_rng(0), 30, 40)
+    seen = conv_dtypes(net)
+    exact = upscale(net, img)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    fast = upscale(net, img, precision="bf16")
+    assert set(seen) == {torch.bfloat16}
+    diff = np.abs(exact.astype(int) - fast.astype(int))
+    assert 0 < diff.max() <= 3 and diff.mean() < 0.5
+
+
+def test_every_batch_tensor_is_made_pinned_when_asked(image_dir, monkeypatch):
+    """Pinned memory needs CUDA; here the request is what is checked."""
+    data = dataset.TrainDataset(image_dir, scale=4, patch_size=32, patches_per_image=2, seed=0, quiet=True)
+    requests, real_empty = [], torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):
+        requests.append(pin_memory)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(dataset.torch, "empty", empty)
+    lr, hr, flips = data.batch(0, [0, 1, 2], pin_memory=True)
+    assert requests == [True, True, True]
+    assert flips.dtype == torch.bool and flips.shape == (3, 3)
+    assert torch.equal(flips, torch.from_numpy(data.draws(0)[[0, 1, 2], 2:].astype(bool)))
+
+
+def test_pixel_shuffle_keeps_channels_last_where_torch_would_not(monkeypatch):
+    """CUDA's pixel_shuffle returns NCHW from channels_last; stood in for here by a CPU shuffle that does."""
+    real = F.pixel_shuffle
+    monkeypatch.setattr(model_module.F, "pixel_shuffle", lambda x, r: real(x, r).contiguous())
+    torch.manual_seed(0)
+    net = ResShuffle(**TINY).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 6, 7).contiguous(memory_format=torch.channels_last)
+    expected = net(x)
+    layouts = []
+    for conv in net.upsample[1:]:
+        if isinstance(conv, torch.nn.Conv2d):
+            conv.register_forward_pre_hook(lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    monkeypatch.setattr(model_module, "CHANNELS_LAST_SHUFFLE_DEVICES", set())  # as on CUDA
+    out = net(x)
+    assert layouts == [True] and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "expanded"])
+def test_the_channels_last_shuffle_equals_pixel_shuffle_with_its_gradient(layout):
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = model_module.ChannelsLastShuffle.apply(x, 2)
+    grad = {"channels_last": torch.randn_like(y), "contiguous": torch.randn(y.shape),
+            "expanded": torch.ones(1).expand(y.shape)}[layout]  # the last: what .sum().backward() sends
+    y.backward(grad)
+    ours = x.grad.clone()
+    x.grad = None
+    F.pixel_shuffle(x, 2).backward(grad)
+    assert torch.equal(y, F.pixel_shuffle(x, 2)) and torch.equal(ours, x.grad)
+    assert y.is_contiguous(memory_format=torch.channels_last) and ours.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("crop_border", [0, 4])
+def test_metrics_computed_with_torch_equal_scikit_image(crop_border):
+    rng = np.random.default_rng(1)
+    hr = smooth_image(rng, 67, 90)
+    for noise in (2, 20):
+        sr = np.clip(hr.astype(int) + rng.integers(-noise, noise + 1, hr.shape), 0, 255).astype(np.uint8)
+        ours = measure_on_device(torch.from_numpy(sr), torch.from_numpy(hr), crop_border)
+        reference = measure(sr, hr, crop_border)
+        assert abs(ours["psnr"] - reference["psnr"]) < 1e-4 and abs(ours["ssim"] - reference["ssim"]) < 1e-4
+    assert measure_on_device(torch.from_numpy(hr), torch.from_numpy(hr), crop_border) == {"psnr": float("inf"),
+                                                                                          "ssim": 1.0}
