@@ -191,3 +191,17 @@ def test_metrics_computed_with_torch_equal_scikit_image(crop_border):
         assert abs(ours["psnr"] - reference["psnr"]) < 1e-4 and abs(ours["ssim"] - reference["ssim"]) < 1e-4
     assert measure_on_device(torch.from_numpy(hr), torch.from_numpy(hr), crop_border) == {"psnr": float("inf"),
                                                                                           "ssim": 1.0}
+
+
+def test_cuda_memory_counts_reserved_unused_memory_and_keeps_a_margin(monkeypatch, capsys):
+    import upscale as upscale_module
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 200)
+    assert upscale_module.available_memory(torch.device("cuda")) == 1300
+    net = ResShuffle(**TINY)
+    need = net.untiled_bytes(50, 50)
+    monkeypatch.setattr(upscale_module, "available_memory", lambda device: need / 0.8 * 1.2)
+    assert upscale_module.fits_in_memory(net, 50, 50, torch.device("cpu"))
+    assert not upscale_module.fits_in_memory(net, 50, 50, torch.device("cuda"))  # not with the margin
+    assert "tiling it by" in capsys.readouterr().err
