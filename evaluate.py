@@ -211,7 +211,7 @@ def main(args):
                         tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
                         outputs=plan[name], compare_size=args.compare_size, count=len(paths), precision=precision)
         seconds = (time.time() - start) / len(rows)
-        all_rows += [{"set": name} | r for r in rows]
+        all_rows += [{"set": name, "precision": precision} | r for r in rows]
         if len(sets) == 1 or args.per_image:
             print_images(rows, y, seconds)
         table.append((name, len(rows), [mean(rows, k) for k in (

@@ -151,7 +151,8 @@ def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, s
         sr = sr.convert("RGBA")
     with folder_for(dst):
         save_image(sr, dst, quality=quality, **image_metadata(img))
-    tqdm.write(f"{src} ({img.width}x{img.height}{note}) -> {dst} ({sr.width}x{sr.height})")
+    exact = "" if precision == "fp32" else f", {precision}"  # not the exact fp32 result: say so
+    tqdm.write(f"{src} ({img.width}x{img.height}{note}) -> {dst} ({sr.width}x{sr.height}{exact})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,6 +85,7 @@ class Run:
     best_psnr: float = -math.inf
     best_epoch: int = 0
     saved_at: str = ""            # where last.pt is ("after epoch 3", `where`); "" before the first save
+    epoch_precision: str = ""     # the precisions the current epoch ran in, when it changed on a resume
     lock: object = None           # rank 0: the open lock file of `folder` (utils.lock_folder)
 
     @property
@@ -104,7 +105,8 @@ class Run:
             "steps_per_epoch": self.steps_per_epoch,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "degradation": self.args.degradation, "best_psnr": self.best_psnr, "best_epoch": self.best_epoch,
-            "world_size": self.world_size, "precision": self.precision, "model_args": self.model_args, "args": vars(self.args),
+            "world_size": self.world_size, "precision": self.precision, "epoch_precision": self.epoch_precision,
+            "model_args": self.model_args, "args": vars(self.args),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
         }
 
@@ -117,6 +119,9 @@ class Run:
             self.ema.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
         for name in ("epoch", "step", "loss_sum", "seconds", "best_psnr", "best_epoch"):
             setattr(self, name, checkpoint.get(name, getattr(self, name)))
+        before = checkpoint.get("epoch_precision") or checkpoint.get("precision")
+        if self.step and before and before.split("+")[-1] != self.precision:  # stopped mid-epoch in another
+            self.epoch_precision = f"{before}+{self.precision}"
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if self.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
@@ -225,7 +230,9 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     kept = args.resume and "precision" not in args.given
-    precision, why = (choose_precision(args.precision, device, source="this run's precision" if kept else "--precision")
+    # A run saved before --precision existed: CPUs trained in fp32 then, GPUs in autocast.
+    requested = "fp32" if kept and args.precision == "auto" and device.type == "cpu" else args.precision
+    precision, why = (choose_precision(requested, device, source="this run's precision" if kept else "--precision")
                       if rank == 0 else (None, ""))
     if kept:
         why = "the run's; --precision changes it"
@@ -279,14 +286,12 @@ def resumed_checkpoint(args) -> dict | None:
     for name, value in saved.items():
         if name not in args.given:
             setattr(args, name, value)
-    if "precision" not in args.given:  # the run's own, as its other flags
-        args.precision = checkpoint.get("precision", older_run_precision(checkpoint))
+    if "precision" not in args.given:  # the run's own, as its other flags; "auto" in runs saved before it
+        args.precision = checkpoint.get("precision", "auto")
+    if args.precision not in PRECISIONS:
+        raise UserError(f"{args.resume}: holds precision {args.precision!r}, none of {', '.join(PRECISIONS)}; "
+                        f"pass --precision")
     return checkpoint
-
-
-def older_run_precision(checkpoint: dict) -> str:
-    """The precision of a run saved before --precision existed: fp32 on a CPU, the GPU's choice on CUDA."""
-    return "auto" if checkpoint.get("rng", {}).get("cuda") is not None else "fp32"
 
 
 def note_process_count(run: Run, checkpoint: dict) -> None:
@@ -308,7 +313,7 @@ def restart_epoch_if_data_changed(run: Run, checkpoint: dict) -> None:
         if run.lead:
             warn(f"the training set has changed since the run stopped in epoch {run.epoch + 1} at step {run.step}: "
                  f"that epoch starts over, with {plural(run.steps_per_epoch, 'step')}")
-        run.step, run.loss_sum, run.seconds = 0, 0.0, 0.0
+        run.step, run.loss_sum, run.seconds, run.epoch_precision = 0, 0.0, 0.0, ""
 
 
 def where(run: Run) -> str:
@@ -455,13 +460,14 @@ def score(sr, hr, crop_border: int, device: torch.device) -> dict:
 
 def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, seconds: float) -> None:
     """Rank 0: keep the best, log the epoch, save best.pt and last.pt, print the validation line."""
+    precision, run.epoch_precision = run.epoch_precision or run.precision, ""  # "bf16+fp32": changed mid-epoch
     if not run.lead:
         return
     improved = val is not None and val[0] > run.best_psnr
     if improved:
         run.best_psnr, run.best_epoch = val[0], epoch
     row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "seconds": f"{seconds:.1f}",
-           "precision": run.precision,
+           "precision": precision,
            "val_psnr": f"{val[0]:.4f}" if val else "", "val_ssim": f"{val[1]:.4f}" if val else ""}
     # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
     with naming_what_is_kept(run):

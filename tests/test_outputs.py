@@ -162,7 +162,7 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(tiny_checkpoint, 
 def test_shipped_defaults_resolve_from_the_repository_not_the_current_folder(tmp_path):
     src = photo(tmp_path / "a.png")
     result = run_script(ROOT / "infer.py", src.name, cwd=tmp_path)  # the default checkpoint, run from elsewhere
-    assert "a.png (30x20) -> a_x4.png (120x80)" in result.stdout
+    assert "a.png (30x20) -> a_x4.png (120x80" in result.stdout  # ", bf16)" where auto picks it
     result = run_script(ROOT / "infer.py", "missing.png", "--checkpoint", "missing.pt", cwd=tmp_path, check=False)
     assert result.returncode == 1 and result.stderr.strip() == "infer.py: error: missing.png: no such file or folder"
 

@@ -1,16 +1,23 @@
 """--precision: what auto picks on each kind of device, training and upscaling in each precision,
 where a run records it; and the CUDA-only paths that a CPU can still check (pinned batches,
 channels_last after PixelShuffle, metrics computed with torch)."""
+import csv
+import signal
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import dataset
+import evaluate
+import infer
 import model as model_module
 import precision
 import train
-from conftest import TINY, TINY_RUN, ResShuffle, read_log, run_main, smooth_image
+from conftest import (TINY, TINY_RUN, ResShuffle, assert_one_line_error, make_images, read_log, run_main,
+                      smooth_image)
 from checkpoint import load_checkpoint, save_checkpoint
 from metrics import measure, measure_on_device
 from training import train_step
@@ -205,3 +212,49 @@ def test_cuda_memory_counts_reserved_unused_memory_and_keeps_a_margin(monkeypatc
     assert upscale_module.fits_in_memory(net, 50, 50, torch.device("cpu"))
     assert not upscale_module.fits_in_memory(net, 50, 50, torch.device("cuda"))  # not with the margin
     assert "tiling it by" in capsys.readouterr().err
+
+
+def test_a_bad_precision_in_a_checkpoint_is_one_line_before_any_work(image_dir, tmp_path):
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
+                            *TINY_RUN, "--run_name", "r", "--num_epochs", "1")
+    assert code == 0, err
+    last = tmp_path / "r" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    checkpoint["precision"] = "fp64"
+    save_checkpoint(checkpoint, last)
+    code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
+    assert_one_line_error(code, err, "holds precision 'fp64'", "pass --precision")
+    assert out == ""
+
+
+def test_a_precision_changed_mid_epoch_shows_in_that_epochs_log_row(image_dir, tmp_path, monkeypatch):
+    real_step, calls = train.train_step, []
+
+    def step_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 1, step 2 of 3
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
+                            *TINY_RUN, "--run_name", "r", "--num_epochs", "2")
+    assert code == 128 + signal.SIGINT, err
+    monkeypatch.undo()
+    code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--precision", "bf16")
+    assert code == 0, err
+    assert [r["precision"] for r in read_log(tmp_path / "r")] == ["fp32+bf16", "bf16"]
+
+
+def test_infer_says_when_its_output_is_not_fp32_and_evaluates_csv_records_it(tiny_checkpoint, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(smooth_image(np.random.default_rng(0), 20, 30)).save(src)
+    for name, shown in [("bf16", ", bf16)"), ("fp32", "(120x80)")]:
+        code, out, err = run_main(infer, src, "-o", tmp_path / f"{name}.png", "--checkpoint", tiny_checkpoint,
+                                  "--precision", name)
+        assert code == 0 and out.strip().endswith(shown), (out, err)
+    code, _, err = run_main(evaluate, "--data_dir", make_images(tmp_path / "hr"), "--checkpoint", tiny_checkpoint,
+                            "--csv", tmp_path / "t.csv", "--precision", "bf16")
+    assert code == 0, err
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert {r["precision"] for r in csv.DictReader(f)} == {"bf16"}
