@@ -1,11 +1,19 @@
-"""Checkpoints: one dict of state dicts and plain data, written atomically, loaded without running code."""
+"""Checkpoints: one dict of state dicts and plain data, written atomically, loaded without running code.
+
+Two file formats hold it: torch.save's (.pt, loaded with weights_only=True) and, for weights,
+safetensors (.safetensors: tensors plus JSON metadata, no pickle at all).
+"""
 import errno
+import json
 import math
 import pickle
 import re
+import struct
 import warnings
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 
 from model import ResShuffle
@@ -13,7 +21,7 @@ from files import atomic_path, check_output_file, file_ids, make_dir
 from utils import REPO, UserError, first_line
 
 # infer.py's and evaluate.py's default, found from the repository's folder wherever they run.
-SHIPPED_CHECKPOINT = REPO / "checkpoints" / "resshuffle_x4.pt"
+SHIPPED_CHECKPOINT = REPO / "checkpoints" / "resshuffle_x4.safetensors"
 
 # What a weights-only checkpoint (--export, the shipped one) keeps of a run's checkpoint.
 WEIGHT_KEYS = ("model", "ema", "model_args", "degradation")
@@ -40,10 +48,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
     with open(path, "rb") as f:
-        magic = f.read(4)
+        magic = f.read(9)
+    if is_safetensors(magic):
+        return load_safetensors(path)
     # torch.save writes a zip (PK..); the legacy format and plain pickles start with PROTO (0x80)
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
-        raise UserError(f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file)")
+        raise UserError(f"{path}: not a PyTorch checkpoint (neither a zip, a pickle nor a safetensors file)")
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4 ..." for plain pickles
             warnings.simplefilter("ignore")
@@ -55,6 +65,37 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
         raise UserError(f"{path}: not a ResShuffle checkpoint (no 'model' and 'model_args' entries)")
     return checkpoint
+
+
+def is_safetensors(head: bytes) -> bool:
+    """Whether a file's first 9 bytes open a safetensors file: a little-endian header length,
+    then the JSON header's '{'."""
+    return len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < 100_000_000
+
+
+def save_safetensors(checkpoint: dict, path: Path) -> None:
+    """The weights (`model.*`, and `ema.*` where the run kept them) with model_args and the
+    degradation as JSON metadata, written atomically."""
+    tensors = {f"{kind}.{k}": v.contiguous() for kind in ("model", "ema") for k, v in (checkpoint.get(kind) or {}).items()}
+    metadata = {"format": "resshuffle", "model_args": json.dumps(checkpoint["model_args"]),
+                "degradation": json.dumps(checkpoint.get("degradation"))}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_safetensors(path: Path) -> dict:
+    """A .safetensors export as the dict a weights-only .pt holds (model, ema, model_args, degradation)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        model_args, degradation = json.loads(metadata["model_args"]), json.loads(metadata.get("degradation", "null"))
+    except (KeyError, ValueError, TypeError, OSError, safetensors.SafetensorError) as e:
+        raise UserError(f"{path}: not a ResShuffle safetensors file ({first_line(e) if str(e) else 'no model_args'})") from None
+    state = {kind: {k[len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(kind + ".")} for kind in ("model", "ema")}
+    if not state["model"] or not isinstance(model_args, dict):
+        raise UserError(f"{path}: not a ResShuffle safetensors file (no model weights or model_args)")
+    return {"model": state["model"], "ema": state["ema"] or None, "model_args": model_args, "degradation": degradation}
 
 
 def weights_only_reason(e: pickle.UnpicklingError) -> str:
@@ -117,7 +158,10 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
     check_output_file(dst, overwrite=overwrite)
     make_dir(Path(dst).parent)
     keep = {k: checkpoint[k] for k in WEIGHT_KEYS if checkpoint.get(k) is not None}
-    save_checkpoint(keep, dst)
+    if Path(dst).suffix.lower() == ".safetensors":
+        save_safetensors(keep, Path(dst))
+    else:
+        save_checkpoint(keep, dst)
     print(f"{src} ({describe_progress(checkpoint)}) -> {dst}: {', '.join(keep)}; model_args {checkpoint['model_args']}")
 
 

@@ -1,6 +1,6 @@
 """Measure a checkpoint on folders of HR images, against bicubic upsampling.
 
-usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--checkpoint checkpoints/resshuffle_x4.pt]
+usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--checkpoint checkpoints/resshuffle_x4.safetensors]
        python evaluate.py --benchmark benchmarks/ --paper       # Set5, Set14, B100, Urban100, DIV2K_valid_HR
            [--y_channel] [--crop_border N] [--degradation pil|matlab] [--self_ensemble] [--raw_weights]
            [--csv results.csv] [-o sr/] [--compare_dir panels/] [--overwrite] [--per_image] [--tile 256]

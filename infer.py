@@ -1,6 +1,6 @@
 """Upscale an image, or every image in a folder, with a ResShuffle checkpoint.
 
-usage: python infer.py INPUT [-o OUTPUT] [--checkpoint checkpoints/resshuffle_x4.pt] [--recursive]
+usage: python infer.py INPUT [-o OUTPUT] [--checkpoint checkpoints/resshuffle_x4.safetensors] [--recursive]
            [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
 
 INPUT is an image file or a folder of them (--recursive: and of its subfolders). Each image

@@ -1,0 +1,103 @@
+"""Weights in other formats: .safetensors exports (no pickle), the shipped checkpoint in both
+formats, torch.hub from a clone."""
+import json
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+import checkpoint as checkpoint_module
+import infer
+import train
+from checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, load_model
+from conftest import ROOT, TINY_RUN, assert_one_line_error, run_main, smooth_image
+from upscale import upscale
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """A finished run with EMA weights: its best.pt."""
+    from conftest import make_images
+    root = tmp_path_factory.mktemp("ema")
+    images = make_images(root / "images")
+    code, _, err = run_main(train, "--train_dir", images, "--val_dir", images, "--checkpoint_dir", root, *TINY_RUN,
+                            "--run_name", "r", "--num_epochs", "1", "--ema", "0.5")
+    assert code == 0, err
+    return root / "r" / "best.pt"
+
+
+@pytest.mark.parametrize("raw_weights", [False, True])
+def test_a_safetensors_export_gives_the_same_outputs_as_the_pt(ema_run, tmp_path, raw_weights):
+    for name in ("w.pt", "w.safetensors"):
+        assert run_main(train, "--export", ema_run, tmp_path / name)[0] == 0
+    img = smooth_image(np.random.default_rng(0), 24, 30)
+    outputs = []
+    for name in ("w.pt", "w.safetensors"):
+        model, info = load_model(tmp_path / name, torch.device("cpu"), raw_weights=raw_weights)
+        assert info["weights"] == ("raw" if raw_weights else "ema") and info["degradation"] == "pil"
+        outputs.append(upscale(model, img))
+    np.testing.assert_array_equal(*outputs)
+
+
+def test_a_safetensors_file_loads_without_any_pickle(ema_run, tmp_path, monkeypatch):
+    assert run_main(train, "--export", ema_run, tmp_path / "w.safetensors")[0] == 0
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (pickle) was called"))
+    loaded = load_checkpoint(tmp_path / "w.safetensors")
+    assert loaded["model_args"]["num_features"] == 8 and loaded["ema"] is not None
+    metadata = safetensors.safe_open(str(tmp_path / "w.safetensors"), framework="pt").metadata()
+    assert json.loads(metadata["model_args"]) == loaded["model_args"]
+
+
+def test_the_shipped_checkpoint_holds_the_same_weights_in_both_formats():
+    assert SHIPPED_CHECKPOINT.suffix == ".safetensors"
+    st, pt = load_checkpoint(SHIPPED_CHECKPOINT), load_checkpoint(SHIPPED_CHECKPOINT.with_suffix(".pt"))
+    assert st["model_args"] == pt["model_args"] and st["degradation"] == pt["degradation"]
+    for kind in ("model", "ema"):
+        assert st[kind].keys() == pt[kind].keys()
+        assert all(torch.equal(st[kind][k], pt[kind][k]) for k in pt[kind])
+
+
+def test_bad_safetensors_files_are_one_line(tmp_path, ema_run):
+    no_args = tmp_path / "no_args.safetensors"
+    safetensors.torch.save_file({"model.head.0.weight": torch.zeros(2)}, str(no_args), metadata={"format": "x"})
+    with pytest.raises(UserError, match="not a ResShuffle safetensors file"):
+        load_checkpoint(no_args)
+    torn = tmp_path / "torn.safetensors"
+    assert run_main(train, "--export", ema_run, torn)[0] == 0
+    torn.write_bytes(torn.read_bytes()[:2000])
+    img = tmp_path / "a.png"
+    from PIL import Image
+    Image.fromarray(smooth_image(np.random.default_rng(0), 10, 10)).save(img)
+    code, _, err = run_main(infer, img, "--checkpoint", torn)
+    assert_one_line_error(code, err, "torn.safetensors: not a ResShuffle safetensors file")
+    assert not (tmp_path / "a_x4.png").exists()
+
+
+def test_a_safetensors_export_cannot_be_resumed(ema_run, tmp_path):
+    out = tmp_path / "w.safetensors"
+    assert run_main(train, "--export", ema_run, out)[0] == 0
+    (tmp_path / "run").mkdir()
+    last = tmp_path / "run" / "last.pt"
+    last.write_bytes(out.read_bytes())
+    code, _, err = run_main(train, "--resume", last)
+    assert_one_line_error(code, err, "holds weights only")
+
+
+def test_is_safetensors_reads_the_header_only():
+    assert checkpoint_module.is_safetensors((12).to_bytes(8, "little") + b"{")
+    assert not checkpoint_module.is_safetensors(b"PK\x03\x04" + bytes(5))
+    assert not checkpoint_module.is_safetensors(bytes(9))
+
+
+def test_torch_hub_loads_the_shipped_network_offline_from_the_clone(monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home")  # nothing cached, nothing downloaded
+    net = torch.hub.load(str(ROOT), "resshuffle", scale=4, pretrained=True, source="local")
+    expected, _ = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+    assert not net.training
+    fresh = torch.hub.load(str(ROOT), "resshuffle", scale=2, pretrained=False, source="local")
+    assert fresh.scale == 2
+    with pytest.raises(ValueError, match="x4 only"):
+        torch.hub.load(str(ROOT), "resshuffle", scale=2, pretrained=True, source="local")
