@@ -17,10 +17,12 @@ for the training step and inference is measured in fp32 and in --precision (defa
    DataLoader worker process that decodes the image file for every patch.
 3. inference: output megapixels/s of infer.py's path (upscale.upscale) on a 510x339 input, untiled
    against the plain model call, and tiled (infer.py's default) against untiled; the largest
-   difference from fp32; peak resident memory and speed of infer.py on a 2040x1360 input
+   difference from fp32; the same network exported to ONNX under onnxruntime (where installed:
+   requirements-optional.txt); peak resident memory and speed of infer.py on a 2040x1360 input
    (8160x5440 output) in fp32, tiled and untiled.
 4. evaluate.py: seconds per 2K image.
 """
+import importlib.util
 import json
 import subprocess
 import sys
@@ -43,7 +45,8 @@ import metrics
 from checkpoint import load_checkpoint, save_checkpoint
 from precision import PRECISIONS, autocast, choose_precision, cpu_bf16_instructions, grad_scaler
 from training import train_step
-from upscale import upscale
+from onnx_export import export_onnx, onnx_session
+from upscale import tensor_to_image, upscale
 from utils import UserError, make_parser, positive_int, run_cli, select_device
 
 BATCH, LR_PATCH, SCALE = 16, 48, 4
@@ -254,6 +257,8 @@ def bench_inference(device, folder: Path, repeats: int, memory: bool, precision:
             return plain_model(x).clamp(0, 1).mul(255).round().byte().cpu()
 
     out["plain_infer_mp_s"] = out_mp / timed(plain, device, repeats)
+    if device.type == "cpu":
+        out |= bench_onnxruntime(model, lr, out_mp, repeats, exact)
     if memory:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -268,6 +273,22 @@ def bench_inference(device, folder: Path, repeats: int, memory: bool, precision:
                 out[f"infer_8160x5440_{name}_peak_gb"], out[f"infer_8160x5440_{name}_mp_s"] = peak, big_mp / seconds
                 out[f"infer_8160x5440_{name}_auto_tiled"] = auto_tiled
     return out
+
+
+def bench_onnxruntime(model: ResShuffle, lr: np.ndarray, out_mp: float, repeats: int, exact: np.ndarray) -> dict:
+    """The same network exported to ONNX (train.py --export x.onnx), untiled under onnxruntime on the
+    CPU, against infer.py's fp32 path above; {} without onnxscript and onnxruntime."""
+    if not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x4.onnx"
+        export_onnx(model, path, {})
+        session, name = onnx_session(path)
+    x = torch.from_numpy(lr.copy()).permute(2, 0, 1)[None].float().div(255).numpy()
+    seconds = timed(lambda: session.run(None, {name: x}), torch.device("cpu"), repeats)
+    sr = tensor_to_image(torch.from_numpy(session.run(None, {name: x})[0]))
+    return {"onnxruntime_mp_s": out_mp / seconds, "onnxruntime_max_abs_diff_fp32": max_diff(sr, exact),
+            "onnxruntime_threads": session.get_session_options().intra_op_num_threads}
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -333,6 +354,10 @@ def report(f: dict) -> None:
         if name != "fp32":
             row(f"  {name} vs fp32 output (uint8)", f"max diff {f[f'max_abs_diff_from_fp32_{name}']}",
                 f"{f[f'psnr_vs_fp32_{name}']:.1f} dB")
+    if "onnxruntime_mp_s" in f:
+        row(f"inference {f['infer_input']} onnxruntime fp32 untiled, MP/s", f"{f['onnxruntime_mp_s']:.3f}",
+            f"{f['infer_mp_s_fp32']:.3f}", f"{f['onnxruntime_mp_s'] / f['infer_mp_s_fp32']:.2f}x")
+        row("  onnxruntime vs infer.py's fp32 output (uint8)", f"max diff {f['onnxruntime_max_abs_diff_fp32']}")
     if "infer_8160x5440_tile256_peak_gb" in f:
         for name in ("tile256", "untiled"):
             peak = f[f"infer_8160x5440_{name}_peak_gb"]

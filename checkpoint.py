@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 
 from model import ResShuffle
+from onnx_export import export_onnx, require_onnx
 from files import atomic_path, check_output_file, file_ids, make_dir
 from utils import REPO, UserError, first_line
 
@@ -147,6 +148,8 @@ def describe_weights(state_dict) -> str:
 def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) -> None:
     """Write a run's checkpoint as weights and model_args only: what infer.py and evaluate.py need.
 
+    The format follows `dst`'s suffix: .safetensors, .onnx (the network, dynamic axes), else torch.save's.
+
     Never over a run's checkpoint (its optimizer state would be lost), and over an existing
     export only with `overwrite`.
     """
@@ -156,13 +159,21 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
     if is_run_checkpoint(dst):
         raise UserError(f"{dst}: is a run's checkpoint (with its optimizer state); an export never replaces one")
     check_output_file(dst, overwrite=overwrite)
+    if Path(dst).suffix.lower() == ".onnx":
+        require_onnx()  # before any folder is made
     make_dir(Path(dst).parent)
     keep = {k: checkpoint[k] for k in WEIGHT_KEYS if checkpoint.get(k) is not None}
-    if Path(dst).suffix.lower() == ".safetensors":
+    what, suffix = ", ".join(keep), Path(dst).suffix.lower()
+    if suffix == ".safetensors":
         save_safetensors(keep, Path(dst))
+    elif suffix == ".onnx":  # one network: the EMA weights where the run kept them, as infer.py uses
+        model, info = load_model(src, torch.device("cpu"))
+        export_onnx(model, Path(dst), {"model_args": info["model_args"], "weights": info["weights"],
+                                       "degradation": info["degradation"]})
+        what = f"the network with its {info['weights']} weights, any batch, height and width"
     else:
         save_checkpoint(keep, dst)
-    print(f"{src} ({describe_progress(checkpoint)}) -> {dst}: {', '.join(keep)}; model_args {checkpoint['model_args']}")
+    print(f"{src} ({describe_progress(checkpoint)}) -> {dst}: {what}; model_args {checkpoint['model_args']}")
 
 
 def is_run_checkpoint(path: str | Path) -> bool:

@@ -6,7 +6,8 @@ from files import atomic_path, check_output_dir, lock_folder, make_dir, remove_s
 from utils import UserError, warn
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv")  # a folder holding any of them holds a run
-CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds", "precision"]
+RUN_OUTPUTS = RUN_FILES + ("curves.png",)      # what a run writes there
+CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds", "precision", "bicubic_psnr"]
 
 
 def holds_run(folder: Path) -> bool:
@@ -40,9 +41,9 @@ def open_run_folder(folder: Path, lock, new_run: bool, overwrite: bool, keep_thr
     if new_run:
         if holds_run(folder) and not overwrite:
             raise UserError(f"{folder}: another run started there meanwhile; choose another --run_name")
-        for name in RUN_FILES:
+        for name in RUN_OUTPUTS:
             (folder / name).unlink(missing_ok=True)
-    for stale in remove_stale_temporaries(folder, RUN_FILES):
+    for stale in remove_stale_temporaries(folder, RUN_OUTPUTS):
         warn(f"removed {stale}, left by a run killed while writing it")
     trim_log(folder / "log.csv", keep_through=keep_through)
     return lock

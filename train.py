@@ -42,7 +42,8 @@ from images import list_images
 from metrics import mean, measure, measure_on_device
 from model import UPSAMPLE_STAGES, ResShuffle
 from resize import DEGRADATIONS, resize_bicubic
-from runs import append_log, check_run_folder, open_run_folder
+from curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
+from runs import append_log, check_run_folder, open_run_folder, read_log
 from precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
 from training import StopSignal, ema_decay_at, train_step, update_ema
 from upscale import exact_cuda, upscale
@@ -51,7 +52,7 @@ from utils import (REPO, UserError, make_parser, non_negative_int, plural, posit
 
 # Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
 RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "precision", "val_every", "patience", "max_val_images",
-                     "train_dir", "val_dir", "ema")
+                     "train_dir", "val_dir", "ema", "tensorboard")
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Run:
     saved_at: str = ""            # where last.pt is ("after epoch 3", `where`); "" before the first save
     epoch_precision: str = ""     # the precisions the current epoch ran in, when it changed on a resume
     lock: object = None           # rank 0: the open lock file of `folder` (utils.lock_folder)
+    board: object = None          # rank 0 with --tensorboard: its SummaryWriter
 
     @property
     def lead(self) -> bool:
@@ -179,6 +181,8 @@ def start_run(args) -> Run | None:
     """A new run, or the one --resume names, with its data, network, optimizer and progress;
     None when a resumed run has no epochs left to train."""
     checkpoint = resumed_checkpoint(args)
+    if args.tensorboard:
+        tensorboard_writer()  # installed? asked now, before any work
     # Absolute in the checkpoint's args: a resume from another folder finds the same data.
     args.train_dir, args.val_dir = str(Path(args.train_dir).resolve()), str(Path(args.val_dir).resolve())
     if checkpoint and checkpoint["epoch"] >= args.num_epochs:
@@ -207,6 +211,7 @@ def start_run(args) -> Run | None:
         run.bicubic = bicubic_scores(run.val_pairs, crop_border=model_args["scale"])
         run.lock = open_run_folder(folder, lock, new_run=not args.resume, overwrite=args.overwrite,
                                    keep_through=run.epoch)
+        run.board = open_tensorboard(folder) if args.tensorboard else None
         announce(run)
     return run
 
@@ -440,13 +445,19 @@ def end_epoch(run: Run, epoch: int) -> float:
     return loss
 
 
-def validate(run: Run) -> tuple[float, float]:
-    """Mean PSNR and SSIM (RGB, crop border = scale, as evaluate.py) of the EMA weights, or the weights."""
+def validate(run: Run) -> tuple[float, float, list]:
+    """Mean PSNR and SSIM (RGB, crop border = scale, as evaluate.py) of the EMA weights, or the weights;
+    and for TensorBoard, (name, bicubic | SR | HR crop) of the first 3 images."""
     model = run.ema if run.ema is not None else run.model
     model.eval()
-    scores = [score(upscale(model, lr), hr, run.model_args["scale"], run.device) for _, hr, lr in run.val_pairs]
+    scores, panels = [], []
+    for i, (name, hr, lr) in enumerate(run.val_pairs):
+        sr = upscale(model, lr)
+        scores.append(score(sr, hr, run.model_args["scale"], run.device))
+        if run.board is not None and i < 3:
+            panels.append((name, crop_panel(lr, sr, hr)))
     run.model.train()
-    return mean(scores, "psnr"), mean(scores, "ssim")
+    return mean(scores, "psnr"), mean(scores, "ssim"), panels
 
 
 def score(sr, hr, crop_border: int, device: torch.device) -> dict:
@@ -467,7 +478,7 @@ def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, 
     if improved:
         run.best_psnr, run.best_epoch = val[0], epoch
     row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "seconds": f"{seconds:.1f}",
-           "precision": precision,
+           "precision": precision, "bicubic_psnr": f"{run.bicubic[0]:.4f}" if val else "",
            "val_psnr": f"{val[0]:.4f}" if val else "", "val_ssim": f"{val[1]:.4f}" if val else ""}
     # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
     with naming_what_is_kept(run):
@@ -477,11 +488,22 @@ def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, 
             save_checkpoint(state, run.folder / "best.pt")
         save_checkpoint(state, run.last_path)
     run.saved_at = where(run)
+    draw(run, epoch, row, panels=val[2] if val else None)
     if val is not None:
         print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val{' (EMA)' if run.ema is not None else ''} "
               f"PSNR/SSIM {val[0]:.4f} dB / {val[1]:.4f} ({val[0] - run.bicubic[0]:+.2f} dB vs bicubic)"
               f"{' best' if improved else ''}, {row['seconds']} s"
               f"{f', weights identical on {run.world_size} processes' if run.world_size > 1 else ''}")
+
+
+def draw(run: Run, epoch: int, row: dict, panels: list | None) -> None:
+    """After the checkpoints (they matter more where space runs short): curves.png at a validation
+    (`panels` not None), and the row and panels for TensorBoard."""
+    with naming_what_is_kept(run):
+        if panels is not None:
+            write_curves(read_log(run.folder / "log.csv"), run.folder / "curves.png", run.bicubic[0], run.folder.name)
+    if run.board is not None:
+        log_to_tensorboard(run.board, epoch, row, panels or [])
 
 
 def early_stop_reason(run: Run, epoch: int) -> str | None:
@@ -546,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="a run's last.pt: continue that run")
     p.add_argument("--export", nargs=2, metavar=("RUN_CHECKPOINT", "OUT"), default=None,
                    help="write RUN_CHECKPOINT's weights and model_args (no optimizer state) to OUT, and exit")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to <run>/tensorboard: the log.csv scalars and validation crops (bicubic | SR | "
+                        "HR); needs `pip install tensorboard`")
     p.add_argument("--seed", type=seed_int, default=0, help="seeds the weights, the patches and their flips")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

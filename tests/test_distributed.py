@@ -36,7 +36,7 @@ def test_torchrun_two_processes_average_gradients_and_write_one_run(image_dir, t
     assert "weights identical on 2 processes" in result.stdout
     assert result.stdout.count("val bicubic") == 1  # only rank 0 prints
     assert [p.name for p in runs.iterdir()] == ["ddp"]
-    assert sorted(p.name for p in (runs / "ddp").iterdir()) == [".lock", "best.pt", "last.pt", "log.csv"]
+    assert sorted(p.name for p in (runs / "ddp").iterdir()) == [".lock", "best.pt", "curves.png", "last.pt", "log.csv"]
     assert load_checkpoint(runs / "ddp" / "last.pt")["world_size"] == 2
     run_script("infer.py", image_dir / "img0.png", "-o", tmp_path / "sr.png", "--checkpoint", runs / "ddp" / "last.pt")
 

@@ -10,8 +10,9 @@ import torch
 import checkpoint as checkpoint_module
 import infer
 import train
+from onnx_export import onnx_session
 from checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, load_model
-from conftest import ROOT, TINY_RUN, assert_one_line_error, run_main, smooth_image
+from conftest import ROOT, TINY_RUN, ResShuffle, assert_one_line_error, run_main, smooth_image
 from upscale import upscale
 from utils import UserError
 
@@ -101,3 +102,49 @@ def test_torch_hub_loads_the_shipped_network_offline_from_the_clone(monkeypatch)
     assert fresh.scale == 2
     with pytest.raises(ValueError, match="x4 only"):
         torch.hub.load(str(ROOT), "resshuffle", scale=2, pretrained=True, source="local")
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4, 8])
+def test_an_onnx_export_takes_any_size_and_matches_pytorch(tmp_path, scale):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from skimage.data import astronaut
+    args = dict(scale=scale, num_features=8, num_residuals=2, mean_shift=True, image_skip=scale == 4)
+    torch.manual_seed(scale)
+    src = tmp_path / "x.pt"
+    checkpoint_module.save_checkpoint({"model": ResShuffle(**args).state_dict(), "model_args": args}, src)
+    code, _, err = run_main(train, "--export", src, tmp_path / "x.onnx")
+    assert code == 0, err
+    model, _ = load_model(src, torch.device("cpu"))
+    session, name = onnx_session(tmp_path / "x.onnx")
+    photo = torch.from_numpy(astronaut()[100:311, 50:383].copy()).permute(2, 0, 1).float().div(255)  # 333x211
+    for batch in (photo[None], torch.stack([photo[:, :37, :50], photo[:, 40:77, :50]])):
+        with torch.no_grad():
+            expected = model(batch).numpy()
+        out = session.run(None, {name: batch.numpy()})[0]
+        assert out.shape == (len(batch), 3, batch.shape[2] * scale, batch.shape[3] * scale)
+        assert np.abs(out - expected).max() < 1e-4
+
+
+def test_the_shipped_network_exports_to_onnx_within_1e_4(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from skimage.data import astronaut
+    code, _, err = run_main(train, "--export", SHIPPED_CHECKPOINT, tmp_path / "x4.onnx")
+    assert code == 0, err
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "x4.onnx")).metadata_props}
+    assert props["weights"] == "ema" and props["model_args"]["num_residuals"] == 16
+    model, _ = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
+    photo = torch.from_numpy(astronaut()[100:311, 50:383].copy()).permute(2, 0, 1)[None].float().div(255)
+    session, name = onnx_session(tmp_path / "x4.onnx")
+    with torch.no_grad():
+        assert np.abs(session.run(None, {name: photo.numpy()})[0] - model(photo).numpy()).max() < 1e-4
+
+
+def test_onnx_export_without_the_package_is_one_line(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    code, _, err = run_main(train, "--export", SHIPPED_CHECKPOINT, tmp_path / "new" / "x4.onnx")
+    assert_one_line_error(code, err, "ONNX export needs the onnx and onnxscript packages (onnx is missing): pip install")
+    assert not (tmp_path / "new").exists()

@@ -24,7 +24,7 @@ def two_epochs(tmp_path_factory):
 
 def test_a_run_writes_last_best_and_one_log_row_per_epoch(two_epochs):
     stdout, _, run_dir = two_epochs
-    assert {p.name for p in run_dir.iterdir()} == {"last.pt", "best.pt", "log.csv", ".lock"}
+    assert {p.name for p in run_dir.iterdir()} == {"last.pt", "best.pt", "log.csv", "curves.png", ".lock"}
     assert "val bicubic" in stdout and "epoch 2: loss" in stdout
     log = read_log(run_dir)
     assert [r["epoch"] for r in log] == ["1", "2"]

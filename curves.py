@@ -1,0 +1,81 @@
+"""A training run to look at: curves.png (validation PSNR against bicubic's, training loss, learning
+rate) and, with --tensorboard, the same as TensorBoard scalars with validation crops as images.
+
+train.py redraws `<run>/curves.png` from log.csv at every validation; plot.py draws any log.csv.
+TensorBoard is optional: without the package, --tensorboard is a one-line error.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, none opened
+import matplotlib.pyplot as plt  # noqa: E402
+
+from files import atomic_path  # noqa: E402
+from resize import resize_bicubic  # noqa: E402
+from utils import UserError  # noqa: E402
+
+TENSORBOARD_SCALARS = ("loss", "lr", "val_psnr", "val_ssim", "bicubic_psnr")
+CROP = 96  # HR side of the validation crops shown in TensorBoard
+
+
+def write_curves(rows: list[dict], path: Path, bicubic_psnr: float | None = None, title: str = "") -> None:
+    """Draw log.csv `rows` (runs.read_log) into the PNG `path`, atomically."""
+    def series(key):
+        points = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key)]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, (psnr_ax, loss_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    psnr_ax.plot(*series("val_psnr"), marker=".", label="ResShuffle")
+    if bicubic_psnr is not None and math.isfinite(bicubic_psnr):
+        psnr_ax.axhline(bicubic_psnr, color="gray", linestyle="--", label=f"bicubic {bicubic_psnr:.2f} dB")
+    psnr_ax.set(title="validation PSNR (dB)", xlabel="epoch")
+    psnr_ax.legend(loc="lower right")
+    loss_ax.plot(*series("loss"), color="tab:red")
+    loss_ax.set(title="training loss (L1)", xlabel="epoch")
+    lr_ax.plot(*series("lr"), color="tab:green")
+    lr_ax.set(title="learning rate", xlabel="epoch", yscale="log")
+    for ax in (psnr_ax, loss_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+
+
+def tensorboard_writer():
+    """TensorBoard's SummaryWriter class; without the package, a one-line error (train.py asks
+    before any work)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def open_tensorboard(folder: Path):
+    """A TensorBoard writer for <run>/tensorboard."""
+    return tensorboard_writer()(log_dir=str(folder / "tensorboard"))
+
+
+def log_to_tensorboard(writer, epoch: int, row: dict, panels: list) -> None:
+    """One log.csv row as scalars, and (name, HWC uint8) validation panels as images."""
+    for key in TENSORBOARD_SCALARS:
+        if row.get(key):
+            writer.add_scalar(key, float(row[key]), epoch)
+    for name, panel in panels:
+        writer.add_image(f"val/{name}", panel, epoch, dataformats="HWC")
+    writer.flush()
+
+
+def crop_panel(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> np.ndarray:
+    """bicubic | SR | HR on the same central crop, side by side (HWC uint8)."""
+    side = min(CROP, hr.shape[0], hr.shape[1])
+    y, x = (hr.shape[0] - side) // 2, (hr.shape[1] - side) // 2
+    bicubic = resize_bicubic(lr, hr.shape[1], hr.shape[0])
+    return np.concatenate([img[y:y + side, x:x + side] for img in (bicubic, sr, hr)], axis=1)

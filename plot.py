@@ -1,0 +1,43 @@
+"""Draw a training run's log.csv as curves.png: validation PSNR against bicubic's, loss, learning rate.
+
+usage: python plot.py checkpoints/NAME/log.csv [-o curves.png] [--bicubic 27.672] [--overwrite]
+
+train.py draws <run>/curves.png itself at every validation; this redraws one from any log,
+e.g. the shipped checkpoint's: python plot.py checkpoints/resshuffle_x4.log.csv -o show/resshuffle_x4_curves.png
+"""
+from pathlib import Path
+
+from curves import write_curves
+from files import check_output_file, folder_for
+from runs import read_log
+from utils import UserError, make_parser, run_cli
+
+
+def main(args):
+    log = Path(args.log)
+    if not log.is_file():
+        raise UserError(f"{log}: no such log file")
+    rows = read_log(log)
+    if not rows:
+        raise UserError(f"{log}: holds no epoch rows (a train.py log.csv has epoch, loss, lr, val_psnr, ...)")
+    out = Path(args.output or log.with_name("curves.png"))
+    check_output_file(out, overwrite=args.overwrite)
+    bicubic = args.bicubic if args.bicubic is not None else next(
+        (float(r["bicubic_psnr"]) for r in reversed(rows) if r.get("bicubic_psnr")), None)
+    with folder_for(out):
+        write_curves(rows, out, bicubic, title=log.parent.name if log.name == "log.csv" else log.stem)
+    print(f"{log} ({len(rows)} epochs) -> {out}")
+
+
+def build_parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("log", help="a run's log.csv")
+    parser.add_argument("-o", "--output", default=None, help="the PNG to write; None: curves.png beside the log")
+    parser.add_argument("--bicubic", type=float, default=None,
+                        help="bicubic's validation PSNR, drawn as a line; None: the log's bicubic_psnr column")
+    parser.add_argument("--overwrite", action="store_true", help="replace the PNG if it exists")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser().parse_args())

@@ -1,0 +1,60 @@
+"""Training to look at: curves.png at every validation, --tensorboard, plot.py."""
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import plot
+import train
+from conftest import ROOT, TINY_RUN, assert_one_line_error, read_log, run_main
+
+
+def train_tiny(image_dir, runs, *extra):
+    return run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs, *TINY_RUN,
+                    "--run_name", "r", *extra)
+
+
+def test_a_short_run_leaves_curves_png_redrawn_at_every_validation(image_dir, tmp_path):
+    code, _, err = train_tiny(image_dir, tmp_path, "--num_epochs", "3", "--val_every", "2")
+    assert code == 0, err
+    png = tmp_path / "r" / "curves.png"
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape == (288, 1040, 3) and len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # drawn, not blank
+    rows = read_log(tmp_path / "r")
+    assert [r["bicubic_psnr"] != "" for r in rows] == [False, True, True]  # epochs 2 and 3 validated
+
+
+def test_tensorboard_gets_the_scalars_and_validation_crops(image_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    code, _, err = train_tiny(image_dir, tmp_path, "--num_epochs", "2", "--tensorboard")
+    assert code == 0, err
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert {"loss", "lr", "val_psnr", "val_ssim", "bicubic_psnr"} <= set(events.Tags()["scalars"])
+    psnr = [(e.step, round(e.value, 4)) for e in events.Scalars("val_psnr")]
+    assert psnr == [(int(r["epoch"]), float(r["val_psnr"])) for r in read_log(tmp_path / "r")]
+    assert sorted(events.Tags()["images"]) == ["val/img0.png", "val/img1.png", "val/img2.png"]
+    image = events.Images("val/img0.png")[-1]
+    assert (image.width, image.height) == (3 * 64, 64)  # bicubic | SR | HR of the 64x80 image's centre
+
+
+def test_tensorboard_missing_is_one_line_before_any_work(image_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    code, out, err = train_tiny(image_dir, tmp_path / "runs", "--num_epochs", "1", "--tensorboard")
+    assert_one_line_error(code, err, "--tensorboard needs the tensorboard package: pip install tensorboard")
+    assert out == "" and not (tmp_path / "runs").exists()
+
+
+def test_plot_draws_the_shipped_log_and_keeps_what_exists(tmp_path):
+    out = tmp_path / "curves.png"
+    log = ROOT / "checkpoints" / "resshuffle_x4.log.csv"
+    code, stdout, err = run_main(plot, log, "-o", out, "--bicubic", "27.672")
+    assert code == 0 and "(30 epochs)" in stdout, err
+    assert Image.open(out).size == (1040, 288)
+    before = out.read_bytes()
+    code, _, err = run_main(plot, log, "-o", out)
+    assert_one_line_error(code, err, "exists; pass --overwrite")
+    assert out.read_bytes() == before
+    code, _, err = run_main(plot, tmp_path / "missing.csv")
+    assert_one_line_error(code, err, "missing.csv: no such log file")
