@@ -24,6 +24,9 @@ from utils import REPO, UserError, first_line
 # infer.py's and evaluate.py's default, found from the repository's folder wherever they run.
 SHIPPED_CHECKPOINT = REPO / "checkpoints" / "resshuffle_x4.safetensors"
 
+# --export's formats, by the output's suffix.
+EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".onnx")
+
 # What a weights-only checkpoint (--export, the shipped one) keeps of a run's checkpoint.
 WEIGHT_KEYS = ("model", "ema", "model_args", "degradation")
 
@@ -58,7 +61,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4 ..." for plain pickles
             warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch.load reads a path named .safetensors as one
+                checkpoint = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused: {weights_only_reason(e)}") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... here
@@ -158,6 +162,8 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
         raise UserError(f"{dst}: is the checkpoint being exported; choose another output name")
     if is_run_checkpoint(dst):
         raise UserError(f"{dst}: is a run's checkpoint (with its optimizer state); an export never replaces one")
+    if Path(dst).suffix.lower() not in EXPORT_SUFFIXES:
+        raise UserError(f"{dst}: the export's format comes from its suffix: {', '.join(EXPORT_SUFFIXES)}")
     check_output_file(dst, overwrite=overwrite)
     if Path(dst).suffix.lower() == ".onnx":
         require_onnx()  # before any folder is made

@@ -17,8 +17,8 @@ def resshuffle(scale: int = 4, pretrained: bool = True, **model_args) -> ResShuf
     otherwise a new network, `model_args` as model.ResShuffle takes them."""
     if not pretrained:
         return ResShuffle(scale=scale, **model_args)
-    if scale != 4 or model_args:
-        raise ValueError(f"pretrained weights ship for x4 only, with the network in {SHIPPED_CHECKPOINT.name}; "
+    model, info = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
+    if any(info["model_args"].get(k) != v for k, v in dict(model_args, scale=scale).items()):
+        raise ValueError(f"pretrained weights ship for x4 only, the network {info['model_args']}; "
                          f"pass pretrained=False for x{scale} or other model_args")
-    model, _ = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
     return model

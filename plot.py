@@ -21,11 +21,16 @@ def main(args):
     if not rows:
         raise UserError(f"{log}: holds no epoch rows (a train.py log.csv has epoch, loss, lr, val_psnr, ...)")
     out = Path(args.output or log.with_name("curves.png"))
+    if out.suffix.lower() != ".png":  # also: never over the log, a checkpoint or an image of another kind
+        raise UserError(f"{out}: plot.py writes a PNG; name the output .png")
     check_output_file(out, overwrite=args.overwrite)
     bicubic = args.bicubic if args.bicubic is not None else next(
         (float(r["bicubic_psnr"]) for r in reversed(rows) if r.get("bicubic_psnr")), None)
-    with folder_for(out):
-        write_curves(rows, out, bicubic, title=log.parent.name if log.name == "log.csv" else log.stem)
+    try:
+        with folder_for(out):
+            write_curves(rows, out, bicubic, title=log.parent.name if log.name == "log.csv" else log.stem)
+    except ValueError as e:  # a value that is not a number
+        raise UserError(f"{log}: {e}") from None
     print(f"{log} ({len(rows)} epochs) -> {out}")
 
 

@@ -1,5 +1,6 @@
 """A training run's folder: one run per folder, one process at a time, and its log.csv."""
 import csv
+import shutil
 from pathlib import Path
 
 from files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
@@ -43,6 +44,7 @@ def open_run_folder(folder: Path, lock, new_run: bool, overwrite: bool, keep_thr
             raise UserError(f"{folder}: another run started there meanwhile; choose another --run_name")
         for name in RUN_OUTPUTS:
             (folder / name).unlink(missing_ok=True)
+        shutil.rmtree(folder / "tensorboard", ignore_errors=True)  # the replaced run's events
     for stale in remove_stale_temporaries(folder, RUN_OUTPUTS):
         warn(f"removed {stale}, left by a run killed while writing it")
     trim_log(folder / "log.csv", keep_through=keep_through)

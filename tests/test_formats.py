@@ -100,6 +100,8 @@ def test_torch_hub_loads_the_shipped_network_offline_from_the_clone(monkeypatch)
     assert not net.training
     fresh = torch.hub.load(str(ROOT), "resshuffle", scale=2, pretrained=False, source="local")
     assert fresh.scale == 2
+    same = torch.hub.load(str(ROOT), "resshuffle", scale=4, pretrained=True, source="local", mean_shift=True)
+    assert same.scale == 4
     with pytest.raises(ValueError, match="x4 only"):
         torch.hub.load(str(ROOT), "resshuffle", scale=2, pretrained=True, source="local")
 
@@ -148,3 +150,16 @@ def test_onnx_export_without_the_package_is_one_line(tmp_path, monkeypatch):
     code, _, err = run_main(train, "--export", SHIPPED_CHECKPOINT, tmp_path / "new" / "x4.onnx")
     assert_one_line_error(code, err, "ONNX export needs the onnx and onnxscript packages (onnx is missing): pip install")
     assert not (tmp_path / "new").exists()
+
+
+def test_an_export_to_an_unknown_suffix_is_refused(ema_run, tmp_path):
+    for name in ("w.safetensor", "w", "w.txt"):
+        code, _, err = run_main(train, "--export", ema_run, tmp_path / name)
+        assert_one_line_error(code, err, "the export's format comes from its suffix: .safetensors, .pt, .pth, .onnx")
+        assert not (tmp_path / name).exists()
+
+
+def test_a_pt_file_named_safetensors_loads_by_what_it_holds(tmp_path):
+    renamed = tmp_path / "x4.safetensors"
+    renamed.write_bytes(SHIPPED_CHECKPOINT.with_suffix(".pt").read_bytes())
+    assert load_checkpoint(renamed)["model_args"] == load_checkpoint(SHIPPED_CHECKPOINT)["model_args"]

@@ -58,3 +58,23 @@ def test_plot_draws_the_shipped_log_and_keeps_what_exists(tmp_path):
     assert out.read_bytes() == before
     code, _, err = run_main(plot, tmp_path / "missing.csv")
     assert_one_line_error(code, err, "missing.csv: no such log file")
+
+
+def test_plot_writes_only_pngs_never_over_its_log_and_names_a_bad_value(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,lr,val_psnr\n1,0.05,0.0002,25.1\n")
+    code, _, err = run_main(plot, log, "-o", log, "--overwrite")
+    assert_one_line_error(code, err, "plot.py writes a PNG")
+    assert log.read_text().startswith("epoch,loss")
+    log.write_text("epoch,loss,lr,val_psnr\n1,abc,0.0002,25.1\n")
+    code, _, err = run_main(plot, log)
+    assert_one_line_error(code, err, "log.csv: could not convert string to float: 'abc'")
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_overwriting_a_run_removes_its_tensorboard_events(image_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    assert train_tiny(image_dir, tmp_path, "--num_epochs", "1", "--tensorboard")[0] == 0
+    assert list((tmp_path / "r" / "tensorboard").iterdir())
+    assert train_tiny(image_dir, tmp_path, "--num_epochs", "1", "--overwrite")[0] == 0
+    assert not (tmp_path / "r" / "tensorboard").exists()
