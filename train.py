@@ -3,7 +3,7 @@
 usage: python train.py [--upscale_factor 4] [--num_epochs 400] [--batch_size 32] [--lr 2e-4]
            [--train_dir data/DIV2K_train_HR] [--val_dir data/DIV2K_valid_HR] [--run_name NAME]
        python train.py --resume checkpoints/NAME/last.pt
-       python train.py --export checkpoints/NAME/best.pt my_x4.pt
+       python train.py --export checkpoints/NAME/best.pt my_x4.safetensors     # or .pt, .onnx
 
 A run writes checkpoints/<run_name>/: last.pt (every epoch), best.pt (best validation PSNR)
 and log.csv, each written atomically. A new run never writes into a folder that holds a run
@@ -36,15 +36,15 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import export_weights, load_checkpoint, save_checkpoint
+from curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
 from dataset import (EpochSampler, PatchLoader, TrainDataset, check_measurable_images, count_patchable, device_batch,
                      eval_pairs)
 from images import list_images
 from metrics import mean, measure, measure_on_device
 from model import UPSAMPLE_STAGES, ResShuffle
-from resize import DEGRADATIONS, resize_bicubic
-from curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
-from runs import append_log, check_run_folder, open_run_folder, read_log
 from precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
+from resize import DEGRADATIONS, resize_bicubic
+from runs import append_log, check_run_folder, open_run_folder, read_log
 from training import StopSignal, ema_decay_at, train_step, update_ema
 from upscale import exact_cuda, upscale
 from utils import (REPO, UserError, make_parser, non_negative_int, plural, positive_float, positive_int, run_cli,
@@ -567,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run in a folder that holds one, deleting it; --export over an existing export")
     p.add_argument("--resume", default=None, help="a run's last.pt: continue that run")
     p.add_argument("--export", nargs=2, metavar=("RUN_CHECKPOINT", "OUT"), default=None,
-                   help="write RUN_CHECKPOINT's weights and model_args (no optimizer state) to OUT, and exit")
+                   help="write RUN_CHECKPOINT's weights and model_args (no optimizer state) to OUT, and exit; "
+                        "the format by OUT's suffix: .safetensors, .pt (.pth) or .onnx")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log to <run>/tensorboard: the log.csv scalars and validation crops (bicubic | SR | "
                         "HR); needs `pip install tensorboard`")
