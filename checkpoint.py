@@ -121,7 +121,12 @@ def load_model(path: str | Path, device: torch.device, raw_weights: bool = False
     `raw_weights`. Returns (model, info); info: `weights` ("ema" or "raw"), `degradation`
     (what it was trained on, None if the checkpoint does not say), `model_args`.
     """
-    checkpoint = load_checkpoint(path)
+    return model_from(load_checkpoint(path), path, device, raw_weights)
+
+
+def model_from(checkpoint: dict, path: str | Path, device: torch.device,
+               raw_weights: bool = False) -> tuple[ResShuffle, dict]:
+    """`load_model` for a checkpoint dict already loaded from `path`."""
     kind = "ema" if checkpoint.get("ema") is not None and not raw_weights else "raw"
     state = checkpoint["ema"] if kind == "ema" else checkpoint["model"]
     try:
@@ -173,7 +178,7 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
     if suffix == ".safetensors":
         save_safetensors(keep, Path(dst))
     elif suffix == ".onnx":  # one network: the EMA weights where the run kept them, as infer.py uses
-        model, info = load_model(src, torch.device("cpu"))
+        model, info = model_from(checkpoint, src, torch.device("cpu"))
         export_onnx(model, Path(dst), {"model_args": info["model_args"], "weights": info["weights"],
                                        "degradation": info["degradation"]})
         what = f"the network with its {info['weights']} weights, any batch, height and width"

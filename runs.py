@@ -59,9 +59,11 @@ def trim_log(path: Path, keep_through: int) -> None:
         write_log(path, [r for r in read_log(path) if int(r["epoch"]) <= keep_through])
 
 
-def append_log(path: Path, row: dict) -> None:
-    """Add a row by writing the whole log anew (atomically: a full disk leaves the old log whole)."""
-    write_log(path, (read_log(path) if path.exists() else []) + [row])
+def append_log(path: Path, row: dict) -> list[dict]:
+    """Add a row by writing the whole log anew (atomically: a full disk leaves the old log whole); all its rows."""
+    rows = (read_log(path) if path.exists() else []) + [row]
+    write_log(path, rows)
+    return rows
 
 
 def read_log(path: Path) -> list[dict]:

@@ -44,7 +44,7 @@ from metrics import mean, measure, measure_on_device
 from model import UPSAMPLE_STAGES, ResShuffle
 from precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
 from resize import DEGRADATIONS, resize_bicubic
-from runs import append_log, check_run_folder, open_run_folder, read_log
+from runs import append_log, check_run_folder, open_run_folder
 from training import StopSignal, ema_decay_at, train_step, update_ema
 from upscale import exact_cuda, upscale
 from utils import (REPO, UserError, make_parser, non_negative_int, plural, positive_float, positive_int, run_cli,
@@ -482,13 +482,13 @@ def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, 
            "val_psnr": f"{val[0]:.4f}" if val else "", "val_ssim": f"{val[1]:.4f}" if val else ""}
     # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
     with naming_what_is_kept(run):
-        append_log(run.folder / "log.csv", row)
+        rows = append_log(run.folder / "log.csv", row)
         state = run.checkpoint()
         if improved:
             save_checkpoint(state, run.folder / "best.pt")
         save_checkpoint(state, run.last_path)
     run.saved_at = where(run)
-    draw(run, epoch, row, panels=val[2] if val else None)
+    draw(run, epoch, rows, panels=val[2] if val else None)
     if val is not None:
         print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val{' (EMA)' if run.ema is not None else ''} "
               f"PSNR/SSIM {val[0]:.4f} dB / {val[1]:.4f} ({val[0] - run.bicubic[0]:+.2f} dB vs bicubic)"
@@ -496,14 +496,14 @@ def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, 
               f"{f', weights identical on {run.world_size} processes' if run.world_size > 1 else ''}")
 
 
-def draw(run: Run, epoch: int, row: dict, panels: list | None) -> None:
-    """After the checkpoints (they matter more where space runs short): curves.png at a validation
-    (`panels` not None), and the row and panels for TensorBoard."""
+def draw(run: Run, epoch: int, rows: list[dict], panels: list | None) -> None:
+    """After the checkpoints (they matter more where space runs short): curves.png of the log's
+    `rows` at a validation (`panels` not None), and the last row and panels for TensorBoard."""
     with naming_what_is_kept(run):
         if panels is not None:
-            write_curves(read_log(run.folder / "log.csv"), run.folder / "curves.png", run.bicubic[0], run.folder.name)
+            write_curves(rows, run.folder / "curves.png", run.bicubic[0], run.folder.name)
     if run.board is not None:
-        log_to_tensorboard(run.board, epoch, row, panels or [])
+        log_to_tensorboard(run.board, epoch, rows[-1], panels or [])
 
 
 def early_stop_reason(run: Run, epoch: int) -> str | None:
