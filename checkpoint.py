@@ -21,8 +21,15 @@ from onnx_export import export_onnx, require_onnx
 from files import atomic_path, check_output_file, file_ids, make_dir
 from utils import REPO, UserError, first_line
 
-# infer.py's and evaluate.py's default, found from the repository's folder wherever they run.
-SHIPPED_CHECKPOINT = REPO / "checkpoints" / "resshuffle_x4.safetensors"
+# The scales a checkpoint is shipped for, in checkpoints/ of the repository wherever the scripts run.
+SHIPPED_SCALES = (4,)
+
+
+def shipped_checkpoint(scale: int) -> Path:
+    return REPO / "checkpoints" / f"resshuffle_x{scale}.safetensors"
+
+
+SHIPPED_CHECKPOINT = shipped_checkpoint(4)  # infer.py's and evaluate.py's default
 
 # --export's formats, by the output's suffix.
 EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".onnx")
@@ -44,7 +51,7 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint dict with weights_only=True: a file that would run code is refused."""
     path = Path(path)
-    if not path.is_file() and path == SHIPPED_CHECKPOINT:
+    if not path.is_file() and path in map(shipped_checkpoint, SHIPPED_SCALES):
         raise UserError(f"no checkpoint at {path}: restore the shipped one with `git -C {REPO} checkout -- "
                         f"checkpoints/{path.name}`, or pass one of yours with --checkpoint")
     if path.is_dir() and (path / "last.pt").is_file():
@@ -70,6 +77,31 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
         raise UserError(f"{path}: not a ResShuffle checkpoint (no 'model' and 'model_args' entries)")
     return checkpoint
+
+
+def checkpoint_for(checkpoint: str | None, scale: int | None) -> Path:
+    """The file infer.py and evaluate.py load: --checkpoint where given, else the shipped one for
+    --scale (x4 without it)."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    scale = scale or 4
+    if scale not in SHIPPED_SCALES:
+        shipped = ", ".join(f"x{s}" for s in SHIPPED_SCALES)
+        raise UserError(f"no x{scale} checkpoint is shipped ({shipped} are): train one with `python train.py "
+                        f"--upscale_factor {scale}` and pass it with --checkpoint")
+    return shipped_checkpoint(scale)
+
+
+def load_chosen(checkpoint: str | None, scale: int | None, device: torch.device,
+                raw_weights: bool = False) -> tuple[ResShuffle, dict, Path]:
+    """infer.py's and evaluate.py's `load_model`: the file `checkpoint_for` picks, and that file.
+    A named checkpoint decides the network; a --scale given beside it must agree."""
+    path = checkpoint_for(checkpoint, scale)
+    model, info = load_model(path, device, raw_weights=raw_weights)
+    if scale is not None and model.scale != scale:
+        raise UserError(f"{path} is a x{model.scale} checkpoint, not x{scale}: leave out --scale, "
+                        f"or name a x{scale} checkpoint")
+    return model, info, path
 
 
 def is_safetensors(head: bytes) -> bool:

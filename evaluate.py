@@ -1,6 +1,6 @@
 """Measure a checkpoint on folders of HR images, against bicubic upsampling.
 
-usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--checkpoint checkpoints/resshuffle_x4.safetensors]
+usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--scale 2 3 4 | --checkpoint FILE]
        python evaluate.py --benchmark benchmarks/ --paper       # Set5, Set14, B100, Urban100, DIV2K_valid_HR
            [--y_channel] [--crop_border N] [--degradation pil|matlab] [--self_ensemble] [--raw_weights]
            [--csv results.csv] [-o sr/] [--compare_dir panels/] [--overwrite] [--per_image] [--tile 256]
@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from checkpoint import SHIPPED_CHECKPOINT, load_model
+from checkpoint import SHIPPED_SCALES, load_chosen
 from dataset import check_measurable_images, eval_pairs
 from files import atomic_path, check_distinct, check_outside, check_output_file, check_output_files, file_ids, folder_for, output_stems
 from images import list_images, save_image
@@ -152,12 +152,12 @@ def output_plan(args, sets: list) -> dict[str, dict[str, tuple]]:
     return plan
 
 
-def check_work(args, sets: list, plan: dict, scale: int, crop_border: int) -> None:
+def check_work(args, sets: list, plan: dict, scale: int, crop_border: int, checkpoint: Path) -> None:
     """Before any work: every image measurable at this scale and border; every output writable,
     distinct, outside the data folders, and none of them an input (an image or the checkpoint)."""
     images = [p for _, _, paths in sets for p in paths]
     check_measurable_images(images, scale=scale, crop_border=crop_border)
-    inputs = file_ids(images + [Path(args.checkpoint)])
+    inputs = file_ids(images + [checkpoint])
     if args.csv:
         check_output_file(args.csv, overwrite=args.overwrite, inputs=inputs)
     pairs = [(path, out) for name, _, paths in sets for path in paths
@@ -187,47 +187,76 @@ def main(args):
         if args.crop_border is not None or args.degradation != "pil":
             warn("--paper sets --degradation matlab and crop border = scale; the given ones are not used")
         args.degradation, args.y_channel = "matlab", True
+    scales = args.scale or [None]
+    if len(scales) > 1 and (args.checkpoint or args.save_dir or args.compare_dir):
+        raise UserError("several --scale values take the shipped checkpoints and write no images: "
+                        "--checkpoint, -o and --compare_dir go with one scale")
     sets = find_sets(args)
     device = select_device(args.device)
-    model, info = load_model(args.checkpoint, device, raw_weights=args.raw_weights)
-    scale = model.scale
-    crop_border = scale if args.crop_border is None or args.paper else args.crop_border
+    models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights) for s in dict.fromkeys(scales)]
     plan = output_plan(args, sets)
-    check_work(args, sets, plan, scale, crop_border)
+    for model, _, path in models:
+        check_work(args, sets, plan, model.scale, crop_border_for(args, model.scale), path)
     precision, why = choose_precision(args.precision, device)
-
-    print(f"checkpoint {args.checkpoint}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} LR; "
-          f"precision {precision}{f' ({why})' if args.precision == 'auto' else ''}")
-    if info["degradation"] and info["degradation"] != args.degradation:
-        warn(f"the checkpoint was trained on {info['degradation']} LR images and is evaluated on {args.degradation}")
-    print(f"protocol{' (--paper)' if args.paper else ''}: "
-          f"{protocol(scale, crop_border, args.y_channel, args.degradation, args.self_ensemble)}")
-    y = "_y" if args.y_channel else ""
     table, all_rows = [], []
-    for name, folder, paths in sets:
-        start = time.time()
-        rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
-                        tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
-                        outputs=plan[name], compare_size=args.compare_size, count=len(paths), precision=precision)
-        seconds = (time.time() - start) / len(rows)
-        all_rows += [{"set": name, "precision": precision} | r for r in rows]
-        if len(sets) == 1 or args.per_image:
-            print_images(rows, y, seconds)
-        table.append((name, len(rows), [mean(rows, k) for k in (
-            "bicubic_psnr", "bicubic_ssim", "psnr", "ssim", "bicubic_psnr_y", "bicubic_ssim_y", "psnr_y", "ssim_y")]))
-
-    print(f"\n{'set':<16} {'images':>6}  {'bicubic RGB':>16}  {'ResShuffle RGB':>16}  {'bicubic Y':>16}  "
-          f"{'ResShuffle Y':>16}")
-    for name, n, v in table:
-        print(f"{name:<16} {n:>6}  " + "  ".join(f"{v[i]:8.4f}/{v[i + 1]:.4f}" for i in range(0, 8, 2)))
-
+    for model, info, path in models:
+        print(f"checkpoint {path}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'}"
+              f" LR; precision {precision}{f' ({why})' if args.precision == 'auto' else ''}")
+        rows, means = evaluate_sets(args, model, info, sets, plan, precision)
+        all_rows += rows
+        table += means
+    print_table(table, markdown=args.markdown, scales=len(models) > 1)
     if args.csv:
         with folder_for(Path(args.csv)), atomic_path(Path(args.csv)) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
             writer.writerows(all_rows)
         print(f"per-image table written to {args.csv}")
+
+
+def crop_border_for(args, scale: int) -> int:
+    return scale if args.crop_border is None or args.paper else args.crop_border
+
+
+def evaluate_sets(args, model, info: dict, sets: list, plan: dict, precision: str) -> tuple[list, list]:
+    """One checkpoint on every set: its per-image rows and, per set, (set, scale, images, means)."""
+    scale, crop_border = model.scale, crop_border_for(args, model.scale)
+    if info["degradation"] and info["degradation"] != args.degradation:
+        warn(f"the checkpoint was trained on {info['degradation']} LR images and is evaluated on {args.degradation}")
+    print(f"protocol{' (--paper)' if args.paper else ''}: "
+          f"{protocol(scale, crop_border, args.y_channel, args.degradation, args.self_ensemble)}")
+    y = "_y" if args.y_channel else ""
+    all_rows, means = [], []
+    for name, folder, paths in sets:
+        start = time.time()
+        rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
+                        tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
+                        outputs=plan[name], compare_size=args.compare_size, count=len(paths), precision=precision)
+        seconds = (time.time() - start) / len(rows)
+        all_rows += [{"set": name, "scale": scale, "precision": precision} | r for r in rows]
+        if len(sets) == 1 or args.per_image:
+            print_images(rows, y, seconds)
+        means.append((name, scale, len(rows), [mean(rows, k) for k in (
+            "bicubic_psnr", "bicubic_ssim", "psnr", "ssim", "bicubic_psnr_y", "bicubic_ssim_y", "psnr_y", "ssim_y")]))
+    return all_rows, means
+
+
+def print_table(table: list, markdown: bool, scales: bool) -> None:
+    """The means of every set (and scale): PSNR/SSIM of bicubic and ResShuffle, RGB and Y."""
+    print()
+    if markdown:
+        heads = ["set"] + ["scale"] * scales + ["images", "bicubic RGB", "ResShuffle RGB", "bicubic Y", "ResShuffle Y"]
+        print("| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
+        for name, scale, n, v in table:
+            print(f"| {name} | " + f"x{scale} | " * scales + f"{n} | "
+                  + " | ".join(f"{v[i]:.4f} / {v[i + 1]:.4f}" for i in range(0, 8, 2)) + " |")
+        return
+    print(f"{'set':<16} " + f"{'scale':>5} " * scales + f"{'images':>6}  {'bicubic RGB':>16}  {'ResShuffle RGB':>16}  "
+          f"{'bicubic Y':>16}  {'ResShuffle Y':>16}")
+    for name, scale, n, v in table:
+        print(f"{name:<16} " + f"{'x' + str(scale):>5} " * scales + f"{n:>6}  "
+              + "  ".join(f"{v[i]:8.4f}/{v[i + 1]:.4f}" for i in range(0, 8, 2)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a folder holding any of {', '.join(BENCHMARK_SETS)}: evaluate those instead")
     parser.add_argument("--paper", action="store_true",
                         help="the published protocol: --degradation matlab, --y_channel, crop border = scale")
-    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="checkpoint to evaluate")
+    parser.add_argument("--scale", type=int, nargs="+", choices=(2, 3, 4, 8), default=None,
+                        help=f"evaluate the shipped checkpoint of each scale ({', '.join(f'x{s}' for s in SHIPPED_SCALES)}"
+                             "), one table row per scale; None: x4, or the scale of --checkpoint")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint to evaluate; None: checkpoints/resshuffle_x<scale>.safetensors")
+    parser.add_argument("--markdown", action="store_true", help="print the table of means as a Markdown table")
     parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
     parser.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="how LR images are made")
     parser.add_argument("--crop_border", type=non_negative_int, default=None,

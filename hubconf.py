@@ -6,19 +6,22 @@
 """
 import torch
 
-from checkpoint import SHIPPED_CHECKPOINT, load_model
+from checkpoint import SHIPPED_SCALES, load_model, shipped_checkpoint
 from model import ResShuffle
 
 dependencies = ["torch", "safetensors"]
 
 
 def resshuffle(scale: int = 4, pretrained: bool = True, **model_args) -> ResShuffle:
-    """ResShuffle. pretrained: the shipped x4 checkpoint's (EMA) weights, in eval mode, on the CPU;
-    otherwise a new network, `model_args` as model.ResShuffle takes them."""
+    """ResShuffle. pretrained: the shipped checkpoint's (EMA) weights for `scale`, in eval mode, on
+    the CPU; otherwise a new network, `model_args` as model.ResShuffle takes them."""
     if not pretrained:
         return ResShuffle(scale=scale, **model_args)
-    model, info = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
-    if any(info["model_args"].get(k) != v for k, v in dict(model_args, scale=scale).items()):
-        raise ValueError(f"pretrained weights ship for x4 only, the network {info['model_args']}; "
-                         f"pass pretrained=False for x{scale} or other model_args")
+    shipped = ", ".join(f"x{s}" for s in SHIPPED_SCALES)
+    if scale not in SHIPPED_SCALES:
+        raise ValueError(f"pretrained weights ship for {shipped}, not x{scale}; pass pretrained=False")
+    model, info = load_model(shipped_checkpoint(scale), torch.device("cpu"))
+    if any(info["model_args"].get(k) != v for k, v in model_args.items()):
+        raise ValueError(f"the shipped x{scale} network is {info['model_args']}; "
+                         f"pass pretrained=False for other model_args")
     return model

@@ -1,6 +1,6 @@
 """Upscale an image, or every image in a folder, with a ResShuffle checkpoint.
 
-usage: python infer.py INPUT [-o OUTPUT] [--checkpoint checkpoints/resshuffle_x4.safetensors] [--recursive]
+usage: python infer.py INPUT [-o OUTPUT] [--scale 4 | --checkpoint checkpoints/resshuffle_x4.safetensors] [--recursive]
            [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
 
 INPUT is an image file or a folder of them (--recursive: and of its subfolders). Each image
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import SHIPPED_CHECKPOINT, load_model
+from checkpoint import SHIPPED_SCALES, load_chosen
 from files import (check_distinct, check_inputs_outside, check_outside, check_output_files, file_ids, folder_for,
                    output_stems)
 from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
@@ -118,12 +118,13 @@ def main(args):
     input_path = Path(args.input)
     inputs = find_inputs(input_path, args.recursive)  # the input first: a missing one is named as such
     device = select_device(args.device)
-    model, _ = load_model(args.checkpoint, device, raw_weights=args.raw_weights)
+    model, info, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights)
     pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite,
                          skip_existing=args.skip_existing)
     if not pairs:
         return print(f"{input_path}: every output exists already; nothing to do")
     precision, _ = choose_precision(args.precision, device)
+    print(f"checkpoint {path} (x{model.scale}, {'EMA' if info['weights'] == 'ema' else 'raw'} weights)")
     options = dict(tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, quality=args.quality,
                    precision=precision)
     if len(pairs) == 1:
@@ -161,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", "--save_dir", default=None,
                         help="output file (with an image extension) or folder (without); "
                              "None: beside the input file, or <INPUT>_x<scale>/ for a folder")
-    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="the network and its weights")
+    parser.add_argument("--scale", type=int, choices=(2, 3, 4, 8), default=None,
+                        help=f"use the shipped checkpoint of this scale ({', '.join(f'x{s}' for s in SHIPPED_SCALES)}"
+                             "); None: x4, or the scale of --checkpoint")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the network and its weights; None: checkpoints/resshuffle_x<scale>.safetensors")
     parser.add_argument("--recursive", action="store_true", help="a folder INPUT: its subfolders too, mirrored")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")

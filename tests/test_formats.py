@@ -11,7 +11,7 @@ import checkpoint as checkpoint_module
 import infer
 import train
 from onnx_export import onnx_session
-from checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, load_model
+from checkpoint import SHIPPED_CHECKPOINT, SHIPPED_SCALES, load_checkpoint, load_model
 from conftest import ROOT, TINY_RUN, ResShuffle, assert_one_line_error, run_main, smooth_image
 from upscale import upscale
 from utils import UserError
@@ -102,8 +102,14 @@ def test_torch_hub_loads_the_shipped_network_offline_from_the_clone(monkeypatch)
     assert fresh.scale == 2
     same = torch.hub.load(str(ROOT), "resshuffle", scale=4, pretrained=True, source="local", mean_shift=True)
     assert same.scale == 4
-    with pytest.raises(ValueError, match="x4 only"):
-        torch.hub.load(str(ROOT), "resshuffle", scale=2, pretrained=True, source="local")
+    with pytest.raises(ValueError, match="not x8"):
+        torch.hub.load(str(ROOT), "resshuffle", scale=8, pretrained=True, source="local")
+    with pytest.raises(ValueError, match="other model_args"):
+        torch.hub.load(str(ROOT), "resshuffle", scale=4, pretrained=True, source="local", num_features=32)
+    for scale in SHIPPED_SCALES:
+        shipped = torch.hub.load(str(ROOT), "resshuffle", scale=scale, pretrained=True, source="local")
+        expected, _ = load_model(checkpoint_module.shipped_checkpoint(scale), torch.device("cpu"))
+        assert shipped.scale == scale and torch.equal(shipped.tail.weight, expected.tail.weight)
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4, 8])

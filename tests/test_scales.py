@@ -1,0 +1,84 @@
+"""The shipped checkpoints, one per scale, picked by --scale in infer.py and evaluate.py."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint
+import evaluate
+import infer
+from checkpoint import SHIPPED_SCALES, checkpoint_for, load_model, save_checkpoint, shipped_checkpoint
+from conftest import ROOT, TINY, ResShuffle, assert_one_line_error, make_images, run_main, smooth_image
+
+
+@pytest.mark.parametrize("scale", SHIPPED_SCALES)
+def test_each_shipped_checkpoint_is_a_network_of_its_scale_with_its_log(scale):
+    path = checkpoint_for(None, scale)
+    assert path == ROOT / "checkpoints" / f"resshuffle_x{scale}.safetensors" == shipped_checkpoint(scale)
+    model, info = load_model(path, torch.device("cpu"))
+    assert model.scale == scale and info["model_args"]["scale"] == scale
+    assert (ROOT / "checkpoints" / f"resshuffle_x{scale}.log.csv").is_file()
+
+
+def test_without_scale_or_checkpoint_the_x4_is_loaded():
+    assert checkpoint_for(None, None) == shipped_checkpoint(4)
+    assert checkpoint_for("mine.pt", None).name == "mine.pt"
+
+
+@pytest.mark.parametrize("scale", SHIPPED_SCALES)
+def test_infer_scale_picks_that_checkpoint_and_says_so(scale, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
+    code, out, err = run_main(infer, src, "--scale", scale, "--precision", "fp32")
+    assert code == 0, err
+    assert f"checkpoint {shipped_checkpoint(scale)} (x{scale}, " in out
+    assert Image.open(tmp_path / f"a_x{scale}.png").size == (14 * scale, 10 * scale)
+
+
+def test_a_scale_that_is_not_shipped_is_one_line_naming_the_shipped_ones(tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
+    code, out, err = run_main(infer, src, "--scale", 8)
+    assert_one_line_error(code, err, "no x8 checkpoint is shipped", ", ".join(f"x{s}" for s in SHIPPED_SCALES),
+                          "--upscale_factor 8")
+    assert not (tmp_path / "a_x8.png").exists()
+
+
+def test_a_named_checkpoint_decides_and_a_scale_beside_it_must_agree(tiny_checkpoint, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
+    code, out, err = run_main(infer, src, "--scale", 2, "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, str(tiny_checkpoint), "x4 checkpoint, not x2")
+    assert not list(tmp_path.glob("a_x*.png"))
+    code, out, err = run_main(infer, src, "--scale", 4, "--checkpoint", tiny_checkpoint)
+    assert code == 0 and f"checkpoint {tiny_checkpoint} (x4, raw weights)" in out
+
+
+def test_evaluate_several_scales_gives_one_row_each_in_markdown(tmp_path, monkeypatch):
+    # Small networks stand in for the shipped ones: the table, not their figures, is tested here.
+    for scale in (2, 4):
+        args = dict(TINY, scale=scale, image_skip=True)
+        torch.manual_seed(scale)
+        save_checkpoint({"model": ResShuffle(**args).state_dict(), "model_args": args}, tmp_path / f"x{scale}.pt")
+    monkeypatch.setattr(checkpoint, "SHIPPED_SCALES", (2, 4))
+    monkeypatch.setattr(checkpoint, "shipped_checkpoint", lambda scale: tmp_path / f"x{scale}.pt")
+    data = make_images(tmp_path / "val")
+    code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 2, 4, 2, "--markdown", "--csv", tmp_path / "t.csv")
+    assert code == 0, err
+    assert f"checkpoint {tmp_path / 'x2.pt'}: 2x" in out and f"checkpoint {tmp_path / 'x4.pt'}: 4x" in out
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert table[0] == "| set | scale | images | bicubic RGB | ResShuffle RGB | bicubic Y | ResShuffle Y |"
+    assert table[1] == "|---|---|---|---|---|---|---|"
+    assert [row.split(" | ")[1] for row in table[2:]] == ["x2", "x4"]
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert [r["scale"] for r in csv.DictReader(f)] == ["2"] * 3 + ["4"] * 3
+
+
+def test_evaluate_several_scales_refuses_one_checkpoint_or_images(tiny_checkpoint, tmp_path):
+    data = make_images(tmp_path / "val")
+    for extra in (["--checkpoint", tiny_checkpoint], ["-o", tmp_path / "sr"], ["--compare_dir", tmp_path / "c"]):
+        code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 2, 4, *extra)
+        assert_one_line_error(code, err, "several --scale values")
+    assert not (tmp_path / "sr").exists() and not (tmp_path / "c").exists()
