@@ -87,7 +87,7 @@ def checkpoint_for(checkpoint: str | None, scale: int | None) -> Path:
     scale = scale or 4
     if scale not in SHIPPED_SCALES:
         shipped = ", ".join(f"x{s}" for s in SHIPPED_SCALES)
-        raise UserError(f"no x{scale} checkpoint is shipped ({shipped} are): train one with `python train.py "
+        raise UserError(f"no x{scale} checkpoint is shipped (shipped: {shipped}): train one with `python train.py "
                         f"--upscale_factor {scale}` and pass it with --checkpoint")
     return shipped_checkpoint(scale)
 
@@ -99,8 +99,8 @@ def load_chosen(checkpoint: str | None, scale: int | None, device: torch.device,
     path = checkpoint_for(checkpoint, scale)
     model, info = load_model(path, device, raw_weights=raw_weights)
     if scale is not None and model.scale != scale:
-        raise UserError(f"{path} is a x{model.scale} checkpoint, not x{scale}: leave out --scale, "
-                        f"or name a x{scale} checkpoint")
+        raise UserError(f"{path} is an x{model.scale} checkpoint, not x{scale}: leave out --scale, "
+                        f"or name an x{scale} checkpoint")
     return model, info, path
 
 

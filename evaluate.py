@@ -1,9 +1,9 @@
 """Measure a checkpoint on folders of HR images, against bicubic upsampling.
 
-usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--scale 2 3 4 | --checkpoint FILE]
+usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--scale 4 [more scales]] [--checkpoint FILE]
        python evaluate.py --benchmark benchmarks/ --paper       # Set5, Set14, B100, Urban100, DIV2K_valid_HR
            [--y_channel] [--crop_border N] [--degradation pil|matlab] [--self_ensemble] [--raw_weights]
-           [--csv results.csv] [-o sr/] [--compare_dir panels/] [--overwrite] [--per_image] [--tile 256]
+           [--csv results.csv] [-o sr/] [--compare_dir panels/] [--overwrite] [--per_image] [--tile 256] [--markdown]
 
 Protocol (BasicSR's): each HR image is cropped to a multiple of the scale and downsampled
 (PIL bicubic by default; MATLAB's imresize with --degradation matlab), super-resolved; the
@@ -31,6 +31,7 @@ from dataset import check_measurable_images, eval_pairs
 from files import atomic_path, check_distinct, check_outside, check_output_file, check_output_files, file_ids, folder_for, output_stems
 from images import list_images, save_image
 from metrics import mean, measure
+from model import UPSAMPLE_STAGES
 from resize import DEGRADATIONS, resize_bicubic
 from precision import PRECISIONS, choose_precision
 from upscale import DEFAULT_TILE, upscale
@@ -187,13 +188,13 @@ def main(args):
         if args.crop_border is not None or args.degradation != "pil":
             warn("--paper sets --degradation matlab and crop border = scale; the given ones are not used")
         args.degradation, args.y_channel = "matlab", True
-    scales = args.scale or [None]
+    scales = list(dict.fromkeys(args.scale or [None]))  # --scale 4 4 is one scale
     if len(scales) > 1 and (args.checkpoint or args.save_dir or args.compare_dir):
         raise UserError("several --scale values take the shipped checkpoints and write no images: "
                         "--checkpoint, -o and --compare_dir go with one scale")
     sets = find_sets(args)
     device = select_device(args.device)
-    models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights) for s in dict.fromkeys(scales)]
+    models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights) for s in scales]
     plan = output_plan(args, sets)
     for model, _, path in models:
         check_work(args, sets, plan, model.scale, crop_border_for(args, model.scale), path)
@@ -267,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a folder holding any of {', '.join(BENCHMARK_SETS)}: evaluate those instead")
     parser.add_argument("--paper", action="store_true",
                         help="the published protocol: --degradation matlab, --y_channel, crop border = scale")
-    parser.add_argument("--scale", type=int, nargs="+", choices=(2, 3, 4, 8), default=None,
-                        help=f"evaluate the shipped checkpoint of each scale ({', '.join(f'x{s}' for s in SHIPPED_SCALES)}"
-                             "), one table row per scale; None: x4, or the scale of --checkpoint")
+    parser.add_argument("--scale", type=int, nargs="+", action="extend", choices=sorted(UPSAMPLE_STAGES), default=None,
+                        help="evaluate the shipped checkpoint of each scale given, one table row each (shipped: "
+                             f"{', '.join(f'x{s}' for s in SHIPPED_SCALES)}); None: x4; beside --checkpoint, one "
+                             "scale, which the checkpoint's must be")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint to evaluate; None: checkpoints/resshuffle_x<scale>.safetensors")
     parser.add_argument("--markdown", action="store_true", help="print the table of means as a Markdown table")

@@ -7,7 +7,7 @@
 import torch
 
 from checkpoint import SHIPPED_SCALES, load_model, shipped_checkpoint
-from model import ResShuffle
+from model import UPSAMPLE_STAGES, ResShuffle
 
 dependencies = ["torch", "safetensors"]
 
@@ -15,7 +15,7 @@ dependencies = ["torch", "safetensors"]
 def resshuffle(scale: int = 4, pretrained: bool = True, **model_args) -> ResShuffle:
     """ResShuffle. pretrained: the shipped checkpoint's (EMA) weights for `scale`, in eval mode, on
     the CPU; otherwise a new network, `model_args` as model.ResShuffle takes them."""
-    if not pretrained:
+    if not pretrained or scale not in UPSAMPLE_STAGES:  # the network says what scales it has
         return ResShuffle(scale=scale, **model_args)
     shipped = ", ".join(f"x{s}" for s in SHIPPED_SCALES)
     if scale not in SHIPPED_SCALES:

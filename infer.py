@@ -1,6 +1,6 @@
 """Upscale an image, or every image in a folder, with a ResShuffle checkpoint.
 
-usage: python infer.py INPUT [-o OUTPUT] [--scale 4 | --checkpoint checkpoints/resshuffle_x4.safetensors] [--recursive]
+usage: python infer.py INPUT [-o OUTPUT] [--scale 4] [--checkpoint checkpoints/resshuffle_x4.safetensors] [--recursive]
            [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
 
 INPUT is an image file or a folder of them (--recursive: and of its subfolders). Each image
@@ -33,6 +33,7 @@ from checkpoint import SHIPPED_SCALES, load_chosen
 from files import (check_distinct, check_inputs_outside, check_outside, check_output_files, file_ids, folder_for,
                    output_stems)
 from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
+from model import UPSAMPLE_STAGES
 from precision import PRECISIONS, choose_precision
 from upscale import DEFAULT_TILE, upscale
 from utils import UserError, make_parser, non_negative_int, plural, run_cli, select_device, warn
@@ -162,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", "--save_dir", default=None,
                         help="output file (with an image extension) or folder (without); "
                              "None: beside the input file, or <INPUT>_x<scale>/ for a folder")
-    parser.add_argument("--scale", type=int, choices=(2, 3, 4, 8), default=None,
-                        help=f"use the shipped checkpoint of this scale ({', '.join(f'x{s}' for s in SHIPPED_SCALES)}"
-                             "); None: x4, or the scale of --checkpoint")
+    parser.add_argument("--scale", type=int, choices=sorted(UPSAMPLE_STAGES), default=None,
+                        help="use the shipped checkpoint of this scale (shipped: "
+                             f"{', '.join(f'x{s}' for s in SHIPPED_SCALES)}); None: x4; beside --checkpoint, the "
+                             "checkpoint's scale must be this one")
     parser.add_argument("--checkpoint", default=None,
                         help="the network and its weights; None: checkpoints/resshuffle_x<scale>.safetensors")
     parser.add_argument("--recursive", action="store_true", help="a folder INPUT: its subfolders too, mirrored")

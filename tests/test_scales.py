@@ -24,7 +24,14 @@ def test_each_shipped_checkpoint_is_a_network_of_its_scale_with_its_log(scale):
 
 def test_without_scale_or_checkpoint_the_x4_is_loaded():
     assert checkpoint_for(None, None) == shipped_checkpoint(4)
-    assert checkpoint_for("mine.pt", None).name == "mine.pt"
+
+
+def test_a_missing_shipped_file_says_how_to_restore_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "shipped_checkpoint", lambda scale: tmp_path / f"resshuffle_x{scale}.safetensors")
+    src = tmp_path / "a.png"
+    Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
+    code, out, err = run_main(infer, src, "--scale", 4)
+    assert_one_line_error(code, err, "no checkpoint at", "restore the shipped one", "git -C")
 
 
 @pytest.mark.parametrize("scale", SHIPPED_SCALES)
@@ -37,26 +44,32 @@ def test_infer_scale_picks_that_checkpoint_and_says_so(scale, tmp_path):
     assert Image.open(tmp_path / f"a_x{scale}.png").size == (14 * scale, 10 * scale)
 
 
-def test_a_scale_that_is_not_shipped_is_one_line_naming_the_shipped_ones(tmp_path):
+@pytest.mark.parametrize("scale", sorted({3, 8} - set(SHIPPED_SCALES)))
+def test_a_scale_that_is_not_shipped_is_one_line_naming_the_shipped_ones(scale, tmp_path):
     src = tmp_path / "a.png"
     Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
-    code, out, err = run_main(infer, src, "--scale", 8)
-    assert_one_line_error(code, err, "no x8 checkpoint is shipped", ", ".join(f"x{s}" for s in SHIPPED_SCALES),
-                          "--upscale_factor 8")
-    assert not (tmp_path / "a_x8.png").exists()
+    code, out, err = run_main(infer, src, "--scale", scale)
+    assert_one_line_error(code, err, f"no x{scale} checkpoint is shipped",
+                          "shipped: " + ", ".join(f"x{s}" for s in SHIPPED_SCALES), f"--upscale_factor {scale}")
+    assert not (tmp_path / f"a_x{scale}.png").exists()
 
 
 def test_a_named_checkpoint_decides_and_a_scale_beside_it_must_agree(tiny_checkpoint, tmp_path):
     src = tmp_path / "a.png"
     Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
     code, out, err = run_main(infer, src, "--scale", 2, "--checkpoint", tiny_checkpoint)
-    assert_one_line_error(code, err, str(tiny_checkpoint), "x4 checkpoint, not x2")
+    assert_one_line_error(code, err, str(tiny_checkpoint), "an x4 checkpoint, not x2")
     assert not list(tmp_path.glob("a_x*.png"))
+    data = make_images(tmp_path / "val")
+    code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 3, "--checkpoint", tiny_checkpoint,
+                              "-o", tmp_path / "sr")
+    assert_one_line_error(code, err, "an x4 checkpoint, not x3")
+    assert not (tmp_path / "sr").exists()
     code, out, err = run_main(infer, src, "--scale", 4, "--checkpoint", tiny_checkpoint)
     assert code == 0 and f"checkpoint {tiny_checkpoint} (x4, raw weights)" in out
 
 
-def test_evaluate_several_scales_gives_one_row_each_in_markdown(tmp_path, monkeypatch):
+def test_evaluate_several_scales_gives_one_row_each(tmp_path, monkeypatch):
     # Small networks stand in for the shipped ones: the table, not their figures, is tested here.
     for scale in (2, 4):
         args = dict(TINY, scale=scale, image_skip=True)
@@ -65,7 +78,8 @@ def test_evaluate_several_scales_gives_one_row_each_in_markdown(tmp_path, monkey
     monkeypatch.setattr(checkpoint, "SHIPPED_SCALES", (2, 4))
     monkeypatch.setattr(checkpoint, "shipped_checkpoint", lambda scale: tmp_path / f"x{scale}.pt")
     data = make_images(tmp_path / "val")
-    code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 2, 4, 2, "--markdown", "--csv", tmp_path / "t.csv")
+    code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 2, 4, "--scale", 2, "--markdown",
+                              "--csv", tmp_path / "t.csv")
     assert code == 0, err
     assert f"checkpoint {tmp_path / 'x2.pt'}: 2x" in out and f"checkpoint {tmp_path / 'x4.pt'}: 4x" in out
     table = [line for line in out.splitlines() if line.startswith("|")]
@@ -74,6 +88,18 @@ def test_evaluate_several_scales_gives_one_row_each_in_markdown(tmp_path, monkey
     assert [row.split(" | ")[1] for row in table[2:]] == ["x2", "x4"]
     with open(tmp_path / "t.csv", newline="") as f:
         assert [r["scale"] for r in csv.DictReader(f)] == ["2"] * 3 + ["4"] * 3
+    code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 4, 2)
+    assert code == 0, err
+    rows = out.splitlines()[-3:]
+    assert rows[0].split()[:3] == ["set", "scale", "images"]
+    assert [r.split()[:3] for r in rows[1:]] == [["val", "x4", "3"], ["val", "x2", "3"]]
+
+
+def test_the_same_scale_twice_is_one_scale(tmp_path):
+    data = make_images(tmp_path / "val")
+    code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 4, 4, "-o", tmp_path / "sr", "--max_images", 1)
+    assert code == 0, err
+    assert out.count("checkpoint ") == 1 and len(list((tmp_path / "sr").iterdir())) == 1
 
 
 def test_evaluate_several_scales_refuses_one_checkpoint_or_images(tiny_checkpoint, tmp_path):
