@@ -31,6 +31,11 @@ def shipped_checkpoint(scale: int) -> Path:
 
 SHIPPED_CHECKPOINT = shipped_checkpoint(4)  # infer.py's and evaluate.py's default
 
+
+def shipped_names() -> str:
+    """"x2, x4": the shipped scales, as help and errors name them."""
+    return ", ".join(f"x{s}" for s in SHIPPED_SCALES)
+
 # --export's formats, by the output's suffix.
 EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".onnx")
 
@@ -86,8 +91,7 @@ def checkpoint_for(checkpoint: str | None, scale: int | None) -> Path:
         return Path(checkpoint)
     scale = scale or 4
     if scale not in SHIPPED_SCALES:
-        shipped = ", ".join(f"x{s}" for s in SHIPPED_SCALES)
-        raise UserError(f"no x{scale} checkpoint is shipped (shipped: {shipped}): train one with `python train.py "
+        raise UserError(f"no x{scale} checkpoint is shipped (shipped: {shipped_names()}): train one with `python train.py "
                         f"--upscale_factor {scale}` and pass it with --checkpoint")
     return shipped_checkpoint(scale)
 

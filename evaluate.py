@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from checkpoint import SHIPPED_SCALES, load_chosen
+from checkpoint import load_chosen, shipped_names
 from dataset import check_measurable_images, eval_pairs
 from files import atomic_path, check_distinct, check_outside, check_output_file, check_output_files, file_ids, folder_for, output_stems
 from images import list_images, save_image
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the published protocol: --degradation matlab, --y_channel, crop border = scale")
     parser.add_argument("--scale", type=int, nargs="+", action="extend", choices=sorted(UPSAMPLE_STAGES), default=None,
                         help="evaluate the shipped checkpoint of each scale given, one table row each (shipped: "
-                             f"{', '.join(f'x{s}' for s in SHIPPED_SCALES)}); None: x4; beside --checkpoint, one "
+                             f"{shipped_names()}); None: x4; beside --checkpoint, one "
                              "scale, which the checkpoint's must be")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint to evaluate; None: checkpoints/resshuffle_x<scale>.safetensors")

@@ -6,7 +6,7 @@
 """
 import torch
 
-from checkpoint import SHIPPED_SCALES, load_model, shipped_checkpoint
+from checkpoint import SHIPPED_SCALES, load_model, shipped_checkpoint, shipped_names
 from model import UPSAMPLE_STAGES, ResShuffle
 
 dependencies = ["torch", "safetensors"]
@@ -17,9 +17,8 @@ def resshuffle(scale: int = 4, pretrained: bool = True, **model_args) -> ResShuf
     the CPU; otherwise a new network, `model_args` as model.ResShuffle takes them."""
     if not pretrained or scale not in UPSAMPLE_STAGES:  # the network says what scales it has
         return ResShuffle(scale=scale, **model_args)
-    shipped = ", ".join(f"x{s}" for s in SHIPPED_SCALES)
     if scale not in SHIPPED_SCALES:
-        raise ValueError(f"pretrained weights ship for {shipped}, not x{scale}; pass pretrained=False")
+        raise ValueError(f"pretrained weights ship for {shipped_names()}, not x{scale}; pass pretrained=False")
     model, info = load_model(shipped_checkpoint(scale), torch.device("cpu"))
     if any(info["model_args"].get(k) != v for k, v in model_args.items()):
         raise ValueError(f"the shipped x{scale} network is {info['model_args']}; "

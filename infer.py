@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import SHIPPED_SCALES, load_chosen
+from checkpoint import load_chosen, shipped_names
 from files import (check_distinct, check_inputs_outside, check_outside, check_output_files, file_ids, folder_for,
                    output_stems)
 from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "None: beside the input file, or <INPUT>_x<scale>/ for a folder")
     parser.add_argument("--scale", type=int, choices=sorted(UPSAMPLE_STAGES), default=None,
                         help="use the shipped checkpoint of this scale (shipped: "
-                             f"{', '.join(f'x{s}' for s in SHIPPED_SCALES)}); None: x4; beside --checkpoint, the "
+                             f"{shipped_names()}); None: x4; beside --checkpoint, the "
                              "checkpoint's scale must be this one")
     parser.add_argument("--checkpoint", default=None,
                         help="the network and its weights; None: checkpoints/resshuffle_x<scale>.safetensors")
