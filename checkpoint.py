@@ -22,7 +22,7 @@ from files import atomic_path, check_output_file, file_ids, make_dir
 from utils import REPO, UserError, first_line
 
 # The scales a checkpoint is shipped for, in checkpoints/ of the repository wherever the scripts run.
-SHIPPED_SCALES = (2, 4)
+SHIPPED_SCALES = (2, 3, 4)
 
 
 def shipped_checkpoint(scale: int) -> Path:
