@@ -33,7 +33,7 @@ SHIPPED_CHECKPOINT = shipped_checkpoint(4)  # infer.py's and evaluate.py's defau
 
 
 def shipped_names() -> str:
-    """"x2, x4": the shipped scales, as help and errors name them."""
+    """"x2, x3, x4": the shipped scales, as help and errors name them."""
     return ", ".join(f"x{s}" for s in SHIPPED_SCALES)
 
 # --export's formats, by the output's suffix.
