@@ -13,7 +13,7 @@ dependencies = ["torch", "safetensors"]
 
 
 def resshuffle(scale: int = 4, pretrained: bool = True, **model_args) -> ResShuffle:
-    """ResShuffle. pretrained: the shipped checkpoint's (EMA) weights for `scale`, in eval mode, on
+    """ResShuffle. pretrained: the shipped checkpoint's weights for `scale`, in eval mode, on
     the CPU; otherwise a new network, `model_args` as model.ResShuffle takes them."""
     if not pretrained or scale not in UPSAMPLE_STAGES:  # the network says what scales it has
         return ResShuffle(scale=scale, **model_args)
