@@ -135,14 +135,19 @@ def test_an_onnx_export_takes_any_size_and_matches_pytorch(tmp_path, scale):
         assert np.abs(out - expected).max() < 1e-4
 
 
+def onnx_properties(path):
+    """The metadata an export wrote into the .onnx file, decoded from JSON."""
+    import onnx
+    return {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+
+
 def test_the_shipped_network_exports_to_onnx_within_1e_4(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    import onnx
     from skimage.data import astronaut
     code, _, err = run_main(train, "--export", SHIPPED_CHECKPOINT, tmp_path / "x4.onnx")
     assert code == 0, err
-    props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "x4.onnx")).metadata_props}
+    props = onnx_properties(tmp_path / "x4.onnx")
     model, info = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
     assert props["weights"] == info["weights"] and props["model_args"]["num_residuals"] == 16
     photo = torch.from_numpy(astronaut()[100:311, 50:383].copy()).permute(2, 0, 1)[None].float().div(255)
@@ -154,9 +159,8 @@ def test_the_shipped_network_exports_to_onnx_within_1e_4(tmp_path):
 def test_an_onnx_export_of_an_ema_run_holds_the_ema_weights(ema_run, tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    import onnx
     assert run_main(train, "--export", ema_run, tmp_path / "e.onnx")[0] == 0
-    props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "e.onnx")).metadata_props}
+    props = onnx_properties(tmp_path / "e.onnx")
     assert props["weights"] == "ema"
     photo = torch.from_numpy(smooth_image(np.random.default_rng(1), 20, 28)).permute(2, 0, 1)[None].float().div(255)
     session, name = onnx_session(tmp_path / "e.onnx")
@@ -165,6 +169,7 @@ def test_an_onnx_export_of_an_ema_run_holds_the_ema_weights(ema_run, tmp_path):
         for raw_weights, close in ((False, True), (True, False)):
             model, _ = load_model(ema_run, torch.device("cpu"), raw_weights=raw_weights)
             assert (np.abs(out - model(photo).numpy()).max() < 1e-4) == close
+
 
 def test_onnx_export_without_the_package_is_one_line(tmp_path, monkeypatch):
     import sys
