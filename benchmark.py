@@ -1,6 +1,6 @@
 """Measure ResShuffle's training step, data loader, inference and evaluation against the plain way.
 
-usage: python benchmark.py [--device auto] [--precision auto] [--steps 3] [--skip_memory]
+usage: python benchmark.py [--device auto] [--precision auto] [--steps 3] [--skip_memory] [--arch resshuffle] [--loss l1]
        python benchmark.py --check --device cuda      # train, resume, tile in every precision
 
 Every figure comes from this run, on this machine, both sides measured in the same run. It
@@ -32,21 +32,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import EpochSampler, PatchLoader, TrainDataset, device_batch
 from images import list_images, load_rgb
-from model import ResShuffle
+from losses import WeightedLoss, loss_spec
+from model import NETWORKS, build_network
 from resize import downsample
 import metrics
 from checkpoint import load_checkpoint, save_checkpoint
 from precision import PRECISIONS, autocast, choose_precision, cpu_bf16_instructions, grad_scaler
 from training import train_step
 from onnx_export import export_onnx, onnx_session
-from upscale import tensor_to_image, upscale
+from upscale import tensor_to_image, tiling, upscale
 from utils import UserError, make_parser, positive_int, run_cli, select_device
 
 BATCH, LR_PATCH, SCALE = 16, 48, 4
@@ -71,52 +71,54 @@ def timed(fn, device, repeats: int, warmup: int = 1) -> float:
     return best
 
 
-def plain_network() -> ResShuffle:
-    """The default network computed as written, layer after layer: the 9x9 tail after the last PixelShuffle."""
-    model = ResShuffle()
-    model.fast_tail = False
+def plain_network(model_args: dict) -> torch.nn.Module:
+    """The network computed as written, layer after layer (ResShuffle: the 9x9 tail after the last PixelShuffle)."""
+    model = build_network(model_args)
+    if hasattr(model, "fast_tail"):
+        model.fast_tail = False
     return model
 
 
-def training_step_flops() -> int:
-    """FLOPs of one forward+backward of the default x4 network on one batch, as PyTorch counts them.
+def training_step_flops(model_args: dict, loss: WeightedLoss) -> int:
+    """FLOPs of one forward+backward of the x4 network and `loss` on one batch, as PyTorch counts them.
 
     Counted on the network as written: ResShuffle runs its tail as an equivalent conv with more
     FLOPs (ResShuffle.upsample_and_tail), which would otherwise count as useful work.
     """
-    model = plain_network()
+    model = plain_network(model_args)
     lr, hr = torch.rand(BATCH, 3, LR_PATCH, LR_PATCH), torch.rand(BATCH, 3, LR_PATCH * SCALE, LR_PATCH * SCALE)
     with FlopCounterMode(display=False) as counter:
-        F.l1_loss(model(lr), hr).backward()
+        loss.total(loss.terms(model(lr), hr)).backward()
     return counter.get_total_flops()
 
 
-def bench_training(device, steps: int, precision: str) -> dict:
-    """train.py's step in fp32 and in `precision`, the plain NCHW fp32 step, and the conv ceiling in each."""
-    flops = training_step_flops()
+def bench_training(device, steps: int, precision: str, model_args: dict, loss: WeightedLoss) -> dict:
+    """train.py's step (network `model_args`, `loss`) in fp32 and in `precision`, the plain NCHW fp32
+    step, and the conv ceiling in each."""
+    flops = training_step_flops(model_args, loss)
     lr8 = torch.randint(0, 256, (BATCH, LR_PATCH, LR_PATCH, 3), dtype=torch.uint8)
     hr8 = torch.randint(0, 256, (BATCH, LR_PATCH * SCALE, LR_PATCH * SCALE, 3), dtype=torch.uint8)
     flips = torch.rand(BATCH, 3) < 0.5
     out = {"train_flops_per_step": flops}
     for name in precisions(precision):
         torch.manual_seed(0)
-        model = ResShuffle().to(device, memory_format=torch.channels_last)
+        model = build_network(model_args).to(device, memory_format=torch.channels_last)
         optimizer, scaler = torch.optim.Adam(model.parameters(), lr=2e-4), grad_scaler(device, name)
-        seconds = timed(lambda: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler, name),
+        seconds = timed(lambda: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler, name, loss),
                         device, steps)
         ceiling = conv_ceiling(device, name, steps)
         out |= {f"train_patches_s_{name}": BATCH / seconds, f"train_gflops_{name}": flops / seconds / 1e9,
                 f"ceiling_gflops_{name}": ceiling / 1e9, f"train_fraction_of_ceiling_{name}": flops / seconds / ceiling}
 
     torch.manual_seed(0)
-    plain_model = plain_network().to(device)
+    plain_model = plain_network(model_args).to(device)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=2e-4)
     lr, hr = (t.permute(0, 3, 1, 2).float().div(255).contiguous().to(device) for t in (lr8, hr8))
 
     def plain_step():
-        loss = F.l1_loss(plain_model(lr), hr)
+        total = loss.total(loss.terms(plain_model(lr), hr))
         plain_opt.zero_grad()
-        loss.backward()
+        total.backward()
         plain_opt.step()
 
     plain = timed(plain_step, device, steps)
@@ -229,13 +231,13 @@ def run_infer(args: list[str]) -> tuple[float | None, float, bool]:
     return peak_kb * 1024 / 1e9, seconds, "tiling it by" in result.stderr
 
 
-def bench_inference(device, folder: Path, repeats: int, memory: bool, precision: str) -> dict:
+def bench_inference(device, folder: Path, repeats: int, memory: bool, precision: str, model_args: dict) -> dict:
     torch.manual_seed(0)
-    model = ResShuffle().to(device, memory_format=torch.channels_last).eval()
+    model = build_network(model_args).to(device, memory_format=torch.channels_last).eval()
     hr = load_rgb(list_images(folder)[0])[:1356, :2040]
     lr = downsample(hr, SCALE)  # 510x339, a DIV2K-size LR image
     out_mp = lr.shape[0] * lr.shape[1] * SCALE ** 2 / 1e6
-    out = {"infer_input": f"{lr.shape[1]}x{lr.shape[0]}", "receptive_radius": model.receptive_radius()}
+    out = {"infer_input": f"{lr.shape[1]}x{lr.shape[0]}", "receptive_radius": tiling(model, 256, None)[1]}
     for name in precisions(precision):
         whole = upscale(model, lr, tile=0, precision=name)
         seconds = timed(lambda: upscale(model, lr, tile=0, precision=name), device, repeats, warmup=0)
@@ -248,7 +250,7 @@ def bench_inference(device, folder: Path, repeats: int, memory: bool, precision:
         else:
             out |= {f"max_abs_diff_from_fp32_{name}": max_diff(whole, exact), f"psnr_vs_fp32_{name}": metrics.psnr(whole, exact)}
 
-    plain_model = plain_network().to(device).eval()
+    plain_model = plain_network(model_args).to(device).eval()
     plain_model.load_state_dict(model.state_dict())
 
     def plain():
@@ -265,7 +267,7 @@ def bench_inference(device, folder: Path, repeats: int, memory: bool, precision:
             big = np.asarray(Image.fromarray(hr).resize((2040, 1360), Image.BICUBIC))
             Image.fromarray(big).save(tmp / "big.png")
             ckpt = tmp / "model.pt"
-            save_checkpoint({"model": model.state_dict(), "model_args": dict(scale=SCALE)}, ckpt)
+            save_checkpoint({"model": model.state_dict(), "model_args": model_args}, ckpt)
             common = [str(tmp / "big.png"), "--checkpoint", str(ckpt), "--device", device.type, "--precision", "fp32"]
             big_mp = 8160 * 5440 / 1e6
             for name, extra in (("tile256", ["--tile", "256"]), ("untiled", ["--tile", "0"])):
@@ -275,7 +277,7 @@ def bench_inference(device, folder: Path, repeats: int, memory: bool, precision:
     return out
 
 
-def bench_onnxruntime(model: ResShuffle, lr: np.ndarray, out_mp: float, repeats: int, exact: np.ndarray) -> dict:
+def bench_onnxruntime(model: torch.nn.Module, lr: np.ndarray, out_mp: float, repeats: int, exact: np.ndarray) -> dict:
     """The same network exported to ONNX (train.py --export x.onnx), untiled under onnxruntime on the
     CPU, against infer.py's fp32 path above; {} without onnxscript and onnxruntime."""
     if not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")):
@@ -296,10 +298,10 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
-def bench_evaluate(folder: Path, device) -> dict:
+def bench_evaluate(folder: Path, device, model_args: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model.pt"
-        save_checkpoint({"model": ResShuffle().state_dict(), "model_args": dict(scale=SCALE)}, ckpt)
+        save_checkpoint({"model": build_network(model_args).state_dict(), "model_args": model_args}, ckpt)
         start = time.perf_counter()
         subprocess.run([sys.executable, "evaluate.py", "--data_dir", str(folder), "--checkpoint", str(ckpt),
                         "--device", device.type, "--max_images", "2"], check=True, capture_output=True,
@@ -313,20 +315,22 @@ def main(args):
         return check(device)
     precision = choose_precision(args.precision, device)[0]
     precision = "bf16" if precision == "fp32" and args.precision == "auto" else precision
+    model_args, loss = {"arch": args.arch, "scale": SCALE}, WeightedLoss(args.loss)
     figures = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "date": time.strftime("%Y-%m-%d"), "precision": precision,
+               "date": time.strftime("%Y-%m-%d"), "precision": precision, "arch": args.arch, "loss": loss.spec,
                "cpu_bf16": cpu_bf16_instructions() if device.type == "cpu" else None}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_2k_images(folder, 4)
         print("training step ...", flush=True)
-        figures |= bench_training(device, args.steps, precision)
+        figures |= bench_training(device, args.steps, precision, model_args, loss)
         print("data loader ...", flush=True)
         figures |= bench_data(folder)
         print("inference ...", flush=True)
-        figures |= bench_inference(device, folder, repeats=2, memory=not args.skip_memory, precision=precision)
+        figures |= bench_inference(device, folder, repeats=2, memory=not args.skip_memory, precision=precision,
+                                   model_args=model_args)
         print("evaluate.py ...", flush=True)
-        figures |= bench_evaluate(folder, device)
+        figures |= bench_evaluate(folder, device, model_args)
     report(figures)
 
 
@@ -335,8 +339,9 @@ def report(f: dict) -> None:
         print(f"{what:<46} {ours:>12} {plain:>12} {ratio:>8}")
 
     cpu = f" ({f['cpu_bf16'] or 'no bf16 instructions'})" if f["cpu_bf16"] is not None or f["device"] == "cpu" else ""
-    print(f"\nResShuffle benchmark, {f['date']}, device {f['device']}{cpu}, torch {f['torch']}, {f['threads']} threads")
-    row("", "ResShuffle", "plain", "ratio")
+    print(f"\n{f['arch']} benchmark (loss {f['loss']}), {f['date']}, device {f['device']}{cpu}, torch {f['torch']}, "
+          f"{f['threads']} threads")
+    row("", f["arch"], "plain", "ratio")
     for name in precisions(f["precision"]):
         row(f"train step {name}, patches/s (batch 16, 48px LR)", f"{f[f'train_patches_s_{name}']:.2f}",
             f"{f['plain_patches_s']:.2f}", f"{f[f'train_patches_s_{name}'] / f['plain_patches_s']:.2f}x")
@@ -381,7 +386,7 @@ def check(device) -> None:
         make_small_images(tmp / "images", 4)
         failed += [f"train.py {name}" for name in ("fp32", "bf16", "fp16") if not check_training(device, name, tmp)]
         torch.manual_seed(0)
-        model = ResShuffle().to(device, memory_format=torch.channels_last).eval()
+        model = build_network({"arch": "resshuffle", "scale": SCALE}).to(device, memory_format=torch.channels_last).eval()
         lr = load_rgb(list_images(tmp / "images")[0])[:150, :170]
         exact = upscale(model, lr, tile=0)
         for name in ("fp32", "bf16", "fp16"):
@@ -443,6 +448,8 @@ def build_parser():
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="the reduced precision measured beside fp32; auto: the one the device runs "
                              "natively (bf16 where it has none)")
+    parser.add_argument("--arch", choices=NETWORKS, default="resshuffle", help="the network measured (x4)")
+    parser.add_argument("--loss", type=loss_spec, default="l1", help="the training loss the step runs, as train.py --loss")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed repeats per measurement")
     parser.add_argument("--skip_memory", action="store_true", help="skip the 8160x5440 memory runs")
     parser.add_argument("--check", action="store_true",

@@ -16,31 +16,41 @@ import safetensors
 import safetensors.torch
 import torch
 
-from model import ResShuffle
+from model import DEFAULT_ARCH, build_network
 from onnx_export import export_onnx, require_onnx
 from files import atomic_path, check_output_file, file_ids, make_dir
+from runs import read_log
 from utils import REPO, UserError, first_line
 
-# The scales a checkpoint is shipped for, in checkpoints/ of the repository wherever the scripts run.
-SHIPPED_SCALES = (2, 3, 4)
+# The shipped checkpoints, by network and scale, in checkpoints/ of the repository wherever the scripts run.
+SHIPPED = {"resshuffle": (2, 3, 4), "edsr_baseline": (4,), "espcn": (4,)}
+SHIPPED_SCALES = SHIPPED[DEFAULT_ARCH]
 
 
-def shipped_checkpoint(scale: int) -> Path:
-    return REPO / "checkpoints" / f"resshuffle_x{scale}.safetensors"
+def shipped_checkpoint(scale: int, arch: str = DEFAULT_ARCH) -> Path:
+    return REPO / "checkpoints" / f"{arch}_x{scale}.safetensors"
 
 
 SHIPPED_CHECKPOINT = shipped_checkpoint(4)  # infer.py's and evaluate.py's default
 
 
-def shipped_names() -> str:
-    """"x2, x3, x4": the shipped scales, as help and errors name them."""
-    return ", ".join(f"x{s}" for s in SHIPPED_SCALES)
+def shipped_names(arch: str | None = DEFAULT_ARCH) -> str:
+    """"x2, x3, x4": the shipped scales of a network, as help and errors name them; with arch None,
+    every shipped checkpoint ("resshuffle x2, x3, x4; espcn x4; ...")."""
+    if arch is None:
+        return "; ".join(f"{a} {shipped_names(a)}" for a in SHIPPED)
+    return ", ".join(f"x{s}" for s in SHIPPED.get(arch, ())) or "none"
+
+
+def shipped_paths() -> list[Path]:
+    return [shipped_checkpoint(s, a) for a, scales in SHIPPED.items() for s in scales]
+
 
 # --export's formats, by the output's suffix.
 EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".onnx")
 
 # What a weights-only checkpoint (--export, the shipped one) keeps of a run's checkpoint.
-WEIGHT_KEYS = ("model", "ema", "model_args", "degradation")
+WEIGHT_KEYS = ("model", "ema", "model_args", "degradation", "training")
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
@@ -56,7 +66,7 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint dict with weights_only=True: a file that would run code is refused."""
     path = Path(path)
-    if not path.is_file() and path in map(shipped_checkpoint, SHIPPED_SCALES):
+    if not path.is_file() and path in shipped_paths():
         raise UserError(f"no checkpoint at {path}: restore the shipped one with `git -C {REPO} checkout -- "
                         f"checkpoints/{path.name}`, or pass one of yours with --checkpoint")
     if path.is_dir() and (path / "last.pt").is_file():
@@ -84,27 +94,30 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return checkpoint
 
 
-def checkpoint_for(checkpoint: str | None, scale: int | None) -> Path:
+def checkpoint_for(checkpoint: str | None, scale: int | None, arch: str | None = None) -> Path:
     """The file infer.py and evaluate.py load: --checkpoint where given, else the shipped one for
-    --scale (x4 without it)."""
+    --arch (resshuffle without it) and --scale (x4 without it)."""
     if checkpoint is not None:
         return Path(checkpoint)
-    scale = scale or 4
-    if scale not in SHIPPED_SCALES:
-        raise UserError(f"no x{scale} checkpoint is shipped (shipped: {shipped_names()}): train one with `python train.py "
-                        f"--upscale_factor {scale}` and pass it with --checkpoint")
-    return shipped_checkpoint(scale)
+    arch, scale = arch or DEFAULT_ARCH, scale or 4
+    if scale not in SHIPPED.get(arch, ()):
+        raise UserError(f"no {arch} x{scale} checkpoint is shipped (shipped: {shipped_names(None)}): train one with "
+                        f"`python train.py --arch {arch} --upscale_factor {scale}` and pass it with --checkpoint")
+    return shipped_checkpoint(scale, arch)
 
 
-def load_chosen(checkpoint: str | None, scale: int | None, device: torch.device,
-                raw_weights: bool = False) -> tuple[ResShuffle, dict, Path]:
+def load_chosen(checkpoint: str | None, scale: int | None, device: torch.device, raw_weights: bool = False,
+                arch: str | None = None) -> tuple[torch.nn.Module, dict, Path]:
     """infer.py's and evaluate.py's `load_model`: the file `checkpoint_for` picks, and that file.
-    A named checkpoint decides the network; a --scale given beside it must agree."""
-    path = checkpoint_for(checkpoint, scale)
+    A named checkpoint decides the network; a --scale or --arch given beside it must agree."""
+    path = checkpoint_for(checkpoint, scale, arch)
     model, info = load_model(path, device, raw_weights=raw_weights)
     if scale is not None and model.scale != scale:
         raise UserError(f"{path} is an x{model.scale} checkpoint, not x{scale}: leave out --scale, "
                         f"or name an x{scale} checkpoint")
+    if arch is not None and info["arch"] != arch:
+        raise UserError(f"{path} holds a {info['arch']} network, not {arch}: leave out --arch, "
+                        f"or name a {arch} checkpoint")
     return model, info, path
 
 
@@ -119,7 +132,7 @@ def save_safetensors(checkpoint: dict, path: Path) -> None:
     degradation as JSON metadata, written atomically."""
     tensors = {f"{kind}.{k}": v.contiguous() for kind in ("model", "ema") for k, v in (checkpoint.get(kind) or {}).items()}
     metadata = {"format": "resshuffle", "model_args": json.dumps(checkpoint["model_args"]),
-                "degradation": json.dumps(checkpoint.get("degradation"))}
+                "degradation": json.dumps(checkpoint.get("degradation")), "training": json.dumps(checkpoint.get("training"))}
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
 
@@ -131,12 +144,14 @@ def load_safetensors(path: Path) -> dict:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         model_args, degradation = json.loads(metadata["model_args"]), json.loads(metadata.get("degradation", "null"))
+        training = json.loads(metadata.get("training", "null"))
     except (KeyError, ValueError, TypeError, OSError, safetensors.SafetensorError) as e:
         raise UserError(f"{path}: not a ResShuffle safetensors file ({first_line(e) if str(e) else 'no model_args'})") from None
     state = {kind: {k[len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(kind + ".")} for kind in ("model", "ema")}
     if not state["model"] or not isinstance(model_args, dict):
         raise UserError(f"{path}: not a ResShuffle safetensors file (no model weights or model_args)")
-    return {"model": state["model"], "ema": state["ema"] or None, "model_args": model_args, "degradation": degradation}
+    return {"model": state["model"], "ema": state["ema"] or None, "model_args": model_args, "degradation": degradation,
+            "training": training}
 
 
 def weights_only_reason(e: pickle.UnpicklingError) -> str:
@@ -150,7 +165,7 @@ def weights_only_reason(e: pickle.UnpicklingError) -> str:
             + (f" ({detail})" if detail else ""))
 
 
-def load_model(path: str | Path, device: torch.device, raw_weights: bool = False) -> tuple[ResShuffle, dict]:
+def load_model(path: str | Path, device: torch.device, raw_weights: bool = False) -> tuple[torch.nn.Module, dict]:
     """The network a checkpoint describes, with its weights, in eval mode and channels_last.
 
     A checkpoint trained with --ema holds two sets: the EMA weights are used unless
@@ -161,33 +176,36 @@ def load_model(path: str | Path, device: torch.device, raw_weights: bool = False
 
 
 def model_from(checkpoint: dict, path: str | Path, device: torch.device,
-               raw_weights: bool = False) -> tuple[ResShuffle, dict]:
+               raw_weights: bool = False) -> tuple[torch.nn.Module, dict]:
     """`load_model` for a checkpoint dict already loaded from `path`."""
     kind = "ema" if checkpoint.get("ema") is not None and not raw_weights else "raw"
-    state = checkpoint["ema"] if kind == "ema" else checkpoint["model"]
+    state, model_args = checkpoint["ema"] if kind == "ema" else checkpoint["model"], checkpoint["model_args"]
     try:
-        model = ResShuffle(**checkpoint["model_args"])
-        model.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise UserError(f"{path}: its weights are {describe_weights(state)}, which does not match "
-                        f"its model_args {checkpoint['model_args']} ({first_line(e)})") from None
-    info = {"weights": kind, "degradation": checkpoint.get("degradation"), "model_args": checkpoint["model_args"]}
+        model = build_network(model_args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its model_args {model_args} do not describe a network ({first_line(e)})") from None
+    mismatch = weights_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise UserError(f"{path}: its weights do not match its model_args {model_args}: {mismatch}")
+    model.load_state_dict(state)
+    info = {"weights": kind, "degradation": checkpoint.get("degradation"), "model_args": model_args,
+            "arch": model_args.get("arch", DEFAULT_ARCH), "training": checkpoint.get("training")}
     return model.to(device, memory_format=torch.channels_last).eval(), info
 
 
-def describe_weights(state_dict) -> str:
-    """What network a state_dict's tensor shapes describe, e.g. 'a x4 network with 64 features and
-    16 residual blocks'; or what it is instead, for weights of some other network."""
-    try:
-        features = state_dict["head.0.weight"].shape[0]
-        blocks = len({k.split(".")[1] for k in state_dict if k.startswith("body.") and k.count(".") >= 2})
-        stages = [v.shape[0] // features for k, v in sorted(state_dict.items())
-                  if k.startswith("upsample.") and k.endswith(".weight")]
-        scale = math.prod(math.isqrt(r) for r in stages)
-        return f"a x{scale} network with {features} features and {blocks} residual blocks"
-    except (KeyError, AttributeError, IndexError, TypeError, ZeroDivisionError, ValueError):
-        keys = list(state_dict)[:3] if isinstance(state_dict, dict) else []
-        return f"not a ResShuffle network's (first entries: {', '.join(map(str, keys)) or 'none'})"
+def weights_mismatch(expected: dict, state) -> str | None:
+    """The first difference between a network's state_dict and a checkpoint's weights, in words;
+    None where every name and shape agrees."""
+    if not isinstance(state, dict):
+        return f"they are a {type(state).__name__}, not a dict of tensors"
+    for name, tensor in expected.items():
+        if name not in state:
+            return f"{name} (shape {tuple(tensor.shape)}) is missing"
+        if not isinstance(state[name], torch.Tensor) or state[name].shape != tensor.shape:
+            found = tuple(state[name].shape) if isinstance(state[name], torch.Tensor) else type(state[name]).__name__
+            return f"{name} is {found}, the network's is {tuple(tensor.shape)}"
+    extra = [name for name in state if name not in expected]
+    return f"{extra[0]} is not in the network" if extra else None
 
 
 def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) -> None:
@@ -210,6 +228,8 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
         require_onnx()  # before any folder is made
     make_dir(Path(dst).parent)
     keep = {k: checkpoint[k] for k in WEIGHT_KEYS if checkpoint.get(k) is not None}
+    if "optimizer" in checkpoint:  # a run's checkpoint: how long it trained, from its log
+        keep["training"] = training_summary(checkpoint, Path(src).parent / "log.csv")
     what, suffix = ", ".join(keep), Path(dst).suffix.lower()
     if suffix == ".safetensors":
         save_safetensors(keep, Path(dst))
@@ -221,6 +241,15 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
     else:
         save_checkpoint(keep, dst)
     print(f"{src} ({describe_progress(checkpoint)}) -> {dst}: {what}; model_args {checkpoint['model_args']}")
+
+
+def training_summary(checkpoint: dict, log: Path) -> dict:
+    """What an export keeps of the run that made it: its epochs, steps, precision, and seconds
+    (the log's epoch times up to the checkpoint's epoch, validation included; None without the log)."""
+    epoch = checkpoint.get("epoch", 0)
+    seconds = sum(float(r["seconds"]) for r in read_log(log) if int(r["epoch"]) <= epoch) if log.is_file() else None
+    return {"epochs": epoch, "steps": epoch * checkpoint.get("steps_per_epoch", 0) * checkpoint.get("world_size", 1),
+            "seconds": None if seconds is None else round(seconds, 1), "precision": checkpoint.get("precision")}
 
 
 def is_run_checkpoint(path: str | Path) -> bool:

@@ -1,5 +1,5 @@
-"""A training run to look at: curves.png (validation PSNR against bicubic's, training loss, learning
-rate) and, with --tensorboard, the same as TensorBoard scalars with validation crops as images.
+"""A training run to look at: curves.png (each validation metric against bicubic's, training loss,
+learning rate) and, with --tensorboard, the same as TensorBoard scalars with validation crops as images.
 
 train.py redraws `<run>/curves.png` from log.csv at every validation; plot.py draws any log.csv.
 TensorBoard is optional: without the package, --tensorboard is a one-line error.
@@ -14,30 +14,42 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 
 from files import atomic_path  # noqa: E402
+from metrics import METRICS  # noqa: E402
 from resize import resize_bicubic  # noqa: E402
 from utils import UserError  # noqa: E402
 
-TENSORBOARD_SCALARS = ("loss", "lr", "val_psnr", "val_ssim", "bicubic_psnr")
 CROP = 96  # HR side of the validation crops shown in TensorBoard
+NOT_SCALARS = ("epoch", "seconds", "precision")  # log.csv columns TensorBoard does not plot
 
 
-def write_curves(rows: list[dict], path: Path, bicubic_psnr: float | None = None, title: str = "") -> None:
-    """Draw log.csv `rows` (runs.read_log) into the PNG `path`, atomically."""
+def write_curves(rows: list[dict], path: Path, title: str = "", bicubic_psnr: float | None = None) -> None:
+    """Draw log.csv `rows` (runs.read_log) into the PNG `path`, atomically: one panel per metric
+    (validation against bicubic's, from the log's bicubic_<metric> column; `bicubic_psnr`
+    overrides PSNR's), the training loss (and each term of a sum), the learning rate."""
     def series(key):
         points = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key)]
         return [p[0] for p in points], [p[1] for p in points]
 
-    fig, (psnr_ax, loss_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
-    psnr_ax.plot(*series("val_psnr"), marker=".", label="ResShuffle")
-    if bicubic_psnr is not None and math.isfinite(bicubic_psnr):
-        psnr_ax.axhline(bicubic_psnr, color="gray", linestyle="--", label=f"bicubic {bicubic_psnr:.2f} dB")
-    psnr_ax.set(title="validation PSNR (dB)", xlabel="epoch")
-    psnr_ax.legend(loc="lower right")
-    loss_ax.plot(*series("loss"), color="tab:red")
-    loss_ax.set(title="training loss (L1)", xlabel="epoch")
+    fig, axes = plt.subplots(1, len(METRICS) + 2, figsize=(4.4 * (len(METRICS) + 2), 3.6), constrained_layout=True)
+    for ax, (name, metric) in zip(axes, METRICS.items()):
+        ax.plot(*series(f"val_{name}"), marker=".", label="network")
+        bicubic = bicubic_psnr if name == "psnr" and bicubic_psnr is not None else next(
+            (float(r[f"bicubic_{name}"]) for r in reversed(rows) if r.get(f"bicubic_{name}")), None)
+        if bicubic is not None and math.isfinite(bicubic):
+            ax.axhline(bicubic, color="gray", linestyle="--", label=f"bicubic {bicubic:.4g}")
+        ax.set(title=f"validation {metric.label}{f' ({metric.unit})' if metric.unit else ''}", xlabel="epoch")
+        ax.legend(loc="lower right")
+    loss_ax, lr_ax = axes[-2:]
+    loss_ax.plot(*series("loss"), color="tab:red", label="loss")
+    terms = [k for k in rows[0] if k.startswith("loss_")] if rows else []
+    for key in terms if len(terms) > 1 else []:
+        loss_ax.plot(*series(key), label=key[len("loss_"):], linewidth=1)
+    loss_ax.set(title="training loss", xlabel="epoch")
+    if len(terms) > 1:
+        loss_ax.legend(loc="upper right")
     lr_ax.plot(*series("lr"), color="tab:green")
     lr_ax.set(title="learning rate", xlabel="epoch", yscale="log")
-    for ax in (psnr_ax, loss_ax, lr_ax):
+    for ax in axes:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -65,9 +77,9 @@ def open_tensorboard(folder: Path):
 
 def log_to_tensorboard(writer, epoch: int, row: dict, panels: list) -> None:
     """One log.csv row as scalars, and (name, HWC uint8) validation panels as images."""
-    for key in TENSORBOARD_SCALARS:
-        if row.get(key):
-            writer.add_scalar(key, float(row[key]), epoch)
+    for key, value in row.items():
+        if key not in NOT_SCALARS and value:
+            writer.add_scalar(key, float(value), epoch)
     for name, panel in panels:
         writer.add_image(f"val/{name}", panel, epoch, dataformats="HWC")
     writer.flush()

@@ -1,6 +1,7 @@
 """Measure a checkpoint on folders of HR images, against bicubic upsampling.
 
-usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--scale 4 [more scales]] [--checkpoint FILE]
+usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--scale 4 [more scales]]
+           [--arch resshuffle [more networks]] [--checkpoint FILE] [--precision fp32 [bf16]]
        python evaluate.py --benchmark benchmarks/ --paper       # Set5, Set14, B100, Urban100, DIV2K_valid_HR
            [--y_channel] [--crop_border N] [--degradation pil|matlab] [--self_ensemble] [--raw_weights]
            [--csv results.csv] [-o sr/] [--compare_dir panels/] [--overwrite] [--per_image] [--tile 256] [--markdown]
@@ -19,6 +20,7 @@ the crop), output folders (made when written), existing outputs (kept unless --o
 """
 import argparse
 import csv
+import itertools
 import time
 from pathlib import Path
 
@@ -30,11 +32,11 @@ from checkpoint import load_chosen, shipped_names
 from dataset import check_measurable_images, eval_pairs
 from files import atomic_path, check_distinct, check_outside, check_output_file, check_output_files, file_ids, folder_for, output_stems
 from images import list_images, save_image
-from metrics import mean, measure
-from model import UPSAMPLE_STAGES
-from resize import DEGRADATIONS, resize_bicubic
+from metrics import METRICS, mean, means, measure, metric_labels
+from model import NETWORKS, UPSAMPLE_STAGES
+from resize import DEGRADATIONS, degradation_label, resize_bicubic
 from precision import PRECISIONS, choose_precision
-from upscale import DEFAULT_TILE, upscale
+from upscale import DEFAULT_TILE, describe_tiling, upscale
 from utils import REPO, UserError, make_parser, non_negative_int, plural, positive_int, run_cli, select_device, warn
 
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
@@ -42,8 +44,7 @@ BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
 
 def protocol(scale: int, crop_border: int, y_channel: bool, degradation: str = "pil",
              self_ensemble: bool = False) -> str:
-    lr = "MATLAB imresize" if degradation == "matlab" else "PIL"
-    return (f"x{scale}, LR = {lr} bicubic of the modcropped HR, {'Y (BT.601)' if y_channel else 'RGB'}, "
+    return (f"x{scale}, LR = {degradation_label(degradation)} of the modcropped HR, {'Y (BT.601)' if y_channel else 'RGB'}, "
             f"crop border {crop_border}, uint8 output, SSIM 11x11 Gaussian sigma 1.5, mean over images"
             f"{', self-ensemble x8' if self_ensemble else ''}")
 
@@ -53,25 +54,28 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
              count: int | None = None, precision: str = "fp32") -> list[dict]:
     """Super-resolve every (name, hr, lr) pair, measure it and bicubic upsampling; the per-image rows.
 
-    Each row: name, width, height, the model's metrics (metrics.measure) and the same for
-    bicubic with the prefix bicubic_. `outputs`: name -> (SR image path, comparison panel
+    Each row: name, width, height, sr_seconds (the network's time), the model's metrics
+    (metrics.measure) and the same for bicubic with the prefix bicubic_. `outputs`: name -> (SR image path, comparison panel
     path), either None where not wanted (`output_plan`).
     """
     rows = []
     # A context manager: an error (an unreadable image) clears the bar before it is printed.
     with tqdm(pairs, desc="evaluating", unit="img", leave=False, total=count) as bar:
         for name, hr, lr in bar:
+            start = time.perf_counter()
             sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
+            seconds = time.perf_counter() - start
             bicubic = resize_bicubic(lr, hr.shape[1], hr.shape[0])
-            row = ({"name": name, "width": hr.shape[1], "height": hr.shape[0]} | measure(sr, hr, crop_border, channels)
-                   | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
+            row = ({"name": name, "width": hr.shape[1], "height": hr.shape[0], "sr_seconds": round(seconds, 4)}
+                   | measure(sr, hr, crop_border, channels) | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
             sr_path, compare_path = (outputs or {}).get(name, (None, None))
             if sr_path is not None:
                 with folder_for(sr_path):
                     save_image(sr, sr_path)
             if compare_path is not None:
                 with folder_for(compare_path):
-                    save_image(comparison(hr, lr, sr, bicubic, model.scale, compare_size), compare_path)
+                    save_image(comparison(hr, lr, sr, bicubic, model.scale, compare_size, type(model).__name__),
+                               compare_path)
             rows.append(row)
     return rows
 
@@ -92,16 +96,16 @@ def detail_crop(hr: np.ndarray, size: int, scale: int) -> tuple[int, int]:
 
 
 def comparison(hr: np.ndarray, lr: np.ndarray, sr: np.ndarray, bicubic: np.ndarray, scale: int,
-               size: int) -> Image.Image:
+               size: int, label: str = "ResShuffle") -> Image.Image:
     """One panel, as the original README's table: original | low-resolution input | bicubic |
-    ResShuffle, on the same detailed crop; the LR crop is shown with nearest-neighbour pixels."""
+    the network (`label`), on the same detailed crop; the LR crop is shown with nearest-neighbour pixels."""
     size = min(size, hr.shape[0], hr.shape[1]) // scale * scale
     y, x = detail_crop(hr, size, scale)
     crop = (slice(y, y + size), slice(x, x + size))
     lr_crop = lr[y // scale:(y + size) // scale, x // scale:(x + size) // scale]
     tiles = [hr[crop], np.asarray(Image.fromarray(lr_crop).resize((size, size), Image.NEAREST)),
              bicubic[crop], sr[crop]]
-    labels = ["original", f"input (1/{scale})", "bicubic", "ResShuffle"]
+    labels = ["original", f"input (1/{scale})", "bicubic", label]
     gap, text = 4, 16
     panel = Image.new("RGB", (4 * size + 3 * gap, size + text), "white")
     draw = ImageDraw.Draw(panel)
@@ -170,17 +174,22 @@ def check_work(args, sets: list, plan: dict, scale: int, crop_border: int, check
     check_distinct(pairs + ([("the --csv table", Path(args.csv))] if args.csv else []))
 
 
-def print_images(rows: list[dict], y: str, seconds: float) -> None:
+def print_images(rows: list[dict], y: str, seconds: float, label: str) -> None:
     """The per-image table of one set, its means and the gain over bicubic; `y` is "_y" for luma."""
-    print(f"{'image':<28} {'size':>11}  {'bicubic PSNR/SSIM':>18}  {'ResShuffle PSNR/SSIM':>20}")
+    heads = metric_labels()
+    print(f"{'image':<28} {'size':>11}  {'bicubic ' + heads:>22}  {label + ' ' + heads:>22}")
     for r in rows:
-        print(f"{r['name']:<28} {r['width']:>5}x{r['height']:<5}  {r['bicubic_psnr' + y]:9.4f} "
-              f"{r['bicubic_ssim' + y]:.4f}  {r['psnr' + y]:11.4f} {r['ssim' + y]:.4f}")
-    print(f"{'mean of ' + plural(len(rows), 'image'):<40}  {mean(rows, 'bicubic_psnr' + y):9.4f} "
-          f"{mean(rows, 'bicubic_ssim' + y):.4f}  {mean(rows, 'psnr' + y):11.4f} {mean(rows, 'ssim' + y):.4f}")
-    print(f"gain over bicubic{' (Y)' if y else ''}: "
-          f"{mean(rows, 'psnr' + y) - mean(rows, 'bicubic_psnr' + y):+.4f} dB PSNR, "
-          f"{mean(rows, 'ssim' + y) - mean(rows, 'bicubic_ssim' + y):+.4f} SSIM  ({seconds:.2f} s per image)")
+        print(f"{r['name']:<28} {r['width']:>5}x{r['height']:<5}  {cells(r, 'bicubic_', y):>22}  {cells(r, '', y):>22}")
+    print(f"{'mean of ' + plural(len(rows), 'image'):<40}  {cells(means(rows, 'bicubic_', y)):>22}  "
+          f"{cells(means(rows, '', y)):>22}")
+    gains = ", ".join(f"{mean(rows, name + y) - mean(rows, 'bicubic_' + name + y):+.4f}{' ' + m.unit if m.unit else ''}"
+                      f" {m.label}" for name, m in METRICS.items())
+    print(f"gain over bicubic{' (Y)' if y else ''}: {gains}  ({seconds:.2f} s per image)")
+
+
+def cells(row: dict, prefix: str = "", suffix: str = "") -> str:
+    """'29.8578/0.8365': every metric of a row (or of `means`), from the keys prefix + name + suffix."""
+    return "/".join(f"{row[prefix + name + suffix]:.4f}" for name in METRICS)
 
 
 def main(args):
@@ -188,26 +197,25 @@ def main(args):
         if args.crop_border is not None or args.degradation != "pil":
             warn("--paper sets --degradation matlab and crop border = scale; the given ones are not used")
         args.degradation, args.y_channel = "matlab", True
-    scales = list(dict.fromkeys(args.scale or [None]))  # --scale 4 4 is one scale
-    if len(scales) > 1 and (args.checkpoint or args.save_dir or args.compare_dir):
-        raise UserError("several --scale values take the shipped checkpoints and write no images: "
-                        "--checkpoint, -o and --compare_dir go with one scale")
+    picks = [(a, s) for a in dict.fromkeys(args.arch or [None]) for s in dict.fromkeys(args.scale or [None])]
+    if len(picks) > 1 and (args.checkpoint or args.save_dir or args.compare_dir):
+        raise UserError("several --scale or --arch values take the shipped checkpoints and write no images: "
+                        "--checkpoint, -o and --compare_dir go with one of each")
     sets = find_sets(args)
     device = select_device(args.device)
-    models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights) for s in scales]
+    models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights, arch=a) for a, s in picks]
     plan = output_plan(args, sets)
     for model, _, path in models:
         check_work(args, sets, plan, model.scale, crop_border_for(args, model.scale), path)
-    precision, why = choose_precision(args.precision, device)
+    precisions = [choose_precision(p, device) for p in dict.fromkeys(args.precision)]
     table, all_rows = [], []
-    for model, info, path in models:
-        print(f"checkpoint {path}: {model.scale}x, {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'}"
-              f" LR; precision {precision}{f' ({why})' if args.precision == 'auto' else ''}")
-        rows, means = evaluate_sets(args, model, info, sets, plan, precision)
+    for (model, info, path), (precision, why) in itertools.product(models, precisions):
+        print(f"checkpoint {path}: {describe_checkpoint(model, info)}; precision {precision}"
+              f"{f' ({why})' if 'auto' in args.precision else ''}; {describe_tiling(model, args.tile, args.tile_pad)}")
+        rows, set_means = evaluate_sets(args, model, info, sets, plan, precision)
         all_rows += rows
-        table += means
-    print_table(table, markdown=args.markdown, scales=len(models) > 1)
+        table += set_means
+    print_table(table, markdown=args.markdown)
     if args.csv:
         with folder_for(Path(args.csv)), atomic_path(Path(args.csv)) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
@@ -216,48 +224,70 @@ def main(args):
         print(f"per-image table written to {args.csv}")
 
 
+def describe_checkpoint(model, info: dict) -> str:
+    """'espcn x4, 37,200 parameters, raw weights, trained on pil LR (6,300 steps, 0.08 h in bf16)'."""
+    t = info.get("training") or {}
+    trained = (f" ({t['steps']:,} steps" + (f", {t['seconds'] / 3600:.2f} h" if t.get("seconds") is not None else "")
+               + (f" in {t['precision']}" if t.get("precision") else "") + ")") if t.get("steps") else ""
+    return (f"{info['arch']} x{model.scale}, {parameters(model):,} parameters, "
+            f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} "
+            f"LR{trained}")
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def crop_border_for(args, scale: int) -> int:
     return scale if args.crop_border is None or args.paper else args.crop_border
 
 
 def evaluate_sets(args, model, info: dict, sets: list, plan: dict, precision: str) -> tuple[list, list]:
-    """One checkpoint on every set: its per-image rows and, per set, (set, scale, images, means)."""
+    """One checkpoint on every set: its per-image rows and, per set, a row of the table of means."""
     scale, crop_border = model.scale, crop_border_for(args, model.scale)
     if info["degradation"] and info["degradation"] != args.degradation:
         warn(f"the checkpoint was trained on {info['degradation']} LR images and is evaluated on {args.degradation}")
     print(f"protocol{' (--paper)' if args.paper else ''}: "
           f"{protocol(scale, crop_border, args.y_channel, args.degradation, args.self_ensemble)}")
     y = "_y" if args.y_channel else ""
-    all_rows, means = [], []
+    all_rows, table = [], []
     for name, folder, paths in sets:
         start = time.time()
         rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
                         tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
                         outputs=plan[name], compare_size=args.compare_size, count=len(paths), precision=precision)
         seconds = (time.time() - start) / len(rows)
-        all_rows += [{"set": name, "scale": scale, "precision": precision} | r for r in rows]
+        all_rows += [{"set": name, "arch": info["arch"], "scale": scale, "precision": precision} | r for r in rows]
         if len(sets) == 1 or args.per_image:
-            print_images(rows, y, seconds)
-        means.append((name, scale, len(rows), [mean(rows, k) for k in (
-            "bicubic_psnr", "bicubic_ssim", "psnr", "ssim", "bicubic_psnr_y", "bicubic_ssim_y", "psnr_y", "ssim_y")]))
-    return all_rows, means
+            print_images(rows, y, seconds, label=info["arch"])
+        megapixels = sum(r["width"] * r["height"] for r in rows) / 1e6
+        seconds = (info.get("training") or {}).get("seconds")
+        table.append({"set": name, "network": info["arch"], "scale": f"x{scale}", "precision": precision,
+                      "images": len(rows), "bicubic RGB": cells(means(rows, "bicubic_")), "RGB": cells(means(rows)),
+                      "bicubic Y": cells(means(rows, "bicubic_", "_y")), "Y": cells(means(rows, "", "_y")),
+                      "parameters": f"{parameters(model):,}", "train h": f"{seconds / 3600:.2f}" if seconds is not None else "-",
+                      "MP/s": f"{megapixels / sum(r['sr_seconds'] for r in rows):.3f}"})
+    return all_rows, table
 
 
-def print_table(table: list, markdown: bool, scales: bool) -> None:
-    """The means of every set (and scale): PSNR/SSIM of bicubic and ResShuffle, RGB and Y."""
+def print_table(table: list[dict], markdown: bool) -> None:
+    """The means of every set (and network, scale, precision, where they vary): bicubic and the
+    network, RGB and Y, each cell every metric (metrics.METRICS); the network's size, training
+    hours, and output megapixels a second."""
     print()
+    varying = [k for k in ("network", "scale", "precision") if len({row[k] for row in table}) > 1]
+    keys = [k for k in table[0] if k in varying or k not in ("network", "scale", "precision")]
+    heads = {k: f"{k} {metric_labels()}" if k.endswith(("RGB", "Y")) else k for k in keys}
+    heads |= {k: f"network {heads[k]}" for k in ("RGB", "Y")}
     if markdown:
-        heads = ["set"] + ["scale"] * scales + ["images", "bicubic RGB", "ResShuffle RGB", "bicubic Y", "ResShuffle Y"]
-        print("| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
-        for name, scale, n, v in table:
-            print(f"| {name} | " + f"x{scale} | " * scales + f"{n} | "
-                  + " | ".join(f"{v[i]:.4f} / {v[i + 1]:.4f}" for i in range(0, 8, 2)) + " |")
+        print("| " + " | ".join(heads.values()) + " |\n|" + "---|" * len(keys))
+        for row in table:
+            print("| " + " | ".join(str(row[k]) for k in keys) + " |")
         return
-    print(f"{'set':<16} " + f"{'scale':>5} " * scales + f"{'images':>6}  {'bicubic RGB':>16}  {'ResShuffle RGB':>16}  "
-          f"{'bicubic Y':>16}  {'ResShuffle Y':>16}")
-    for name, scale, n, v in table:
-        print(f"{name:<16} " + f"{'x' + str(scale):>5} " * scales + f"{n:>6}  "
-              + "  ".join(f"{v[i]:8.4f}/{v[i + 1]:.4f}" for i in range(0, 8, 2)))
+    widths = {k: max(len(heads[k]), *(len(str(row[k])) for row in table)) for k in keys}
+    print("  ".join(heads[k].ljust(widths[k]) for k in keys))
+    for row in table:
+        print("  ".join(str(row[k]).ljust(widths[k]) for k in keys))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,8 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate the shipped checkpoint of each scale given, one table row each (shipped: "
                              f"{shipped_names()}); None: x4; beside --checkpoint, one "
                              "scale, which the checkpoint's must be")
+    parser.add_argument("--arch", nargs="+", action="extend", choices=NETWORKS, default=None,
+                        help=f"evaluate the shipped checkpoint of each network given (shipped: {shipped_names(None)}), "
+                             "one table row each; None: resshuffle; beside --checkpoint, one network, which the "
+                             "checkpoint's must be")
     parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint to evaluate; None: checkpoints/resshuffle_x<scale>.safetensors")
+                        help="checkpoint to evaluate; None: checkpoints/<arch>_x<scale>.safetensors")
     parser.add_argument("--markdown", action="store_true", help="print the table of means as a Markdown table")
     parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
     parser.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="how LR images are made")
@@ -286,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", "--save_dir", dest="save_dir", default=None,
                         help="write the SR images (<name>.png) to this folder; a subfolder per set if several")
     parser.add_argument("--compare_dir", default=None,
-                        help="write <name>_compare.png panels (original | input | bicubic | ResShuffle) here")
+                        help="write <name>_compare.png panels (original | input | bicubic | network) here")
     parser.add_argument("--compare_size", type=positive_int, default=192, help="HR side of the panels' crops")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
     parser.add_argument("--max_images", "--max_val_images", dest="max_images", type=non_negative_int, default=0,
@@ -295,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile_pad", type=non_negative_int, default=None,
                         help="LR context around each tile; None: the receptive-field radius, same result as whole")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
                         help="autocast precision; fp32 gives the same figures on every machine (auto: bf16 or fp16 "
-                             "where the device runs it natively, as infer.py)")
+                             "where the device runs it natively, as infer.py); several: a table row each")
     return parser
 
 

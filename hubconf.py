@@ -1,26 +1,91 @@
-"""torch.hub entry point: the network, with the shipped weights, from a clone and without a network.
+"""torch.hub entry points: the networks, with the shipped weights, from a clone and without a network.
 
     import torch
     net = torch.hub.load("path/to/ResShuffle", "resshuffle", scale=4, pretrained=True, source="local")
-    sr = net(lr)  # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W); upscale.upscale tiles large images
-"""
-import torch
+    net = torch.hub.load("path/to/ResShuffle", "network", arch="espcn", scale=4, source="local")
+    net = torch.hub.load("path/to/ResShuffle", "from_checkpoint", path="my_run/best.pt", source="local")
+    sr = net(lr)  # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W); the repository's upscale.upscale tiles large images
 
-from checkpoint import SHIPPED_SCALES, load_model, shipped_checkpoint, shipped_names
-from model import UPSAMPLE_STAGES, ResShuffle
+This repository's modules have plain names (utils, model, ...) that a caller may use for its own
+modules. So they are imported here under private names, `_resshuffle_hub.<name>`: the caller's
+sys.modules gains none of the plain names, and modules of the caller's that have them are
+neither used nor replaced. Where the caller already imported this repository's own module
+of a name (its tests do), that one is used.
+"""
+import importlib
+import sys
+from pathlib import Path
 
 dependencies = ["torch", "safetensors"]
 
+HERE = Path(__file__).resolve().parent
+PRIVATE = "_resshuffle_hub"
 
-def resshuffle(scale: int = 4, pretrained: bool = True, **model_args) -> ResShuffle:
-    """ResShuffle. pretrained: the shipped checkpoint's weights for `scale`, in eval mode, on
-    the CPU; otherwise a new network, `model_args` as model.ResShuffle takes them."""
-    if not pretrained or scale not in UPSAMPLE_STAGES:  # the network says what scales it has
-        return ResShuffle(scale=scale, **model_args)
-    if scale not in SHIPPED_SCALES:
-        raise ValueError(f"pretrained weights ship for {shipped_names()}, not x{scale}; pass pretrained=False")
-    model, info = load_model(shipped_checkpoint(scale), torch.device("cpu"))
+
+def _repo(name: str):
+    """This repository's module `name`, imported with everything it imports of the repository,
+    without leaving a plain name in sys.modules that the caller did not put there."""
+    names = [p.stem for p in HERE.glob("*.py") if p.stem != "hubconf"]
+    callers = {n: sys.modules.pop(n) for n in names if n in sys.modules and not _ours(sys.modules[n])}
+    already = {n for n in names if n in sys.modules}  # this repository's, imported by the caller
+    for n in names:  # what an earlier load imported privately is imported once
+        if f"{PRIVATE}.{n}" in sys.modules and n not in already:
+            sys.modules[n] = sys.modules[f"{PRIVATE}.{n}"]
+    sys.path.insert(0, str(HERE))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(HERE))
+        for n in names:
+            if n in sys.modules and n not in already:
+                sys.modules[f"{PRIVATE}.{n}"] = sys.modules.pop(n)
+        sys.modules.update(callers)
+
+
+def _ours(module) -> bool:
+    path = getattr(module, "__file__", None)
+    return path is not None and Path(path).resolve().parent == HERE
+
+
+def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, **model_args):
+    """A network of model.NETWORKS. pretrained: the shipped checkpoint's weights for `arch` and
+    `scale`, in eval mode, on the CPU (`model_args` must then be the shipped ones, or left out);
+    otherwise a new network, `model_args` as its class takes them."""
+    model, checkpoint = _repo("model"), _repo("checkpoint")
+    if not pretrained:
+        return model.build_network({"arch": arch, "scale": scale, **model_args})
+    if not isinstance(scale, int) or scale not in checkpoint.SHIPPED.get(arch, ()):
+        raise ValueError(f"pretrained weights ship for {checkpoint.shipped_names(None)}, not {arch} x{scale}; "
+                         f"pass pretrained=False")
+    net, info = checkpoint.load_model(checkpoint.shipped_checkpoint(scale, arch), _cpu())
     if any(info["model_args"].get(k) != v for k, v in model_args.items()):
-        raise ValueError(f"the shipped x{scale} network is {info['model_args']}; "
+        raise ValueError(f"the shipped {arch} x{scale} network is {info['model_args']}; "
                          f"pass pretrained=False for other model_args")
-    return model
+    return net
+
+
+def from_checkpoint(path: str, raw_weights: bool = False):
+    """The network any checkpoint (.pt or .safetensors, a run's or an export) describes, with its
+    weights (the EMA ones where it has them, unless `raw_weights`), in eval mode, on the CPU."""
+    net, _ = _repo("checkpoint").load_model(path, _cpu(), raw_weights=raw_weights)
+    return net
+
+
+def resshuffle(scale: int = 4, pretrained: bool = True, **model_args):
+    """ResShuffle: `network` with arch "resshuffle"."""
+    return network("resshuffle", scale, pretrained, **model_args)
+
+
+def edsr_baseline(scale: int = 4, pretrained: bool = True, **model_args):
+    """EDSR-baseline (Lim et al. 2017): `network` with arch "edsr_baseline"."""
+    return network("edsr_baseline", scale, pretrained, **model_args)
+
+
+def espcn(scale: int = 4, pretrained: bool = True, **model_args):
+    """ESPCN (Shi et al. 2016): `network` with arch "espcn"."""
+    return network("espcn", scale, pretrained, **model_args)
+
+
+def _cpu():
+    import torch
+    return torch.device("cpu")

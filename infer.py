@@ -1,6 +1,6 @@
-"""Upscale an image, or every image in a folder, with a ResShuffle checkpoint.
+"""Upscale an image, or every image in a folder, with a ResShuffle checkpoint (or another network's).
 
-usage: python infer.py INPUT [-o OUTPUT] [--scale 4] [--checkpoint checkpoints/resshuffle_x4.safetensors] [--recursive]
+usage: python infer.py INPUT [-o OUTPUT] [--scale 4] [--arch resshuffle] [--checkpoint FILE] [--recursive]
            [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
 
 INPUT is an image file or a folder of them (--recursive: and of its subfolders). Each image
@@ -15,8 +15,8 @@ The output is exactly scale x the input size. Grayscale stays grayscale; an alph
 is upscaled with bicubic and kept; the EXIF orientation is applied; the ICC colour profile
 and EXIF are kept where the format carries them; CMYK becomes RGB; 16-bit images are read and
 written as 8-bit (the network works on 8-bit images) and infer says so. In a folder, a file
-that can't be read is reported and skipped, and the exit status is 1. The architecture comes
-from the checkpoint. The image is processed in LR tiles of --tile pixels (faster on CPU than
+that can't be read is reported and skipped, and the exit status is 1. The network comes
+from the checkpoint (--arch and --scale pick a shipped one). The image is processed in LR tiles of --tile pixels (faster on CPU than
 whole images, a fraction of the memory, and with the default --tile_pad the same result), in
 bf16 where the processor runs it natively (--precision fp32 for the exact result).
 """
@@ -33,9 +33,9 @@ from checkpoint import load_chosen, shipped_names
 from files import (check_distinct, check_inputs_outside, check_outside, check_output_files, file_ids, folder_for,
                    output_stems)
 from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
-from model import UPSAMPLE_STAGES
+from model import NETWORKS, UPSAMPLE_STAGES
 from precision import PRECISIONS, choose_precision
-from upscale import DEFAULT_TILE, upscale
+from upscale import DEFAULT_TILE, describe_tiling, upscale
 from utils import UserError, make_parser, non_negative_int, plural, run_cli, select_device, warn
 
 def upscale_image(model, img: Image.Image, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
@@ -119,13 +119,14 @@ def main(args):
     input_path = Path(args.input)
     inputs = find_inputs(input_path, args.recursive)  # the input first: a missing one is named as such
     device = select_device(args.device)
-    model, info, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights)
+    model, info, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights, arch=args.arch)
     pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite,
                          skip_existing=args.skip_existing)
     if not pairs:
         return print(f"{input_path}: every output exists already; nothing to do")
     precision, _ = choose_precision(args.precision, device)
-    print(f"checkpoint {path} (x{model.scale}, {'EMA' if info['weights'] == 'ema' else 'raw'} weights)")
+    print(f"checkpoint {path} ({info['arch']} x{model.scale}, {'EMA' if info['weights'] == 'ema' else 'raw'} "
+          f"weights; {describe_tiling(model, args.tile, args.tile_pad)})")
     options = dict(tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, quality=args.quality,
                    precision=precision)
     if len(pairs) == 1:
@@ -167,8 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use the shipped checkpoint of this scale (shipped: "
                              f"{shipped_names()}); None: x4; beside --checkpoint, the "
                              "checkpoint's scale must be this one")
+    parser.add_argument("--arch", choices=NETWORKS, default=None,
+                        help=f"use the shipped checkpoint of this network (shipped: {shipped_names(None)}); "
+                             "None: resshuffle; beside --checkpoint, the checkpoint's network must be this one")
     parser.add_argument("--checkpoint", default=None,
-                        help="the network and its weights; None: checkpoints/resshuffle_x<scale>.safetensors")
+                        help="the network and its weights; None: checkpoints/<arch>_x<scale>.safetensors")
     parser.add_argument("--recursive", action="store_true", help="a folder INPUT: its subfolders too, mirrored")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")

@@ -1,5 +1,13 @@
-"""PSNR and SSIM as BasicSR defines them: uint8 images, a cropped border, RGB or BT.601 luma."""
+"""Image-quality metrics by name: PSNR and SSIM as BasicSR defines them (uint8 images, a cropped
+border, RGB or BT.601 luma).
+
+`METRICS` is the one place a metric is named: add one there and train.py's validation and
+log.csv, bicubic's scores, curves.png, and evaluate.py's tables and --csv all show it. The first
+is the one training keeps its best checkpoint by.
+"""
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -60,36 +68,16 @@ def check_measurable(name: str, width: int, height: int, scale: int, crop_border
                         f"SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window needs images of at least {need}x{need}")
 
 
-def measure(img: np.ndarray, hr: np.ndarray, crop_border: int, channels=("rgb",), prefix: str = "") -> dict:
-    """PSNR and SSIM of one uint8 RGB image against its HR reference.
-
-    Keys: psnr, ssim for "rgb"; psnr_y, ssim_y for "y"; each after `prefix`.
-    """
-    out = {}
-    for channel in channels:
-        y, suffix = channel == "y", "_y" if channel == "y" else ""
-        out[f"{prefix}psnr{suffix}"] = psnr(img, hr, crop_border, y)
-        out[f"{prefix}ssim{suffix}"] = ssim(img, hr, crop_border, y)
-    return out
+def psnr_on_device(img: torch.Tensor, hr: torch.Tensor) -> float:
+    """`psnr` in torch, where the images are (RGB; border already cropped; HWC uint8 tensors)."""
+    mse = (img.double() - hr.double()).square().mean()
+    return math.inf if mse == 0 else float(10 * torch.log10(255.0 ** 2 / mse))
 
 
-def mean(rows: list[dict], key: str) -> float:
-    """The mean of one metric over per-image rows (the protocol's per-set figure)."""
-    return float(np.mean([r[key] for r in rows]))
-
-
-def measure_on_device(img: torch.Tensor, hr: torch.Tensor, crop_border: int) -> dict:
-    """`measure`'s RGB psnr and ssim, computed by torch where the images are (train.py validates
-    on the GPU this way: the CPU would take minutes per DIV2K epoch).
-
-    The same definitions in float64: SSIM's Gaussian filtered 'valid' is skimage's filtered
-    map with its border of half a window cropped. Images: HWC uint8 tensors on one device.
-    """
-    if crop_border:
-        img, hr = img[crop_border:-crop_border, crop_border:-crop_border], hr[crop_border:-crop_border, crop_border:-crop_border]
+def ssim_on_device(img: torch.Tensor, hr: torch.Tensor) -> float:
+    """`ssim` in torch (RGB; border already cropped): the same definitions in float64. The
+    Gaussian filtered 'valid' is skimage's filtered map with its border of half a window cropped."""
     a, b = (t.permute(2, 0, 1).unsqueeze(1).double() for t in (img, hr))  # (3, 1, H, W): one channel each
-    mse = (a - b).square().mean()
-    psnr_db = math.inf if mse == 0 else float(10 * torch.log10(255.0 ** 2 / mse))
     x = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=a.device) - SSIM_WINDOW // 2
     g = torch.exp(-x ** 2 / (2 * 1.5 ** 2))
     g = g / g.sum()
@@ -101,4 +89,63 @@ def measure_on_device(img: torch.Tensor, hr: torch.Tensor, crop_border: int) -> 
     var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return {"psnr": psnr_db, "ssim": float(ssim_map.mean())}
+    return float(ssim_map.mean())
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric of a uint8 image against its HR reference.
+
+    fn: (img, hr, crop_border, y_channel) -> float, on HWC uint8 numpy arrays.
+    label, unit: how tables name it ("PSNR", "dB").
+    on_device: the same in torch on HWC uint8 tensors, RGB, border cropped (train.py validates on
+        a GPU this way); None: `fn` on the CPU.
+    """
+    fn: Callable
+    label: str
+    unit: str = ""
+    on_device: Callable | None = None
+
+
+METRICS = {
+    "psnr": Metric(psnr, "PSNR", "dB", psnr_on_device),
+    "ssim": Metric(ssim, "SSIM", "", ssim_on_device),
+}
+
+
+def measure(img: np.ndarray, hr: np.ndarray, crop_border: int, channels=("rgb",), prefix: str = "") -> dict:
+    """Every metric of one uint8 RGB image against its HR reference.
+
+    Keys: the metric's name ("psnr") for "rgb", with "_y" ("psnr_y") for "y"; each after `prefix`.
+    """
+    return {f"{prefix}{name}{'_y' if channel == 'y' else ''}": metric.fn(img, hr, crop_border, channel == "y")
+            for channel in channels for name, metric in METRICS.items()}
+
+
+def measure_on_device(img: torch.Tensor, hr: torch.Tensor, crop_border: int) -> dict:
+    """`measure`'s RGB metrics computed by torch where the images are (HWC uint8 tensors on one
+    device): train.py validates on the GPU this way, where the CPU would take minutes per DIV2K epoch."""
+    cropped = [t[crop_border:-crop_border, crop_border:-crop_border] if crop_border else t for t in (img, hr)]
+    return {name: metric.on_device(*cropped) if metric.on_device is not None
+            else metric.fn(img.cpu().numpy(), hr.cpu().numpy(), crop_border, False)
+            for name, metric in METRICS.items()}
+
+
+def mean(rows: list[dict], key: str) -> float:
+    """The mean of one metric over per-image rows (the protocol's per-set figure)."""
+    return float(np.mean([r[key] for r in rows]))
+
+
+def means(rows: list[dict], prefix: str = "", suffix: str = "") -> dict:
+    """{name: mean} of every metric over per-image rows, from the keys prefix + name + suffix."""
+    return {name: mean(rows, f"{prefix}{name}{suffix}") for name in METRICS}
+
+
+def format_scores(scores: dict) -> str:
+    """'29.8578 dB / 0.8365': {name: value} of every metric, in METRICS' order."""
+    return " / ".join(f"{scores[name]:.4f}{' ' + m.unit if m.unit else ''}" for name, m in METRICS.items())
+
+
+def metric_labels() -> str:
+    """'PSNR/SSIM': the metrics, as table headings name them."""
+    return "/".join(m.label for m in METRICS.values())

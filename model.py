@@ -1,13 +1,19 @@
-"""The ResShuffle network: EDSR-style residual blocks with ESPCN's PixelShuffle upsampling.
+"""The networks, by name: ResShuffle (EDSR-style residual blocks with ESPCN's PixelShuffle
+upsampling) and its two ancestors, ESPCN and EDSR-baseline, to compare against.
 
-    from model import ResShuffle
-    net = ResShuffle(scale=4)          # 1,545,219 parameters
+    from model import build_network
+    net = build_network({"arch": "resshuffle", "scale": 4})  # 1,545,219 parameters
     sr = net(lr)                       # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W)
 
-This file also owns what follows from the architecture: how far an output pixel sees
-(`receptive_radius`, which tiled inference pads by) and the activation memory of a whole
-image (`untiled_bytes`).
+`NETWORKS` is the one place a name becomes a class: every script builds its network from a
+checkpoint's `model_args` through `build_network`. A network is an nn.Module whose
+constructor takes `scale` (and keyword options, kept in `model_args`) and whose forward maps
+(N, 3, H, W) in [0, 1] to (N, 3, scale*H, scale*W). It may also state `receptive_radius()`
+(LR pixels an output pixel sees: tiled inference pads by it, exactly) and
+`untiled_bytes(h, w)` (memory of a whole image); ResShuffle's `features`/`reconstruct` split
+lets tiling run its HR stages in small blocks.
 """
+import inspect
 import math
 
 import torch
@@ -69,9 +75,7 @@ class ResShuffle(nn.Module):
     def __init__(self, scale: int = 4, num_features: int = 64, num_residuals: int = 16,
                  mean_shift: bool = False, image_skip: bool = False):
         super().__init__()
-        if scale not in UPSAMPLE_STAGES:
-            raise ValueError(f"unsupported scale {scale}: supported scales are "
-                             f"{', '.join(str(s) for s in UPSAMPLE_STAGES)}")
+        check_scale(scale)
         if num_features < 1 or num_residuals < 0:
             raise ValueError(f"num_features must be >= 1 and num_residuals >= 0, "
                              f"got {num_features} and {num_residuals}")
@@ -84,10 +88,7 @@ class ResShuffle(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(3, num_features, 9, padding=4), nn.ReLU(inplace=True))
         self.body = nn.Sequential(*[ResidualBlock(num_features) for _ in range(num_residuals)])
         self.body_conv = nn.Conv2d(num_features, num_features, 3, padding=1)
-        self.upsample = nn.Sequential(*[
-            layer for r in UPSAMPLE_STAGES[scale]
-            for layer in (nn.Conv2d(num_features, num_features * r * r, 3, padding=1), nn.PixelShuffle(r))
-        ])
+        self.upsample = upsampling_stages(scale, num_features)
         self.tail = nn.Conv2d(num_features, 3, 9, padding=4)
         self._tail_cache = None
 
@@ -152,11 +153,7 @@ class ResShuffle(nn.Module):
 
     def reconstruct_radius(self) -> int:
         """LR pixels of features (or input) on each side that one output pixel depends on, rounded up."""
-        radius, factor = 0.0, 1
-        for r in UPSAMPLE_STAGES[self.scale]:
-            radius += 1 / factor  # the stage's 3x3 conv, at the current resolution
-            factor *= r
-        radius += 4 / factor  # tail 9x9 at HR resolution
+        radius = upsampling_radius(self.scale, tail_radius=4)  # tail 9x9 at HR resolution
         if self.image_skip:
             radius = max(radius, 2.0)  # bicubic reaches 2 LR pixels
         return math.ceil(radius)
@@ -176,6 +173,114 @@ class ResShuffle(nn.Module):
         """
         last_input = self.scale // UPSAMPLE_STAGES[self.scale][-1]  # the last stage's input, in LR sizes
         return 4 * self.num_features * height * width * (self.scale ** 2 + last_input ** 2 + 2)
+
+
+def upsampling_stages(scale: int, num_features: int) -> nn.Sequential:
+    """Sub-pixel upsampling (ESPCN's, as EDSR stacks it): for each stage r of UPSAMPLE_STAGES,
+    conv3x3 to r^2 x the channels, then PixelShuffle(r)."""
+    return nn.Sequential(*[
+        layer for r in UPSAMPLE_STAGES[scale]
+        for layer in (nn.Conv2d(num_features, num_features * r * r, 3, padding=1), nn.PixelShuffle(r))
+    ])
+
+
+def upsampling_radius(scale: int, tail_radius: int) -> float:
+    """LR pixels that one output pixel of the upsampling stages (3x3 conv, PixelShuffle) and a
+    tail conv of `tail_radius` at HR sees of their LR input."""
+    radius, factor = 0.0, 1
+    for r in UPSAMPLE_STAGES[scale]:
+        radius += 1 / factor  # the stage's 3x3 conv, at the current resolution
+        factor *= r
+    return radius + tail_radius / factor
+
+
+def check_scale(scale: int, scales=UPSAMPLE_STAGES) -> None:
+    if scale not in scales:
+        raise ValueError(f"unsupported scale {scale}: supported scales are {', '.join(str(s) for s in scales)}")
+
+
+class EDSRBaseline(nn.Module):
+    """EDSR-baseline (Lim et al. 2017, "Enhanced Deep Residual Networks for Single Image
+    Super-Resolution"), ResShuffle's ancestor: mean shift -> conv3x3 (no activation) ->
+    `num_residuals` residual blocks (conv3x3, ReLU, conv3x3, plus the input; residual scaling 1)
+    -> conv3x3, plus the head's output -> upsampling stages (conv3x3 to r^2 x channels,
+    PixelShuffle(r); x4 as two x2) -> conv3x3 to RGB -> mean added back.
+
+    The paper's baseline: 16 blocks of 64 features. Its inputs are in [0, 255]; here [0, 1],
+    with the same DIV2K mean.
+    """
+
+    def __init__(self, scale: int = 4, num_features: int = 64, num_residuals: int = 16):
+        super().__init__()
+        check_scale(scale)
+        self.scale = scale
+        self.register_buffer("rgb_mean", torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.head = nn.Conv2d(3, num_features, 3, padding=1)
+        self.body = nn.Sequential(*[ResidualBlock(num_features) for _ in range(num_residuals)])
+        self.body_conv = nn.Conv2d(num_features, num_features, 3, padding=1)
+        self.upsample = upsampling_stages(scale, num_features)
+        self.tail = nn.Conv2d(num_features, 3, 3, padding=1)
+
+    def forward(self, x):
+        head = self.head(x - self.rgb_mean)
+        features = head + self.body_conv(self.body(head))
+        return self.tail(self.upsample(features)) + self.rgb_mean
+
+    def receptive_radius(self) -> int:
+        """Head, two 3x3 per block, body conv; then the upsampling stages and the 3x3 tail."""
+        return 1 + 2 * len(self.body) + 1 + math.ceil(upsampling_radius(self.scale, tail_radius=1))
+
+
+class ESPCN(nn.Module):
+    """ESPCN (Shi et al. 2016, "Real-Time Single Image and Video Super-Resolution Using an
+    Efficient Sub-Pixel Convolutional Neural Network"): conv5x5 (64) -> tanh -> conv3x3 (32) ->
+    tanh -> conv3x3 to r^2 x 3 channels -> PixelShuffle(r), all at LR resolution.
+
+    The paper super-resolves the luminance; here the three RGB channels, in [0, 1]. One
+    sub-pixel stage for every scale, as in the paper.
+    """
+
+    def __init__(self, scale: int = 4, num_features: int = 64):
+        super().__init__()
+        check_scale(scale)
+        self.scale = scale
+        self.body = nn.Sequential(
+            nn.Conv2d(3, num_features, 5, padding=2), nn.Tanh(),
+            nn.Conv2d(num_features, num_features // 2, 3, padding=1), nn.Tanh(),
+            nn.Conv2d(num_features // 2, 3 * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
+
+    def forward(self, x):
+        return self.body(x)
+
+    def receptive_radius(self) -> int:
+        return 2 + 1 + 1
+
+
+# The networks by name: add one here, and train.py --arch, checkpoints, infer.py, evaluate.py,
+# export and torch.hub take it.
+NETWORKS = {"resshuffle": ResShuffle, "edsr_baseline": EDSRBaseline, "espcn": ESPCN}
+DEFAULT_ARCH = "resshuffle"  # what a checkpoint without "arch" in its model_args holds
+
+
+def build_network(model_args: dict) -> nn.Module:
+    """The network `model_args` describes: {"arch": name, "scale": s, ...the class's keyword options}.
+
+    Raises ValueError for an unknown name or option, or a value the network refuses.
+    """
+    options = dict(model_args)
+    arch = options.pop("arch", DEFAULT_ARCH)
+    if arch not in NETWORKS:
+        raise ValueError(f"unknown network {arch!r}: known are {', '.join(NETWORKS)}")
+    unknown = [k for k in options if k not in network_options(arch) + ["scale"]]
+    if unknown:
+        raise ValueError(f"the {arch} network takes no option {unknown[0]!r} (it takes: "
+                         f"{', '.join(['scale'] + network_options(arch))})")
+    return NETWORKS[arch](**options)
+
+
+def network_options(arch: str) -> list[str]:
+    """The keyword options of NETWORKS[arch] besides `scale`, in the constructor's order."""
+    return [n for n in inspect.signature(NETWORKS[arch]).parameters if n != "scale"]
 
 
 # Devices whose pixel_shuffle keeps a channels_last input channels_last (PyTorch's CPU kernel does).

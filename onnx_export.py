@@ -1,4 +1,4 @@
-"""ONNX export of a ResShuffle network: any batch, height and width (dynamic axes), fp32.
+"""ONNX export of a network (model.NETWORKS): any batch, height and width (dynamic axes), fp32.
 
 Optional: needs `pip install onnx onnxscript` to export and onnxruntime to run the file.
 """
@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 
 from files import atomic_path
-from model import ResShuffle
 from utils import UserError
 
 OPTIONAL = "pip install onnx onnxscript onnxruntime"
 
 
-def export_onnx(model: ResShuffle, path: Path, metadata: dict) -> None:
+def export_onnx(model: torch.nn.Module, path: Path, metadata: dict) -> None:
     """Write `model` (on the CPU, fp32) as ONNX with input `lr` (N, 3, H, W) in [0, 1] and output
     `sr` (N, 3, scale H, scale W); `metadata` (model_args, ...) goes into the file's properties."""
     onnx = require_onnx()

@@ -1,4 +1,4 @@
-"""Draw a training run's log.csv as curves.png: validation PSNR against bicubic's, loss, learning rate.
+"""Draw a training run's log.csv as a PNG: each validation metric against bicubic's, loss, learning rate.
 
 usage: python plot.py checkpoints/NAME/log.csv [-o curves.png] [--bicubic 27.672] [--overwrite]
 
@@ -24,11 +24,10 @@ def main(args):
     if out.suffix.lower() != ".png":  # also: never over the log, a checkpoint or an image of another kind
         raise UserError(f"{out}: plot.py writes a PNG; name the output .png")
     check_output_file(out, overwrite=args.overwrite)
-    bicubic = args.bicubic if args.bicubic is not None else next(
-        (float(r["bicubic_psnr"]) for r in reversed(rows) if r.get("bicubic_psnr")), None)
     try:
         with folder_for(out):
-            write_curves(rows, out, bicubic, title=log.parent.name if log.name == "log.csv" else log.stem)
+            write_curves(rows, out, title=log.parent.name if log.name == "log.csv" else log.stem,
+                         bicubic_psnr=args.bicubic)
     except ValueError as e:  # a value that is not a number
         raise UserError(f"{log}: {e}") from None
     print(f"{log} ({len(rows)} epochs) -> {out}")

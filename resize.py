@@ -1,4 +1,4 @@
-"""How LR images are made: bicubic downsampling with PIL, or a port of MATLAB's imresize.
+"""How LR images are made, by name: bicubic downsampling with PIL, or a port of MATLAB's imresize.
 
 Images are HWC uint8 RGB numpy arrays.
 """
@@ -7,25 +7,38 @@ import math
 import numpy as np
 from PIL import Image
 
-DEGRADATIONS = ("pil", "matlab")
-
-
 def resize_bicubic(img: np.ndarray, width: int, height: int) -> np.ndarray:
     """PIL bicubic resize (antialiased when shrinking): the default degradation, and the baseline upscaler."""
     return np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))
 
 
-def downsample(img: np.ndarray, scale: int, degradation: str = "pil") -> np.ndarray:
-    """The LR image: bicubic downsampling to exactly (H // scale, W // scale).
-
-    degradation: "pil" (PIL's antialiased bicubic, a = -0.5) or "matlab" (MATLAB's
-    `imresize(img, 1/scale, 'bicubic')`, what published SR tables use; `imresize_matlab`).
-    """
-    if degradation == "matlab":
-        return imresize_matlab(img, 1 / scale)
-    if degradation != "pil":
-        raise ValueError(f"unknown degradation {degradation!r}: use one of {', '.join(DEGRADATIONS)}")
+def pil_bicubic(img: np.ndarray, scale: int) -> np.ndarray:
+    """PIL bicubic, antialiased (a = -0.5), to exactly (H // scale, W // scale)."""
     return resize_bicubic(img, img.shape[1] // scale, img.shape[0] // scale)
+
+
+def matlab_bicubic(img: np.ndarray, scale: int) -> np.ndarray:
+    """MATLAB imresize bicubic, as `imresize(img, 1/scale, 'bicubic')`: what published SR tables use."""
+    return imresize_matlab(img, 1 / scale)
+
+
+# How LR images are made, by name (--degradation): each maps an HWC uint8 HR image whose sides
+# are multiples of the scale to its (H // scale, W // scale) LR image. Add one here and
+# train.py, evaluate.py and the checkpoints' `degradation` take it.
+DEGRADATIONS = {"pil": pil_bicubic, "matlab": matlab_bicubic}
+
+
+def degradation_label(name: str) -> str:
+    """How tables name a degradation: its function's docstring up to the first comma ("PIL bicubic")."""
+    doc = (DEGRADATIONS[name].__doc__ or "").strip()
+    return doc.split(",")[0].split(".")[0] if doc else name
+
+
+def downsample(img: np.ndarray, scale: int, degradation: str = "pil") -> np.ndarray:
+    """The LR image of `img` by the named degradation (DEGRADATIONS)."""
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {degradation!r}: use one of {', '.join(DEGRADATIONS)}")
+    return DEGRADATIONS[degradation](img, scale)
 
 
 def modcrop(img: np.ndarray, scale: int) -> np.ndarray:

@@ -3,12 +3,19 @@ import csv
 import shutil
 from pathlib import Path
 
+from metrics import METRICS
 from files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
 from utils import UserError, warn
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv")  # a folder holding any of them holds a run
 RUN_OUTPUTS = RUN_FILES + ("curves.png",)      # what a run writes there
-CSV_FIELDS = ["epoch", "loss", "lr", "val_psnr", "val_ssim", "seconds", "precision", "bicubic_psnr"]
+
+
+def csv_fields() -> list[str]:
+    """log.csv's columns, every metric of metrics.METRICS included; then each loss term's mean
+    (loss_l1, ...), as the run's --loss names them."""
+    return (["epoch", "loss", "lr"] + [f"val_{m}" for m in METRICS] + ["seconds", "precision"]
+            + [f"bicubic_{m}" for m in METRICS])
 
 
 def holds_run(folder: Path) -> bool:
@@ -78,8 +85,9 @@ def read_log(path: Path) -> list[dict]:
 
 def write_log(path: Path, rows: list[dict]) -> None:
     """The rows, with the columns a user added to the file kept after ours."""
-    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in CSV_FIELDS]
+    fields = csv_fields()
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in fields]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + extra, restval="")
+        writer = csv.DictWriter(f, fieldnames=fields + extra, restval="")
         writer.writeheader()
         writer.writerows(rows)

@@ -11,7 +11,7 @@ and log.csv, each written atomically. A new run never writes into a folder that 
 saves last.pt where the run is, mid-epoch too, and --resume goes on from there with the run's
 own flags, to the same weights as a run never stopped. A NaN/inf loss stops the run, naming the
 iteration; the checkpoints are kept. A full disk stops it with one line; last.pt stays whole.
-Adam + StepLR + L1 loss, as the original. --precision auto trains in bf16 autocast where the
+Adam + StepLR + L1 loss (--loss), as the original. --precision auto trains in bf16 autocast where the
 device runs it natively (a GPU of compute capability 8.0 or newer; a CPU with AVX512-BF16 or AMX),
 fp16 with loss scaling on older GPUs, else fp32; the log says which and why. On CUDA the patches
 are cut straight into pinned memory; on every device the network runs channels_last, and the
@@ -40,8 +40,9 @@ from curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard
 from dataset import (EpochSampler, PatchLoader, TrainDataset, check_measurable_images, count_patchable, device_batch,
                      eval_pairs)
 from images import list_images
-from metrics import mean, measure, measure_on_device
-from model import UPSAMPLE_STAGES, ResShuffle
+from losses import LOSSES, WeightedLoss, loss_spec
+from metrics import METRICS, format_scores, means, measure, measure_on_device, metric_labels
+from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, build_network, network_options
 from precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
 from resize import DEGRADATIONS, resize_bicubic
 from runs import append_log, check_run_folder, open_run_folder
@@ -67,9 +68,9 @@ class Run:
     device: torch.device
     rank: int                     # 0 validates, prints and writes; under torchrun there are others
     world_size: int
-    model: ResShuffle             # the network whose weights are saved
+    model: torch.nn.Module        # the network whose weights are saved (model.NETWORKS)
     net: torch.nn.Module          # what trains: `model`, or DDP around it under torchrun
-    ema: ResShuffle | None        # --ema: the average of the weights, validated and saved beside them
+    ema: torch.nn.Module | None   # --ema: the average of the weights, validated and saved beside them
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -78,10 +79,12 @@ class Run:
     loader: PatchLoader
     steps_per_epoch: int
     val_pairs: list               # (name, hr, lr), decoded once; rank 0 only
-    bicubic: tuple = (math.nan, math.nan)  # bicubic upsampling's val PSNR and SSIM: the score to beat
+    bicubic: dict = None          # bicubic upsampling's val scores, metrics.METRICS: the scores to beat
     epoch: int = 0                # whole epochs done
     step: int = 0                 # steps done of the next epoch (a run stopped mid-epoch)
+    loss: WeightedLoss = None     # --loss
     loss_sum: float = 0.0         # the sum of those steps' losses
+    term_sums: list = None        # and of each --loss term's (unweighted)
     seconds: float = 0.0          # and the time they took
     best_psnr: float = -math.inf
     best_epoch: int = 0
@@ -103,7 +106,8 @@ class Run:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum, "seconds": self.seconds,
+            "epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum, "term_sums": self.term_sums,
+            "seconds": self.seconds,
             "steps_per_epoch": self.steps_per_epoch,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "degradation": self.args.degradation, "best_psnr": self.best_psnr, "best_epoch": self.best_epoch,
@@ -119,8 +123,10 @@ class Run:
         load_scaler_state(self.scaler, checkpoint.get("scaler"))
         if self.ema is not None:  # --ema added to a run starts from its weights
             self.ema.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
-        for name in ("epoch", "step", "loss_sum", "seconds", "best_psnr", "best_epoch"):
+        for name in ("epoch", "step", "loss_sum", "term_sums", "seconds", "best_psnr", "best_epoch"):
             setattr(self, name, checkpoint.get(name, getattr(self, name)))
+        if checkpoint.get("term_sums") is None:  # saved before --loss: an L1 run, whose one term is its loss
+            self.term_sums = [self.loss_sum]
         before = checkpoint.get("epoch_precision") or checkpoint.get("precision")
         if self.step and before and before.split("+")[-1] != self.precision:  # stopped mid-epoch in another
             self.epoch_precision = f"{before}+{self.precision}"
@@ -220,10 +226,25 @@ def run_identity(args, checkpoint: dict | None) -> tuple[dict, Path]:
     """The network's model_args and the run's folder: the checkpoint's, or from the flags."""
     if checkpoint:
         return checkpoint["model_args"], Path(args.resume).parent
-    model_args = dict(scale=args.upscale_factor, num_features=args.num_features, num_residuals=args.num_residuals,
-                      mean_shift=args.mean_shift, image_skip=args.image_skip)
+    model_args = network_args(args)
     run_name = args.run_name or f"x{args.upscale_factor}_{datetime.now():%Y%m%d-%H%M%S}"
     return model_args, Path(args.checkpoint_dir) / run_name
+
+
+# The flags that are network options; each goes into model_args where the --arch network takes it.
+NETWORK_FLAGS = ("num_features", "num_residuals", "mean_shift", "image_skip")
+
+
+def network_args(args) -> dict:
+    """model_args from the flags: --arch, the scale, and the options the network takes. A network
+    option typed for a network without it is refused."""
+    options = network_options(args.arch)
+    for name in NETWORK_FLAGS:
+        if name in args.given and name not in options:
+            raise UserError(f"--{name}: the {args.arch} network has no such option (its options: "
+                            f"{', '.join('--' + n for n in NETWORK_FLAGS if n in options) or 'none'})")
+    return {"arch": args.arch, "scale": args.upscale_factor,
+            **{name: getattr(args, name) for name in NETWORK_FLAGS if name in options}}
 
 
 def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, device: torch.device,
@@ -232,8 +253,8 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     scale = model_args["scale"]
     loader, steps_per_epoch = make_loader(args, scale, rank, world_size, device)
     val_pairs = list(eval_pairs(val_paths, scale, args.degradation)) if rank == 0 else []
-    model = ResShuffle(**model_args).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model = build_network(model_args).to(device, memory_format=torch.channels_last)
+    optimizer, loss = torch.optim.Adam(model.parameters(), lr=args.lr), WeightedLoss(args.loss)
     kept = args.resume and "precision" not in args.given
     # A run saved before --precision existed: CPUs trained in fp32 then, GPUs in autocast.
     requested = "fp32" if kept and args.precision == "auto" and device.type == "cpu" else args.precision
@@ -248,7 +269,8 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
                optimizer=optimizer,
                scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma),
                scaler=grad_scaler(device, precision), precision=precision, precision_why=why,
-               loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs)
+               loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs,
+               loss=loss, term_sums=[0.0] * len(loss.names))
 
 
 def check_data(args, scale: int, world_size: int) -> list[Path]:
@@ -283,6 +305,8 @@ def resumed_checkpoint(args) -> dict | None:
                         f"rewind the run (replacing its last.pt and log rows); to branch off it, copy it into a "
                         f"new folder as last.pt and resume that")
     saved = {k: v for k, v in checkpoint["args"].items() if k not in ("resume", "export", "given", "overwrite")}
+    saved.setdefault("loss", "l1")  # runs saved before --loss trained with L1
+    saved.setdefault("arch", checkpoint["model_args"].get("arch", DEFAULT_ARCH))  # and before --arch, ResShuffle
     for name in args.given:
         if name in saved and name not in RESUME_MAY_CHANGE and getattr(args, name) != saved[name]:
             raise UserError(f"{args.resume}: the run was started with --{name} {saved[name]} "
@@ -319,6 +343,7 @@ def restart_epoch_if_data_changed(run: Run, checkpoint: dict) -> None:
             warn(f"the training set has changed since the run stopped in epoch {run.epoch + 1} at step {run.step}: "
                  f"that epoch starts over, with {plural(run.steps_per_epoch, 'step')}")
         run.step, run.loss_sum, run.seconds, run.epoch_precision = 0, 0.0, 0.0, ""
+        run.term_sums = [0.0] * len(run.loss.names)
 
 
 def where(run: Run) -> str:
@@ -327,10 +352,11 @@ def where(run: Run) -> str:
 
 
 def describe_run(checkpoint: dict) -> str:
-    m = checkpoint["model_args"]
-    options = [o for o in ("mean_shift", "image_skip") if m.get(o)]
-    return (f"x{m['scale']}, {m['num_features']} features, {m['num_residuals']} residual blocks"
-            f"{', ' + ', '.join(options) if options else ''}")
+    """'resshuffle x4, num_features 64, num_residuals 16, mean_shift': the run's network."""
+    m = dict(checkpoint["model_args"])
+    arch, scale = m.pop("arch", DEFAULT_ARCH), m.pop("scale")
+    options = [k if v is True else f"{k} {v}" for k, v in m.items() if v is not False]
+    return ", ".join([f"{arch} x{scale}"] + options)
 
 
 def make_loader(args, scale: int, rank: int, world_size: int, device: torch.device) -> tuple[PatchLoader, int]:
@@ -358,10 +384,9 @@ def check_batches(patches: int, batch_size: int, world_size: int) -> None:
                         f"raise --patches_per_image or lower --batch_size")
 
 
-def bicubic_scores(pairs: list, crop_border: int) -> tuple[float, float]:
-    """Mean PSNR and SSIM of PIL bicubic upsampling on (name, hr, lr) pairs, measured as the model is."""
-    rows = [measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border) for _, hr, lr in pairs]
-    return mean(rows, "psnr"), mean(rows, "ssim")
+def bicubic_scores(pairs: list, crop_border: int) -> dict:
+    """The mean of every metric of PIL bicubic upsampling on (name, hr, lr) pairs, measured as the model is."""
+    return means([measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border) for _, hr, lr in pairs])
 
 
 def announce(run: Run) -> None:
@@ -376,7 +401,7 @@ def announce(run: Run) -> None:
     print(f"train: {plural(len(data.hr), 'image')}, {plural(len(data), 'patch', 'patches')} of {data.lr_patch * data.scale}px "
           f"per epoch, {plural(run.steps_per_epoch, 'step')} of {args.batch_size}{f' x {n}' if n > 1 else ''}; "
           f"val: {plural(len(run.val_pairs), 'image')}")
-    print(f"val bicubic: {run.bicubic[0]:.4f} dB / {run.bicubic[1]:.4f}")
+    print(f"val bicubic {metric_labels()}: {format_scores(run.bicubic)}")
     if args.resume:
         best = f"best PSNR {run.best_psnr:.4f} dB" if math.isfinite(run.best_psnr) else "not validated yet"
         print(f"resumed from {args.resume} {where(run)}, lr {run.scheduler.get_last_lr()[0]:.3g}, {best}")
@@ -394,7 +419,7 @@ def train_epoch(run: Run, epoch: int, lr_now: float, stop: StopSignal) -> None:
               initial=run.step, leave=False, mininterval=1.0, disable=not run.lead) as bar:
         for lr, hr, flips in bar:
             lr, hr = device_batch(lr, hr, flips, run.device)
-            pending.append(train_step(run.net, lr, hr, run.optimizer, run.scaler, run.precision))
+            pending.append(train_step(run.net, lr, hr, run.optimizer, run.scaler, run.precision, run.loss))
             if run.ema is not None:
                 update_ema(run.ema, run.model, ema_decay_at(args.ema, (epoch - 1) * run.steps_per_epoch + run.step))
             run.step += 1
@@ -419,8 +444,11 @@ def losses_due(run: Run, stop: StopSignal) -> bool:
 def add_losses(run: Run, epoch: int, pending: list, stop: StopSignal) -> bool:
     """Add the pending step losses (averaged over processes) to `run.loss_sum`; whether any process
     was asked to stop. A NaN or inf loss ends training, naming its epoch and iteration."""
-    flag = torch.tensor(float(stop.signum is not None), device=run.device)
-    *losses, stopping = distributed.mean_over_processes(torch.stack(pending + [flag])).tolist()
+    flag = torch.tensor([float(stop.signum is not None)], device=run.device)
+    *values, stopping = distributed.mean_over_processes(torch.cat(pending + [flag])).tolist()
+    width = len(run.term_sums) + 1  # each step: its total, then each term
+    steps = [values[i:i + width] for i in range(0, len(values), width)]
+    losses = [step[0] for step in steps]
     pending.clear()
     bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
     if bad:
@@ -432,22 +460,25 @@ def add_losses(run: Run, epoch: int, pending: list, stop: StopSignal) -> bool:
         raise UserError(f"epoch {epoch}, iteration {run.step - len(losses) + bad[0] + 1}: the loss is "
                         f"{losses[bad[0]]}: training stopped, {kept}; lower --lr or check the data")
     run.loss_sum += sum(losses)
+    run.term_sums = [total + sum(step[1 + j] for step in steps) for j, total in enumerate(run.term_sums)]
     return bool(stopping)
 
 
-def end_epoch(run: Run, epoch: int) -> float:
-    """Count `epoch` as done and step the lr schedule; the epoch's mean loss."""
-    loss = run.loss_sum / run.steps_per_epoch
-    run.epoch, run.step, run.loss_sum, run.seconds = epoch, 0, 0.0, 0.0
+def end_epoch(run: Run, epoch: int) -> dict:
+    """Count `epoch` as done and step the lr schedule; the epoch's mean loss, and of each term:
+    {"loss": ..., "loss_l1": ...}."""
+    loss = {"loss": run.loss_sum / run.steps_per_epoch} | {
+        f"loss_{name}": total / run.steps_per_epoch for name, total in zip(run.loss.names, run.term_sums)}
+    run.epoch, run.step, run.loss_sum, run.term_sums, run.seconds = epoch, 0, 0.0, [0.0] * len(run.loss.names), 0.0
     run.scheduler.step()
     if not distributed.weights_in_sync(run.model, run.device):
         raise UserError(f"epoch {epoch}: the {run.world_size} processes hold different weights")
     return loss
 
 
-def validate(run: Run) -> tuple[float, float, list]:
-    """Mean PSNR and SSIM (RGB, crop border = scale, as evaluate.py) of the EMA weights, or the weights;
-    and for TensorBoard, (name, bicubic | SR | HR crop) of the first 3 images."""
+def validate(run: Run) -> tuple[dict, list]:
+    """The mean of every metric (RGB, crop border = scale, as evaluate.py) of the EMA weights, or the
+    weights; and for TensorBoard, (name, bicubic | SR | HR crop) of the first 3 images."""
     model = run.ema if run.ema is not None else run.model
     model.eval()
     scores, panels = [], []
@@ -457,29 +488,32 @@ def validate(run: Run) -> tuple[float, float, list]:
         if run.board is not None and i < 3:
             panels.append((name, crop_panel(lr, sr, hr)))
     run.model.train()
-    return mean(scores, "psnr"), mean(scores, "ssim"), panels
+    return means(scores), panels
 
 
 def score(sr, hr, crop_border: int, device: torch.device) -> dict:
-    """PSNR and SSIM of uint8 arrays, as evaluate.py measures them: scikit-image's on a CPU (the
-    faster there), the same definitions in torch on a GPU (fast where an epoch takes seconds)."""
+    """Every metric of uint8 arrays, as evaluate.py measures them: on a CPU with numpy and
+    scikit-image (the faster there), on a GPU in torch where a metric has that form."""
     if device.type == "cpu":
         return measure(sr, hr, crop_border)
     with exact_cuda():  # no cudnn.benchmark: it would tune the blur anew for each image size
         return measure_on_device(torch.from_numpy(sr).to(device), torch.tensor(hr, device=device), crop_border)
 
 
-def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, seconds: float) -> None:
-    """Rank 0: keep the best, log the epoch, save best.pt and last.pt, print the validation line."""
+def record(run: Run, epoch: int, loss: dict, lr_now: float, val: tuple | None, seconds: float) -> None:
+    """Rank 0: keep the best (by PSNR), log the epoch, save best.pt and last.pt, print the validation line."""
     precision, run.epoch_precision = run.epoch_precision or run.precision, ""  # "bf16+fp32": changed mid-epoch
     if not run.lead:
         return
-    improved = val is not None and val[0] > run.best_psnr
+    scores = val[0] if val else None
+    improved = val is not None and scores["psnr"] > run.best_psnr
     if improved:
-        run.best_psnr, run.best_epoch = val[0], epoch
-    row = {"epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lr_now:.6g}", "seconds": f"{seconds:.1f}",
-           "precision": precision, "bicubic_psnr": f"{run.bicubic[0]:.4f}" if val else "",
-           "val_psnr": f"{val[0]:.4f}" if val else "", "val_ssim": f"{val[1]:.4f}" if val else ""}
+        run.best_psnr, run.best_epoch = scores["psnr"], epoch
+    row = {"epoch": epoch, "lr": f"{lr_now:.6g}", "seconds": f"{seconds:.1f}", "precision": precision}
+    row |= {k: f"{v:.6f}" for k, v in loss.items()}
+    for name in METRICS:
+        row |= {f"val_{name}": f"{scores[name]:.4f}" if val else "",
+                f"bicubic_{name}": f"{run.bicubic[name]:.4f}" if val else ""}
     # The log row first: a kill before the checkpoint is saved leaves a row that resume trims.
     with naming_what_is_kept(run):
         rows = append_log(run.folder / "log.csv", row)
@@ -488,10 +522,10 @@ def record(run: Run, epoch: int, loss: float, lr_now: float, val: tuple | None, 
             save_checkpoint(state, run.folder / "best.pt")
         save_checkpoint(state, run.last_path)
     run.saved_at = where(run)
-    draw(run, epoch, rows, panels=val[2] if val else None)
+    draw(run, epoch, rows, panels=val[1] if val else None)
     if val is not None:
-        print(f"epoch {epoch}: loss {loss:.5f}, lr {lr_now:.3g}, val{' (EMA)' if run.ema is not None else ''} "
-              f"PSNR/SSIM {val[0]:.4f} dB / {val[1]:.4f} ({val[0] - run.bicubic[0]:+.2f} dB vs bicubic)"
+        print(f"epoch {epoch}: loss {loss['loss']:.5f}, lr {lr_now:.3g}, val{' (EMA)' if run.ema is not None else ''} "
+              f"{metric_labels()} {format_scores(scores)} ({scores['psnr'] - run.bicubic['psnr']:+.2f} dB vs bicubic)"
               f"{' best' if improved else ''}, {row['seconds']} s"
               f"{f', weights identical on {run.world_size} processes' if run.world_size > 1 else ''}")
 
@@ -501,7 +535,7 @@ def draw(run: Run, epoch: int, rows: list[dict], panels: list | None) -> None:
     `rows` at a validation (`panels` not None), and the last row and panels for TensorBoard."""
     with naming_what_is_kept(run):
         if panels is not None:
-            write_curves(rows, run.folder / "curves.png", run.bicubic[0], run.folder.name)
+            write_curves(rows, run.folder / "curves.png", title=f"{run.folder.name} ({run.args.loss})")
     if run.board is not None:
         log_to_tensorboard(run.board, epoch, rows[-1], panels or [])
 
@@ -536,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=positive_int, default=32, help="patches per step (per process)")
     p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam's learning rate at the start")
     p.add_argument("--upscale_factor", type=int, default=4, choices=sorted(UPSAMPLE_STAGES), help="the scale")
+    p.add_argument("--arch", choices=NETWORKS, default=DEFAULT_ARCH,
+                   help="the network (model.NETWORKS); the options below apply where it takes them")
     p.add_argument("--num_features", type=positive_int, default=64, help="channels of the residual blocks")
     p.add_argument("--num_residuals", type=non_negative_int, default=16, help="residual blocks")
     p.add_argument("--num_workers", type=non_negative_int, default=4,
@@ -552,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches_per_image", type=positive_int, default=20, help="patches per image per epoch")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="pil",
                    help="how LR images are made: PIL bicubic, or MATLAB's imresize (published tables)")
+    p.add_argument("--loss", type=loss_spec, default="l1",
+                   help=f"the training loss: a name or a weighted sum, e.g. l1+0.05*fft (losses: {', '.join(LOSSES)}); "
+                        "log.csv gets each term's mean")
     p.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights (e.g. 0.999), validate and save it")
     p.add_argument("--max_images", "--max_val_images", dest="max_val_images", type=non_negative_int, default=0,
@@ -565,7 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder under --checkpoint_dir; None: x<scale>_<date>-<time>")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a folder that holds one, deleting it; --export over an existing export")
-    p.add_argument("--resume", default=None, help="a run's last.pt: continue that run")
+    p.add_argument("--resume", default=None,
+                   help="a run's last.pt: continue that run with its own flags; only these may change: "
+                        + ", ".join("--" + n for n in RESUME_MAY_CHANGE))
     p.add_argument("--export", nargs=2, metavar=("RUN_CHECKPOINT", "OUT"), default=None,
                    help="write RUN_CHECKPOINT's weights and model_args (no optimizer state) to OUT, and exit; "
                         "the format by OUT's suffix: .safetensors, .pt (.pth) or .onnx")

@@ -1,6 +1,6 @@
 """One training step, and what train.py's loop keeps between steps: the EMA of the weights, stop signals.
 
-The loss is here (`train_step`). train.py strings these into epochs; benchmark.py times
+The step is here (`train_step`; its loss is losses.py's). train.py strings these into epochs; benchmark.py times
 `train_step` exactly as train.py runs it.
 """
 import signal
@@ -8,25 +8,30 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from losses import WeightedLoss
 from precision import autocast
+
+L1 = WeightedLoss("l1")
 
 
 def train_step(model: torch.nn.Module, lr: torch.Tensor, hr: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, precision: str) -> torch.Tensor:
+               scaler: torch.amp.GradScaler, precision: str, loss: WeightedLoss = L1) -> torch.Tensor:
     """One optimisation step on a batch of (lr, hr) float patches on the model's device (dataset.device_batch).
 
-    The loss is L1, as the original's; `precision` is precision.py's name (autocast; the weights
-    and the optimizer stay fp32). Returns the loss, left on the device (reading it waits for a GPU).
+    `loss` is the run's --loss (losses.py; L1 as the original's by default), computed in fp32;
+    `precision` is precision.py's name (autocast of the network; the weights and the optimizer
+    stay fp32). Returns [total, each term], left on the device (reading it waits for a GPU).
     """
     with autocast(lr.device, precision):
-        loss = F.l1_loss(model(lr), hr)
+        sr = model(lr)
+    terms = loss.terms(sr, hr)
+    total = loss.total(terms)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(total).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach()
+    return torch.cat([total.detach().view(1), terms.detach()])
 
 
 def ema_decay_at(decay: float, t: int) -> float:

@@ -1,8 +1,10 @@
-"""Super-resolving whole images with a ResShuffle network: in tiles with context, with self-ensemble.
+"""Super-resolving whole images with a network of model.NETWORKS: in tiles with context, with self-ensemble.
 
-Tiling relies on the split that model.py defines: `features` (the LR body, which sees
-`feature_radius` pixels) and `reconstruct` (the HR stages, which see `reconstruct_radius`).
-Images are HWC uint8 RGB numpy arrays.
+A tile is padded by the network's `receptive_radius()`, so tiled equals whole. Where the
+network also splits into `features` (the LR body, which sees `feature_radius` pixels) and
+`reconstruct` (the HR stages, which see `reconstruct_radius`), as ResShuffle does, the HR
+stages run on small blocks of each tile's features. A network that states no radius runs
+whole, or tiled with the `tile_pad` a user gives (`tiling`). Images are HWC uint8 RGB numpy arrays.
 """
 import contextlib
 import math
@@ -12,7 +14,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import ResShuffle
 from precision import autocast
 from utils import warn
 
@@ -59,7 +60,7 @@ def tensor_to_image(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
+def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
             self_ensemble: bool = False, progress: bool = False, precision: str = "fp32") -> np.ndarray:
     """Super-resolve one HWC uint8 RGB image with `model`, whole or in tiles.
 
@@ -67,7 +68,8 @@ def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_p
         tile: LR tile size in pixels; 0 runs the whole image at once (tiled anyway, with a
             warning, when free memory is short).
         tile_pad: LR pixels of context around each tile; None: the model's `receptive_radius()`,
-            with which (or more) the result equals the whole-image result.
+            with which (or more) the result equals the whole-image result (a model without
+            one then runs whole images).
         self_ensemble: average the outputs for the 8 flips/rotations of the input, each mapped
             back (EDSR's "+"), before rounding; 8 times the work.
         progress: a progress bar over the tiles (on stderr, cleared when done) for images of
@@ -77,6 +79,7 @@ def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_p
     Returns: HWC uint8 RGB of exactly (scale * H, scale * W).
     """
     passes = 8 if self_ensemble else 1
+    tile, tile_pad = tiling(model, tile, tile_pad)
     count = passes * len(list(tiles(*img.shape[:2], tile))) if tile > 0 else passes
     device = next(model.parameters()).device
     with exact_cuda(), autocast(device, precision), tqdm(total=count, desc="tiles", unit="tile", leave=False,
@@ -93,17 +96,16 @@ def upscale(model: ResShuffle, img: np.ndarray, tile: int = DEFAULT_TILE, tile_p
         return np.rint(np.clip(total / 8, 0, 1) * 255).astype(np.uint8)
 
 
-def super_resolve(model: ResShuffle, img: np.ndarray, tile: int, tile_pad: int | None, dtype,
+def super_resolve(model: torch.nn.Module, img: np.ndarray, tile: int, tile_pad: int | None, dtype,
                   bar: tqdm | None = None) -> np.ndarray:
     """`upscale` without the ensemble: HWC uint8 (rounded) or float32 (raw, in [0, 1] units).
 
-    Each tile's LR features are computed with `tile_pad` pixels of context; the HR stages then
-    run on blocks of those features (at most RECONSTRUCT_TILE wide) with only the few pixels of
-    margin that upsampling needs. The output is written into one preallocated array.
+    Each tile runs with `tile_pad` pixels of context (a split network: its LR features, then
+    `reconstruct_tile`), and is written into one preallocated array.
     """
     device = next(model.parameters()).device
-    s, margin = model.scale, model.reconstruct_radius()
-    tile_pad = model.receptive_radius() if tile_pad is None else tile_pad
+    tile, tile_pad = tiling(model, tile, tile_pad)
+    s = model.scale
     x = image_to_tensor(img).to(device)
     h, w = img.shape[:2]
 
@@ -118,20 +120,57 @@ def super_resolve(model: ResShuffle, img: np.ndarray, tile: int, tile_pad: int |
             return out
         tile = DEFAULT_TILE
     out = np.empty((h * s, w * s, 3), dtype=dtype)
+    split = hasattr(model, "features") and hasattr(model, "reconstruct")
     for box in tiles(h, w, tile):
-        py0, py1, px0, px1 = padded = grow(box, tile_pad, (0, h, 0, w))
-        features = model.features(channels_last(x[:, :, py0:py1, px0:px1]))
-        y0, y1, x0, x1 = box
-        for by0, by1, bx0, bx1 in tiles(y1 - y0, x1 - x0, min(tile, RECONSTRUCT_TILE)):
-            b0, b1, c0, c1 = block = (y0 + by0, y0 + by1, x0 + bx0, x0 + bx1)
-            my0, my1, mx0, mx1 = grow(block, margin, padded)
-            f = features[:, :, my0 - py0:my1 - py0, mx0 - px0:mx1 - px0]
-            sr = model.reconstruct(channels_last(f), channels_last(x[:, :, my0:my1, mx0:mx1]))
-            out[b0 * s:b1 * s, c0 * s:c1 * s] = to_array(
-                sr[:, :, (b0 - my0) * s:(b1 - my0) * s, (c0 - mx0) * s:(c1 - mx0) * s])
+        padded = grow(box, tile_pad, (0, h, 0, w))
+        if split:
+            reconstruct_tile(model, x, box, padded, min(tile, RECONSTRUCT_TILE), out, to_array)
+        else:
+            (py0, py1, px0, px1), (y0, y1, x0, x1) = padded, box
+            sr = model(channels_last(x[:, :, py0:py1, px0:px1]))
+            out[y0 * s:y1 * s, x0 * s:x1 * s] = to_array(
+                sr[:, :, (y0 - py0) * s:(y1 - py0) * s, (x0 - px0) * s:(x1 - px0) * s])
         if bar is not None:
             bar.update()
     return out
+
+
+def reconstruct_tile(model: torch.nn.Module, x: torch.Tensor, box: tuple, padded: tuple, block_size: int,
+                     out: np.ndarray, to_array) -> None:
+    """One tile of a network split into `features` and `reconstruct`: its features from the
+    `padded` box, then the HR stages on blocks of them with the few pixels of margin they need."""
+    s, margin = model.scale, model.reconstruct_radius()
+    (py0, py1, px0, px1), (y0, y1, x0, x1) = padded, box
+    features = model.features(channels_last(x[:, :, py0:py1, px0:px1]))
+    for by0, by1, bx0, bx1 in tiles(y1 - y0, x1 - x0, block_size):
+        b0, b1, c0, c1 = block = (y0 + by0, y0 + by1, x0 + bx0, x0 + bx1)
+        my0, my1, mx0, mx1 = grow(block, margin, padded)
+        f = features[:, :, my0 - py0:my1 - py0, mx0 - px0:mx1 - px0]
+        sr = model.reconstruct(channels_last(f), channels_last(x[:, :, my0:my1, mx0:mx1]))
+        out[b0 * s:b1 * s, c0 * s:c1 * s] = to_array(
+            sr[:, :, (b0 - my0) * s:(b1 - my0) * s, (c0 - mx0) * s:(c1 - mx0) * s])
+
+
+def tiling(model: torch.nn.Module, tile: int, tile_pad: int | None) -> tuple[int, int]:
+    """(tile, tile_pad) as `upscale` runs them: tile_pad None is the network's receptive radius;
+    a network that states none runs whole images (tile 0) unless a tile_pad is given."""
+    if tile_pad is not None:
+        return tile, tile_pad
+    if hasattr(model, "receptive_radius"):
+        return tile, model.receptive_radius()
+    return 0, 0
+
+
+def describe_tiling(model: torch.nn.Module, tile: int, tile_pad: int | None) -> str:
+    """How `upscale` runs images with these settings, for infer.py's and evaluate.py's first line."""
+    run_tile, run_pad = tiling(model, tile, tile_pad)
+    if run_tile <= 0 and tile > 0:
+        return "whole images: the network states no receptive radius to pad tiles by; --tile_pad N tiles it"
+    if run_tile <= 0:
+        return "whole images"
+    exact = hasattr(model, "receptive_radius") and run_pad >= model.receptive_radius()
+    return (f"tiles of {run_tile} LR px with {run_pad} px of context"
+            f"{' (the same result as whole images)' if exact else ''}")
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -151,8 +190,11 @@ def grow(box: tuple, by: int, limit: tuple) -> tuple:
     return max(y0 - by, ly0), min(y1 + by, ly1), max(x0 - by, lx0), min(x1 + by, lx1)
 
 
-def fits_in_memory(model: ResShuffle, height: int, width: int, device: torch.device) -> bool:
-    """Whether a whole height x width image fits in free memory; says so when it does not."""
+def fits_in_memory(model: torch.nn.Module, height: int, width: int, device: torch.device) -> bool:
+    """Whether a whole height x width image fits in free memory; says so when it does not.
+    A network that states no `untiled_bytes` is taken to fit (it may state no radius to tile by)."""
+    if not hasattr(model, "untiled_bytes"):
+        return True
     needed, free = model.untiled_bytes(height, width), available_memory(device)
     if device.type == "cuda":
         needed *= CUDA_MEMORY_MARGIN

@@ -174,19 +174,22 @@ def test_checkpoints_that_are_not_usable_say_what_they_hold(tmp_path, photo):
     x2 = ResShuffle(**dict(TINY, scale=2))
     cases = {
         "x2.pt": ({"model": x2.state_dict(), "model_args": TINY},
-                  "its weights are a x2 network with 8 features and 1 residual blocks, which does not match"),
+                  "its weights do not match its model_args", "upsample.2.weight (shape (32, 8, 3, 3)) is missing"),
         "other_net.pt": ({"model": {"conv1.weight": torch.zeros(4, 3, 3, 3)}, "model_args": TINY},
-                         "its weights are not a ResShuffle network's (first entries: conv1.weight)"),
+                         "its weights do not match", "head.0.weight (shape (8, 3, 9, 9)) is missing"),
+        "unknown_arch.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, arch="srcnn")},
+                            "do not describe a network (unknown network 'srcnn': known are resshuffle"),
         "bare_state_dict.pt": (x2.state_dict(), "not a ResShuffle checkpoint"),
         "tensor.pt": (torch.zeros(3), "not a ResShuffle checkpoint"),
     }
-    for name, (content, message) in cases.items():
+    for name, (content, *messages) in cases.items():
         save_checkpoint(content, tmp_path / name)
         code, _, err = run_main(infer, tmp_path / "a.png", "--checkpoint", tmp_path / name)
-        assert_one_line_error(code, err, tmp_path / name, message)
+        assert_one_line_error(code, err, tmp_path / name, *messages)
     assert not (tmp_path / "a_x4.png").exists() and not (tmp_path / "a_x2.png").exists()
 
 
+@pytest.mark.slow
 def test_errors_reach_the_terminal_as_one_line_from_a_real_process(tiny_checkpoint, tmp_path):
     (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     result = run_script("infer.py", tmp_path / "cut.png", "--checkpoint", tiny_checkpoint, check=False)

@@ -1,5 +1,6 @@
 """train.py under torchrun: 2 CPU processes (gloo), DistributedDataParallel."""
 import numpy as np
+import pytest
 import torch
 
 from checkpoint import load_checkpoint
@@ -26,6 +27,7 @@ def test_ranks_draw_disjoint_patches_of_the_same_epoch_order():
     assert sorted(mine[0][:2] + mine[1][:2]) == sorted(full[:4])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_average_gradients_and_write_one_run(image_dir, tmp_path):
     runs = tmp_path / "runs"
     common = ["--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs, *TINY_RUN]
@@ -54,6 +56,7 @@ def test_torchrun_two_processes_average_gradients_and_write_one_run(image_dir, t
                                [float(r["loss"]) for r in read_log(runs / "single")], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_obey_early_stopping_decided_by_rank_0(image_dir, tmp_path):
     # An lr this small cannot change the uint8 output: no validation gain, stop after epoch 2.
     result = torchrun("--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path, *TINY_RUN,

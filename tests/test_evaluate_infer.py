@@ -12,6 +12,7 @@ from upscale import upscale
 from utils import UserError
 
 
+@pytest.mark.slow
 def test_evaluate_prints_model_and_bicubic_and_writes_csv_and_images(image_dir, tiny_checkpoint, tmp_path):
     out_csv, save_dir = tmp_path / "table.csv", tmp_path / "sr"
     result = run_script("evaluate.py", "--data_dir", image_dir, "--checkpoint", tiny_checkpoint,
@@ -31,6 +32,7 @@ def test_evaluate_prints_model_and_bicubic_and_writes_csv_and_images(image_dir, 
     assert "Y (BT.601)" in y.stdout and "crop border 0" in y.stdout
 
 
+@pytest.mark.slow
 def test_infer_output_is_exactly_scale_times_input(tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     src = tmp_path / "odd.png"
@@ -39,6 +41,7 @@ def test_infer_output_is_exactly_scale_times_input(tiny_checkpoint, tmp_path):
     assert Image.open(tmp_path / "odd_x4.png").size == (52, 36)
 
 
+@pytest.mark.slow
 def test_infer_folder_gray_and_alpha(tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "in"
@@ -73,6 +76,7 @@ def test_tiled_output_equals_untiled_with_enough_padding(tiny_checkpoint, monkey
     assert np.abs(unpadded.astype(int) - whole.astype(int)).max() > 1  # the check above can fail
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_and_input_are_one_line_errors(tiny_checkpoint, tmp_path):
     src = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
@@ -108,6 +112,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     assert "weights_only` set to `False`" not in str(e.value)  # torch's advice to retry unsafely is not passed on
 
 
+@pytest.mark.slow
 def test_comparison_panels_show_the_most_detailed_crop_four_ways(tiny_checkpoint, tmp_path):
     from evaluate import comparison
     rng = np.random.default_rng(5)

@@ -103,7 +103,7 @@ def test_torch_hub_loads_the_shipped_network_offline_from_the_clone(monkeypatch)
     assert fresh.scale == 2
     same = torch.hub.load(str(ROOT), "resshuffle", scale=4, pretrained=True, source="local", mean_shift=True)
     assert same.scale == 4
-    with pytest.raises(ValueError, match="not x8"):
+    with pytest.raises(ValueError, match="not resshuffle x8"):
         torch.hub.load(str(ROOT), "resshuffle", scale=8, pretrained=True, source="local")
     with pytest.raises(ValueError, match="other model_args"):
         torch.hub.load(str(ROOT), "resshuffle", scale=4, pretrained=True, source="local", num_features=32)

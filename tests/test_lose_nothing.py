@@ -36,7 +36,7 @@ def snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
-# ---------------------------------------------------------------- 1. run folders
+# ---------------------------------------------------------------- run folders
 
 def test_a_new_run_never_writes_into_a_folder_that_holds_a_run(one_epoch, image_dir):
     runs, folder = one_epoch
@@ -72,7 +72,7 @@ def test_a_run_name_stays_inside_the_checkpoint_folder(image_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
-# ---------------------------------------------------------------- 3. resume and export
+# ---------------------------------------------------------------- resume and export
 
 def test_resume_from_best_pt_is_refused_instead_of_rewinding_the_run(one_epoch, image_dir):
     runs, folder = one_epoch
@@ -106,7 +106,7 @@ def test_export_never_replaces_a_run_checkpoint_and_asks_before_replacing_an_exp
     assert code == 0 and "(weights only)" in stdout, err
 
 
-# ---------------------------------------------------------------- 4. a full disk
+# ---------------------------------------------------------------- a full disk
 
 def run_with_file_size_limit(args, limit_bytes):
     """train.py in a process that can't write files over `limit_bytes` (as a disk that fills up):
@@ -118,13 +118,14 @@ def run_with_file_size_limit(args, limit_bytes):
                           timeout=300, preexec_fn=limit)
 
 
-@pytest.mark.parametrize("limit, failing", [(150, "log.csv: "), (20_000, ".pt: ")])
-def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint_and_the_log(one_epoch, limit, failing):
+@pytest.mark.slow
+@pytest.mark.parametrize("room, failing", [("log", "log.csv: "), ("checkpoint", ".pt: ")])
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint_and_the_log(one_epoch, room, failing):
     runs, folder = one_epoch
     before = snapshot(folder)
-    # 150 bytes: room for the log as it is, not for one more row; 20 kB: for the log, not a checkpoint.
-    assert len(before["log.csv"]) < limit < len(before["log.csv"]) + 60 or len(before["log.csv"]) + 60 < limit < len(
-        before["last.pt"])
+    # Room for the log as it is, not for one more row; or for the log, not a checkpoint.
+    limit = len(before["log.csv"]) + 10 if room == "log" else 20_000
+    assert len(before["log.csv"]) + 60 < 20_000 < len(before["last.pt"])
     result = run_with_file_size_limit(["--resume", folder / "last.pt", "--num_epochs", "2"], limit)
     assert_one_line_error(result.returncode, result.stderr, failing, "could not be written",
                           f"{folder / 'last.pt'} (after epoch 1) is intact", "--resume")
@@ -151,7 +152,7 @@ def test_a_failed_torch_save_says_the_disk_is_full(tmp_path, monkeypatch):
     assert (tmp_path / "last.pt").read_bytes() == before and sorted(tmp_path.iterdir()) == [tmp_path / "last.pt"]
 
 
-# ---------------------------------------------------------------- 5-7. odd data and flags
+# ---------------------------------------------------------------- odd data and flags
 
 def test_a_mid_epoch_resume_with_a_smaller_training_set_starts_that_epoch_over(one_epoch, tmp_path):
     runs, folder = one_epoch
@@ -190,7 +191,7 @@ def test_a_negative_seed_and_a_log_that_is_a_folder_are_one_line(one_epoch, imag
     assert_one_line_error(code, err, folder / "log.csv", "is not a regular file")
 
 
-# ---------------------------------------------------------------- 18. say it at once
+# ---------------------------------------------------------------- said at once
 
 def test_nothing_to_do_and_a_mistyped_folder_are_said_before_decoding(one_epoch, image_dir, tmp_path):
     runs, folder = one_epoch
@@ -218,12 +219,16 @@ def test_only_rank_0_shows_the_decoding_bar(image_dir, capsys):
     assert "decoding images" in capsys.readouterr().err
 
 
-def test_hostile_run_folders_are_one_line(one_epoch, image_dir, tmp_path):
-    runs, folder = one_epoch
-    (runs / "odd").mkdir()
+def test_a_lock_file_that_cannot_be_opened_is_one_line(image_dir, tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "odd").mkdir(parents=True)
     (runs / "odd" / ".lock").mkdir()
     code, _, err = run_main(train, *train_args(image_dir, runs, "odd", "--num_epochs", "1"))
     assert_one_line_error(code, err, runs / "odd" / ".lock", "can't be opened as a lock file")
+
+
+def test_export_makes_the_missing_folders_of_its_output(one_epoch, tmp_path):
+    runs, folder = one_epoch
     code, _, err = run_main(train, "--export", folder / "best.pt", tmp_path / "new" / "deeper" / "x4.pt")
     assert code == 0 and (tmp_path / "new" / "deeper" / "x4.pt").is_file(), err  # folders made, as everywhere
 
@@ -249,25 +254,35 @@ def test_a_column_the_user_added_to_the_log_is_kept(one_epoch):
     assert [(r["epoch"], r["note"]) for r in read_log(folder)] == [("1", "lr looks high"), ("2", "")]
 
 
-def test_what_a_second_hostile_trial_found_in_train(image_dir, tmp_path):
+def test_a_run_that_saved_no_last_pt_is_refused_naming_overwrite(image_dir, tmp_path):
     runs = tmp_path / "runs"
-    # A run that stopped before its first last.pt: the refusal does not point at a missing file.
     (runs / "early").mkdir(parents=True)
     (runs / "early" / "log.csv").write_text("epoch,loss,lr,val_psnr,val_ssim,seconds\n1,0.1,0.0002,,,1.0\n")
     code, _, err = run_main(train, *train_args(image_dir, runs, "early", "--num_epochs", "1"))
     assert_one_line_error(code, err, "saved no last.pt to resume", "--overwrite")
-    # A batch an epoch can't fill, said before any decoding.
-    code, _, err = run_main(train, *train_args(image_dir, runs, "big", "--num_epochs", "1", "--batch_size", "64"))
+
+
+def test_a_batch_an_epoch_cannot_fill_is_said_before_decoding(image_dir, tmp_path):
+    code, _, err = run_main(train, *train_args(image_dir, tmp_path / "runs", "big", "--num_epochs", "1",
+                                               "--batch_size", "64"))
     assert_one_line_error(code, err, "12 patches per epoch is less than one batch of 64")
     assert "decoding" not in err
-    code, _, err = run_main(train, *train_args(image_dir, runs, "huge", "--num_epochs", "1", "--patch_size", "400"))
+
+
+def test_a_patch_size_no_image_can_hold_is_one_line(image_dir, tmp_path):
+    code, _, err = run_main(train, *train_args(image_dir, tmp_path / "runs", "huge", "--num_epochs", "1",
+                                               "--patch_size", "400"))
     assert_one_line_error(code, err, "none of its 3 images is readable and at least 400x400: lower --patch_size")
-    # --resume naming a run's folder points at its last.pt.
-    code, _, err = run_main(train, *train_args(image_dir, runs, "r", "--num_epochs", "1"))
-    assert code == 0, err
-    code, _, err = run_main(train, "--resume", runs / "r", "--num_epochs", "2")
-    assert_one_line_error(code, err, f"is a run's folder; name its checkpoint: {runs / 'r' / 'last.pt'}")
-    # A user's own .tmp file in the run folder is not taken for a killed write.
-    (runs / "r" / ".notes.tmp").write_text("mine")
-    code, _, err = run_main(train, "--resume", runs / "r" / "last.pt", "--num_epochs", "2")
-    assert code == 0 and (runs / "r" / ".notes.tmp").read_text() == "mine", err
+
+
+def test_resume_naming_a_run_folder_points_at_its_last_pt(one_epoch):
+    runs, folder = one_epoch
+    code, _, err = run_main(train, "--resume", folder, "--num_epochs", "2")
+    assert_one_line_error(code, err, f"is a run's folder; name its checkpoint: {folder / 'last.pt'}")
+
+
+def test_a_users_own_tmp_file_in_the_run_folder_is_not_taken_for_a_killed_write(one_epoch):
+    runs, folder = one_epoch
+    (folder / ".notes.tmp").write_text("mine")
+    code, _, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "2")
+    assert code == 0 and (folder / ".notes.tmp").read_text() == "mine", err

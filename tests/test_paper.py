@@ -157,7 +157,7 @@ def test_ema_and_degradation_are_saved_beside_the_weights(ema_run):
     a = load_checkpoint(run_dir / "last.pt")
     assert a["degradation"] == "matlab" and set(a["ema"]) == set(a["model"])
     assert not torch.equal(a["ema"]["tail.weight"], a["model"]["tail.weight"])
-    assert {"model", "ema", "model_args", "degradation"} == set(torch.load(exported, weights_only=True))
+    assert {"model", "ema", "model_args", "degradation", "training"} == set(torch.load(exported, weights_only=True))
 
 
 def test_a_resumed_ema_equals_the_never_stopped_one(ema_run, tmp_path):
@@ -201,7 +201,8 @@ def test_benchmark_sets_and_the_paper_protocol_in_one_table(tiny_checkpoint, tmp
     assert "protocol (--paper): x4, LR = MATLAB imresize bicubic of the modcropped HR, Y (BT.601), crop border 4" in out
     lines = [line.split() for line in out.splitlines() if line.startswith(("Set5 ", "Urban100 "))]
     assert [(line[0], line[1]) for line in lines] == [("Set5", "2"), ("Urban100", "3")]
-    assert all(len(line) == 6 for line in lines)  # bicubic and ResShuffle, RGB and Y
+    # bicubic and the network, RGB and Y; then the network's parameters, training hours, MP/s
+    assert all(len(line) == 9 and line[7] == "-" and float(line[8]) > 0 for line in lines)
     assert "mean of" not in out  # several sets: the table only, unless --per_image
     code, out, _ = run_main(evaluate, "--benchmark", tmp_path / "bench", "--checkpoint", tiny_checkpoint,
                             "--self_ensemble", "--per_image", "--max_images", "1")

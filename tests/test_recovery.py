@@ -13,7 +13,8 @@ import runs
 import train
 import training
 from checkpoint import load_checkpoint
-from conftest import ROOT, TINY_RUN, ResShuffle, make_images, read_log, run_main, run_script
+from conftest import ROOT, TINY_RUN, make_images, read_log, run_main, run_script
+from model import build_network
 
 # 15 steps an epoch (3 images x 40 patches, batch 8).
 RUN = ["--num_features", "32", "--num_residuals", "2", "--patch_size", "64", "--batch_size", "8",
@@ -70,6 +71,7 @@ def signal_at_step(monkeypatch, signum, step: int) -> None:
     monkeypatch.setattr(train, "train_step", step_then_signal)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, workers, precision", [(signal.SIGINT, "1", "fp32"), (signal.SIGTERM, "0", "bf16")],
                          ids=["SIGINT-fp32", "SIGTERM-bf16"])
 def test_a_signal_mid_epoch_saves_there_and_resuming_gives_the_uninterrupted_weights(
@@ -104,6 +106,7 @@ def test_a_signal_mid_epoch_saves_there_and_resuming_gives_the_uninterrupted_wei
     assert rows == [[r[k] for k in keep] for r in read_log(reference)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_to_a_real_process_saves_and_prints_how_to_resume(image_dir, tmp_path, signum):
     run_dir = tmp_path / "runs" / "long"
@@ -121,6 +124,7 @@ def test_a_signal_to_a_real_process_saves_and_prints_how_to_resume(image_dir, tm
     load_checkpoint(run_dir / "last.pt")
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(image_dir, tmp_path):
     # A 0.6M-parameter network: its checkpoint (weights and Adam moments) takes a while to write.
     args = ["--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path / "runs",
@@ -153,7 +157,7 @@ def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(image_dir, 
         for name in ["last.pt", "best.pt"]:
             if (run_dir / name).exists():
                 checkpoint = load_checkpoint(run_dir / name)  # a torn file raises here
-                ResShuffle(**checkpoint["model_args"]).load_state_dict(checkpoint["model"])
+                build_network(checkpoint["model_args"]).load_state_dict(checkpoint["model"])
         epochs.append(load_checkpoint(run_dir / "last.pt")["epoch"])
     assert mid_write_kills >= 1, "no kill landed while a checkpoint was written: the test proved nothing"
     assert epochs == sorted(epochs) and epochs[-1] > epochs[0], epochs  # every restart went on
@@ -192,7 +196,10 @@ def test_resume_refuses_flags_that_change_the_run(image_dir, tmp_path):
                             "--run_name", "r", *TINY_RUN, "--num_epochs", "1")
     assert code == 0, err
     code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--upscale_factor", "2")
-    assert code == 1 and "started with --upscale_factor 4 (x4, 8 features, 1 residual blocks, mean_shift, image_skip)" in err
+    assert code == 1 and ("started with --upscale_factor 4 (resshuffle x4, num_features 8, num_residuals 1, mean_shift, "
+                          "image_skip)") in err
+    code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--arch", "espcn")
+    assert code == 1 and "started with --arch resshuffle" in err
     # A run flag typed again with the value the run has is no change.
     code, out, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2",
                               "--num_features", "8", "--batch_size", "4")

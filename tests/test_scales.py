@@ -27,7 +27,8 @@ def test_without_scale_or_checkpoint_the_x4_is_loaded():
 
 
 def test_a_missing_shipped_file_says_how_to_restore_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "shipped_checkpoint", lambda scale: tmp_path / f"resshuffle_x{scale}.safetensors")
+    monkeypatch.setattr(checkpoint, "shipped_checkpoint",
+                        lambda scale, arch="resshuffle": tmp_path / f"{arch}_x{scale}.safetensors")
     src = tmp_path / "a.png"
     Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
     code, out, err = run_main(infer, src, "--scale", 4)
@@ -40,7 +41,7 @@ def test_infer_scale_picks_that_checkpoint_and_says_so(scale, tmp_path):
     Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
     code, out, err = run_main(infer, src, "--scale", scale, "--precision", "fp32")
     assert code == 0, err
-    assert f"checkpoint {shipped_checkpoint(scale)} (x{scale}, " in out
+    assert f"checkpoint {shipped_checkpoint(scale)} (resshuffle x{scale}, " in out
     assert Image.open(tmp_path / f"a_x{scale}.png").size == (14 * scale, 10 * scale)
 
 
@@ -49,8 +50,8 @@ def test_a_scale_that_is_not_shipped_is_one_line_naming_the_shipped_ones(scale, 
     src = tmp_path / "a.png"
     Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
     code, out, err = run_main(infer, src, "--scale", scale)
-    assert_one_line_error(code, err, f"no x{scale} checkpoint is shipped",
-                          "shipped: " + ", ".join(f"x{s}" for s in SHIPPED_SCALES), f"--upscale_factor {scale}")
+    assert_one_line_error(code, err, f"no resshuffle x{scale} checkpoint is shipped",
+                          "shipped: resshuffle " + ", ".join(f"x{s}" for s in SHIPPED_SCALES), f"--upscale_factor {scale}")
     assert not (tmp_path / f"a_x{scale}.png").exists()
 
 
@@ -66,7 +67,9 @@ def test_a_named_checkpoint_decides_and_a_scale_beside_it_must_agree(tiny_checkp
     assert_one_line_error(code, err, "an x4 checkpoint, not x3")
     assert not (tmp_path / "sr").exists()
     code, out, err = run_main(infer, src, "--scale", 4, "--checkpoint", tiny_checkpoint)
-    assert code == 0 and f"checkpoint {tiny_checkpoint} (x4, raw weights)" in out
+    assert code == 0 and f"checkpoint {tiny_checkpoint} (resshuffle x4, raw weights" in out
+    code, out, err = run_main(infer, src, "--arch", "espcn", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, str(tiny_checkpoint), "holds a resshuffle network, not espcn")
 
 
 def test_evaluate_several_scales_gives_one_row_each(tmp_path, monkeypatch):
@@ -75,16 +78,17 @@ def test_evaluate_several_scales_gives_one_row_each(tmp_path, monkeypatch):
         args = dict(TINY, scale=scale, image_skip=True)
         torch.manual_seed(scale)
         save_checkpoint({"model": ResShuffle(**args).state_dict(), "model_args": args}, tmp_path / f"x{scale}.pt")
-    monkeypatch.setattr(checkpoint, "SHIPPED_SCALES", (2, 4))
-    monkeypatch.setattr(checkpoint, "shipped_checkpoint", lambda scale: tmp_path / f"x{scale}.pt")
+    monkeypatch.setitem(checkpoint.SHIPPED, "resshuffle", (2, 4))
+    monkeypatch.setattr(checkpoint, "shipped_checkpoint", lambda scale, arch="resshuffle": tmp_path / f"x{scale}.pt")
     data = make_images(tmp_path / "val")
     code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 2, 4, "--scale", 2, "--markdown",
                               "--csv", tmp_path / "t.csv")
     assert code == 0, err
-    assert f"checkpoint {tmp_path / 'x2.pt'}: 2x" in out and f"checkpoint {tmp_path / 'x4.pt'}: 4x" in out
+    assert f"checkpoint {tmp_path / 'x2.pt'}: resshuffle x2," in out and f"checkpoint {tmp_path / 'x4.pt'}: resshuffle x4," in out
     table = [line for line in out.splitlines() if line.startswith("|")]
-    assert table[0] == "| set | scale | images | bicubic RGB | ResShuffle RGB | bicubic Y | ResShuffle Y |"
-    assert table[1] == "|---|---|---|---|---|---|---|"
+    assert table[0] == ("| set | scale | images | bicubic RGB PSNR/SSIM | network RGB PSNR/SSIM | "
+                        "bicubic Y PSNR/SSIM | network Y PSNR/SSIM | parameters | train h | MP/s |")
+    assert table[1] == "|---|---|---|---|---|---|---|---|---|---|"
     assert [row.split(" | ")[1] for row in table[2:]] == ["x2", "x4"]
     with open(tmp_path / "t.csv", newline="") as f:
         assert [r["scale"] for r in csv.DictReader(f)] == ["2"] * 3 + ["4"] * 3
@@ -93,6 +97,10 @@ def test_evaluate_several_scales_gives_one_row_each(tmp_path, monkeypatch):
     rows = out.splitlines()[-3:]
     assert rows[0].split()[:3] == ["set", "scale", "images"]
     assert [r.split()[:3] for r in rows[1:]] == [["val", "x4", "3"], ["val", "x2", "3"]]
+    code, out, err = run_main(evaluate, "--data_dir", data, "--precision", "fp32", "bf16", "--max_images", 1)
+    assert code == 0, err
+    rows = out.splitlines()[-3:]
+    assert [r.split()[:3] for r in rows] == [["set", "precision", "images"], ["val", "fp32", "1"], ["val", "bf16", "1"]]
 
 
 def test_the_same_scale_twice_is_one_scale(tmp_path):
@@ -106,5 +114,24 @@ def test_evaluate_several_scales_refuses_one_checkpoint_or_images(tiny_checkpoin
     data = make_images(tmp_path / "val")
     for extra in (["--checkpoint", tiny_checkpoint], ["-o", tmp_path / "sr"], ["--compare_dir", tmp_path / "c"]):
         code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 2, 4, *extra)
-        assert_one_line_error(code, err, "several --scale values")
+        assert_one_line_error(code, err, "several --scale or --arch values")
     assert not (tmp_path / "sr").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("arch, params", [("espcn", "37,200"), ("edsr_baseline", "1,517,571")])
+def test_arch_picks_that_networks_shipped_checkpoint(arch, params, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
+    code, out, err = run_main(infer, src, "--arch", arch, "--precision", "fp32")
+    assert code == 0, err
+    assert f"checkpoint {shipped_checkpoint(4, arch)} ({arch} x4, raw weights" in out
+    assert Image.open(tmp_path / "a_x4.png").size == (56, 40)
+    code, out, err = run_main(evaluate, "--data_dir", make_images(tmp_path / "val"), "--arch", arch, "resshuffle",
+                              "--max_images", 1)
+    assert code == 0, err
+    rows = out.splitlines()[-2:]
+    assert rows[0].split()[:2] == ["val", arch] and params in rows[0] and rows[1].split()[:2] == ["val", "resshuffle"]
+
+
+def test_every_shipped_file_is_there():
+    assert all(p.is_file() for p in checkpoint.shipped_paths())

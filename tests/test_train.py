@@ -22,6 +22,7 @@ def two_epochs(tmp_path_factory):
     return result.stdout, images, root / "runs" / "tiny"
 
 
+@pytest.mark.slow
 def test_a_run_writes_last_best_and_one_log_row_per_epoch(two_epochs):
     stdout, _, run_dir = two_epochs
     assert {p.name for p in run_dir.iterdir()} == {"last.pt", "best.pt", "log.csv", "curves.png", ".lock"}
@@ -32,6 +33,7 @@ def test_a_run_writes_last_best_and_one_log_row_per_epoch(two_epochs):
     assert all(float(r["val_psnr"]) > 10 and 0 < float(r["val_ssim"]) <= 1 for r in log)
 
 
+@pytest.mark.slow
 def test_last_pt_holds_the_whole_run_state(two_epochs):
     _, _, run_dir = two_epochs
     last = load_checkpoint(run_dir / "last.pt")
@@ -41,6 +43,7 @@ def test_last_pt_holds_the_whole_run_state(two_epochs):
     assert abs(last["best_psnr"] - best_in_log) < 1e-4  # the log rounds to 4 digits
 
 
+@pytest.mark.slow
 def test_resume_goes_on_with_the_optimizer_state_and_lr_schedule(two_epochs, tmp_path):
     _, images, run_dir = two_epochs
     run_dir = shutil.copytree(run_dir, tmp_path / "tiny")
@@ -59,16 +62,23 @@ def test_resume_goes_on_with_the_optimizer_state_and_lr_schedule(two_epochs, tmp
     assert not torch.equal(after["model"]["tail.weight"], before["model"]["tail.weight"])
 
 
+@pytest.mark.slow
 def test_an_export_holds_the_weights_only_and_infer_loads_it(two_epochs, tmp_path):
     _, images, run_dir = two_epochs
     exported = tmp_path / "weights.pt"
     code, out, err = run_main(train, "--export", run_dir / "best.pt", exported)
     assert code == 0, err
-    assert set(torch.load(exported, weights_only=True)) == {"model", "model_args", "degradation"}  # no --ema
+    held = torch.load(exported, weights_only=True)
+    assert set(held) == {"model", "model_args", "degradation", "training"}  # no --ema
+    best_epoch = load_checkpoint(run_dir / "best.pt")["epoch"]
+    logged = sum(float(r["seconds"]) for r in read_log(run_dir) if int(r["epoch"]) <= best_epoch)
+    assert held["training"] == {"epochs": best_epoch, "steps": 3 * best_epoch, "seconds": round(logged, 1),
+                                "precision": "fp32"}
     code, _, err = run_main(infer, images / "img0.png", "-o", tmp_path / "sr.png", "--checkpoint", exported)
     assert code == 0 and (tmp_path / "sr.png").exists(), err
 
 
+@pytest.mark.slow
 def test_an_export_cannot_be_resumed(two_epochs, tmp_path):
     _, images, run_dir = two_epochs
     assert run_main(train, "--export", run_dir / "best.pt", tmp_path / "weights.pt")[0] == 0

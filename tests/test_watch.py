@@ -8,6 +8,10 @@ from PIL import Image
 import plot
 import train
 from conftest import ROOT, TINY_RUN, assert_one_line_error, read_log, run_main
+from metrics import METRICS
+
+# curves.png: a panel per metric, the loss and the learning rate, 4.4 x 3.6 inches each at 80 dpi
+CURVES_SIZE = (round(4.4 * (len(METRICS) + 2) * 80), 288)
 
 
 def train_tiny(image_dir, runs, *extra):
@@ -20,7 +24,7 @@ def test_a_short_run_leaves_curves_png_redrawn_at_every_validation(image_dir, tm
     assert code == 0, err
     png = tmp_path / "r" / "curves.png"
     img = np.asarray(Image.open(png).convert("RGB"))
-    assert img.shape == (288, 1040, 3) and len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # drawn, not blank
+    assert img.shape == (*CURVES_SIZE[::-1], 3) and len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # drawn, not blank
     rows = read_log(tmp_path / "r")
     assert [r["bicubic_psnr"] != "" for r in rows] == [False, True, True]  # epochs 2 and 3 validated
 
@@ -31,7 +35,7 @@ def test_tensorboard_gets_the_scalars_and_validation_crops(image_dir, tmp_path):
     code, _, err = train_tiny(image_dir, tmp_path, "--num_epochs", "2", "--tensorboard")
     assert code == 0, err
     events = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"images": 0}).Reload()
-    assert {"loss", "lr", "val_psnr", "val_ssim", "bicubic_psnr"} <= set(events.Tags()["scalars"])
+    assert {"loss", "loss_l1", "lr", "val_psnr", "val_ssim", "bicubic_psnr", "bicubic_ssim"} <= set(events.Tags()["scalars"])
     psnr = [(e.step, round(e.value, 4)) for e in events.Scalars("val_psnr")]
     assert psnr == [(int(r["epoch"]), float(r["val_psnr"])) for r in read_log(tmp_path / "r")]
     assert sorted(events.Tags()["images"]) == ["val/img0.png", "val/img1.png", "val/img2.png"]
@@ -52,7 +56,7 @@ def test_plot_draws_the_shipped_log_and_keeps_what_exists(tmp_path):
     epochs = len(log.read_text().splitlines()) - 1  # the header
     code, stdout, err = run_main(plot, log, "-o", out)
     assert code == 0 and f"({epochs} epochs)" in stdout, err
-    assert Image.open(out).size == (1040, 288)
+    assert Image.open(out).size == CURVES_SIZE
     before = out.read_bytes()
     code, _, err = run_main(plot, log, "-o", out)
     assert_one_line_error(code, err, "exists; pass --overwrite")
