@@ -19,7 +19,6 @@ import torch
 from model import DEFAULT_ARCH, build_network
 from onnx_export import export_onnx, require_onnx
 from files import atomic_path, check_output_file, file_ids, make_dir
-from runs import read_log
 from utils import REPO, UserError, first_line
 
 # The shipped checkpoints, by network and scale, in checkpoints/ of the repository wherever the scripts run.
@@ -208,13 +207,14 @@ def weights_mismatch(expected: dict, state) -> str | None:
     return f"{extra[0]} is not in the network" if extra else None
 
 
-def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) -> None:
+def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False, summary=None) -> None:
     """Write a run's checkpoint as weights and model_args only: what infer.py and evaluate.py need.
 
     The format follows `dst`'s suffix: .safetensors, .onnx (the network, dynamic axes), else torch.save's.
 
     Never over a run's checkpoint (its optimizer state would be lost), and over an existing
-    export only with `overwrite`.
+    export only with `overwrite`. `summary(checkpoint, log_path)`: what the export keeps of a
+    run's training (runs.training_summary).
     """
     checkpoint = load_checkpoint(src)
     if Path(dst).exists() and file_ids([dst]) & file_ids([src]):
@@ -228,8 +228,8 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
         require_onnx()  # before any folder is made
     make_dir(Path(dst).parent)
     keep = {k: checkpoint[k] for k in WEIGHT_KEYS if checkpoint.get(k) is not None}
-    if "optimizer" in checkpoint:  # a run's checkpoint: how long it trained, from its log
-        keep["training"] = training_summary(checkpoint, Path(src).parent / "log.csv")
+    if "optimizer" in checkpoint and summary is not None:  # a run's checkpoint: how it trained
+        keep["training"] = summary(checkpoint, Path(src).parent / "log.csv")
     what, suffix = ", ".join(keep), Path(dst).suffix.lower()
     if suffix == ".safetensors":
         save_safetensors(keep, Path(dst))
@@ -241,15 +241,6 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False) ->
     else:
         save_checkpoint(keep, dst)
     print(f"{src} ({describe_progress(checkpoint)}) -> {dst}: {what}; model_args {checkpoint['model_args']}")
-
-
-def training_summary(checkpoint: dict, log: Path) -> dict:
-    """What an export keeps of the run that made it: its epochs, steps, precision, and seconds
-    (the log's epoch times up to the checkpoint's epoch, validation included; None without the log)."""
-    epoch = checkpoint.get("epoch", 0)
-    seconds = sum(float(r["seconds"]) for r in read_log(log) if int(r["epoch"]) <= epoch) if log.is_file() else None
-    return {"epochs": epoch, "steps": epoch * checkpoint.get("steps_per_epoch", 0) * checkpoint.get("world_size", 1),
-            "seconds": None if seconds is None else round(seconds, 1), "precision": checkpoint.get("precision")}
 
 
 def is_run_checkpoint(path: str | Path) -> bool:

@@ -66,7 +66,7 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
             sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
             seconds = time.perf_counter() - start
             bicubic = resize_bicubic(lr, hr.shape[1], hr.shape[0])
-            row = ({"name": name, "width": hr.shape[1], "height": hr.shape[0], "sr_seconds": round(seconds, 4)}
+            row = ({"name": name, "width": hr.shape[1], "height": hr.shape[0], "sr_seconds": seconds}
                    | measure(sr, hr, crop_border, channels) | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
             sr_path, compare_path = (outputs or {}).get(name, (None, None))
             if sr_path is not None:
@@ -201,6 +201,8 @@ def main(args):
     if len(picks) > 1 and (args.checkpoint or args.save_dir or args.compare_dir):
         raise UserError("several --scale or --arch values take the shipped checkpoints and write no images: "
                         "--checkpoint, -o and --compare_dir go with one of each")
+    if len(set(args.precision)) > 1 and (args.save_dir or args.compare_dir):
+        raise UserError("several --precision values write no images: -o and --compare_dir go with one")
     sets = find_sets(args)
     device = select_device(args.device)
     models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights, arch=a) for a, s in picks]

@@ -7,11 +7,12 @@
     sr = net(lr)  # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W); the repository's upscale.upscale tiles large images
 
 This repository's modules have plain names (utils, model, ...) that a caller may use for its own
-modules. So they are imported here under private names, `_resshuffle_hub.<name>`: the caller's
+modules. So they are imported here under private names, `_resshuffle_hub_<clone>.<name>`: the caller's
 sys.modules gains none of the plain names, and modules of the caller's that have them are
 neither used nor replaced. Where the caller already imported this repository's own module
 of a name (its tests do), that one is used.
 """
+import hashlib
 import importlib
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 dependencies = ["torch", "safetensors"]
 
 HERE = Path(__file__).resolve().parent
-PRIVATE = "_resshuffle_hub"
+# One private prefix per clone: two clones loaded in one process keep their own code.
+PRIVATE = f"_resshuffle_hub_{hashlib.sha256(str(HERE).encode()).hexdigest()[:12]}"
 
 
 def _repo(name: str):

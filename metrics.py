@@ -2,8 +2,8 @@
 border, RGB or BT.601 luma).
 
 `METRICS` is the one place a metric is named: add one there and train.py's validation and
-log.csv, bicubic's scores, curves.png, and evaluate.py's tables and --csv all show it. The first
-is the one training keeps its best checkpoint by.
+log.csv, bicubic's scores, curves.png, and evaluate.py's tables and --csv all show it. Training
+keeps its best checkpoint by PSNR.
 """
 import math
 from dataclasses import dataclass

@@ -271,16 +271,16 @@ def build_network(model_args: dict) -> nn.Module:
     arch = options.pop("arch", DEFAULT_ARCH)
     if arch not in NETWORKS:
         raise ValueError(f"unknown network {arch!r}: known are {', '.join(NETWORKS)}")
-    unknown = [k for k in options if k not in network_options(arch) + ["scale"]]
+    unknown = [k for k in options if k not in network_options(arch) and k != "scale"]
     if unknown:
         raise ValueError(f"the {arch} network takes no option {unknown[0]!r} (it takes: "
-                         f"{', '.join(['scale'] + network_options(arch))})")
+                         f"{', '.join(['scale', *network_options(arch)])})")
     return NETWORKS[arch](**options)
 
 
-def network_options(arch: str) -> list[str]:
-    """The keyword options of NETWORKS[arch] besides `scale`, in the constructor's order."""
-    return [n for n in inspect.signature(NETWORKS[arch]).parameters if n != "scale"]
+def network_options(arch: str) -> dict:
+    """The keyword options of NETWORKS[arch] besides `scale`, with their defaults, in the constructor's order."""
+    return {name: p.default for name, p in inspect.signature(NETWORKS[arch]).parameters.items() if name != "scale"}
 
 
 # Devices whose pixel_shuffle keeps a channels_last input channels_last (PyTorch's CPU kernel does).

@@ -12,8 +12,8 @@ RUN_OUTPUTS = RUN_FILES + ("curves.png",)      # what a run writes there
 
 
 def csv_fields() -> list[str]:
-    """log.csv's columns, every metric of metrics.METRICS included; then each loss term's mean
-    (loss_l1, ...), as the run's --loss names them."""
+    """log.csv's columns, every metric of metrics.METRICS included. Each --loss term's mean
+    (loss_l1, ...) follows them, as a column of the rows (write_log)."""
     return (["epoch", "loss", "lr"] + [f"val_{m}" for m in METRICS] + ["seconds", "precision"]
             + [f"bicubic_{m}" for m in METRICS])
 
@@ -91,3 +91,12 @@ def write_log(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=fields + extra, restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def training_summary(checkpoint: dict, log: Path) -> dict:
+    """What an export keeps of the run that made it: its epochs, optimizer steps, precision, and
+    seconds (the log's epoch times up to the checkpoint's epoch, validation included; None without the log)."""
+    epoch = checkpoint.get("epoch", 0)
+    seconds = sum(float(r["seconds"]) for r in read_log(log) if int(r["epoch"]) <= epoch) if log.is_file() else None
+    return {"epochs": epoch, "steps": epoch * checkpoint.get("steps_per_epoch", 0),
+            "seconds": None if seconds is None else round(seconds, 1), "precision": checkpoint.get("precision")}

@@ -45,7 +45,7 @@ from metrics import METRICS, format_scores, means, measure, measure_on_device, m
 from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, build_network, network_options
 from precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
 from resize import DEGRADATIONS, resize_bicubic
-from runs import append_log, check_run_folder, open_run_folder
+from runs import append_log, check_run_folder, open_run_folder, training_summary
 from training import StopSignal, ema_decay_at, train_step, update_ema
 from upscale import exact_cuda, upscale
 from utils import (REPO, UserError, make_parser, non_negative_int, plural, positive_float, positive_int, run_cli,
@@ -137,7 +137,7 @@ class Run:
 
 def main(args):
     if args.export:
-        return export_weights(*args.export, overwrite=args.overwrite)
+        return export_weights(*args.export, overwrite=args.overwrite, summary=training_summary)
     try:
         train(args)
         distributed.barrier()  # all processes finish together
@@ -236,15 +236,15 @@ NETWORK_FLAGS = ("num_features", "num_residuals", "mean_shift", "image_skip")
 
 
 def network_args(args) -> dict:
-    """model_args from the flags: --arch, the scale, and the options the network takes. A network
-    option typed for a network without it is refused."""
+    """model_args from the flags: --arch, the scale, and every option of the network, at its own
+    default unless its flag was typed. A network option typed for a network without it is refused."""
     options = network_options(args.arch)
     for name in NETWORK_FLAGS:
         if name in args.given and name not in options:
             raise UserError(f"--{name}: the {args.arch} network has no such option (its options: "
                             f"{', '.join('--' + n for n in NETWORK_FLAGS if n in options) or 'none'})")
-    return {"arch": args.arch, "scale": args.upscale_factor,
-            **{name: getattr(args, name) for name in NETWORK_FLAGS if name in options}}
+    typed = {name: getattr(args, name) for name in NETWORK_FLAGS if name in args.given}
+    return {"arch": args.arch, "scale": args.upscale_factor, **options, **typed}
 
 
 def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, device: torch.device,
@@ -253,8 +253,11 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     scale = model_args["scale"]
     loader, steps_per_epoch = make_loader(args, scale, rank, world_size, device)
     val_pairs = list(eval_pairs(val_paths, scale, args.degradation)) if rank == 0 else []
-    model = build_network(model_args).to(device, memory_format=torch.channels_last)
-    optimizer, loss = torch.optim.Adam(model.parameters(), lr=args.lr), WeightedLoss(args.loss)
+    try:  # a resumed run's network or loss may no longer be registered
+        model, loss = build_network(model_args).to(device, memory_format=torch.channels_last), WeightedLoss(args.loss)
+    except ValueError as e:
+        raise UserError(f"{args.resume or 'train.py'}: {e}") from None
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     kept = args.resume and "precision" not in args.given
     # A run saved before --precision existed: CPUs trained in fp32 then, GPUs in autocast.
     requested = "fp32" if kept and args.precision == "auto" and device.type == "cpu" else args.precision
@@ -572,8 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale_factor", type=int, default=4, choices=sorted(UPSAMPLE_STAGES), help="the scale")
     p.add_argument("--arch", choices=NETWORKS, default=DEFAULT_ARCH,
                    help="the network (model.NETWORKS); the options below apply where it takes them")
-    p.add_argument("--num_features", type=positive_int, default=64, help="channels of the residual blocks")
-    p.add_argument("--num_residuals", type=non_negative_int, default=16, help="residual blocks")
+    p.add_argument("--num_features", type=positive_int, default=64,
+                   help="channels of the hidden convs (not typed: the network's own default; ResShuffle's is 64)")
+    p.add_argument("--num_residuals", type=non_negative_int, default=16,
+                   help="residual blocks (not typed: the network's own default; ResShuffle's is 16)")
     p.add_argument("--num_workers", type=non_negative_int, default=4,
                    help="threads cutting training patches ahead of the step (0: the main thread)")
     p.add_argument("--step_size", type=positive_int, default=50, help="StepLR period, in epochs")

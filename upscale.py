@@ -113,7 +113,8 @@ def super_resolve(model: torch.nn.Module, img: np.ndarray, tile: int, tile_pad: 
         return tensor_to_image(t) if dtype == np.uint8 else t.squeeze(0).float().permute(1, 2, 0).cpu().numpy()
 
     if tile <= 0 or (tile >= h and tile >= w):
-        if fits_in_memory(model, h, w, device):
+        # A network that states no radius can't be tiled exactly without a tile_pad: it runs whole.
+        if tile_pad == 0 and not hasattr(model, "receptive_radius") or fits_in_memory(model, h, w, device):
             out = to_array(model(x))
             if bar is not None:
                 bar.update()

@@ -3,10 +3,12 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import metrics
 import train
 from checkpoint import load_model, save_checkpoint
-from conftest import TINY, assert_one_line_error, run_main
+from checkpoint import load_checkpoint
+from conftest import TINY, TINY_RUN, assert_one_line_error, make_images, run_main
 from losses import LOSSES, WeightedLoss, charbonnier, fft, parse_loss
 from model import NETWORKS, EDSRBaseline, ESPCN, ResShuffle, build_network, network_options
 from upscale import describe_tiling, upscale
@@ -57,7 +59,7 @@ def test_build_network_names_an_unknown_network_or_option():
         build_network({"arch": "srcnn", "scale": 4})
     with pytest.raises(ValueError, match="the espcn network takes no option 'num_residuals'"):
         build_network({"arch": "espcn", "scale": 4, "num_residuals": 3})
-    assert network_options("espcn") == ["num_features"]
+    assert network_options("espcn") == {"num_features": 64}
     assert isinstance(build_network({"scale": 4}), ResShuffle)  # a checkpoint saved before --arch
 
 
@@ -142,3 +144,34 @@ def test_a_registered_degradation_makes_lr_images_and_names_itself(monkeypatch):
     assert "LR = PIL bicubic of" in protocol(2, 2, False, "pil")
     with pytest.raises(ValueError, match="unknown degradation 'area': use one of pil, matlab, box"):
         resize.downsample(hr, 2, "area")
+
+
+def test_a_run_of_a_network_no_longer_registered_is_one_line_on_resume(tmp_path):
+    images = make_images(tmp_path / "images")
+    code, _, err = run_main(train, "--train_dir", images, "--val_dir", images, "--checkpoint_dir", tmp_path / "runs",
+                            "--run_name", "r", *TINY_RUN, "--num_epochs", "1")
+    assert code == 0, err
+    last = tmp_path / "runs" / "r" / "last.pt"
+    state = load_checkpoint(last)
+    state["model_args"]["arch"] = "removed_net"
+    save_checkpoint(state, last)
+    code, _, err = run_main(train, "--resume", last, "--num_epochs", "2")
+    assert_one_line_error(code, err, str(last), "unknown network 'removed_net'")
+
+
+def test_a_network_keeps_its_own_defaults_unless_a_flag_is_typed(tmp_path, monkeypatch):
+    class Wide(ESPCN):
+        def __init__(self, scale: int = 4, num_features: int = 16):
+            super().__init__(scale=scale, num_features=num_features)
+    monkeypatch.setitem(NETWORKS, "wide", Wide)
+    args = train.parse_args(["--arch", "wide"])
+    assert train.network_args(args) == {"arch": "wide", "scale": 4, "num_features": 16}
+    args = train.parse_args(["--arch", "wide", "--num_features", "8"])
+    assert train.network_args(args) == {"arch": "wide", "scale": 4, "num_features": 8}
+
+
+def test_evaluate_writes_images_for_one_precision_only(tmp_path):
+    images = make_images(tmp_path / "val")
+    code, _, err = run_main(evaluate, "--data_dir", images, "--precision", "fp32", "bf16", "-o", tmp_path / "sr")
+    assert_one_line_error(code, err, "several --precision values write no images")
+    assert not (tmp_path / "sr").exists()
