@@ -96,15 +96,15 @@ def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE, t
         return np.rint(np.clip(total / 8, 0, 1) * 255).astype(np.uint8)
 
 
-def super_resolve(model: torch.nn.Module, img: np.ndarray, tile: int, tile_pad: int | None, dtype,
+def super_resolve(model: torch.nn.Module, img: np.ndarray, tile: int, tile_pad: int, dtype,
                   bar: tqdm | None = None) -> np.ndarray:
     """`upscale` without the ensemble: HWC uint8 (rounded) or float32 (raw, in [0, 1] units).
+    `tile` and `tile_pad` as `tiling` resolved them.
 
     Each tile runs with `tile_pad` pixels of context (a split network: its LR features, then
     `reconstruct_tile`), and is written into one preallocated array.
     """
     device = next(model.parameters()).device
-    tile, tile_pad = tiling(model, tile, tile_pad)
     s = model.scale
     x = image_to_tensor(img).to(device)
     h, w = img.shape[:2]
