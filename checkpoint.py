@@ -186,6 +186,9 @@ def model_from(checkpoint: dict, path: str | Path, device: torch.device,
     mismatch = weights_mismatch(model.state_dict(), state)
     if mismatch:
         raise UserError(f"{path}: its weights do not match its model_args {model_args}: {mismatch}")
+    broken = next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken:  # a diverged run's: the output would be black
+        raise UserError(f"{path}: its weights hold NaN or inf values ({broken}); it can't upscale anything")
     model.load_state_dict(state)
     info = {"weights": kind, "degradation": checkpoint.get("degradation"), "model_args": model_args,
             "arch": model_args.get("arch", DEFAULT_ARCH), "training": checkpoint.get("training")}

@@ -167,6 +167,9 @@ def check_output_file(path: str | Path, overwrite: bool = False, inputs: set = f
 
 def check_output_files(paths, overwrite: bool = False, inputs: set = frozenset()) -> None:
     """`check_output_file` for many outputs: each file, then each of their folders once."""
+    for raw in paths:  # Path() drops a trailing slash, which says the user meant a folder
+        if str(raw).endswith(("/", os.sep)):
+            raise UserError(f"{raw}: ends in '/', a folder; name the output file")
     paths = [Path(p) for p in paths]
     for path in paths:
         check_name_lengths(path)

@@ -53,10 +53,12 @@ def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, *
     """A network of model.NETWORKS. pretrained: the shipped checkpoint's weights for `arch` and
     `scale`, in eval mode, on the CPU (`model_args` must then be the shipped ones, or left out);
     otherwise a new network, `model_args` as its class takes them."""
+    if not isinstance(scale, int) or isinstance(scale, bool):
+        raise ValueError(f"scale must be an int (2, 3, 4 or 8), got {type(scale).__name__} {scale!r}")
     model, checkpoint = _repo("model"), _repo("checkpoint")
     if not pretrained:
         return model.build_network({"arch": arch, "scale": scale, **model_args})
-    if not isinstance(scale, int) or scale not in checkpoint.SHIPPED.get(arch, ()):
+    if scale not in checkpoint.SHIPPED.get(arch, ()):
         raise ValueError(f"pretrained weights ship for {checkpoint.shipped_names(None)}, not {arch} x{scale}; "
                          f"pass pretrained=False")
     net, info = checkpoint.load_model(checkpoint.shipped_checkpoint(scale, arch), _cpu())

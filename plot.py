@@ -20,7 +20,7 @@ def main(args):
     rows = read_log(log)
     if not rows:
         raise UserError(f"{log}: holds no epoch rows (a train.py log.csv has epoch, loss, lr, val_psnr, ...)")
-    out = Path(args.output or log.with_name("curves.png"))
+    out = Path(args.output or default_output(log))
     if out.suffix.lower() != ".png":  # also: never over the log, a checkpoint or an image of another kind
         raise UserError(f"{out}: plot.py writes a PNG; name the output .png")
     check_output_file(out, overwrite=args.overwrite)
@@ -33,10 +33,17 @@ def main(args):
     print(f"{log} ({len(rows)} epochs) -> {out}")
 
 
+def default_output(log: Path) -> Path:
+    """<log name>_curves.png beside the log: never a name a run writes (its curves.png), so
+    plot.py runs after train.py without --overwrite."""
+    return log.with_name(f"{log.name.removesuffix('.csv')}_curves.png")
+
+
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("log", help="a run's log.csv")
-    parser.add_argument("-o", "--output", default=None, help="the PNG to write; None: curves.png beside the log")
+    parser.add_argument("-o", "--output", default=None,
+                        help="the PNG to write; None: <log name>_curves.png beside the log (log_curves.png for a run's)")
     parser.add_argument("--bicubic", type=float, default=None,
                         help="bicubic's validation PSNR, drawn as a line; None: the log's bicubic_psnr column")
     parser.add_argument("--overwrite", action="store_true", help="replace the PNG if it exists")

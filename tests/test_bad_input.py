@@ -194,3 +194,23 @@ def test_errors_reach_the_terminal_as_one_line_from_a_real_process(tiny_checkpoi
     (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     result = run_script("infer.py", tmp_path / "cut.png", "--checkpoint", tiny_checkpoint, check=False)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "not a readable image" in result.stderr
+
+
+def test_weights_holding_nan_or_inf_are_refused_in_one_line(tmp_path, photo):
+    photo.save(tmp_path / "a.png")
+    for bad in (float("nan"), float("inf")):
+        state = ResShuffle(**TINY).state_dict()
+        state["tail.bias"][0] = bad
+        save_checkpoint({"model": state, "model_args": TINY}, tmp_path / "diverged.pt")
+        code, _, err = run_main(infer, tmp_path / "a.png", "--checkpoint", tmp_path / "diverged.pt")
+        assert_one_line_error(code, err, "diverged.pt: its weights hold NaN or inf values (tail.bias)")
+    assert not (tmp_path / "a_x4.png").exists()
+
+
+def test_a_csv_name_ending_in_a_slash_is_a_folder_not_a_file(tiny_checkpoint, tmp_path, photo):
+    (tmp_path / "val").mkdir()
+    photo.save(tmp_path / "val" / "a.png")
+    code, _, err = run_main(evaluate, "--data_dir", tmp_path / "val", "--checkpoint", tiny_checkpoint,
+                            "--csv", f"{tmp_path / 'out'}/")
+    assert_one_line_error(code, err, "out/: ends in '/', a folder; name the output file")
+    assert not (tmp_path / "out").exists()

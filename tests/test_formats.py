@@ -103,6 +103,8 @@ def test_torch_hub_loads_the_shipped_network_offline_from_the_clone(monkeypatch)
     assert fresh.scale == 2
     same = torch.hub.load(str(ROOT), "resshuffle", scale=4, pretrained=True, source="local", mean_shift=True)
     assert same.scale == 4
+    with pytest.raises(ValueError, match="scale must be an int .2, 3, 4 or 8., got float 4.0"):
+        torch.hub.load(str(ROOT), "resshuffle", scale=4.0, pretrained=True, source="local")
     with pytest.raises(ValueError, match="not resshuffle x8"):
         torch.hub.load(str(ROOT), "resshuffle", scale=8, pretrained=True, source="local")
     with pytest.raises(ValueError, match="other model_args"):

@@ -74,7 +74,7 @@ def test_plot_writes_only_pngs_never_over_its_log_and_names_a_bad_value(tmp_path
     log.write_text("epoch,loss,lr,val_psnr\n1,abc,0.0002,25.1\n")
     code, _, err = run_main(plot, log)
     assert_one_line_error(code, err, "log.csv: could not convert string to float: 'abc'")
-    assert not (tmp_path / "curves.png").exists()
+    assert not (tmp_path / "log_curves.png").exists()
 
 
 def test_overwriting_a_run_removes_its_tensorboard_events(image_dir, tmp_path):
@@ -83,3 +83,13 @@ def test_overwriting_a_run_removes_its_tensorboard_events(image_dir, tmp_path):
     assert list((tmp_path / "r" / "tensorboard").iterdir())
     assert train_tiny(image_dir, tmp_path, "--num_epochs", "1", "--overwrite")[0] == 0
     assert not (tmp_path / "r" / "tensorboard").exists()
+
+
+def test_plot_after_a_run_writes_beside_the_log_without_touching_the_runs_curves(image_dir, tmp_path):
+    code, _, err = train_tiny(image_dir, tmp_path, "--num_epochs", "1")
+    assert code == 0, err
+    run_curves = (tmp_path / "r" / "curves.png").read_bytes()
+    code, out, err = run_main(plot, tmp_path / "r" / "log.csv")
+    assert code == 0, err
+    assert (tmp_path / "r" / "log_curves.png").is_file() and "log_curves.png" in out
+    assert (tmp_path / "r" / "curves.png").read_bytes() == run_curves
