@@ -76,6 +76,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         magic = f.read(9)
     if is_safetensors(magic):
         return load_safetensors(path)
+    if path.suffix.lower() == ".onnx" and not magic.startswith(b"PK\x03\x04"):
+        raise UserError(f"{path}: an ONNX export, which onnxruntime runs (docs/formats.md); infer.py and "
+                        f"evaluate.py load the .safetensors or .pt it was exported from")
     # torch.save writes a zip (PK..); the legacy format and plain pickles start with PROTO (0x80)
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
         raise UserError(f"{path}: not a PyTorch checkpoint (neither a zip, a pickle nor a safetensors file)")

@@ -80,10 +80,12 @@ def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE, t
     """
     passes = 8 if self_ensemble else 1
     tile, tile_pad = tiling(model, tile, tile_pad)
-    count = passes * len(list(tiles(*img.shape[:2], tile))) if tile > 0 else passes
+    per_pass = len(list(tiles(*img.shape[:2], tile))) if tile > 0 else 1
+    # What the bar counts: tiles, the 8 flips of a one-tile image, or tiles of all 8 flips.
+    what = "tiles" if passes == 1 else "flips" if per_pass == 1 else "tiles (8 flips)"
     device = next(model.parameters()).device
-    with exact_cuda(), autocast(device, precision), tqdm(total=count, desc="tiles", unit="tile", leave=False,
-                                                         disable=not progress or count == 1) as bar:
+    with exact_cuda(), autocast(device, precision), tqdm(total=passes * per_pass, desc=what, unit="tile" if "tiles" in what else "flip", leave=False,
+                                                         disable=not progress or passes * per_pass == 1) as bar:
         if not self_ensemble:
             return super_resolve(model, img, tile, tile_pad, np.uint8, bar)
         total = None

@@ -72,7 +72,8 @@ def seed_everything(seed: int) -> None:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    """'auto' picks CUDA when available, else CPU; a device this machine lacks ('cuda' without a
+    GPU, 'mps', 'meta', ...) is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -81,6 +82,10 @@ def select_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but CUDA is not available here")
+    backend = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...: each says whether it is here
+    if device.type not in ("cpu", "cuda") and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise UserError(f"device {name!r} asked for, but this machine has no such device: "
+                        f"use auto, cpu, cuda or cuda:N")
     return device
 
 

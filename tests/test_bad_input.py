@@ -214,3 +214,13 @@ def test_a_csv_name_ending_in_a_slash_is_a_folder_not_a_file(tiny_checkpoint, tm
                             "--csv", f"{tmp_path / 'out'}/")
     assert_one_line_error(code, err, "out/: ends in '/', a folder; name the output file")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta", "hpu"])
+def test_a_device_this_machine_lacks_is_one_line(device, tmp_path, photo, tiny_checkpoint):
+    if getattr(getattr(torch, device, None), "is_available", lambda: False)():
+        pytest.skip(f"this machine has a {device} device")
+    photo.save(tmp_path / "a.png")
+    code, _, err = run_main(infer, tmp_path / "a.png", "--checkpoint", tiny_checkpoint, "--device", device)
+    assert_one_line_error(code, err, f"device '{device}' asked for, but this machine has no such device")
+    assert not (tmp_path / "a_x4.png").exists()

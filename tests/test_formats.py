@@ -126,6 +126,8 @@ def test_an_onnx_export_takes_any_size_and_matches_pytorch(tmp_path, scale):
     checkpoint_module.save_checkpoint({"model": ResShuffle(**args).state_dict(), "model_args": args}, src)
     code, _, err = run_main(train, "--export", src, tmp_path / "x.onnx")
     assert code == 0, err
+    with pytest.raises(UserError, match="an ONNX export, which onnxruntime runs .docs/formats.md.; infer.py and"):
+        load_checkpoint(tmp_path / "x.onnx")  # what infer.py --checkpoint x.onnx says
     model, _ = load_model(src, torch.device("cpu"))
     session, name = onnx_session(tmp_path / "x.onnx")
     photo = torch.from_numpy(astronaut()[100:311, 50:383].copy()).permute(2, 0, 1).float().div(255)  # 333x211

@@ -221,7 +221,9 @@ def test_a_large_image_shows_progress_over_its_tiles(tiny_checkpoint, capsys):
     err = capsys.readouterr().err
     assert "tiles:   0%|          | 0/6 [" in err
     upscale(model, img, tile=32, self_ensemble=True, progress=True)
-    assert "| 0/48 [" in capsys.readouterr().err
+    assert "tiles (8 flips):   0%|          | 0/48 [" in capsys.readouterr().err
+    upscale(model, img, tile=256, self_ensemble=True, progress=True)  # one tile: the bar counts flips
+    assert "flips:   0%|          | 0/8 [" in capsys.readouterr().err
 
 
 def test_evaluates_bar_has_a_total(tiny_checkpoint, tmp_path):
