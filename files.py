@@ -196,14 +196,18 @@ def check_outside(out_dir: Path, folder: Path) -> None:
                             f"read the outputs as inputs: choose another output folder")
 
 
-def check_inputs_outside(inputs: list[Path], out_dir: Path) -> None:
-    """No input may lie in the output folder (a linked subfolder under --recursive can lead
-    there): each run would upscale the last run's outputs again."""
-    out_real = os.path.realpath(out_dir) + os.sep
-    for p in inputs:
-        if os.path.realpath(p).startswith(out_real):
-            raise UserError(f"{p}: is inside the output folder {out_dir} (through a link?); the outputs would be "
-                            f"read as inputs: choose another output folder")
+def check_outputs_outside_inputs(pairs: list[tuple[Path, Path]]) -> None:
+    """No output may land in a folder an input is read from, or below it (a linked subfolder under
+    --recursive can lead there): each run would upscale the last run's outputs again. An output
+    folder that merely holds the input folder (`-o .` for `in/`) is fine."""
+    sources = {os.path.realpath(src.parent) + os.sep for src, _ in pairs}
+    for src, dst in pairs:
+        real = os.path.realpath(dst.parent) + os.sep
+        source = next((s for s in sources if real.startswith(s)), None)
+        if source is not None:
+            raise UserError(f"{dst}: would be written into {source.rstrip(os.sep)}, where inputs are read from "
+                            f"(through a link?); the next run would read the outputs as inputs: choose another "
+                            f"output folder")
 
 
 def output_stems(paths: list[Path]) -> dict[Path, str]:

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import load_chosen, shipped_names
-from files import (check_distinct, check_inputs_outside, check_outside, check_output_files, file_ids, folder_for,
+from files import (check_distinct, check_outputs_outside_inputs, check_outside, check_output_files, file_ids, folder_for,
                    output_stems)
 from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
 from model import NETWORKS, UPSAMPLE_STAGES
@@ -81,9 +81,10 @@ def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale
         out_dir, root, stems = output_folder(input_path, output, scale), input_path.parent, output_stems(inputs)
         if input_path.is_dir():
             check_outside(out_dir, input_path)
-            check_inputs_outside(inputs, out_dir)
             root = input_path
         pairs = [(p, out_dir / p.parent.relative_to(root) / f"{stems[p]}_x{scale}.png") for p in inputs]
+        if input_path.is_dir():
+            check_outputs_outside_inputs(pairs)
     check_distinct(pairs)
     ids = file_ids(inputs)
     if skip_existing:  # outputs there already (never an input) keep theirs

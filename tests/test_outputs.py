@@ -353,8 +353,16 @@ def test_recursive_never_reads_its_outputs_through_a_link(tiny_checkpoint, tmp_p
     photo(tmp_path / "in_x4" / "old_x4.png")
     (folder / "out").symlink_to(tmp_path / "in_x4")
     code, _, err = run_main(infer, folder, "--recursive", "--checkpoint", tiny_checkpoint)
-    assert_one_line_error(code, err, "is inside the output folder", "through a link?")
+    assert_one_line_error(code, err, "where inputs are read from (through a link?)")
     assert tree(tmp_path / "in_x4") == ["old_x4.png"]
+
+
+def test_an_output_folder_above_the_input_folder_is_fine(tiny_checkpoint, tmp_path, monkeypatch):
+    make_images(tmp_path / "in")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(infer, "in", "-o", ".", "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("*_x4.png")) == ["img0_x4.png", "img1_x4.png", "img2_x4.png"]
 
 
 # ---------------------------------------------------------------- links, long names and failed writes
