@@ -9,6 +9,7 @@ from utils import UserError, warn
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv")  # a folder holding any of them holds a run
 RUN_OUTPUTS = RUN_FILES + ("curves.png",)      # what a run writes there
+RUN_MADE = ("curves.png", "tensorboard")        # and what only a run's files say it made
 
 
 def csv_fields() -> list[str]:
@@ -35,6 +36,10 @@ def check_run_folder(folder: Path, new_run: bool, overwrite: bool, lock: bool):
     if new_run and not overwrite and holds_run(folder):
         raise UserError(f"{folder}: holds a run already; continue it with --resume {folder / 'last.pt'}, "
                         f"choose another --run_name, or pass --overwrite to replace it")
+    theirs = [name for name in RUN_MADE if (folder / name).exists()]
+    if new_run and theirs and not holds_run(folder):  # not a run's: a user's files, never replaced
+        raise UserError(f"{folder / theirs[0]}: a new run would write there, and no run made it; move it away "
+                        f"or choose another --run_name")
     check_output_dir(folder)
     return lock_folder(folder) if lock and folder.is_dir() else None
 
@@ -49,9 +54,10 @@ def open_run_folder(folder: Path, lock, new_run: bool, overwrite: bool, keep_thr
     if new_run:
         if holds_run(folder) and not overwrite:
             raise UserError(f"{folder}: another run started there meanwhile; choose another --run_name")
-        for name in RUN_OUTPUTS:
-            (folder / name).unlink(missing_ok=True)
-        shutil.rmtree(folder / "tensorboard", ignore_errors=True)  # the replaced run's events
+        if holds_run(folder):  # --overwrite: the replaced run's files and events
+            for name in RUN_OUTPUTS:
+                (folder / name).unlink(missing_ok=True)
+            shutil.rmtree(folder / "tensorboard", ignore_errors=True)
     for stale in remove_stale_temporaries(folder, RUN_OUTPUTS):
         warn(f"removed {stale}, left by a run killed while writing it")
     trim_log(folder / "log.csv", keep_through=keep_through)

@@ -286,3 +286,16 @@ def test_a_users_own_tmp_file_in_the_run_folder_is_not_taken_for_a_killed_write(
     (folder / ".notes.tmp").write_text("mine")
     code, _, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "2")
     assert code == 0 and (folder / ".notes.tmp").read_text() == "mine", err
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_new_run_never_replaces_curves_or_tensorboard_files_no_run_made(image_dir, tmp_path, overwrite):
+    folder = tmp_path / "runs" / "u"
+    (folder / "tensorboard" / "o").mkdir(parents=True)
+    (folder / "tensorboard" / "o" / "ev").write_text("x")
+    Image.fromarray(smooth_image(np.random.default_rng(0), 8, 8)).save(folder / "curves.png")
+    before = (folder / "curves.png").read_bytes()
+    code, out, err = run_main(train, *train_args(image_dir, tmp_path / "runs", "u", "--num_epochs", "1", *overwrite))
+    assert_one_line_error(code, err, "a new run would write there, and no run made it")
+    assert (folder / "curves.png").read_bytes() == before and (folder / "tensorboard" / "o" / "ev").read_text() == "x"
+    assert sorted(p.name for p in folder.iterdir()) == ["curves.png", "tensorboard"]
