@@ -186,7 +186,12 @@ def check_targets(root: Path, names) -> None:
 
 
 def main(args):
-    if urllib.parse.urlsplit(args.url_base).scheme not in ("http", "https"):
+    try:
+        parts = urllib.parse.urlsplit(args.url_base)
+        parts.port  # a bad port or IPv6 address raises only when read
+    except ValueError as e:
+        raise UserError(f"--url_base {args.url_base}: not a valid address ({e})") from None
+    if parts.scheme not in ("http", "https"):
         raise UserError(f"--url_base {args.url_base}: not an http:// or https:// address")
     root = Path(args.root)
     check_targets(root, args.sets)

@@ -23,13 +23,16 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_FILES)
 
 
-def check_run_folder(folder: Path, new_run: bool, overwrite: bool, lock: bool):
+def check_run_folder(folder: Path, new_run: bool, overwrite: bool, lock: bool, tensorboard: bool = False):
     """Before any work: a new run's folder holds no run (unless `overwrite`), the run's files are
     files, the folder can be written. With `lock` (rank 0), an existing folder is locked now,
     so that a second process is refused before it decodes anything; the lock file, or None."""
     for name in RUN_FILES:
         if (folder / name).exists() and not (folder / name).is_file():
             raise UserError(f"{folder / name}: is not a regular file, where the run keeps one; move it away")
+    if tensorboard and (folder / "tensorboard").exists() and not (folder / "tensorboard").is_dir():
+        raise UserError(f"{folder / 'tensorboard'}: is not a folder, where the run keeps its TensorBoard events; "
+                        f"move it away")
     if new_run and not overwrite and holds_run(folder) and not (folder / "last.pt").exists():
         raise UserError(f"{folder}: holds a run that saved no last.pt to resume (it stopped in its first epoch); "
                         f"choose another --run_name, or pass --overwrite to start it again")

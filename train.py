@@ -203,7 +203,8 @@ def start_run(args) -> Run | None:
                         f"resume it with as many (this is {world_size})")
     seed_everything(args.seed)
     model_args, folder = run_identity(args, checkpoint)
-    lock = check_run_folder(folder, new_run=not args.resume, overwrite=args.overwrite, lock=rank == 0)
+    lock = check_run_folder(folder, new_run=not args.resume, overwrite=args.overwrite, lock=rank == 0,
+                            tensorboard=args.tensorboard)
     val_paths = check_data(args, model_args["scale"], world_size)
     run = build_run(args, model_args, folder, rank, world_size, device, val_paths)
     if checkpoint:

@@ -13,7 +13,7 @@ from PIL import Image
 
 import download
 import evaluate
-from conftest import run_main, smooth_image
+from conftest import assert_one_line_error, run_main, smooth_image
 
 
 def make_zip(name: str, count: int, seed: int) -> bytes:
@@ -173,6 +173,13 @@ def test_missing_div2k_folders_say_how_to_get_them(tmp_path, tiny_checkpoint):
 def test_a_url_base_that_is_not_http_is_one_line(tmp_path):
     code, _, err = run_main(download, "--root", tmp_path / "data", "--url_base", "notaurl")
     assert code == 1 and "--url_base notaurl: not an http:// or https:// address" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("url, reason", [("http://[::1", "Invalid IPv6 URL"), ("http://localhost:99999", "Port out of range")])
+def test_a_url_base_that_is_not_an_address_is_one_line(tmp_path, url, reason):
+    code, _, err = run_main(download, "--root", tmp_path / "data", "--url_base", url)
+    assert_one_line_error(code, err, f"--url_base {url}: not a valid address ({reason}")
     assert not (tmp_path / "data").exists()
 
 

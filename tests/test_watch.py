@@ -93,3 +93,12 @@ def test_plot_after_a_run_writes_beside_the_log_without_touching_the_runs_curves
     assert code == 0, err
     assert (tmp_path / "r" / "log_curves.png").is_file() and "log_curves.png" in out
     assert (tmp_path / "r" / "curves.png").read_bytes() == run_curves
+
+
+def test_a_tensorboard_file_where_the_run_keeps_its_events_is_one_line(image_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    assert train_tiny(image_dir, tmp_path, "--num_epochs", "1")[0] == 0
+    (tmp_path / "r" / "tensorboard").write_text("mine")
+    code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2", "--tensorboard")
+    assert_one_line_error(code, err, "tensorboard: is not a folder, where the run keeps its TensorBoard events")
+    assert (tmp_path / "r" / "tensorboard").read_text() == "mine"
