@@ -33,7 +33,7 @@ from dataset import check_measurable_images, eval_pairs
 from files import atomic_path, check_distinct, check_outside, check_output_file, check_output_files, file_ids, folder_for, output_stems
 from images import list_images, save_image
 from metrics import METRICS, mean, means, measure, metric_labels
-from model import NETWORKS, UPSAMPLE_STAGES
+from model import NETWORKS, UPSAMPLE_STAGES, count_parameters
 from resize import DEGRADATIONS, degradation_label, resize_bicubic
 from precision import PRECISIONS, choose_precision
 from upscale import DEFAULT_TILE, describe_tiling, upscale
@@ -231,13 +231,9 @@ def describe_checkpoint(model, info: dict) -> str:
     t = info.get("training") or {}
     trained = (f" ({t['steps']:,} steps" + (f", {t['seconds'] / 3600:.2f} h" if t.get("seconds") is not None else "")
                + (f" in {t['precision']}" if t.get("precision") else "") + ")") if t.get("steps") else ""
-    return (f"{info['arch']} x{model.scale}, {parameters(model):,} parameters, "
+    return (f"{info['arch']} x{model.scale}, {count_parameters(model):,} parameters, "
             f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} "
             f"LR{trained}")
-
-
-def parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def crop_border_for(args, scale: int) -> int:
@@ -267,7 +263,7 @@ def evaluate_sets(args, model, info: dict, sets: list, plan: dict, precision: st
         table.append({"set": name, "network": info["arch"], "scale": f"x{scale}", "precision": precision,
                       "images": len(rows), "bicubic RGB": cells(means(rows, "bicubic_")), "RGB": cells(means(rows)),
                       "bicubic Y": cells(means(rows, "bicubic_", "_y")), "Y": cells(means(rows, "", "_y")),
-                      "parameters": f"{parameters(model):,}", "train h": f"{seconds / 3600:.2f}" if seconds is not None else "-",
+                      "parameters": f"{count_parameters(model):,}", "train h": f"{seconds / 3600:.2f}" if seconds is not None else "-",
                       "MP/s": f"{megapixels / sum(r['sr_seconds'] for r in rows):.3f}"})
     return all_rows, table
 

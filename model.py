@@ -194,9 +194,14 @@ def upsampling_radius(scale: int, tail_radius: int) -> float:
     return radius + tail_radius / factor
 
 
-def check_scale(scale: int, scales=UPSAMPLE_STAGES) -> None:
-    if scale not in scales:
-        raise ValueError(f"unsupported scale {scale}: supported scales are {', '.join(str(s) for s in scales)}")
+def check_scale(scale: int) -> None:
+    """A ValueError naming the supported scales, for any other (as BasicSR's upsampler does)."""
+    if scale not in UPSAMPLE_STAGES:
+        raise ValueError(f"unsupported scale {scale}: supported scales are {', '.join(map(str, UPSAMPLE_STAGES))}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 class EDSRBaseline(nn.Module):

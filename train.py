@@ -42,7 +42,7 @@ from dataset import (EpochSampler, PatchLoader, TrainDataset, check_measurable_i
 from images import list_images
 from losses import LOSSES, WeightedLoss, loss_spec
 from metrics import METRICS, format_scores, means, measure, measure_on_device, metric_labels
-from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, build_network, network_options
+from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, build_network, count_parameters, network_options
 from precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
 from resize import DEGRADATIONS, resize_bicubic
 from runs import append_log, check_run_folder, open_run_folder, training_summary
@@ -396,7 +396,7 @@ def bicubic_scores(pairs: list, crop_border: int) -> dict:
 def announce(run: Run) -> None:
     """Rank 0: what is trained on what, and bicubic's validation score to beat."""
     args, data, n = run.args, run.loader.dataset, run.world_size
-    n_params = sum(p.numel() for p in run.model.parameters())
+    n_params = count_parameters(run.model)
     print(f"run {run.folder}: {run.model_args}, {n_params:,} parameters, device {run.device}, "
           f"precision {run.precision} ({run.precision_why})")
     if n > 1:
