@@ -8,7 +8,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from utils import UserError
+from utils import UserError, name_too_long
 
 TMP_SUFFIX = ".tmp"
 
@@ -141,10 +141,8 @@ def check_output_dir(path: str | Path) -> Path:
 
 def check_name_lengths(path: Path) -> None:
     """Each part of `path` must fit the file system's name limit (255 bytes on most)."""
-    for part in path.parts:
-        if len(os.fsencode(part)) > 255:
-            raise UserError(f"{path}: the name {part[:24]}... is {len(os.fsencode(part))} bytes, "
-                            f"longer than file systems allow (255)")
+    if any(len(os.fsencode(part)) > 255 for part in path.parts):
+        raise UserError(name_too_long(path))
 
 
 def file_ids(paths) -> set[tuple[int, int]]:

@@ -1,6 +1,8 @@
 """What every script shares: one-line errors, the repository's folder, flag types and help, device and seed."""
 import argparse
+import errno
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -36,9 +38,25 @@ def run_cli(main, args) -> None:
         print(f"{prog}: error: out of memory ({first_line(e)}): use a smaller --tile (or --batch_size)",
               file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # a path typed with a name too long, met wherever it is first used
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"{prog}: error: {name_too_long(e.filename or '')}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; outputs already written are complete, none is half-written", file=sys.stderr)
         sys.exit(130)
+
+
+def name_too_long(path) -> str:
+    """Why a path can't exist: the part of it longer than file systems allow (255 bytes on most),
+    shown cut short."""
+    parts = Path(path).parts
+    part = next((p for p in parts if len(os.fsencode(p)) > 255), None)
+    if part is None:
+        return f"{path}: the path is longer than this file system allows"
+    shown = Path(*(p if p != part else p[:24] + "..." for p in parts))
+    return f"{shown}: a name in it is {len(os.fsencode(part))} bytes, longer than file systems allow (255)"
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -224,3 +224,22 @@ def test_a_device_this_machine_lacks_is_one_line(device, tmp_path, photo, tiny_c
     code, _, err = run_main(infer, tmp_path / "a.png", "--checkpoint", tiny_checkpoint, "--device", device)
     assert_one_line_error(code, err, f"device '{device}' asked for, but this machine has no such device")
     assert not (tmp_path / "a_x4.png").exists()
+
+
+LONG = "n" * 300  # a name no file system holds (255 bytes at most)
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("train", ["--train_dir", f"/tmp/{LONG}", "--num_epochs", "1"]),
+    ("train", ["--resume", f"/tmp/{LONG}/last.pt"]),
+    ("train", ["--export", f"/tmp/{LONG}.pt", "/tmp/x.safetensors"]),
+    ("evaluate", ["--data_dir", f"/tmp/{LONG}"]),
+    ("infer", [f"/tmp/{LONG}.png"]),
+    ("plot", [f"/tmp/{LONG}.csv"]),
+    ("download", ["--root", f"/tmp/{LONG}"]),
+])
+def test_a_path_with_a_name_longer_than_file_systems_allow_is_one_line(script, argv):
+    module = __import__(script)
+    code, _, err = run_main(module, *argv)
+    assert_one_line_error(code, err, "a name in it is 30", "bytes, longer than file systems allow (255)")
+    assert LONG not in err  # the name is shown cut short
