@@ -6,6 +6,7 @@ safetensors (.safetensors: tensors plus JSON metadata, no pickle at all).
 import errno
 import json
 import math
+import os
 import pickle
 import re
 import struct
@@ -136,7 +137,12 @@ def save_safetensors(checkpoint: dict, path: Path) -> None:
     metadata = {"format": "resshuffle", "model_args": json.dumps(checkpoint["model_args"]),
                 "degradation": json.dumps(checkpoint.get("degradation")), "training": json.dumps(checkpoint.get("training"))}
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        except safetensors.SafetensorError as e:  # a failed write (a full disk), errno only in its text
+            found = re.search(r"\(os error (\d+)\)", str(e))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code) if found else first_line(e)) from None
 
 
 def load_safetensors(path: Path) -> dict:

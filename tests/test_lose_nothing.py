@@ -299,3 +299,12 @@ def test_a_new_run_never_replaces_curves_or_tensorboard_files_no_run_made(image_
     assert_one_line_error(code, err, "a new run would write there, and no run made it")
     assert (folder / "curves.png").read_bytes() == before and (folder / "tensorboard" / "o" / "ev").read_text() == "x"
     assert sorted(p.name for p in folder.iterdir()) == ["curves.png", "tensorboard"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_safetensors_export_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path):
+    out = tmp_path / "x4.safetensors"
+    result = run_with_file_size_limit(["--export", tiny_checkpoint, out], 1000)
+    assert_one_line_error(result.returncode, result.stderr, f"{out}: could not be written (File too large",
+                          "nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]
