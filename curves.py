@@ -5,6 +5,7 @@ train.py redraws `<run>/curves.png` from log.csv at every validation; plot.py dr
 TensorBoard is optional: without the package, --tensorboard is a one-line error.
 """
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 
-from files import atomic_path  # noqa: E402
+from files import SPACE_ERRORS, atomic_path, free_space  # noqa: E402
 from metrics import METRICS  # noqa: E402
 from resize import resize_bicubic  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -72,17 +73,29 @@ def tensorboard_writer():
 
 def open_tensorboard(folder: Path):
     """A TensorBoard writer for <run>/tensorboard."""
+    threading.excepthook = quiet_event_writer
     return tensorboard_writer()(log_dir=str(folder / "tensorboard"))
+
+
+def quiet_event_writer(args, default=threading.excepthook) -> None:
+    """TensorBoard writes events in a thread, which prints a traceback when a write fails (a full
+    disk); the next flush raises the same error where log_to_tensorboard says it in one line."""
+    if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+        default(args)
 
 
 def log_to_tensorboard(writer, epoch: int, row: dict, panels: list) -> None:
     """One log.csv row as scalars, and (name, HWC uint8) validation panels as images."""
-    for key, value in row.items():
-        if key not in NOT_SCALARS and value:
-            writer.add_scalar(key, float(value), epoch)
-    for name, panel in panels:
-        writer.add_image(f"val/{name}", panel, epoch, dataformats="HWC")
-    writer.flush()
+    try:
+        for key, value in row.items():
+            if key not in NOT_SCALARS and value:
+                writer.add_scalar(key, float(value), epoch)
+        for name, panel in panels:
+            writer.add_image(f"val/{name}", panel, epoch, dataformats="HWC")
+        writer.flush()
+    except OSError as e:
+        space = f"; {free_space(Path(writer.log_dir))}" if e.errno in SPACE_ERRORS else ""
+        raise UserError(f"{writer.log_dir}: TensorBoard events could not be written ({e.strerror or e}{space})") from None
 
 
 def crop_panel(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> np.ndarray:

@@ -540,8 +540,8 @@ def draw(run: Run, epoch: int, rows: list[dict], panels: list | None) -> None:
     with naming_what_is_kept(run):
         if panels is not None:
             write_curves(rows, run.folder / "curves.png", title=f"{run.folder.name} ({run.args.loss})")
-    if run.board is not None:
-        log_to_tensorboard(run.board, epoch, rows[-1], panels or [])
+        if run.board is not None:
+            log_to_tensorboard(run.board, epoch, rows[-1], panels or [])
 
 
 def early_stop_reason(run: Run, epoch: int) -> str | None:
