@@ -188,7 +188,7 @@ def start_run(args) -> Run | None:
     None when a resumed run has no epochs left to train."""
     checkpoint = resumed_checkpoint(args)
     if args.tensorboard:
-        tensorboard_writer()  # installed? asked now, before any work
+        check_tensorboard(args)
     # Absolute in the checkpoint's args: a resume from another folder finds the same data.
     args.train_dir, args.val_dir = str(Path(args.train_dir).resolve()), str(Path(args.val_dir).resolve())
     if checkpoint and checkpoint["epoch"] >= args.num_epochs:
@@ -221,6 +221,20 @@ def start_run(args) -> Run | None:
         run.board = open_tensorboard(folder) if args.tensorboard else None
         announce(run)
     return run
+
+
+def check_tensorboard(args) -> None:
+    """--tensorboard needs the package, asked now, before any work. A resumed run that logged to
+    TensorBoard goes on without it where it is missing: its log.csv and curves.png hold the same."""
+    try:
+        tensorboard_writer()
+    except UserError:
+        if "tensorboard" in args.given or not args.resume:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            warn(f"{args.resume}: the run logged to TensorBoard, but the tensorboard package is not installed "
+                 f"here: going on without it (log.csv and curves.png as before; pip install tensorboard to log again)")
+        args.tensorboard = False
 
 
 def run_identity(args, checkpoint: dict | None) -> tuple[dict, Path]:
@@ -616,9 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", nargs=2, metavar=("RUN_CHECKPOINT", "OUT"), default=None,
                    help="write RUN_CHECKPOINT's weights and model_args (no optimizer state) to OUT, and exit; "
                         "the format by OUT's suffix: .safetensors, .pt (.pth) or .onnx")
-    p.add_argument("--tensorboard", action="store_true",
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
                    help="also log to <run>/tensorboard: the log.csv scalars and validation crops (bicubic | SR | "
-                        "HR); needs `pip install tensorboard`")
+                        "HR); needs `pip install tensorboard`. A resumed run keeps its own unless given; where "
+                        "the package is missing, it goes on without, saying so")
     p.add_argument("--seed", type=seed_int, default=0, help="seeds the weights, the patches and their flips")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

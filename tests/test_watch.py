@@ -50,6 +50,28 @@ def test_tensorboard_missing_is_one_line_before_any_work(image_dir, tmp_path, mo
     assert out == "" and not (tmp_path / "runs").exists()
 
 
+def test_a_tensorboard_run_resumes_without_it_where_the_package_is_missing(image_dir, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    assert train_tiny(image_dir, tmp_path, "--num_epochs", "1", "--tensorboard")[0] == 0
+    events = sorted((tmp_path / "r" / "tensorboard").iterdir())
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    code, out, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2")
+    assert code == 0 and "going on without it" in err and "epoch 2:" in out, err
+    assert sorted((tmp_path / "r" / "tensorboard").iterdir()) == events and len(read_log(tmp_path / "r")) == 2
+    # Typed on resume, it is asked for: one line, as for a new run.
+    code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "3", "--tensorboard")
+    assert_one_line_error(code, err, "--tensorboard needs the tensorboard package")
+
+
+def test_tensorboard_is_turned_off_on_resume_with_no_tensorboard(image_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    assert train_tiny(image_dir, tmp_path, "--num_epochs", "1", "--tensorboard")[0] == 0
+    events = sorted((tmp_path / "r" / "tensorboard").iterdir())
+    code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2", "--no-tensorboard")
+    assert code == 0, err
+    assert sorted((tmp_path / "r" / "tensorboard").iterdir()) == events
+
+
 def test_plot_draws_the_shipped_log_and_keeps_what_exists(tmp_path):
     out = tmp_path / "curves.png"
     log = ROOT / "checkpoints" / "resshuffle_x4.log.csv"
