@@ -3,6 +3,7 @@
 Two file formats hold it: torch.save's (.pt, loaded with weights_only=True) and, for weights,
 safetensors (.safetensors: tensors plus JSON metadata, no pickle at all).
 """
+import contextlib
 import errno
 import json
 import math
@@ -153,7 +154,7 @@ def load_safetensors(path: Path) -> dict:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         model_args, degradation = json.loads(metadata["model_args"]), json.loads(metadata.get("degradation", "null"))
         training = json.loads(metadata.get("training", "null"))
-    except (KeyError, ValueError, TypeError, OSError, safetensors.SafetensorError) as e:
+    except (KeyError, ValueError, TypeError, OSError, RecursionError, safetensors.SafetensorError) as e:
         raise UserError(f"{path}: not a ResShuffle safetensors file ({first_line(e) if str(e) else 'no model_args'})") from None
     state = {kind: {k[len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(kind + ".")} for kind in ("model", "ema")}
     if not state["model"] or not isinstance(model_args, dict):
@@ -188,13 +189,7 @@ def model_from(checkpoint: dict, path: str | Path, device: torch.device,
     """`load_model` for a checkpoint dict already loaded from `path`."""
     kind = "ema" if checkpoint.get("ema") is not None and not raw_weights else "raw"
     state, model_args = checkpoint["ema"] if kind == "ema" else checkpoint["model"], checkpoint["model_args"]
-    try:
-        model = build_network(model_args)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: its model_args {model_args} do not describe a network ({first_line(e)})") from None
-    mismatch = weights_mismatch(model.state_dict(), state)
-    if mismatch:
-        raise UserError(f"{path}: its weights do not match its model_args {model_args}: {mismatch}")
+    model = network_for(state, model_args, path)
     broken = next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if broken:  # a diverged run's: the output would be black
         raise UserError(f"{path}: its weights hold NaN or inf values ({broken}); it can't upscale anything")
@@ -202,6 +197,43 @@ def model_from(checkpoint: dict, path: str | Path, device: torch.device,
     info = {"weights": kind, "degradation": checkpoint.get("degradation"), "model_args": model_args,
             "arch": model_args.get("arch", DEFAULT_ARCH), "training": checkpoint.get("training")}
     return model.to(device, memory_format=torch.channels_last).eval(), info
+
+
+def network_for(state, model_args, path) -> torch.nn.Module:
+    """The network `model_args` describe, built only once its names and shapes are found to match
+    the weights `state`: first built on the meta device (allocating nothing), stopped early where
+    it outgrows the weights, as a small file claiming num_residuals 100,000 would (minutes and
+    gigabytes to build for real)."""
+    if not isinstance(model_args, dict) or not all(isinstance(v, (str, int, float, bool, type(None)))
+                                                  for v in model_args.values()):
+        raise UserError(f"{path}: its model_args are not a network's options (names with plain values)")
+    held = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor)) if isinstance(state, dict) else 0
+    try:
+        with parameters_at_most(2 * held + 100_000, f"{path}: its model_args {model_args} describe a network much larger "
+                                          f"than the {held:,} weights it holds"), torch.device("meta"):
+            mismatch = weights_mismatch(build_network(model_args).state_dict(), state)
+        if mismatch:
+            raise UserError(f"{path}: its weights do not match its model_args {model_args}: {mismatch}")
+        return build_network(model_args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its model_args {model_args} do not describe a network ({first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def parameters_at_most(numel: int, message: str):
+    """A UserError(`message`) as soon as the networks built inside have more than `numel` parameters."""
+    built = 0
+
+    def count(module, name, param):
+        nonlocal built
+        built += param.numel() if param is not None else 0
+        if built > numel:
+            raise UserError(message)
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def weights_mismatch(expected: dict, state) -> str | None:

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -181,11 +182,22 @@ def test_checkpoints_that_are_not_usable_say_what_they_hold(tmp_path, photo):
                             "do not describe a network (unknown network 'srcnn': known are resshuffle"),
         "bare_state_dict.pt": (x2.state_dict(), "not a ResShuffle checkpoint"),
         "tensor.pt": (torch.zeros(3), "not a ResShuffle checkpoint"),
+        # A small file claiming a huge network is refused before the network is built (minutes, gigabytes).
+        "deep.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, num_residuals=100_000)},
+                    "describe a network much larger than the 7,987 weights it holds"),
+        "wide.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, num_features=10 ** 9)},
+                    "describe a network much larger than the 7,987 weights it holds"),
+        "nested_args.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, scale=[[[2]]])},
+                           "its model_args are not a network's options"),
     }
     for name, (content, *messages) in cases.items():
         save_checkpoint(content, tmp_path / name)
         code, _, err = run_main(infer, tmp_path / "a.png", "--checkpoint", tmp_path / name)
         assert_one_line_error(code, err, tmp_path / name, *messages)
+    safetensors.torch.save_file({"model.w": torch.zeros(2)}, tmp_path / "nested.safetensors",
+                                metadata={"format": "resshuffle", "model_args": "[" * 100_000 + "]" * 100_000})
+    code, _, err = run_main(infer, tmp_path / "a.png", "--checkpoint", tmp_path / "nested.safetensors")
+    assert_one_line_error(code, err, "nested.safetensors: not a ResShuffle safetensors file (maximum recursion depth")
     assert not (tmp_path / "a_x4.png").exists() and not (tmp_path / "a_x2.png").exists()
 
 
