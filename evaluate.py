@@ -60,7 +60,7 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
     """
     rows = []
     # A context manager: an error (an unreadable image) clears the bar before it is printed.
-    with tqdm(pairs, desc="evaluating", unit="img", leave=False, total=count) as bar:
+    with tqdm(pairs, desc="evaluating", unit="img", leave=False, total=count, disable=None) as bar:  # None: a terminal's only
         for name, hr, lr in bar:
             start = time.perf_counter()
             sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)

@@ -133,15 +133,17 @@ def main(args):
     if len(pairs) == 1:
         return upscale_file(model, *pairs[0], **options)
     failed = []
-    for src, dst in tqdm(pairs, desc="upscaling", unit="img"):
+    # A bar on a terminal only: in a log, the per-image lines are the progress, and a bar would be mixed into them.
+    for src, dst in tqdm(pairs, desc="upscaling", unit="img", disable=None):
         try:
             upscale_file(model, src, dst, **options)
         except UserError as e:  # one bad file in a folder: say so, do the others
             tqdm.write(f"infer.py: skipped: {e}", file=sys.stderr)
             failed.append(str(src.relative_to(input_path)))
     if failed:
-        raise UserError(f"{len(failed)} of {plural(len(pairs), 'image')} failed, the others were written: "
-                        f"{', '.join(failed)}")
+        done = len(pairs) - len(failed)
+        written = f"the other {done} {'was' if done == 1 else 'were'} written" if done else "none was written"
+        raise UserError(f"{len(failed)} of {plural(len(pairs), 'image')} failed, {written}: {', '.join(failed)}")
 
 
 def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, self_ensemble: bool = False,

@@ -77,12 +77,20 @@ def run_script(*args, cwd=ROOT, check=True):
     return result
 
 
-def run_main(module, *argv):
+class Terminal(io.StringIO):
+    """A captured stream that says it is a terminal, where progress bars are drawn."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def run_main(module, *argv, terminal: bool = False):
     """Run a script's main() in this process, as its command line would: (exit status, stdout, stderr).
 
     Fast (no interpreter start, no torch import); run_script checks the same path end to end.
+    `terminal`: stderr is a terminal (else a log, as under pytest).
     """
-    out, err = io.StringIO(), io.StringIO()
+    out, err = io.StringIO(), Terminal() if terminal else io.StringIO()
     parse = module.parse_args if hasattr(module, "parse_args") else module.build_parser().parse_args
     old_argv = sys.argv
     sys.argv = [f"{module.__name__}.py", *map(str, argv)]

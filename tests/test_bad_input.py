@@ -84,7 +84,7 @@ def test_a_folder_with_bad_files_writes_the_others_and_fails_naming_them(tiny_ch
     photo.save(folder / "good.png")
     photo.save(folder / "good.jpg")  # same stem: the outputs must not overwrite each other
     code, out, err = run_main(infer, folder, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint)
-    assert code == 1 and "4 of 6 images failed" in err and "Traceback" not in err
+    assert code == 1 and "4 of 6 images failed, the other 2 were written" in err and "Traceback" not in err
     for name in ["empty.png", "cut.png", "cut.jpg", "text.png"]:
         assert f"skipped: {folder / name}: not a readable image" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_jpg_x4.png", "good_png_x4.png"]
@@ -255,3 +255,16 @@ def test_a_path_with_a_name_longer_than_file_systems_allow_is_one_line(script, a
     code, _, err = run_main(module, *argv)
     assert_one_line_error(code, err, "a name in it is 30", "bytes, longer than file systems allow (255)")
     assert LONG not in err  # the name is shown cut short
+
+
+def test_a_folder_run_on_a_full_disk_says_none_was_written(tiny_checkpoint, tmp_path, photo, monkeypatch):
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        photo.save(tmp_path / "in" / name)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)
+    code, _, err = run_main(infer, tmp_path / "in", "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint)
+    assert code == 1 and err.strip().splitlines()[-1].endswith("2 of 2 images failed, none was written: a.png, b.png"), err
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ kept unless --overwrite, names the same for files and folders, outputs checked b
 and the same help, flag names and progress in every script."""
 import fnmatch
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -212,7 +213,8 @@ def test_one_name_for_one_thing_and_the_old_names_still_work(tiny_checkpoint, tm
 
 # ---------------------------------------------------------------- progress
 
-def test_a_large_image_shows_progress_over_its_tiles(tiny_checkpoint, capsys):
+def test_a_large_image_shows_progress_over_its_tiles(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     model, _ = load_model(tiny_checkpoint, torch.device("cpu"))
     img = smooth_image(np.random.default_rng(2), 40, 70)
     upscale(model, img, tile=32)
@@ -228,8 +230,19 @@ def test_a_large_image_shows_progress_over_its_tiles(tiny_checkpoint, capsys):
 
 def test_evaluates_bar_has_a_total(tiny_checkpoint, tmp_path):
     data = make_images(tmp_path / "val")
-    code, _, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint)
+    code, _, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, terminal=True)
     assert code == 0 and "evaluating:   0%|          | 0/3 [" in err, err
+
+
+def test_a_folder_run_draws_a_bar_on_a_terminal_and_none_in_a_log(tiny_checkpoint, tmp_path):
+    data = make_images(tmp_path / "in")
+    code, _, err = run_main(infer, data, "-o", tmp_path / "a", "--checkpoint", tiny_checkpoint, terminal=True)
+    assert code == 0 and "upscaling:   0%|          | 0/3 [" in err, err
+    code, out, err = run_main(infer, data, "-o", tmp_path / "b", "--checkpoint", tiny_checkpoint, "--tile", "32",
+                              "--precision", "fp32")
+    assert code == 0 and err == "", err  # neither the folder's bar nor the tiles'
+    assert out.splitlines()[1:] == [f"{data / f'img{i}.png'} ({w}x{h}) -> {tmp_path / 'b' / f'img{i}_x4.png'} ({4 * w}x{4 * h})"
+                                for i, (w, h) in enumerate([(80, 64), (66, 70), (96, 96)])]
 
 
 # ---------------------------------------------------------------- wording
@@ -433,7 +446,7 @@ def test_skip_existing_finishes_a_stopped_folder_run_and_names_failures_by_path(
     (folder / "sub" / "bad.png").write_text("not an image")
     photo(folder / "sub" / "good.png")
     code, out, err = run_main(infer, folder, "--recursive", "--skip_existing", "--checkpoint", tiny_checkpoint)
-    assert code == 1 and "1 of 2 images failed, the others were written: sub/bad.png" in err
+    assert code == 1 and "1 of 2 images failed, the other 1 was written: sub/bad.png" in err
     assert (tmp_path / "in_x4" / "sub" / "good_x4.png").is_file()
 
 
