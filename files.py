@@ -3,12 +3,13 @@ when asked, into folders made when something is written; all checked before any 
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from utils import UserError, name_too_long
+from utils import UserError, name_too_long, warn
 
 TMP_SUFFIX = ".tmp"
 
@@ -30,9 +31,10 @@ class atomic_path:
             raise UserError(f"{self.path.parent}: output folder does not exist")
         if self.path.is_dir():
             raise UserError(f"{self.path}: is a folder, not a file name")
+        for stale in remove_stale_temporaries(self.path.parent, [self.path.name]):
+            warn(f"removed {stale}, left by a process killed while writing {self.path}")
         try:
-            # The name cut short: a temporary name must fit where the output's own name just fits.
-            fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name[:200]}.",
+            fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=temporary_prefix(self.path.name),
                                             suffix=TMP_SUFFIX)
         except OSError as e:
             raise UserError(f"{self.path.parent}: cannot write there ({e.strerror})") from None
@@ -70,13 +72,38 @@ def free_space(folder: Path) -> str:
     return "the disk is full" if free < 1e6 else f"{free / 1e9:.1f} GB free"
 
 
+def temporary_prefix(name: str) -> str:
+    """How `atomic_path` names the temporary file of `name`: hidden, with the writer's process id
+    (`mkstemp` adds 8 random characters and TMP_SUFFIX). The name is cut short: a temporary name
+    must fit where the output's own name just fits."""
+    return f".{name[:200]}.{os.getpid()}-"  # remove_stale_temporaries reads it back
+
+
 def remove_stale_temporaries(folder: Path, names) -> list[Path]:
     """Delete what `atomic_path` leaves behind when a process is killed mid-write of one of the
-    files `names` (a user's own .tmp files stay); the paths removed."""
-    stale = [p for name in names for p in Path(folder).glob(f".{name}.*{TMP_SUFFIX}") if p.is_file()]
+    files `names`: its temporaries whose process is gone (a user's own .tmp files stay, and so
+    do those of a process still writing); the paths removed."""
+    patterns = [re.compile(re.escape(f".{name[:200]}.") + r"(\d+)-[^.]{8}" + re.escape(TMP_SUFFIX)) for name in names]
+    stale = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            found = entry.name.startswith(".") and next(filter(None, (p.fullmatch(entry.name) for p in patterns)), None)
+            if found and entry.is_file(follow_symlinks=False) and not process_exists(int(found.group(1))):
+                stale.append(Path(entry.path))
     for p in stale:
-        p.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
     return stale
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone; a number no process id can be
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def make_dir(path: str | Path) -> Path:

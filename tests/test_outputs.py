@@ -2,7 +2,9 @@
 kept unless --overwrite, names the same for files and folders, outputs checked before any work;
 and the same help, flag names and progress in every script."""
 import fnmatch
+import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -462,3 +464,25 @@ def test_skip_existing_and_overwrite_exclude_each_other(tiny_checkpoint, tmp_pat
     code, _, err = run_main(infer, folder, "--skip_existing", "--overwrite", "--checkpoint", tiny_checkpoint)
     assert code == 2 and "not allowed with argument" in err
 
+
+
+@pytest.fixture
+def dead_pid():
+    """The process id of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_next_write_of_an_output_removes_what_a_killed_write_of_it_left(tiny_checkpoint, tmp_path, dead_pid):
+    src = photo(tmp_path / "a.png")
+    left = {name: tmp_path / f".{name}.{dead_pid}-k1ll3d_x.tmp" for name in ("a_x4.png", "a.safetensors")}
+    kept = [tmp_path / ".a_x4.png.mine.tmp", tmp_path / f".a_x4.png.{os.getpid()}-stillwri.tmp",  # a user's; a live writer's
+            tmp_path / f".b_x4.png.{dead_pid}-k1ll3d_x.tmp"]  # another output's
+    for p in [*left.values(), *kept]:
+        p.write_bytes(b"half")
+    code, _, err = run_main(infer, src, "--checkpoint", tiny_checkpoint)
+    assert code == 0 and f"removed {left['a_x4.png']}, left by a process killed while writing" in err, err
+    code, _, err = run_main(train, "--export", tiny_checkpoint, tmp_path / "a.safetensors")
+    assert code == 0 and f"removed {left['a.safetensors']}" in err, err
+    assert not any(p.exists() for p in left.values()) and all(p.read_bytes() == b"half" for p in kept)
