@@ -7,7 +7,6 @@ import contextlib
 import errno
 import json
 import math
-import os
 import pickle
 import re
 import struct
@@ -137,13 +136,9 @@ def save_safetensors(checkpoint: dict, path: Path) -> None:
     tensors = {f"{kind}.{k}": v.contiguous() for kind in ("model", "ema") for k, v in (checkpoint.get(kind) or {}).items()}
     metadata = {"format": "resshuffle", "model_args": json.dumps(checkpoint["model_args"]),
                 "degradation": json.dumps(checkpoint.get("degradation")), "training": json.dumps(checkpoint.get("training"))}
-    with atomic_path(path) as tmp:
-        try:
-            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        except safetensors.SafetensorError as e:  # a failed write (a full disk), errno only in its text
-            found = re.search(r"\(os error (\d+)\)", str(e))
-            code = int(found.group(1)) if found else errno.EIO
-            raise OSError(code, os.strerror(code) if found else first_line(e)) from None
+    data = safetensors.torch.save(tensors, metadata=metadata)  # bytes: save_file would write its own temporary
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def load_safetensors(path: Path) -> dict:
@@ -199,6 +194,12 @@ def model_from(checkpoint: dict, path: str | Path, device: torch.device,
     return model.to(device, memory_format=torch.channels_last).eval(), info
 
 
+# A dry run stops where the network outgrows what the weights could build: twice their values
+# (tied or reparametrized weights count twice) and 8 modules per tensor (activations, containers),
+# plus room for the first mismatch to be named exactly where the sizes are near.
+SLACK_PARAMETERS, SLACK_MODULES = 100_000, 1_000
+
+
 def network_for(state, model_args, path) -> torch.nn.Module:
     """The network `model_args` describe, built only once its names and shapes are found to match
     the weights `state`: first built on the meta device (allocating nothing), stopped early where
@@ -207,33 +208,38 @@ def network_for(state, model_args, path) -> torch.nn.Module:
     if not isinstance(model_args, dict) or not all(isinstance(v, (str, int, float, bool, type(None)))
                                                   for v in model_args.values()):
         raise UserError(f"{path}: its model_args are not a network's options (names with plain values)")
-    held = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor)) if isinstance(state, dict) else 0
+    tensors = [t for t in state.values() if isinstance(t, torch.Tensor)] if isinstance(state, dict) else []
+    held = sum(t.numel() for t in tensors)
+    too_large = f"{path}: its model_args {model_args} describe a network far larger than the {held:,} weights it holds"
     try:
-        with parameters_at_most(2 * held + 100_000, f"{path}: its model_args {model_args} describe a network much larger "
-                                          f"than the {held:,} weights it holds"), torch.device("meta"):
+        with at_most(2 * held + SLACK_PARAMETERS, 8 * len(tensors) + SLACK_MODULES, too_large), torch.device("meta"):
             mismatch = weights_mismatch(build_network(model_args).state_dict(), state)
-        if mismatch:
-            raise UserError(f"{path}: its weights do not match its model_args {model_args}: {mismatch}")
-        return build_network(model_args)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # nothing is allocated on meta: an error is the options'
         raise UserError(f"{path}: its model_args {model_args} do not describe a network ({first_line(e)})") from None
+    if mismatch:
+        raise UserError(f"{path}: its weights do not match its model_args {model_args}: {mismatch}")
+    return build_network(model_args)
 
 
 @contextlib.contextmanager
-def parameters_at_most(numel: int, message: str):
-    """A UserError(`message`) as soon as the networks built inside have more than `numel` parameters."""
-    built = 0
+def at_most(parameters: int, modules: int, message: str):
+    """A UserError(`message`) as soon as the networks built inside hold more than `parameters`
+    values or `modules` modules."""
+    built = [0, 0]
 
-    def count(module, name, param):
-        nonlocal built
-        built += param.numel() if param is not None else 0
-        if built > numel:
+    def count(kind: int, numel: int) -> None:
+        built[kind] += numel
+        if built[0] > parameters or built[1] > modules:
             raise UserError(message)
-    handle = torch.nn.modules.module.register_module_parameter_registration_hook(count)
+    hooks = (torch.nn.modules.module.register_module_parameter_registration_hook(
+                 lambda module, name, param: count(0, param.numel() if param is not None else 0)),
+             torch.nn.modules.module.register_module_module_registration_hook(
+                 lambda module, name, submodule: count(1, 1)))
     try:
         yield
     finally:
-        handle.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 def weights_mismatch(expected: dict, state) -> str | None:

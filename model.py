@@ -76,9 +76,7 @@ class ResShuffle(nn.Module):
                  mean_shift: bool = False, image_skip: bool = False):
         super().__init__()
         check_scale(scale)
-        if num_features < 1 or num_residuals < 0:
-            raise ValueError(f"num_features must be >= 1 and num_residuals >= 0, "
-                             f"got {num_features} and {num_residuals}")
+        check_size(num_features, num_residuals)
         self.scale, self.num_features = scale, num_features
         self.image_skip = image_skip
         mean = torch.tensor(DIV2K_RGB_MEAN if mean_shift else (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
@@ -175,6 +173,12 @@ class ResShuffle(nn.Module):
         return 4 * self.num_features * height * width * (self.scale ** 2 + last_input ** 2 + 2)
 
 
+def check_size(num_features: int, num_residuals: int = 0, min_features: int = 1) -> None:
+    if num_features < min_features or num_residuals < 0:
+        raise ValueError(f"num_features must be >= {min_features} and num_residuals >= 0, "
+                         f"got {num_features} and {num_residuals}")
+
+
 def upsampling_stages(scale: int, num_features: int) -> nn.Sequential:
     """Sub-pixel upsampling (ESPCN's, as EDSR stacks it): for each stage r of UPSAMPLE_STAGES,
     conv3x3 to r^2 x the channels, then PixelShuffle(r)."""
@@ -218,6 +222,7 @@ class EDSRBaseline(nn.Module):
     def __init__(self, scale: int = 4, num_features: int = 64, num_residuals: int = 16):
         super().__init__()
         check_scale(scale)
+        check_size(num_features, num_residuals)
         self.scale = scale
         self.register_buffer("rgb_mean", torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.head = nn.Conv2d(3, num_features, 3, padding=1)
@@ -248,6 +253,7 @@ class ESPCN(nn.Module):
     def __init__(self, scale: int = 4, num_features: int = 64):
         super().__init__()
         check_scale(scale)
+        check_size(num_features, min_features=2)  # the middle conv has half as many
         self.scale = scale
         self.body = nn.Sequential(
             nn.Conv2d(3, num_features, 5, padding=2), nn.Tanh(),

@@ -184,9 +184,14 @@ def test_checkpoints_that_are_not_usable_say_what_they_hold(tmp_path, photo):
         "tensor.pt": (torch.zeros(3), "not a ResShuffle checkpoint"),
         # A small file claiming a huge network is refused before the network is built (minutes, gigabytes).
         "deep.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, num_residuals=100_000)},
-                    "describe a network much larger than the 7,987 weights it holds"),
+                    "describe a network far larger than the 7,987 weights it holds"),
         "wide.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, num_features=10 ** 9)},
-                    "describe a network much larger than the 7,987 weights it holds"),
+                    "describe a network far larger than the 7,987 weights it holds"),
+        "no_width.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, arch="edsr_baseline", num_features=0,
+                                                                        num_residuals=10 ** 6)},
+                        "do not describe a network (num_features must be >= 1"),
+        "overflowing.pt": ({"model": x2.state_dict(), "model_args": dict(arch="espcn", scale=4, num_features=10 ** 18)},
+                           "do not describe a network (Storage size calculation overflowed"),
         "nested_args.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, scale=[[[2]]])},
                            "its model_args are not a network's options"),
     }
@@ -249,6 +254,7 @@ LONG = "n" * 300  # a name no file system holds (255 bytes at most)
     ("infer", [f"/tmp/{LONG}.png"]),
     ("plot", [f"/tmp/{LONG}.csv"]),
     ("download", ["--root", f"/tmp/{LONG}"]),
+    ("photos", [f"/tmp/{LONG}"]),
 ])
 def test_a_path_with_a_name_longer_than_file_systems_allow_is_one_line(script, argv):
     module = __import__(script)

@@ -80,7 +80,7 @@ def test_weights_of_another_network_are_refused_naming_what_differs(tmp_path):
     # A network of about the weights' size names its first mismatch; one far larger is stopped before it is built.
     for name, needle in (("x.pt", "its weights do not match its model_args {'arch': 'espcn', 'scale': 2}: "
                                   "body.4.weight is (48, 32, 3, 3), the network's is (12, 32, 3, 3)"),
-                         ("y.pt", "describe a network much larger than the 37,200 weights it holds")):
+                         ("y.pt", "describe a network far larger than the 37,200 weights it holds")):
         with pytest.raises(Exception) as e:
             load_model(tmp_path / name, torch.device("cpu"))
         assert needle in str(e.value)
@@ -177,3 +177,14 @@ def test_evaluate_writes_images_for_one_precision_only(tmp_path):
     code, _, err = run_main(evaluate, "--data_dir", images, "--precision", "fp32", "bf16", "-o", tmp_path / "sr")
     assert_one_line_error(code, err, "several --precision values write no images")
     assert not (tmp_path / "sr").exists()
+
+
+def test_building_a_network_stops_where_it_outgrows_the_weights():
+    """Modules without parameters count too: a checkpoint can't make the loader build endless ReLUs."""
+    from checkpoint import at_most
+    with pytest.raises(Exception, match="too large"), at_most(10 ** 9, 100, "too large"), torch.device("meta"):
+        torch.nn.Sequential(*[torch.nn.ReLU() for _ in range(10 ** 4)])
+    with pytest.raises(Exception, match="too large"), at_most(1000, 10 ** 9, "too large"), torch.device("meta"):
+        torch.nn.Linear(100, 100)
+    with at_most(10_100, 2, "too large"), torch.device("meta"):
+        torch.nn.Linear(100, 100)  # 10,100 values, 1 module: fits
