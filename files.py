@@ -5,6 +5,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -31,8 +32,10 @@ class atomic_path:
             raise UserError(f"{self.path.parent}: output folder does not exist")
         if self.path.is_dir():
             raise UserError(f"{self.path}: is a folder, not a file name")
-        for stale in remove_stale_temporaries(self.path.parent, [self.path.name]):
-            warn(f"removed {stale}, left by a process killed while writing {self.path}")
+        if os.path.realpath(self.path.parent) not in CLEANED:  # once per folder: a folder run writes many
+            CLEANED.add(os.path.realpath(self.path.parent))
+            for stale in remove_stale_temporaries(self.path.parent):
+                warn(f"removed {stale}, left by a process killed while writing it")
         try:
             fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=temporary_prefix(self.path.name),
                                             suffix=TMP_SUFFIX)
@@ -72,22 +75,31 @@ def free_space(folder: Path) -> str:
     return "the disk is full" if free < 1e6 else f"{free / 1e9:.1f} GB free"
 
 
+# This machine, in temporary names: a process on another one (a shared disk) is never taken for dead.
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
+CLEANED = set()  # the folders this process has removed stale temporaries from
+
+
 def temporary_prefix(name: str) -> str:
-    """How `atomic_path` names the temporary file of `name`: hidden, with the writer's process id
-    (`mkstemp` adds 8 random characters and TMP_SUFFIX). The name is cut short: a temporary name
-    must fit where the output's own name just fits."""
-    return f".{name[:200]}.{os.getpid()}-"  # remove_stale_temporaries reads it back
+    """How `atomic_path` names the temporary file of `name`: hidden, with this machine and the
+    writer's process id (`mkstemp` adds 8 random characters and TMP_SUFFIX). The name is cut to
+    180 bytes, so that the temporary name fits where the output's own name (255 at most) fits."""
+    return f".{os.fsdecode(os.fsencode(name)[:180])}.{HOST}-{os.getpid()}-"
 
 
-def remove_stale_temporaries(folder: Path, names) -> list[Path]:
-    """Delete what `atomic_path` leaves behind when a process is killed mid-write of one of the
-    files `names`: its temporaries whose process is gone (a user's own .tmp files stay, and so
+STALE = re.compile(r"\..+\." + re.escape(HOST) + r"-(\d+)-[^.]{8}" + re.escape(TMP_SUFFIX), re.DOTALL)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what `atomic_path` leaves in `folder` when a process is killed mid-write: the
+    temporaries of this machine's processes that have ended (a user's own .tmp files stay, and so
     do those of a process still writing); the paths removed."""
-    patterns = [re.compile(re.escape(f".{name[:200]}.") + r"(\d+)-[^.]{8}" + re.escape(TMP_SUFFIX)) for name in names]
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there, not ask about it
+        return []
     stale = []
     with contextlib.suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
-            found = entry.name.startswith(".") and next(filter(None, (p.fullmatch(entry.name) for p in patterns)), None)
+            found = STALE.fullmatch(entry.name)
             if found and entry.is_file(follow_symlinks=False) and not process_exists(int(found.group(1))):
                 stale.append(Path(entry.path))
     for p in stale:
@@ -99,7 +111,7 @@ def remove_stale_temporaries(folder: Path, names) -> list[Path]:
 def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # gone; a number no process id can be
+    except (ProcessLookupError, OverflowError):  # ended; a number no process id can be
         return False
     except PermissionError:  # another user's
         return True

@@ -61,7 +61,7 @@ def open_run_folder(folder: Path, lock, new_run: bool, overwrite: bool, keep_thr
             for name in RUN_OUTPUTS:
                 (folder / name).unlink(missing_ok=True)
             shutil.rmtree(folder / "tensorboard", ignore_errors=True)
-    for stale in remove_stale_temporaries(folder, RUN_OUTPUTS):
+    for stale in remove_stale_temporaries(folder):
         warn(f"removed {stale}, left by a run killed while writing it")
     trim_log(folder / "log.csv", keep_through=keep_through)
     return lock

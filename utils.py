@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 # Default paths (the shipped checkpoint, data/, checkpoints/) are resolved from here, not from
@@ -51,11 +52,12 @@ def run_cli(main, args) -> None:
 def name_too_long(path) -> str:
     """Why a path can't exist: the part of it longer than file systems allow (255 bytes on most),
     shown cut short."""
-    parts = Path(path).parts
+    parts = Path(path or "").parts
+    shown = str(Path(*(p if len(os.fsencode(p)) <= 255 else p[:24] + "..." for p in parts)) if parts else "a path")
+    shown = shown if len(shown) <= 200 else shown[:100] + "..." + shown[-60:]  # one line, even past PATH_MAX
     part = next((p for p in parts if len(os.fsencode(p)) > 255), None)
     if part is None:
-        return f"{path}: the path is longer than this file system allows"
-    shown = Path(*(p if p != part else p[:24] + "..." for p in parts))
+        return f"{shown}: the path is longer than this file system allows"
     return f"{shown}: a name in it is {len(os.fsencode(part))} bytes, longer than file systems allow (255)"
 
 
@@ -78,7 +80,7 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
 
 def warn(message: str) -> None:
     """A one-line warning on stderr (not `warnings`, which prints a source line with it)."""
-    print(f"{Path(sys.argv[0]).name}: warning: {message}", file=sys.stderr)
+    tqdm.write(f"{Path(sys.argv[0]).name}: warning: {message}", file=sys.stderr)  # above a progress bar, not into it
 
 
 # ---------------------------------------------------------------- runtime

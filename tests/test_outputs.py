@@ -4,7 +4,6 @@ and the same help, flag names and progress in every script."""
 import fnmatch
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +17,8 @@ import evaluate
 import infer
 import train
 from checkpoint import load_model
+import files
+from files import temporary_prefix
 from conftest import ROOT, assert_one_line_error, make_images, run_main, run_script, smooth_image
 from upscale import upscale
 
@@ -466,23 +467,16 @@ def test_skip_existing_and_overwrite_exclude_each_other(tiny_checkpoint, tmp_pat
 
 
 
-@pytest.fixture
-def dead_pid():
-    """The process id of a process that has ended."""
-    proc = subprocess.Popen([sys.executable, "-c", ""])
-    proc.wait()
-    return proc.pid
-
-
-def test_the_next_write_of_an_output_removes_what_a_killed_write_of_it_left(tiny_checkpoint, tmp_path, dead_pid):
+def test_the_next_write_into_a_folder_removes_what_killed_writes_left_there(tiny_checkpoint, tmp_path, monkeypatch):
     src = photo(tmp_path / "a.png")
-    left = {name: tmp_path / f".{name}.{dead_pid}-k1ll3d_x.tmp" for name in ("a_x4.png", "a.safetensors")}
-    kept = [tmp_path / ".a_x4.png.mine.tmp", tmp_path / f".a_x4.png.{os.getpid()}-stillwri.tmp",  # a user's; a live writer's
-            tmp_path / f".b_x4.png.{dead_pid}-k1ll3d_x.tmp"]  # another output's
-    for p in [*left.values(), *kept]:
+    dead = int(open("/proc/sys/kernel/pid_max").read()) + 1 if os.path.exists("/proc/sys/kernel/pid_max") else 2 ** 31
+    left = [tmp_path / f"{temporary_prefix(name).rsplit('-', 2)[0]}-{dead}-k1ll3d_x.tmp"
+            for name in ("a_x4.png", "b.safetensors")]
+    kept = [tmp_path / ".a_x4.png.mine.tmp", tmp_path / f"{temporary_prefix('a_x4.png')}stillwri.tmp",  # a user's; a live writer's
+            tmp_path / f".a_x4.png.otherhost-{dead}-k1ll3d_x.tmp"]  # another machine's, on a shared disk
+    for p in [*left, *kept]:
         p.write_bytes(b"half")
+    monkeypatch.setattr(files, "CLEANED", set())  # as in a new process (this one has written there)
     code, _, err = run_main(infer, src, "--checkpoint", tiny_checkpoint)
-    assert code == 0 and f"removed {left['a_x4.png']}, left by a process killed while writing" in err, err
-    code, _, err = run_main(train, "--export", tiny_checkpoint, tmp_path / "a.safetensors")
-    assert code == 0 and f"removed {left['a.safetensors']}" in err, err
-    assert not any(p.exists() for p in left.values()) and all(p.read_bytes() == b"half" for p in kept)
+    assert code == 0 and all(f"removed {p}, left by a process killed while writing it" in err for p in left), err
+    assert not any(p.exists() for p in left) and all(p.read_bytes() == b"half" for p in kept)
