@@ -73,15 +73,20 @@ def tensorboard_writer():
 
 def open_tensorboard(folder: Path):
     """A TensorBoard writer for <run>/tensorboard."""
-    threading.excepthook = quiet_event_writer
+    if not getattr(threading.excepthook, "quiets_tensorboard", False):
+        threading.excepthook = quiet_event_writer(threading.excepthook)
     return tensorboard_writer()(log_dir=str(folder / "tensorboard"))
 
 
-def quiet_event_writer(args, default=threading.excepthook) -> None:
-    """TensorBoard writes events in a thread, which prints a traceback when a write fails (a full
-    disk); the next flush raises the same error where log_to_tensorboard says it in one line."""
-    if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
-        default(args)
+def quiet_event_writer(previous):
+    """A threading.excepthook that passes on everything but a failed write in TensorBoard's writer
+    thread (a full disk): that thread would print a traceback, and the next flush raises the same
+    error where log_to_tensorboard says it in one line."""
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+    hook.quiets_tensorboard = True
+    return hook
 
 
 def log_to_tensorboard(writer, epoch: int, row: dict, panels: list) -> None:

@@ -187,8 +187,7 @@ def start_run(args) -> Run | None:
     """A new run, or the one --resume names, with its data, network, optimizer and progress;
     None when a resumed run has no epochs left to train."""
     checkpoint = resumed_checkpoint(args)
-    if args.tensorboard:
-        check_tensorboard(args)
+    board = args.tensorboard and tensorboard_here(args)
     # Absolute in the checkpoint's args: a resume from another folder finds the same data.
     args.train_dir, args.val_dir = str(Path(args.train_dir).resolve()), str(Path(args.val_dir).resolve())
     if checkpoint and checkpoint["epoch"] >= args.num_epochs:
@@ -218,14 +217,15 @@ def start_run(args) -> Run | None:
         run.bicubic = bicubic_scores(run.val_pairs, crop_border=model_args["scale"])
         run.lock = open_run_folder(folder, lock, new_run=not args.resume, overwrite=args.overwrite,
                                    keep_through=run.epoch)
-        run.board = open_tensorboard(folder) if args.tensorboard else None
+        run.board = open_tensorboard(folder) if board else None
         announce(run)
     return run
 
 
-def check_tensorboard(args) -> None:
+def tensorboard_here(args) -> bool:
     """--tensorboard needs the package, asked now, before any work. A resumed run that logged to
-    TensorBoard goes on without it where it is missing: its log.csv and curves.png hold the same."""
+    TensorBoard goes on without it where it is missing (its log.csv and curves.png hold the same),
+    and stays a --tensorboard run: a later resume where it is installed logs again."""
     try:
         tensorboard_writer()
     except UserError:
@@ -233,8 +233,10 @@ def check_tensorboard(args) -> None:
             raise
         if int(os.environ.get("RANK", "0")) == 0:
             warn(f"{args.resume}: the run logged to TensorBoard, but the tensorboard package is not installed "
-                 f"here: going on without it (log.csv and curves.png as before; pip install tensorboard to log again)")
-        args.tensorboard = False
+                 f"here: going on without it (log.csv and curves.png as before; pip install tensorboard, and the "
+                 f"next resume logs again)")
+        return False
+    return True
 
 
 def run_identity(args, checkpoint: dict | None) -> tuple[dict, Path]:

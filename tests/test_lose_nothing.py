@@ -314,9 +314,12 @@ def test_a_full_disk_during_a_safetensors_export_is_one_line_and_writes_nothing(
 def test_a_full_disk_with_tensorboard_is_one_line_and_keeps_the_last_checkpoint(image_dir, tmp_path):
     pytest.importorskip("tensorboard")
     folder = tmp_path / "runs" / "r"
-    # Room for a checkpoint (about 150 KB) and one epoch's events (about 110 KB), not for two epochs' events.
+    # Files of up to 160,000 bytes: a checkpoint (about 150 KB) and one epoch's events (about 110 KB) fit,
+    # two epochs' events do not.
     result = run_with_file_size_limit(train_args(image_dir, tmp_path / "runs", "r", "--num_epochs", "3",
                                                  "--tensorboard"), 160_000)
     assert_one_line_error(result.returncode, result.stderr, "tensorboard: TensorBoard events could not be written",
                           f"{folder / 'last.pt'} (after epoch 2) is intact", "--resume")
     assert load_checkpoint(folder / "last.pt")["epoch"] == 2 and len(read_log(folder)) == 2
+    # The sizes the limit was chosen for: the checkpoint fits, the events file ran into it.
+    assert (folder / "last.pt").stat().st_size < 160_000 == max(p.stat().st_size for p in (folder / "tensorboard").iterdir())

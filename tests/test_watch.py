@@ -54,13 +54,17 @@ def test_a_tensorboard_run_resumes_without_it_where_the_package_is_missing(image
     pytest.importorskip("tensorboard")
     assert train_tiny(image_dir, tmp_path, "--num_epochs", "1", "--tensorboard")[0] == 0
     events = sorted((tmp_path / "r" / "tensorboard").iterdir())
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    code, out, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2")
-    assert code == 0 and "going on without it" in err and "epoch 2:" in out, err
-    assert sorted((tmp_path / "r" / "tensorboard").iterdir()) == events and len(read_log(tmp_path / "r")) == 2
-    # Typed on resume, it is asked for: one line, as for a new run.
-    code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "3", "--tensorboard")
-    assert_one_line_error(code, err, "--tensorboard needs the tensorboard package")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch.utils.tensorboard", None)
+        code, out, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "2")
+        assert code == 0 and "going on without it" in err and "epoch 2:" in out, err
+        assert sorted((tmp_path / "r" / "tensorboard").iterdir()) == events and len(read_log(tmp_path / "r")) == 2
+        # Typed on resume, it is asked for: one line, as for a new run.
+        code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "3", "--tensorboard")
+        assert_one_line_error(code, err, "--tensorboard needs the tensorboard package")
+    # Installed again, the run logs again: it is still a --tensorboard run.
+    assert run_main(train, "--resume", tmp_path / "r" / "last.pt", "--num_epochs", "3")[0] == 0
+    assert len(list((tmp_path / "r" / "tensorboard").iterdir())) == len(events) + 1
 
 
 def test_tensorboard_is_turned_off_on_resume_with_no_tensorboard(image_dir, tmp_path):
