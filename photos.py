@@ -279,9 +279,10 @@ def note(message: str) -> None:
 
 # ---------------------------------------------------------------- building
 
-def sort_existing(out: Path, rows: list[dict], overwrite: bool = False) -> tuple[list[dict], list[dict]]:
+def sort_existing(out: Path, rows: list[dict], earlier: dict, overwrite: bool = False) -> tuple[list[dict], list[dict]]:
     """Before any fetching: (the rows to build, manifest rows of those already there with the
-    listed pixels). A file there with other pixels is refused, unless `overwrite`."""
+    listed pixels, or with those an earlier run built and recorded in `earlier`, its manifest by
+    id). A file there with other pixels is refused, unless `overwrite`."""
     todo, kept = [], []
     for row in tqdm(rows, desc="checking", unit="photo", delay=2, leave=False):
         path = photo_path(out, row)
@@ -292,8 +293,11 @@ def sort_existing(out: Path, rows: list[dict], overwrite: bool = False) -> tuple
             raise UserError(f"{path}: is not a regular file (a link?); photos are written only as files: "
                             f"remove it or choose another folder")
         img = read_photo(path)
-        if img is not None and pixel_sha256(img) == row["sha256_rgb_pixels"]:
-            kept.append(manifest_row(row, img=img, sha256=row["sha256_rgb_pixels"], version=row["version"]))
+        sha256 = pixel_sha256(img) if img is not None else None
+        if sha256 == row["sha256_rgb_pixels"]:
+            kept.append(manifest_row(row, img=img, sha256=sha256, version=row["version"]))
+        elif sha256 is not None and sha256 == earlier.get(row["id"], {}).get("sha256_rgb_pixels"):
+            kept.append(earlier[row["id"]])  # built here before, with the warning that it differs
         elif overwrite:
             todo.append(row)
         else:
@@ -373,7 +377,7 @@ def main(args):
     catalog = read_catalog(CATALOG)
     rows = select(catalog, split=args.split, ids=args.ids)
     earlier = read_manifest(out / "manifest.tsv", overwrite=args.overwrite)
-    todo, kept = sort_existing(out, rows, overwrite=args.overwrite)
+    todo, kept = sort_existing(out, rows, earlier=earlier, overwrite=args.overwrite)
     check_tools(todo)
     with made_folder(out):
         built = build_all(todo, out) if todo else []
@@ -382,10 +386,10 @@ def main(args):
         listed = [done.get(row["id"]) or earlier[row["id"]] for row in catalog
                   if row["id"] in done or (row["id"] in earlier and photo_path(out, row).is_file())]
         write_manifest(out / "manifest.tsv", listed)
-    differ = sum(row["sha256_rgb_pixels"] != catalog_row["sha256_rgb_pixels"]
-                 for row, catalog_row in zip(built, todo))
+    hashes = {row["id"]: row["sha256_rgb_pixels"] for row in catalog}
+    differ = sum(row["sha256_rgb_pixels"] != hashes[row["id"]] for row in kept + built)
     counts = ", ".join(plural(sum(row["split"] == s for row in rows), s, s) for s in SPLITS)
-    verdict = f"{differ} differ from photos.tsv's pixel hashes (warned above)" if differ else \
+    verdict = f"{differ} differ from photos.tsv's pixel hashes (warned when built)" if differ else \
         f"all {len(rows)} match photos.tsv's pixel hashes"
     print(f"{out}: {plural(len(rows), 'photo')} ({counts}), {len(built)} written, {len(kept)} already there; {verdict}")
 

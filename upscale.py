@@ -84,10 +84,10 @@ def upscale(model: torch.nn.Module, img: np.ndarray, tile: int = DEFAULT_TILE, t
     # What the bar counts: tiles, the 8 flips of a one-tile image, or tiles of all 8 flips.
     what = "tiles" if passes == 1 else "flips" if per_pass == 1 else "tiles (8 flips)"
     device = next(model.parameters()).device
-    # On a terminal only (None): in a log it would be mixed into the per-image lines.
-    bar = tqdm(total=passes * per_pass, desc=what, unit="tile" if "tiles" in what else "flip", leave=False,
-               disable=(not progress or passes * per_pass == 1) or None)
-    with exact_cuda(), autocast(device, precision), bar:
+    # None: on a terminal only; in a log it would be mixed into the per-image lines.
+    hide = None if progress and passes * per_pass > 1 else True
+    with tqdm(total=passes * per_pass, desc=what, unit="tile" if "tiles" in what else "flip", leave=False,
+              disable=hide) as bar, exact_cuda(), autocast(device, precision):
         if not self_ensemble:
             return super_resolve(model, img, tile, tile_pad, np.uint8, bar)
         total = None

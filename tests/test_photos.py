@@ -280,6 +280,10 @@ def test_pixels_other_than_listed_are_a_warning_naming_the_photo(tmp_path, packa
     assert len(warnings) == 1 and "face" in warnings[0] and "differ" in warnings[0], err
     assert (out / "train" / "face.png").is_file()
     assert "1 differ from photos.tsv's pixel hashes" in stdout
+    # A rerun keeps the photo it built itself (its manifest holds those pixels), and fetches nothing.
+    fetched = list(packages)
+    code, stdout, err = run_main(photos, out)
+    assert code == 0 and "0 written, 3 already there; 1 differ" in stdout and packages == fetched, err
 
 
 def test_a_photo_that_fails_to_write_leaves_no_file(tmp_path, packages, monkeypatch):
