@@ -1,13 +1,15 @@
 """Measure ResShuffle's training step, data loader, inference and evaluation against the plain way.
 
-usage: python benchmark.py [--device auto] [--precision auto] [--steps 3] [--skip_memory] [--arch resshuffle] [--loss l1]
+usage: python benchmark.py [--device auto] [--precision auto] [--steps 3] [--skip_memory] [--quick] [--arch resshuffle] [--loss l1]
        python benchmark.py --check --device cuda      # train, resume, tile in every precision
 
 Every figure comes from this run, on this machine, both sides measured in the same run. It
-prints a table and then one JSON line with every figure. Synthetic 2K images (2040x1356, photo-
-like content) are written to a temporary folder, so no data set is needed. Each of the rows
-for the training step and inference is measured in fp32 and in --precision (default: what
---precision auto picks on this device, bf16 where that is fp32).
+prints a table a row at a time, each row as soon as it is measured, then one JSON line with
+every figure; --quick measures the same rows with fewer repeats and smaller inputs. Synthetic
+2K images (2040x1356, photo-like content) are written to a temporary folder, so no data set
+is needed; it is removed on Ctrl-C and on SIGTERM too. Each of the rows for the training step
+and inference is measured in fp32 and in --precision (default: what --precision auto picks on
+this device, bf16 where that is fp32).
 
 1. training step, batch 16 of 48x48 LR patches at x4: train.py's step (channels_last) against
    a plain NCHW fp32 step; GFLOP/s from the FLOPs PyTorch's FlopCounterMode counts, against
@@ -22,13 +24,16 @@ for the training step and inference is measured in fp32 and in --precision (defa
    (8160x5440 output) in fp32, tiled and untiled.
 4. evaluate.py: seconds per 2K image.
 """
+import contextlib
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +55,33 @@ from upscale import tensor_to_image, tiling, upscale
 from utils import UserError, make_parser, positive_int, run_cli, select_device
 
 BATCH, LR_PATCH, SCALE = 16, 48, 4
+TWO_K = (2040, 1356)  # width, height of the synthetic images
+
+
+class Plan(NamedTuple):
+    """How long each measurement runs. --quick measures the same rows with fewer repeats, smaller
+    batches and smaller inputs, which the rows name."""
+    steps: int  # timed training steps per measurement (--steps)
+    batch: int  # patches in a training step and in a loader's batch
+    repeats: int  # timed calls per inference measurement
+    loader_batches: int  # batches timed from PatchLoader
+    decode_batches: int  # batches timed from the DataLoader that decodes a file per patch
+    infer_lr: tuple[int, int]  # width, height of the LR image inference is timed on
+    big_lr: tuple[int, int]  # width, height of infer.py's input in the memory runs
+    images: int  # synthetic 2K images made
+    eval_images: int  # of them, measured by evaluate.py
+    eval_size: tuple[int, int]  # width, height of the crop of each that evaluate.py measures
+
+
+FULL = Plan(steps=3, batch=BATCH, repeats=2, loader_batches=1000, decode_batches=3, infer_lr=(510, 339),
+            big_lr=(2040, 1360), images=4, eval_images=2, eval_size=TWO_K)
+QUICK = Plan(steps=1, batch=4, repeats=1, loader_batches=100, decode_batches=1, infer_lr=(264, 128),
+             big_lr=(264, 128), images=2, eval_images=1, eval_size=(512, 340))
+
+
+def dims(size: tuple[int, int]) -> str:
+    """'300x170' for (300, 170): width x height."""
+    return f"{size[0]}x{size[1]}"
 
 
 def sync(device):
@@ -79,37 +111,56 @@ def plain_network(model_args: dict) -> torch.nn.Module:
     return model
 
 
-def training_step_flops(model_args: dict, loss: WeightedLoss) -> int:
+def training_step_flops(model_args: dict, loss: WeightedLoss, batch: int) -> int:
     """FLOPs of one forward+backward of the x4 network and `loss` on one batch, as PyTorch counts them.
 
     Counted on the network as written: ResShuffle runs its tail as an equivalent conv with more
-    FLOPs (ResShuffle.upsample_and_tail), which would otherwise count as useful work.
+    FLOPs (ResShuffle.upsample_and_tail), which would otherwise count as useful work. Counted on
+    the meta device, from shapes alone, in no time; on the CPU for a loss that can't run there.
     """
-    model = plain_network(model_args)
-    lr, hr = torch.rand(BATCH, 3, LR_PATCH, LR_PATCH), torch.rand(BATCH, 3, LR_PATCH * SCALE, LR_PATCH * SCALE)
-    with FlopCounterMode(display=False) as counter:
-        loss.total(loss.terms(model(lr), hr)).backward()
-    return counter.get_total_flops()
+    def count(device) -> int:
+        with torch.device(device):
+            model = plain_network(model_args)
+            lr, hr = torch.rand(batch, 3, LR_PATCH, LR_PATCH), torch.rand(batch, 3, LR_PATCH * SCALE, LR_PATCH * SCALE)
+        with FlopCounterMode(display=False) as counter:
+            loss.total(loss.terms(model(lr), hr)).backward()
+        return counter.get_total_flops()
+
+    try:
+        return count("meta")
+    except (NotImplementedError, RuntimeError):  # e.g. a loss that reads a value (.item())
+        return count("cpu")
 
 
-def bench_training(device, steps: int, precision: str, model_args: dict, loss: WeightedLoss) -> dict:
-    """train.py's step (network `model_args`, `loss`) in fp32 and in `precision`, the plain NCHW fp32
-    step, and the conv ceiling in each."""
-    flops = training_step_flops(model_args, loss)
-    lr8 = torch.randint(0, 256, (BATCH, LR_PATCH, LR_PATCH, 3), dtype=torch.uint8)
-    hr8 = torch.randint(0, 256, (BATCH, LR_PATCH * SCALE, LR_PATCH * SCALE, 3), dtype=torch.uint8)
-    flips = torch.rand(BATCH, 3) < 0.5
-    out = {"train_flops_per_step": flops}
+def bench_training(device, plan: Plan, precision: str, model_args: dict, loss: WeightedLoss) -> dict:
+    """train.py's step (network `model_args`, `loss`) in fp32 and in `precision` against the plain
+    NCHW fp32 step (measured first: each row's ratio needs it), and the conv ceiling in each."""
+    steps, batch, flops = plan.steps, plan.batch, training_step_flops(model_args, loss, plan.batch)
+    lr8 = torch.randint(0, 256, (batch, LR_PATCH, LR_PATCH, 3), dtype=torch.uint8)
+    hr8 = torch.randint(0, 256, (batch, LR_PATCH * SCALE, LR_PATCH * SCALE, 3), dtype=torch.uint8)
+    flips = torch.rand(batch, 3) < 0.5
+    plain = plain_step_seconds(device, steps, model_args, loss, lr8, hr8)
+    out = {"train_batch": batch, "train_flops_per_step": flops, "plain_patches_s": batch / plain,
+           "plain_gflops": flops / plain / 1e9}
     for name in precisions(precision):
         torch.manual_seed(0)
         model = build_network(model_args).to(device, memory_format=torch.channels_last)
         optimizer, scaler = torch.optim.Adam(model.parameters(), lr=2e-4), grad_scaler(device, name)
         seconds = timed(lambda: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler, name, loss),
                         device, steps)
+        row(f"train step {name}, patches/s (batch {batch}, 48px LR)", f"{batch / seconds:.2f}",
+            f"{batch / plain:.2f}", f"{plain / seconds:.2f}x")
+        row("  GFLOP/s (counted)", f"{flops / seconds / 1e9:.1f}", f"{flops / plain / 1e9:.1f}")
         ceiling = conv_ceiling(device, name, steps)
-        out |= {f"train_patches_s_{name}": BATCH / seconds, f"train_gflops_{name}": flops / seconds / 1e9,
+        row(f"  one 64->64 3x3 conv fwd+bwd in {name}, GFLOP/s", f"{ceiling / 1e9:.1f}")
+        row("  train step's GFLOP/s as a share of it", f"{100 * flops / seconds / ceiling:.0f}%")
+        out |= {f"train_patches_s_{name}": batch / seconds, f"train_gflops_{name}": flops / seconds / 1e9,
                 f"ceiling_gflops_{name}": ceiling / 1e9, f"train_fraction_of_ceiling_{name}": flops / seconds / ceiling}
+    return out
 
+
+def plain_step_seconds(device, steps: int, model_args: dict, loss: WeightedLoss, lr8, hr8) -> float:
+    """Seconds per step of the plain way: the network as written, NCHW, fp32."""
     torch.manual_seed(0)
     plain_model = plain_network(model_args).to(device)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=2e-4)
@@ -121,9 +172,7 @@ def bench_training(device, steps: int, precision: str, model_args: dict, loss: W
         total.backward()
         plain_opt.step()
 
-    plain = timed(plain_step, device, steps)
-    out |= {"plain_patches_s": BATCH / plain, "plain_gflops": flops / plain / 1e9}
-    return out
+    return timed(plain_step, device, steps)
 
 
 def conv_ceiling(device, precision: str, steps: int) -> float:
@@ -154,7 +203,7 @@ def precisions(precision: str) -> list[str]:
 def make_2k_images(folder: Path, count: int) -> None:
     """Photo-like 2040x1356 PNGs: smooth colour fields, edges and fine noise."""
     rng = np.random.default_rng(0)
-    h, w = 1356, 2040
+    w, h = TWO_K
     y, x = np.mgrid[0:h, 0:w].astype(np.float32) / w
     for i in range(count):
         img = np.zeros((h, w, 3), np.float32)
@@ -193,19 +242,24 @@ def loader_rate(loader, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_data(folder: Path) -> dict:
+def bench_data(folder: Path, plan: Plan) -> dict:
+    """PatchLoader with 1 and 2 threads against decoding the file for every patch (measured first:
+    the first row's ratio needs it)."""
     paths = list_images(folder)
     start = time.perf_counter()
     data = TrainDataset(folder, scale=SCALE, patch_size=LR_PATCH * SCALE, patches_per_image=5000)
-    decode_s = time.perf_counter() - start
-    out = {"data_decode_all_s": decode_s, "data_images": len(paths)}
-    for workers in (1, 2):
-        loader = PatchLoader(data, EpochSampler(data, seed=0), batch_size=BATCH, num_workers=workers)
-        out[f"data_patches_s_{workers}w"] = loader_rate(loader, batches=1000)
-    naive = DataLoader(DecodePerPatch(paths, 50), batch_size=BATCH, shuffle=True, num_workers=1,
+    out = {"data_decode_all_s": time.perf_counter() - start, "data_images": len(paths)}
+    naive = DataLoader(DecodePerPatch(paths, 50), batch_size=plan.batch, shuffle=True, num_workers=1,
                        generator=torch.Generator().manual_seed(0))
-    out["data_decode_per_patch_patches_s_1w"] = loader_rate(naive, batches=3)
-    out["data_speedup_1w"] = out["data_patches_s_1w"] / out["data_decode_per_patch_patches_s_1w"]
+    naive_rate = out["data_decode_per_patch_patches_s_1w"] = loader_rate(naive, batches=plan.decode_batches)
+    for workers in (1, 2):
+        loader = PatchLoader(data, EpochSampler(data, seed=0), batch_size=plan.batch, num_workers=workers)
+        rate = out[f"data_patches_s_{workers}w"] = loader_rate(loader, batches=plan.loader_batches)
+        if workers == 1:
+            row("data, patches/s, 1 worker", f"{rate:.0f}", f"{naive_rate:.1f}", f"{rate / naive_rate:.0f}x")
+        else:
+            row(f"data, patches/s, {workers} workers", f"{rate:.0f}")
+    out["data_speedup_1w"] = out["data_patches_s_1w"] / naive_rate
     return out
 
 
@@ -225,31 +279,41 @@ def run_infer(args: list[str]) -> tuple[float | None, float, bool]:
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         print(f"  infer.py {' '.join(args)} failed (exit {result.returncode}): "
-              f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'killed'}")
+              f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'killed'}", flush=True)
         return None, seconds, False
     peak_kb = next(int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("VmHWM"))
     return peak_kb * 1024 / 1e9, seconds, "tiling it by" in result.stderr
 
 
-def bench_inference(device, folder: Path, repeats: int, memory: bool, precision: str, model_args: dict) -> dict:
+def bench_inference(device, folder: Path, plan: Plan, memory: bool, precision: str, model_args: dict) -> dict:
+    """infer.py's path in fp32 and `precision` against the plain model call (measured first: each
+    row's ratio needs it), tiled against untiled; onnxruntime; infer.py's memory on a large input."""
     torch.manual_seed(0)
     model = build_network(model_args).to(device, memory_format=torch.channels_last).eval()
-    hr = load_rgb(list_images(folder)[0])[:1356, :2040]
-    lr = downsample(hr, SCALE)  # 510x339, a DIV2K-size LR image
+    width, height = plan.infer_lr
+    hr = load_rgb(list_images(folder)[0])[:height * SCALE, :width * SCALE]
+    lr = downsample(hr, SCALE)  # 510x339, a DIV2K-size LR image (--quick: 264x128, still two tiles)
     out_mp = lr.shape[0] * lr.shape[1] * SCALE ** 2 / 1e6
     out = {"infer_input": f"{lr.shape[1]}x{lr.shape[0]}", "receptive_radius": tiling(model, 256, None)[1]}
+    out["plain_infer_mp_s"] = out_mp / plain_infer_seconds(model, model_args, lr, plan.repeats)
+    sr = {}
     for name in precisions(precision):
-        whole = upscale(model, lr, tile=0, precision=name)
-        seconds = timed(lambda: upscale(model, lr, tile=0, precision=name), device, repeats, warmup=0)
-        tiled = upscale(model, lr, tile=256, precision=name)  # infer.py's default: --tile 256, pad = radius
-        tiled_s = timed(lambda: upscale(model, lr, tile=256, precision=name), device, repeats, warmup=0)
-        out |= {f"infer_mp_s_{name}": out_mp / seconds, f"infer_tiled256_mp_s_{name}": out_mp / tiled_s,
-                f"tiled_max_abs_diff_{name}": max_diff(whole, tiled)}
-        if name == "fp32":  # the first
-            exact = whole
-        else:
-            out |= {f"max_abs_diff_from_fp32_{name}": max_diff(whole, exact), f"psnr_vs_fp32_{name}": metrics.psnr(whole, exact)}
+        figures, sr[name] = bench_upscale(model, lr, name, plan.repeats, out)
+        out |= figures
+        if name != "fp32":  # fp32 is the first
+            diff, psnr = max_diff(sr[name], sr["fp32"]), metrics.psnr(sr[name], sr["fp32"])
+            row(f"  {name} vs fp32 output (uint8)", f"max diff {diff}", f"{psnr:.1f} dB")
+            out |= {f"max_abs_diff_from_fp32_{name}": diff, f"psnr_vs_fp32_{name}": psnr}
+    if device.type == "cpu":
+        out |= bench_onnxruntime(model, lr, out_mp, plan.repeats, sr["fp32"], out)
+    if memory:
+        out |= bench_memory(model, hr, device, model_args, plan.big_lr)
+    return out
 
+
+def plain_infer_seconds(model: torch.nn.Module, model_args: dict, lr: np.ndarray, repeats: int) -> float:
+    """Seconds per call of the plain way: `model`'s weights in the network as written, NCHW, fp32."""
+    device = next(model.parameters()).device
     plain_model = plain_network(model_args).to(device).eval()
     plain_model.load_state_dict(model.state_dict())
 
@@ -258,28 +322,53 @@ def bench_inference(device, folder: Path, repeats: int, memory: bool, precision:
             x = torch.from_numpy(lr.copy()).permute(2, 0, 1).unsqueeze(0).float().div(255).to(device)
             return plain_model(x).clamp(0, 1).mul(255).round().byte().cpu()
 
-    out["plain_infer_mp_s"] = out_mp / timed(plain, device, repeats)
-    if device.type == "cpu":
-        out |= bench_onnxruntime(model, lr, out_mp, repeats, exact)
-    if memory:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            big = np.asarray(Image.fromarray(hr).resize((2040, 1360), Image.BICUBIC))
-            Image.fromarray(big).save(tmp / "big.png")
-            ckpt = tmp / "model.pt"
-            save_checkpoint({"model": model.state_dict(), "model_args": model_args}, ckpt)
-            common = [str(tmp / "big.png"), "--checkpoint", str(ckpt), "--device", device.type, "--precision", "fp32"]
-            big_mp = 8160 * 5440 / 1e6
-            for name, extra in (("tile256", ["--tile", "256"]), ("untiled", ["--tile", "0"])):
-                peak, seconds, auto_tiled = run_infer(common + ["-o", str(tmp / f"{name}.png"), *extra])
-                out[f"infer_8160x5440_{name}_peak_gb"], out[f"infer_8160x5440_{name}_mp_s"] = peak, big_mp / seconds
-                out[f"infer_8160x5440_{name}_auto_tiled"] = auto_tiled
+    return timed(plain, device, repeats)
+
+
+def bench_upscale(model: torch.nn.Module, lr: np.ndarray, name: str, repeats: int, f: dict) -> tuple[dict, np.ndarray]:
+    """upscale.upscale in precision `name`, untiled and tiled as infer.py does by default (`f`: the
+    figures so far); the figures and the untiled output."""
+    device = next(model.parameters()).device
+    out_mp = lr.shape[0] * lr.shape[1] * SCALE ** 2 / 1e6
+    whole = upscale(model, lr, tile=0, precision=name)
+    seconds = timed(lambda: upscale(model, lr, tile=0, precision=name), device, repeats, warmup=0)
+    row(f"inference {f['infer_input']} {name} untiled, output MP/s", f"{out_mp / seconds:.3f}",
+        f"{f['plain_infer_mp_s']:.3f}", f"{out_mp / seconds / f['plain_infer_mp_s']:.2f}x")
+    tiled = upscale(model, lr, tile=256, precision=name)  # infer.py's default: --tile 256, pad = radius
+    tiled_s = timed(lambda: upscale(model, lr, tile=256, precision=name), device, repeats, warmup=0)
+    row("  tiled (256, pad = radius), output MP/s", f"{out_mp / tiled_s:.3f}")
+    row(f"  tiled vs untiled, radius {f['receptive_radius']} LR px", f"max diff {max_diff(whole, tiled)}")
+    return {f"infer_mp_s_{name}": out_mp / seconds, f"infer_tiled256_mp_s_{name}": out_mp / tiled_s,
+            f"tiled_max_abs_diff_{name}": max_diff(whole, tiled)}, whole
+
+
+def bench_memory(model: torch.nn.Module, hr: np.ndarray, device, model_args: dict, size: tuple[int, int]) -> dict:
+    """Peak memory and speed of infer.py in a fresh process on a `size` (width, height) input,
+    fp32, tiled and untiled."""
+    (width, height), out = size, {}
+    big_out = dims((width * SCALE, height * SCALE))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        Image.fromarray(hr).resize(size, Image.BICUBIC).save(tmp / "big.png")
+        ckpt = tmp / "model.pt"
+        save_checkpoint({"model": model.state_dict(), "model_args": model_args}, ckpt)
+        common = [str(tmp / "big.png"), "--checkpoint", str(ckpt), "--device", device.type, "--precision", "fp32"]
+        for name, extra in (("tile256", ["--tile", "256"]), ("untiled", ["--tile", "0"])):
+            peak, seconds, auto_tiled = run_infer(common + ["-o", str(tmp / f"{name}.png"), *extra])
+            mp_s = width * height * SCALE ** 2 / 1e6 / seconds
+            label = name + (" (infer.py tiled it: memory short)" if auto_tiled else "")
+            row(f"infer.py fp32 {dims(size)} -> {big_out}, {label}", "failed" if peak is None else f"{peak:.2f} GB",
+                f"{mp_s:.3f} MP/s")
+            out |= {f"infer_{big_out}_{name}_peak_gb": peak, f"infer_{big_out}_{name}_mp_s": mp_s,
+                    f"infer_{big_out}_{name}_auto_tiled": auto_tiled}
     return out
 
 
-def bench_onnxruntime(model: torch.nn.Module, lr: np.ndarray, out_mp: float, repeats: int, exact: np.ndarray) -> dict:
+def bench_onnxruntime(model: torch.nn.Module, lr: np.ndarray, out_mp: float, repeats: int, exact: np.ndarray,
+                      f: dict) -> dict:
     """The same network exported to ONNX (train.py --export x.onnx), untiled under onnxruntime on the
-    CPU, against infer.py's fp32 path above; {} without onnxscript and onnxruntime."""
+    CPU, against infer.py's fp32 path above (`exact`, and its speed in `f`); {} without onnxscript
+    and onnxruntime."""
     if not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")):
         return {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -287,9 +376,12 @@ def bench_onnxruntime(model: torch.nn.Module, lr: np.ndarray, out_mp: float, rep
         export_onnx(model, path, {})
         session, name = onnx_session(path)
     x = torch.from_numpy(lr.copy()).permute(2, 0, 1)[None].float().div(255).numpy()
-    seconds = timed(lambda: session.run(None, {name: x}), torch.device("cpu"), repeats)
-    sr = tensor_to_image(torch.from_numpy(session.run(None, {name: x})[0]))
-    return {"onnxruntime_mp_s": out_mp / seconds, "onnxruntime_max_abs_diff_fp32": max_diff(sr, exact),
+    diff = max_diff(tensor_to_image(torch.from_numpy(session.run(None, {name: x})[0])), exact)  # the warm-up call
+    mp_s = out_mp / timed(lambda: session.run(None, {name: x}), torch.device("cpu"), repeats, warmup=0)
+    row(f"inference {f['infer_input']} onnxruntime fp32 untiled, MP/s", f"{mp_s:.3f}",
+        f"{f['infer_mp_s_fp32']:.3f}", f"{mp_s / f['infer_mp_s_fp32']:.2f}x")
+    row("  onnxruntime vs infer.py's fp32 output (uint8)", f"max diff {diff}")
+    return {"onnxruntime_mp_s": mp_s, "onnxruntime_max_abs_diff_fp32": diff,
             "onnxruntime_threads": session.get_session_options().intra_op_num_threads}
 
 
@@ -298,79 +390,82 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
-def bench_evaluate(folder: Path, device, model_args: dict) -> dict:
+def bench_evaluate(folder: Path, device, model_args: dict, plan: Plan) -> dict:
+    """evaluate.py on the first `plan.eval_images` images, cropped to `plan.eval_size`; start-up included."""
+    width, height = plan.eval_size
+    size = "2K" if plan.eval_size == TWO_K else dims(plan.eval_size)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "model.pt"
+        tmp = Path(tmp)
+        ckpt, images = tmp / "model.pt", tmp / "images"
         save_checkpoint({"model": build_network(model_args).state_dict(), "model_args": model_args}, ckpt)
+        images.mkdir()
+        for path in list_images(folder)[:plan.eval_images]:
+            Image.fromarray(load_rgb(path)[:height, :width]).save(images / path.name)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "evaluate.py", "--data_dir", str(folder), "--checkpoint", str(ckpt),
-                        "--device", device.type, "--max_images", "2"], check=True, capture_output=True,
-                       cwd=Path(__file__).parent)
-        return {"evaluate_s_per_2k_image": (time.perf_counter() - start) / 2}  # includes start-up
+        subprocess.run([sys.executable, "evaluate.py", "--data_dir", str(images), "--checkpoint", str(ckpt),
+                        "--device", device.type], check=True, capture_output=True, cwd=Path(__file__).parent)
+        seconds = (time.perf_counter() - start) / plan.eval_images
+    row(f"evaluate.py (fp32), s per {size} image", f"{seconds:.1f}")
+    return {f"evaluate_s_per_{size.lower()}_image": seconds}
 
 
 def main(args):
-    device = select_device(args.device)
-    if args.check:
-        return check(device)
+    with sigterm_unwinds():
+        device = select_device(args.device)
+        if args.check:
+            return check(device)
+        measure(device, args)
+
+
+def measure(device, args) -> None:
+    """Every row, each printed as soon as it is measured, then one JSON line with every figure."""
     precision = choose_precision(args.precision, device)[0]
     precision = "bf16" if precision == "fp32" and args.precision == "auto" else precision
     model_args, loss = {"arch": args.arch, "scale": SCALE}, WeightedLoss(args.loss)
+    plan = QUICK if args.quick else FULL._replace(steps=args.steps)
     figures = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "date": time.strftime("%Y-%m-%d"), "precision": precision, "arch": args.arch, "loss": loss.spec,
-               "cpu_bf16": cpu_bf16_instructions() if device.type == "cpu" else None}
+               "cpu_bf16": cpu_bf16_instructions() if device.type == "cpu" else None, "quick": args.quick}
+    header(figures)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        make_2k_images(folder, 4)
-        print("training step ...", flush=True)
-        figures |= bench_training(device, args.steps, precision, model_args, loss)
-        print("data loader ...", flush=True)
-        figures |= bench_data(folder)
-        print("inference ...", flush=True)
-        figures |= bench_inference(device, folder, repeats=2, memory=not args.skip_memory, precision=precision,
+        make_2k_images(folder, plan.images)
+        figures |= bench_training(device, plan, precision, model_args, loss)
+        figures |= bench_data(folder, plan)
+        figures |= bench_inference(device, folder, plan, memory=not args.skip_memory, precision=precision,
                                    model_args=model_args)
-        print("evaluate.py ...", flush=True)
-        figures |= bench_evaluate(folder, device, model_args)
-    report(figures)
+        figures |= bench_evaluate(folder, device, model_args, plan)
+    print(json.dumps(figures), flush=True)
 
 
-def report(f: dict) -> None:
-    def row(what, ours, plain="", ratio=""):
-        print(f"{what:<46} {ours:>12} {plain:>12} {ratio:>8}")
-
+def header(f: dict) -> None:
+    """The table's title and column names, printed before the first row is measured."""
     cpu = f" ({f['cpu_bf16'] or 'no bf16 instructions'})" if f["cpu_bf16"] is not None or f["device"] == "cpu" else ""
-    print(f"\n{f['arch']} benchmark (loss {f['loss']}), {f['date']}, device {f['device']}{cpu}, torch {f['torch']}, "
-          f"{f['threads']} threads")
+    quick = ", --quick (fewer repeats, smaller inputs)" if f["quick"] else ""
+    print(f"{f['arch']} benchmark (loss {f['loss']}), {f['date']}, device {f['device']}{cpu}, torch {f['torch']}, "
+          f"{f['threads']} threads{quick}")
     row("", f["arch"], "plain", "ratio")
-    for name in precisions(f["precision"]):
-        row(f"train step {name}, patches/s (batch 16, 48px LR)", f"{f[f'train_patches_s_{name}']:.2f}",
-            f"{f['plain_patches_s']:.2f}", f"{f[f'train_patches_s_{name}'] / f['plain_patches_s']:.2f}x")
-        row("  GFLOP/s (counted)", f"{f[f'train_gflops_{name}']:.1f}", f"{f['plain_gflops']:.1f}")
-        row(f"  one 64->64 3x3 conv fwd+bwd in {name}, GFLOP/s", f"{f[f'ceiling_gflops_{name}']:.1f}")
-        row("  train step's GFLOP/s as a share of it", f"{100 * f[f'train_fraction_of_ceiling_{name}']:.0f}%")
-    row("data, patches/s, 1 worker", f"{f['data_patches_s_1w']:.0f}",
-        f"{f['data_decode_per_patch_patches_s_1w']:.1f}", f"{f['data_speedup_1w']:.0f}x")
-    row("data, patches/s, 2 workers", f"{f['data_patches_s_2w']:.0f}")
-    for name in precisions(f["precision"]):
-        row(f"inference {f['infer_input']} {name} untiled, output MP/s", f"{f[f'infer_mp_s_{name}']:.3f}",
-            f"{f['plain_infer_mp_s']:.3f}", f"{f[f'infer_mp_s_{name}'] / f['plain_infer_mp_s']:.2f}x")
-        row("  tiled (256, pad = radius), output MP/s", f"{f[f'infer_tiled256_mp_s_{name}']:.3f}")
-        row(f"  tiled vs untiled, radius {f['receptive_radius']} LR px", f"max diff {f[f'tiled_max_abs_diff_{name}']}")
-        if name != "fp32":
-            row(f"  {name} vs fp32 output (uint8)", f"max diff {f[f'max_abs_diff_from_fp32_{name}']}",
-                f"{f[f'psnr_vs_fp32_{name}']:.1f} dB")
-    if "onnxruntime_mp_s" in f:
-        row(f"inference {f['infer_input']} onnxruntime fp32 untiled, MP/s", f"{f['onnxruntime_mp_s']:.3f}",
-            f"{f['infer_mp_s_fp32']:.3f}", f"{f['onnxruntime_mp_s'] / f['infer_mp_s_fp32']:.2f}x")
-        row("  onnxruntime vs infer.py's fp32 output (uint8)", f"max diff {f['onnxruntime_max_abs_diff_fp32']}")
-    if "infer_8160x5440_tile256_peak_gb" in f:
-        for name in ("tile256", "untiled"):
-            peak = f[f"infer_8160x5440_{name}_peak_gb"]
-            label = name + (" (infer.py tiled it: memory short)" if f[f"infer_8160x5440_{name}_auto_tiled"] else "")
-            row(f"infer.py fp32 2040x1360 -> 8160x5440, {label}", "failed" if peak is None else f"{peak:.2f} GB",
-                f"{f[f'infer_8160x5440_{name}_mp_s']:.3f} MP/s")
-    row("evaluate.py (fp32), s per 2K image", f"{f['evaluate_s_per_2k_image']:.1f}")
-    print(json.dumps(f))
+
+
+def row(what: str, ours: str, plain: str = "", ratio: str = "") -> None:
+    """One row of the table, printed (and flushed) as soon as its figure is measured: a full run takes minutes."""
+    print(f"{what:<46} {ours:>12} {plain:>12} {ratio:>8}", flush=True)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """SIGTERM (`kill`, a job scheduler) unwinds the stack as Ctrl-C does, so the temporary folders
+    are removed and the child processes (infer.py, evaluate.py, train.py) killed on the way out;
+    by default it ends the process where it stands, leaving them behind. Exit status 143."""
+    def stop(signum, frame):
+        print(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; removing its temporary files", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------- --check: a new machine, a GPU
@@ -450,8 +545,15 @@ def build_parser():
                              "natively (bf16 where it has none)")
     parser.add_argument("--arch", choices=NETWORKS, default="resshuffle", help="the network measured (x4)")
     parser.add_argument("--loss", type=loss_spec, default="l1", help="the training loss the step runs, as train.py --loss")
-    parser.add_argument("--steps", type=positive_int, default=3, help="timed repeats per measurement")
-    parser.add_argument("--skip_memory", action="store_true", help="skip the 8160x5440 memory runs")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed repeats per training measurement")
+    parser.add_argument("--skip_memory", action="store_true",
+                        help=f"skip the two memory runs ({dims((FULL.big_lr[0] * SCALE, FULL.big_lr[1] * SCALE))} "
+                             f"output; with --quick {dims((QUICK.big_lr[0] * SCALE, QUICK.big_lr[1] * SCALE))})")
+    parser.add_argument("--quick", action="store_true",
+                        help="the same rows in under a minute on a 2-core CPU, where a full run takes about 7 "
+                             "minutes (2 with --skip_memory): one timed repeat (--steps is not used), batches of "
+                             f"{QUICK.batch}, inference on {dims(QUICK.infer_lr)}, the memory runs on {dims(QUICK.big_lr)}, "
+                             f"evaluate.py on one {dims(QUICK.eval_size)} image; each row names its size")
     parser.add_argument("--check", action="store_true",
                         help="instead: train.py in fp32, bf16 and fp16 (all three; --precision is not used) with a "
                              "resume, and tiled against untiled upscaling in each, on --device (a new machine's "
