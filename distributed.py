@@ -86,6 +86,15 @@ def same_as_rank_0(value):
     return box[0]
 
 
+def gathered(items: list) -> list:
+    """Every process's `items` (picklable), concatenated in rank order, on every process."""
+    if not dist.is_initialized():
+        return items
+    boxes = [None] * dist.get_world_size()
+    dist.all_gather_object(boxes, items)
+    return [item for box in boxes for item in box]
+
+
 def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
     """The element-wise mean of `t` over all processes (in place)."""
     if dist.is_initialized():

@@ -78,7 +78,8 @@ class Run:
     precision_why: str            # why: "asked for", or what --precision auto found
     loader: PatchLoader
     steps_per_epoch: int
-    val_pairs: list               # (name, hr, lr), decoded once; rank 0 only
+    val_pairs: list               # (index, name, hr, lr) of this process's share, decoded once
+    val_count: int                # validation images, all processes' shares together
     bicubic: dict = None          # bicubic upsampling's val scores, metrics.METRICS: the scores to beat
     epoch: int = 0                # whole epochs done
     step: int = 0                 # steps done of the next epoch (a run stopped mid-epoch)
@@ -161,9 +162,9 @@ def train(args):
                 stop_all(run, stop, f"in epoch {epoch} after step {run.step} of {run.steps_per_epoch}")
             loss = end_epoch(run, epoch)
             due = epoch % args.val_every == 0 or epoch == args.num_epochs
-            val = validate(run) if run.lead and due else None
+            val = validate(run) if due else None
             record(run, epoch, loss, lr_now, val, seconds=time.time() - started)
-            early_stop = early_stop_reason(run, epoch) if val is not None else None
+            early_stop = early_stop_reason(run, epoch) if run.lead and val is not None else None
             # Decided by rank 0 (early stopping) or by any process (a signal), obeyed by all.
             if distributed.any_process(early_stop is not None, run.device):
                 if run.lead:
@@ -213,8 +214,8 @@ def start_run(args) -> Run | None:
         restart_epoch_if_data_changed(run, checkpoint)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    run.bicubic = bicubic_scores(run.val_pairs, crop_border=model_args["scale"])
     if run.lead:
-        run.bicubic = bicubic_scores(run.val_pairs, crop_border=model_args["scale"])
         run.lock = open_run_folder(folder, lock, new_run=not args.resume, overwrite=args.overwrite,
                                    keep_through=run.epoch)
         run.board = open_tensorboard(folder) if board else None
@@ -269,7 +270,9 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     """The data decoded, the network, its optimizer and schedule: a run at its start."""
     scale = model_args["scale"]
     loader, steps_per_epoch = make_loader(args, scale, rank, world_size, device)
-    val_pairs = list(eval_pairs(val_paths, scale, args.degradation)) if rank == 0 else []
+    # Each process validates every world_size-th image: the scores are gathered (validate).
+    share = eval_pairs(val_paths[rank::world_size], scale, args.degradation)
+    val_pairs = [(i, *pair) for i, pair in zip(range(rank, len(val_paths), world_size), share)]
     try:  # a resumed run's network or loss may no longer be registered
         model, loss = build_network(model_args).to(device, memory_format=torch.channels_last), WeightedLoss(args.loss)
     except ValueError as e:
@@ -289,7 +292,7 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
                optimizer=optimizer,
                scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma),
                scaler=grad_scaler(device, precision), precision=precision, precision_why=why,
-               loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs,
+               loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs, val_count=len(val_paths),
                loss=loss, term_sums=[0.0] * len(loss.names))
 
 
@@ -405,8 +408,10 @@ def check_batches(patches: int, batch_size: int, world_size: int) -> None:
 
 
 def bicubic_scores(pairs: list, crop_border: int) -> dict:
-    """The mean of every metric of PIL bicubic upsampling on (name, hr, lr) pairs, measured as the model is."""
-    return means([measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border) for _, hr, lr in pairs])
+    """The mean of every metric of PIL bicubic upsampling on (index, name, hr, lr) pairs, measured as
+    the model is; every process measures its share."""
+    rows = [(i, measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border)) for i, _, hr, lr in pairs]
+    return means([row for _, row in sorted(distributed.gathered(rows), key=lambda r: r[0])])
 
 
 def announce(run: Run) -> None:
@@ -420,7 +425,7 @@ def announce(run: Run) -> None:
               f"{args.batch_size * n} per step")
     print(f"train: {plural(len(data.hr), 'image')}, {plural(len(data), 'patch', 'patches')} of {data.lr_patch * data.scale}px "
           f"per epoch, {plural(run.steps_per_epoch, 'step')} of {args.batch_size}{f' x {n}' if n > 1 else ''}; "
-          f"val: {plural(len(run.val_pairs), 'image')}")
+          f"val: {plural(run.val_count, 'image')}{f', split over the {n} processes' if n > 1 else ''}")
     print(f"val bicubic {metric_labels()}: {format_scores(run.bicubic)}")
     if args.resume:
         best = f"best PSNR {run.best_psnr:.4f} dB" if math.isfinite(run.best_psnr) else "not validated yet"
@@ -498,17 +503,21 @@ def end_epoch(run: Run, epoch: int) -> dict:
 
 def validate(run: Run) -> tuple[dict, list]:
     """The mean of every metric (RGB, crop border = scale, as evaluate.py) of the EMA weights, or the
-    weights; and for TensorBoard, (name, bicubic | SR | HR crop) of the first 3 images."""
+    weights; and for TensorBoard, (name, bicubic | SR | HR crop) of the first 3 images.
+
+    Every process scores its share; the per-image scores are gathered and averaged in the images'
+    order, so the figures are those of one process, to the last bit."""
     model = run.ema if run.ema is not None else run.model
     model.eval()
     scores, panels = [], []
-    for i, (name, hr, lr) in enumerate(run.val_pairs):
+    for i, name, hr, lr in run.val_pairs:
         sr = upscale(model, lr)
-        scores.append(score(sr, hr, run.model_args["scale"], run.device))
-        if run.board is not None and i < 3:
-            panels.append((name, crop_panel(lr, sr, hr)))
+        scores.append((i, score(sr, hr, run.model_args["scale"], run.device)))
+        if run.args.tensorboard and i < 3:
+            panels.append((i, name, crop_panel(lr, sr, hr)))
     run.model.train()
-    return means(scores), panels
+    scores, panels = sorted(distributed.gathered(scores), key=lambda r: r[0]), distributed.gathered(panels)
+    return means([row for _, row in scores]), [(name, panel) for _, name, panel in sorted(panels, key=lambda p: p[0])]
 
 
 def score(sr, hr, crop_border: int, device: torch.device) -> dict:

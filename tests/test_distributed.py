@@ -1,4 +1,6 @@
 """train.py under torchrun: 2 CPU processes (gloo), DistributedDataParallel."""
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +66,24 @@ def test_torchrun_ranks_obey_early_stopping_decided_by_rank_0(image_dir, tmp_pat
                       "--patience", "1")
     assert "early stopping: no validation PSNR gain for 1 epoch " in result.stdout
     assert [r["epoch"] for r in read_log(tmp_path / "es")] == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_torchrun_processes_split_validation_and_score_as_one_process(image_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = tmp_path / "runs"
+    result = torchrun("--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs, *TINY_RUN,
+                      "--run_name", "v", "--num_epochs", "1", "--tensorboard")
+    assert "val: 3 images, split over the 2 processes" in result.stdout
+    # One process (evaluate.py) measuring the saved weights gives the logged figures, to the printed decimals.
+    run_script("evaluate.py", "--data_dir", image_dir, "--checkpoint", runs / "v" / "last.pt", "--csv", tmp_path / "e.csv")
+    with open(tmp_path / "e.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    logged = read_log(runs / "v")[0]
+    for key in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim"):
+        logged_key = key if key.startswith("bicubic") else f"val_{key}"
+        assert logged[logged_key] == f"{np.mean([float(r[key]) for r in rows]):.4f}", key
+    # The first 3 images' crops reach TensorBoard, whichever process scored them.
+    events = EventAccumulator(str(runs / "v" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert sorted(events.Tags()["images"]) == ["val/img0.png", "val/img1.png", "val/img2.png"]
