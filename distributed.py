@@ -86,13 +86,14 @@ def same_as_rank_0(value):
     return box[0]
 
 
-def gathered(items: list) -> list:
-    """Every process's `items` (picklable), concatenated in rank order, on every process."""
-    if not dist.is_initialized():
-        return items
-    boxes = [None] * dist.get_world_size()
-    dist.all_gather_object(boxes, items)
-    return [item for box in boxes for item in box]
+def in_order(pairs: list) -> list:
+    """Every process's (index, item) `pairs` (picklable), on every process: the items, in index
+    order, as one process holding them all would have them."""
+    if dist.is_initialized():
+        boxes = [None] * dist.get_world_size()
+        dist.all_gather_object(boxes, pairs)
+        pairs = [pair for box in boxes for pair in box]
+    return [item for _, item in sorted(pairs, key=lambda pair: pair[0])]
 
 
 def mean_over_processes(t: torch.Tensor) -> torch.Tensor:

@@ -411,7 +411,7 @@ def bicubic_scores(pairs: list, crop_border: int) -> dict:
     """The mean of every metric of PIL bicubic upsampling on (index, name, hr, lr) pairs, measured as
     the model is; every process measures its share."""
     rows = [(i, measure(resize_bicubic(lr, hr.shape[1], hr.shape[0]), hr, crop_border)) for i, _, hr, lr in pairs]
-    return means([row for _, row in sorted(distributed.gathered(rows), key=lambda r: r[0])])
+    return means(distributed.in_order(rows))
 
 
 def announce(run: Run) -> None:
@@ -514,10 +514,9 @@ def validate(run: Run) -> tuple[dict, list]:
         sr = upscale(model, lr)
         scores.append((i, score(sr, hr, run.model_args["scale"], run.device)))
         if run.args.tensorboard and i < 3:
-            panels.append((i, name, crop_panel(lr, sr, hr)))
+            panels.append((i, (name, crop_panel(lr, sr, hr))))
     run.model.train()
-    scores, panels = sorted(distributed.gathered(scores), key=lambda r: r[0]), distributed.gathered(panels)
-    return means([row for _, row in scores]), [(name, panel) for _, name, panel in sorted(panels, key=lambda p: p[0])]
+    return means(distributed.in_order(scores)), distributed.in_order(panels)
 
 
 def score(sr, hr, crop_border: int, device: torch.device) -> dict:
