@@ -215,7 +215,7 @@ def download_deb(package: str, version: str, folder: Path) -> Path:
         result = run_tool(["apt-get", "download", package], cwd=folder)
         if result.returncode != 0:
             raise UserError(f"apt-get download {package}: {one_line(result.stderr)}")
-        note(f"{package} {version} is no longer in the archive; taking its current version, "
+        warn(f"{package} {version} is no longer in the archive; taking its current version, "
              f"whose photos may differ from the listed ones")
     debs = sorted(folder.glob("*.deb"))
     if len(debs) != 1:
@@ -229,7 +229,7 @@ def update_package_lists(package: str) -> None:
     if os.geteuid() != 0:
         raise UserError(f"apt knows no package {package}: run `sudo apt-get update` (with Debian's main "
                         f"archive in apt's sources), then this again")
-    note("apt-get update: the package lists are missing")
+    warn("apt-get update: the package lists are missing")
     result = run_tool(["apt-get", "update", "-q"])
     if result.returncode != 0:
         raise UserError(f"apt-get update failed: {one_line(result.stderr)}")
@@ -269,12 +269,6 @@ def fetch_wheel(dist: str, version: str, paths: list[str], folder: Path, root: P
     except zipfile.BadZipFile as e:
         raise UserError(f"{wheels[0].name}: not a readable wheel ({e})") from None
     return version
-
-
-def note(message: str) -> None:
-    """warn() without breaking the progress bar."""
-    with tqdm.external_write_mode(file=sys.stderr):
-        warn(message)
 
 
 # ---------------------------------------------------------------- building
@@ -330,7 +324,7 @@ def build_photo(row: dict, root: Path, out: Path, version: str) -> dict:
     img = to_srgb(decode(row, root))
     sha256 = pixel_sha256(img)
     if sha256 != row["sha256_rgb_pixels"]:
-        note(f"{row['id']}: its pixels differ from those photos.tsv lists (sha256 {sha256[:12]}..., listed "
+        warn(f"{row['id']}: its pixels differ from those photos.tsv lists (sha256 {sha256[:12]}..., listed "
              f"{row['sha256_rgb_pixels'][:12]}...; {row['package']} {version}); results on it may not reproduce")
     path = photo_path(out, row)
     make_dir(path.parent)
