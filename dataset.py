@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datacache import decoded_pairs, mapped_pairs
 from images import image_size, list_images, load_rgb
 from metrics import check_measurable
 from resize import downsample, modcrop
@@ -29,7 +30,8 @@ class TrainDataset:
     """Random aligned HR/LR patch pairs, with flips and 90-degree rotations.
 
     Each image is decoded once, cropped to a multiple of the scale and downsampled once with
-    PIL bicubic; both are kept in memory as uint8 (DIV2K_train_HR: about 5.9 GB). A sample is
+    PIL bicubic; both are kept as uint8 (DIV2K_train_HR: about 5.9 GB): in `cache_dir`, as one
+    file that every process maps (datacache.py), or with None in this process's memory. A sample is
     then two aligned crops: the LR patch is the same bicubic LR that evaluation uses, cut from
     the whole image (as DIV2K's own LR files are), and costs no resize. An epoch has
     `patches_per_image` samples per image. Sample `(epoch, i)` is a pure function of
@@ -48,34 +50,36 @@ class TrainDataset:
         patches_per_image: samples drawn from each image per epoch.
         seed: base of every sample's random crop and augmentation.
         degradation: how the LR image is made, "pil" or "matlab" (resize.downsample).
+        cache_dir: the folder of decoded caches (built there where missing), or None: decode
+            into memory. The patches are the same, bit for bit.
         quiet: no progress bar and no warning (torchrun processes other than rank 0).
     """
 
     def __init__(self, hr_dir: str | Path, scale: int = 4, patch_size: int = 192, patches_per_image: int = 20,
-                 seed: int = 0, degradation: str = "pil", num_threads: int = min(8, os.cpu_count() or 1),
-                 quiet: bool = False):
+                 seed: int = 0, degradation: str = "pil", cache_dir: str | Path | None = None,
+                 num_threads: int = min(8, os.cpu_count() or 1), quiet: bool = False):
         if patch_size % scale:
             raise UserError(f"patch size {patch_size} is not a multiple of the scale {scale}")
         paths = list_images(hr_dir)
         if not paths:
             raise UserError(f"{hr_dir}: no images found")
-        # Decoding and resizing run in threads: PIL releases the GIL for both.
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            images = list(tqdm(pool.map(try_load_rgb, paths), total=len(paths), desc=f"decoding {Path(hr_dir).name}",
-                               unit="img", leave=False, disable=quiet))
-            skipped = [f"{p.name} ({im})" for p, im in zip(paths, images) if isinstance(im, str)]
-            skipped += [f"{p.name} ({im.shape[1]}x{im.shape[0]}, smaller than the {patch_size}px patch)"
-                        for p, im in zip(paths, images) if not isinstance(im, str) and min(im.shape[:2]) < patch_size]
-            if skipped and not quiet:
-                warn(f"{hr_dir}: skipping {len(skipped)} of {len(paths)} images: {'; '.join(skipped)}")
-            keep = [i for i, im in enumerate(images) if not isinstance(im, str) and min(im.shape[:2]) >= patch_size]
-            if not keep:
-                raise UserError(f"{hr_dir}: none of its {plural(len(paths), 'image')} is readable and at least "
-                                f"{patch_size}x{patch_size}")
-            self.paths = [paths[i] for i in keep]
-            self.hr = [modcrop(images[i], scale) for i in keep]
-            del images
-            self.lr = list(pool.map(lambda hr: downsample(hr, scale, degradation), self.hr))
+        if cache_dir is None:
+            pairs = list(tqdm(decoded_pairs(paths, scale, degradation, num_threads), total=len(paths),
+                              desc=f"decoding {Path(hr_dir).name}", unit="img", leave=False, disable=quiet))
+        else:
+            pairs = mapped_pairs(paths, hr_dir=Path(hr_dir), scale=scale, degradation=degradation,
+                                 cache_dir=cache_dir, num_threads=num_threads, quiet=quiet)
+        skipped = [f"{p.name} ({pair})" for p, pair in zip(paths, pairs) if isinstance(pair, str)]
+        skipped += [f"{p.name} ({pair[0].shape[1]}x{pair[0].shape[0]}, smaller than the {patch_size}px patch)"
+                    for p, pair in zip(paths, pairs) if not isinstance(pair, str) and min(pair[0].shape[:2]) < patch_size]
+        if skipped and not quiet:
+            warn(f"{hr_dir}: skipping {len(skipped)} of {len(paths)} images: {'; '.join(skipped)}")
+        keep = [i for i, pair in enumerate(pairs) if not isinstance(pair, str) and min(pair[0].shape[:2]) >= patch_size]
+        if not keep:
+            raise UserError(f"{hr_dir}: none of its {plural(len(paths), 'image')} is readable and at least "
+                            f"{patch_size}x{patch_size}")
+        self.paths = [paths[i] for i in keep]
+        self.hr, self.lr = [pairs[i][0] for i in keep], [pairs[i][1] for i in keep]
         self.scale, self.lr_patch = scale, patch_size // scale
         self.patches_per_image, self.seed = patches_per_image, seed
         self._draws_epoch, self._draws = None, None
@@ -207,14 +211,6 @@ class PatchLoader:
                 yield ahead.popleft().result()
         finally:  # also when the consumer stops early (a stop signal)
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def try_load_rgb(path: Path) -> np.ndarray | str:
-    """The decoded image, or why it can't be read (a string), so that all failures can be listed."""
-    try:
-        return load_rgb(path)
-    except UserError as e:
-        return str(e).removeprefix(f"{path}: ")
 
 
 def eval_pairs(paths: list[Path], scale: int, degradation: str = "pil"):

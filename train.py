@@ -37,6 +37,7 @@ from tqdm import tqdm
 import distributed
 from checkpoint import export_weights, load_checkpoint, save_checkpoint
 from curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
+from datacache import default_cache_dir
 from dataset import (EpochSampler, PatchLoader, TrainDataset, check_measurable_images, count_patchable, device_batch,
                      eval_pairs)
 from images import list_images
@@ -53,7 +54,7 @@ from utils import (REPO, UserError, make_parser, non_negative_int, plural, posit
 
 # Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
 RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "precision", "val_every", "patience", "max_val_images",
-                     "train_dir", "val_dir", "ema", "tensorboard")
+                     "train_dir", "val_dir", "ema", "tensorboard", "data_cache")
 
 
 @dataclass
@@ -386,12 +387,19 @@ def make_loader(args, scale: int, rank: int, world_size: int, device: torch.devi
     """The training patches, in batches for this process; and the steps in an epoch."""
     train_set = TrainDataset(args.train_dir, scale=scale, patch_size=hr_patch_size(args, scale),
                              patches_per_image=args.patches_per_image, seed=args.seed, degradation=args.degradation,
-                             quiet=rank != 0)
+                             cache_dir=data_cache_dir(args.data_cache), quiet=rank != 0)
     sampler = EpochSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
     loader = PatchLoader(train_set, sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                          pin_memory=device.type == "cuda")
     check_batches(len(train_set), args.batch_size, world_size)
     return loader, len(train_set) // world_size // args.batch_size
+
+
+def data_cache_dir(flag: str | None) -> Path | None:
+    """--data_cache: the per-user cache folder by default, None ('none') to decode into memory."""
+    if flag is None:
+        return default_cache_dir()
+    return None if flag.lower() == "none" else Path(flag)
 
 
 def hr_patch_size(args, scale: int) -> int:
@@ -616,6 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_dir", default=str(REPO / "data/DIV2K_valid_HR"), help="folder of HR validation images")
     p.add_argument("--patch_size", type=positive_int, default=None, help="HR patch side; None: 48 x scale")
     p.add_argument("--patches_per_image", type=positive_int, default=20, help="patches per image per epoch")
+    p.add_argument("--data_cache", default=None, metavar="DIR",
+                   help=f"folder of decoded training sets, each one file that every process maps, built once and "
+                        f"reused while the images are unchanged (default {default_cache_dir()}); none: decode into "
+                        f"each process's memory at every start")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="pil",
                    help="how LR images are made: PIL bicubic, or MATLAB's imresize (published tables)")
     p.add_argument("--loss", type=loss_spec, default="l1",

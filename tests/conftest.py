@@ -4,12 +4,16 @@ import csv
 import io
 import re
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: --device auto then means CPU
+# train.py's default --data_cache is the per-user cache folder: the suite's, and its subprocesses', go here.
+TEST_CACHE = tempfile.mkdtemp(prefix="resshuffle-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = TEST_CACHE
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -145,3 +149,7 @@ def _cannot_create_in(folder) -> bool:
             return False
     except OSError:
         return True
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)

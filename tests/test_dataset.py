@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
+import images
 from dataset import EpochSampler, PatchLoader, TrainDataset, augment, eval_pairs
 from images import list_images, load_rgb
 from utils import UserError
@@ -80,11 +80,13 @@ def test_unreadable_and_small_images_are_skipped_and_listed_in_one_warning(tmp_p
         TrainDataset(folder, scale=2, patch_size=32)
 
 
-def test_each_file_is_decoded_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache", [False, True], ids=["in memory", "cached"])
+def test_each_file_is_decoded_once(tmp_path, monkeypatch, cache):
     calls = []
-    real = dataset.load_rgb
-    monkeypatch.setattr(dataset, "load_rgb", lambda p: calls.append(p) or real(p))
-    data = TrainDataset(noise_dir(tmp_path, [(40, 40), (48, 40)]), scale=2, patch_size=16, patches_per_image=10)
+    real = images.load_rgb
+    monkeypatch.setattr(images, "load_rgb", lambda p: calls.append(p) or real(p))
+    data = TrainDataset(noise_dir(tmp_path, [(40, 40), (48, 40)]), scale=2, patch_size=16, patches_per_image=10,
+                        cache_dir=tmp_path / "cache" if cache else None)
     for epoch in range(3):
         for i in range(len(data)):
             data.batch(epoch, [i])

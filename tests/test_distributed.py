@@ -69,13 +69,16 @@ def test_torchrun_ranks_obey_early_stopping_decided_by_rank_0(image_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_torchrun_processes_split_validation_and_score_as_one_process(image_dir, tmp_path):
+def test_torchrun_processes_train_from_one_cache_and_split_validation_scoring_as_one_process(image_dir, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     runs = tmp_path / "runs"
     result = torchrun("--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs, *TINY_RUN,
-                      "--run_name", "v", "--num_epochs", "1", "--tensorboard")
+                      "--run_name", "v", "--num_epochs", "1", "--tensorboard", "--data_cache", tmp_path / "cache")
     assert "val: 3 images, split over the 2 processes" in result.stdout
+    # One process built the training set's cache, the other waited and mapped it.
+    assert result.stdout.count("data cache: built") == 1
+    assert [p.suffix for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == [".cache"]
     # One process (evaluate.py) measuring the saved weights gives the logged figures, to the printed decimals.
     run_script("evaluate.py", "--data_dir", image_dir, "--checkpoint", runs / "v" / "last.pt", "--csv", tmp_path / "e.csv")
     with open(tmp_path / "e.csv", newline="") as f:

@@ -212,11 +212,21 @@ def test_resuming_under_another_process_count_says_so(capsys):
 
 
 def test_only_rank_0_shows_the_decoding_bar(image_dir, capsys):
-    args = train.parse_args(["--train_dir", str(image_dir), *TINY_RUN])
+    args = train.parse_args(["--train_dir", str(image_dir), "--data_cache", "none", *TINY_RUN])
     train.make_loader(args, scale=4, rank=1, world_size=2, device=torch.device("cpu"))
     assert capsys.readouterr().err == ""
     train.make_loader(args, scale=4, rank=0, world_size=2, device=torch.device("cpu"))
     assert "decoding images" in capsys.readouterr().err
+
+
+def test_only_rank_0_shows_the_caching_bar_and_says_where_the_cache_is(image_dir, tmp_path, capsys, monkeypatch):
+    args = train.parse_args(["--train_dir", str(image_dir), "--data_cache", str(tmp_path / "cache"), *TINY_RUN])
+    train.make_loader(args, scale=4, rank=0, world_size=2, device=torch.device("cpu"))
+    out = capsys.readouterr()
+    assert "caching images" in out.err and f"data cache: built {tmp_path / 'cache'}" in out.out
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    train.make_loader(args, scale=4, rank=1, world_size=2, device=torch.device("cpu"))
+    assert capsys.readouterr() == ("", "")
 
 
 def test_a_lock_file_that_cannot_be_opened_is_one_line(image_dir, tmp_path):

@@ -1,0 +1,296 @@
+"""The decoded training set in one file on disk, memory-mapped: built once, shared by every process.
+
+A cache file holds every readable image of a training folder decoded: the HR image cropped to
+the scale's multiple and its LR image for that scale and degradation, uint8, each at a page
+boundary. Every process maps it read-only, so the operating system keeps one copy of the pages
+for all processes of a machine, and pages them in from disk when the set is larger than memory.
+
+The file's name comes from what it was made from: the images' names, sizes and modification
+times, the scale, the degradation and the code that decodes and downsamples. Any change gives
+another name, which the next run builds; a run that builds one removes the older caches of the
+same folder, scale and degradation.
+
+Layout: MAGIC; the header's offset and length (little-endian uint64); the pixels, from byte
+PAGE on; the JSON header, last, naming each image and where its HR and LR lie.
+"""
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import PIL
+from tqdm import tqdm
+
+import images
+import resize
+from files import atomic_path
+from images import image_size
+from utils import UserError, plural, warn
+
+FORMAT = 1  # what the file holds and how it is laid out; another FORMAT is another name
+MAGIC = b"ResShuffle data cache\n\0\0"
+PREFIX = struct.Struct("<QQ")  # after MAGIC: the header's offset and length
+PAGE = 4096
+SUFFIX = ".cache"
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache folder (not the data's folder, which may be read-only or shared)."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "resshuffle" / "data"
+
+
+def decode_pair(path: Path, scale: int, degradation: str) -> tuple[np.ndarray, np.ndarray] | str:
+    """(hr, lr) of one image: HR cropped to the scale's multiple, LR its downsampling; or why it
+    can't be read (a string), so that all failures can be listed. An image smaller than the scale
+    gets an empty LR (the patch size leaves it out)."""
+    try:
+        img = images.load_rgb(path)
+    except UserError as e:
+        return str(e).removeprefix(f"{path}: ")
+    hr = resize.modcrop(img, scale)
+    lr = (resize.downsample(hr, scale, degradation) if min(hr.shape[:2]) >= scale
+          else np.zeros((0, 0, 3), np.uint8))
+    return hr, lr
+
+
+def decoded_pairs(paths: list[Path], scale: int, degradation: str, num_threads: int):
+    """decode_pair of every path, in order, in threads (PIL releases the GIL), ahead of use by
+    at most two per thread: memory holds only those in flight and what the caller keeps."""
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        ahead = deque()
+        for path in paths:
+            ahead.append(pool.submit(decode_pair, path, scale, degradation))
+            if len(ahead) > 2 * num_threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def mapped_pairs(paths: list[Path], *, hr_dir: Path, scale: int, degradation: str, cache_dir: str | Path,
+                 num_threads: int, quiet: bool) -> list:
+    """decode_pair's answer for every path, as views into the mapped cache file: built first
+    where missing, stale or torn. Under torchrun the first process of each machine (LOCAL_RANK 0)
+    builds, and the others wait for the file to appear."""
+    source = made_from(paths, hr_dir=hr_dir, scale=scale, degradation=degradation)
+    path = cache_folder(cache_dir) / cache_name(hr_dir, source)
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        while (header := read_header(path, source, say=False)) is None:
+            time.sleep(0.2)
+        return pairs_in(path, header)
+    with build_lock(path, quiet=quiet):
+        header = read_header(path, source, say=not quiet)
+        if header is None:
+            started = time.time()
+            build(path, paths, source, hr_dir=hr_dir, num_threads=num_threads, quiet=quiet)
+            header = read_header(path, source, say=True)
+            if not quiet:
+                print(f"data cache: built {path} ({size_text(path.stat().st_size)}, "
+                      f"{plural(len(paths), 'image')}) in {time.time() - started:.0f} s; "
+                      f"later runs map it instead of decoding")
+                for old in remove_older(path, hr_dir):
+                    print(f"data cache: removed {old}, made from an earlier state of {hr_dir}")
+        elif not quiet:
+            print(f"data cache: reusing {path} ({size_text(path.stat().st_size)}, "
+                  f"built {time.strftime('%Y-%m-%d %H:%M', time.localtime(path.stat().st_mtime))})")
+    return pairs_in(path, header)
+
+
+def made_from(paths: list[Path], *, hr_dir: Path, scale: int, degradation: str) -> dict:
+    """What a cache is made from: a cache is used only where this is equal, to the last file."""
+    code = [Path(inspect.getfile(m)).read_bytes() for m in (images, resize, sys.modules[__name__])]
+    code.append(inspect.getsource(resize.DEGRADATIONS[degradation]).encode())  # a degradation added elsewhere
+    files = []
+    for p in paths:
+        stat = p.stat()
+        files.append([p.relative_to(hr_dir).as_posix(), stat.st_size, stat.st_mtime_ns])
+    return {"format": FORMAT, "scale": scale, "degradation": degradation, "pillow": PIL.__version__,
+            "numpy": np.__version__, "code": hashlib.sha256(b"\0".join(code)).hexdigest(), "files": files}
+
+
+def cache_name(hr_dir: Path, source: dict) -> str:
+    """'DIV2K_train_HR.x4.pil.<16 hex digits of what it was made from>.cache'."""
+    digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{name_prefix(hr_dir, source['scale'], source['degradation'])}.{digest}{SUFFIX}"
+
+
+def name_prefix(hr_dir: Path, scale: int, degradation: str) -> str:
+    folder = re.sub(r"[^A-Za-z0-9_-]", "_", Path(hr_dir).name)[:60] or "images"
+    return f"{folder}.x{scale}.{degradation}"
+
+
+def cache_folder(cache_dir: str | Path) -> Path:
+    """--data_cache, made if missing; one line where it can't be."""
+    folder = Path(cache_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{folder}: --data_cache names a file, not a folder") from None
+    except OSError as e:
+        raise UserError(f"{folder}: can't make the data cache folder ({e.strerror}); pass --data_cache with a "
+                        f"writable folder, or --data_cache none to decode into memory") from None
+    return folder
+
+
+class build_lock:
+    """An exclusive lock on .<name>.lock beside the cache file while it is checked and built: one
+    process builds, another run (or another machine on a shared disk) waits, then maps it."""
+
+    def __init__(self, path: Path, quiet: bool):
+        self.path, self.quiet, self.file = path.with_name(f".{path.name}.lock"), quiet, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the atomic rename still keeps readers whole
+            return self
+        try:
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise UserError(f"{self.path.parent}: can't write the data cache there ({e.strerror}); pass "
+                            f"--data_cache with a writable folder, or --data_cache none") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not self.quiet:
+                print(f"data cache: waiting for another process building {self.path.parent}")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()  # and with it the lock
+        return False
+
+
+def read_header(path: Path, source: dict, say: bool) -> dict | None:
+    """The cache's header where it is whole and made from `source`; None where it is missing,
+    or torn or made from other files (said when `say`: it is then built again). A file of
+    another kind under the name is refused: it is not ours to replace."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + PREFIX.size)
+            if head[:len(MAGIC)] != MAGIC:
+                raise UserError(f"{path}: not a ResShuffle data cache, though named as one: move it away, or "
+                                f"pass another --data_cache")
+            offset, length = PREFIX.unpack(head[len(MAGIC):])
+            f.seek(offset)
+            header = json.loads(f.read(length)) if offset + length == os.fstat(f.fileno()).st_size else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, struct.error):  # unreadable, a short prefix, JSON cut short
+        header = None
+    if header is None or not whole(header, data_end=offset):
+        if say:
+            warn(f"{path}: torn (cut short or damaged), not used: building it again")
+        return None
+    if header["made_from"] != source:
+        if say:
+            warn(f"{path}: made from other files than these, not used: building it again")
+        return None
+    return header
+
+
+def whole(header: dict, data_end: int) -> bool:
+    """Every image's HR and LR lie inside the pixel area."""
+    try:
+        return all(0 < PAGE <= off and off + h * w * 3 <= data_end
+                   for item in header["images"] if "skipped" not in item
+                   for off, h, w in (item["hr"], item["lr"])) and "made_from" in header
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def build(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_threads: int, quiet: bool) -> None:
+    """Decode every image and write the cache file, whole or not at all."""
+    check_room(path, paths, source["scale"])
+    entries = []
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + PREFIX.pack(0, 0))
+        bar = tqdm(decoded_pairs(paths, source["scale"], source["degradation"], num_threads),
+                   total=len(paths), desc=f"caching {Path(hr_dir).name}", unit="img", leave=False, disable=quiet)
+        for (name, _, _), pair in zip(source["files"], bar):
+            if isinstance(pair, str):
+                entries.append({"name": name, "skipped": pair})
+                continue
+            entries.append({"name": name, "hr": write_array(f, pair[0]), "lr": write_array(f, pair[1])})
+        offset = max(f.tell(), PAGE)
+        header = json.dumps({"made_from": source, "source": str(hr_dir), "images": entries}).encode()
+        f.seek(offset)
+        f.write(header)
+        f.seek(len(MAGIC))
+        f.write(PREFIX.pack(offset, len(header)))
+
+
+def write_array(f, a: np.ndarray) -> list[int]:
+    """Write `a` at the next page boundary (from PAGE on); [offset, height, width]."""
+    offset = max(-(-f.tell() // PAGE) * PAGE, PAGE)
+    f.seek(offset)
+    f.write(np.ascontiguousarray(a).data)
+    return [offset, a.shape[0], a.shape[1]]
+
+
+def check_room(path: Path, paths: list[Path], scale: int) -> None:
+    """Refuse, before decoding, a cache the disk has no room for (sizes from the file headers)."""
+    need = 0
+    for p in paths:
+        try:
+            w, h = image_size(p)
+        except UserError:
+            continue
+        need += 3 * (w * h + (w // scale) * (h // scale)) + 2 * PAGE
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise UserError(f"{path.parent}: the data cache needs {size_text(need)}, and {size_text(free)} is free: "
+                        f"free space, pass --data_cache with another folder, or --data_cache none")
+
+
+def pairs_in(path: Path, header: dict) -> list:
+    """decode_pair's answer for each image, as read-only views into the mapped file."""
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def view(off: int, h: int, w: int) -> np.ndarray:
+        return mapped[off:off + h * w * 3].view(np.ndarray).reshape(h, w, 3)
+
+    return [item["skipped"] if "skipped" in item else (view(*item["hr"]), view(*item["lr"]))
+            for item in header["images"]]
+
+
+def remove_older(path: Path, hr_dir: Path) -> list[Path]:
+    """Remove the caches of the same folder, scale and degradation other than `path`: the folder
+    has changed since they were built. A run still mapping one keeps reading it (POSIX)."""
+    removed = []
+    for other in path.parent.glob(path.name.rsplit(".", 2)[0] + ".*" + SUFFIX):
+        if other == path:
+            continue
+        try:
+            with open(other, "rb") as f:
+                head = f.read(len(MAGIC) + PREFIX.size)
+                offset, length = PREFIX.unpack(head[len(MAGIC):]) if head[:len(MAGIC)] == MAGIC else (0, 0)
+                f.seek(offset)
+                ours = length and json.loads(f.read(length)).get("source") == str(hr_dir)
+            if ours:
+                other.unlink()
+                removed.append(other)
+        except (OSError, ValueError, struct.error, AttributeError):
+            continue
+    return removed
+
+
+def size_text(n: int) -> str:
+    """'5.93 GB', '12.4 MB'."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

@@ -1,0 +1,197 @@
+"""The decoded training-set cache: the same patches as decoding, reused while the images are
+unchanged, built again when they change or the file is torn, and never trusting what it did not make."""
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datacache
+import images
+import train
+from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
+from dataset import EpochSampler, PatchLoader, TrainDataset
+from test_lose_nothing import run_with_file_size_limit
+from utils import UserError
+
+
+def dataset(folder, cache, **kw):
+    kw = {"scale": 4, "patch_size": 32, "patches_per_image": 4, "seed": 0, **kw}
+    return TrainDataset(folder, cache_dir=cache, **kw)
+
+
+def epoch_batches(data, epoch: int) -> list:
+    sampler = EpochSampler(data, seed=0)
+    sampler.set_epoch(epoch)
+    return [t for batch in PatchLoader(data, sampler, batch_size=4, num_workers=2) for t in batch]
+
+
+def cache_files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(datacache.SUFFIX))
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """make_images' three, an unreadable file and an image smaller than the patch."""
+    folder = make_images(tmp_path / "photos")
+    (folder / "broken.png").write_bytes(b"not a png")
+    Image.fromarray(np.full((20, 40, 3), 7, np.uint8)).save(folder / "small.png")
+    return folder
+
+
+@pytest.mark.parametrize("degradation", ["pil", "matlab"])
+def test_the_cache_gives_the_same_images_and_patches_as_decoding_into_memory(photos, tmp_path, capsys, degradation):
+    memory = dataset(photos, None, degradation=degradation)
+    built = dataset(photos, tmp_path / "cache", degradation=degradation)
+    reused = dataset(photos, tmp_path / "cache", degradation=degradation)
+    out = capsys.readouterr()
+    assert "data cache: built" in out.out and "data cache: reusing" in out.out
+    assert out.err.count("skipping 2 of 5 images: broken.png") == 3  # the same warning, each time
+    for data in (built, reused):
+        assert data.paths == memory.paths
+        assert all(np.array_equal(a, b) for a, b in zip(data.hr + data.lr, memory.hr + memory.lr))
+        assert not data.hr[0].flags.writeable  # mapped read-only: no process can change another's data
+        for epoch in (0, 3):
+            assert all(torch.equal(a, b) for a, b in zip(epoch_batches(data, epoch), epoch_batches(memory, epoch)))
+
+
+def test_a_second_run_maps_the_cache_without_decoding(photos, tmp_path, monkeypatch, capsys):
+    first = dataset(photos, tmp_path / "cache")
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} decoded again")
+
+    monkeypatch.setattr(images, "load_rgb", no_decoding)
+    again = dataset(photos, tmp_path / "cache", patch_size=48)  # another patch size maps the same file
+    assert [p.name for p in again.paths] == ["img0.png", "img1.png", "img2.png"]
+    assert np.array_equal(again.lr[2], first.lr[2])
+    assert f"data cache: reusing {tmp_path / 'cache' / cache_files(tmp_path / 'cache')[0]}" in capsys.readouterr().out
+
+
+def test_a_changed_folder_builds_a_new_cache_and_removes_the_old_one(photos, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    dataset(photos, cache)
+    dataset(photos, cache, scale=2)  # another scale: another cache, kept beside
+    [x2, first] = cache_files(cache)
+    assert x2.startswith("photos.x2.pil.") and first.startswith("photos.x4.pil.")
+    capsys.readouterr()
+    stat = (photos / "img1.png").stat()
+    os.utime(photos / "img1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: maybe changed
+    changed = dataset(photos, cache)
+    out = capsys.readouterr().out
+    [x2_after, second] = cache_files(cache)
+    assert second != first and x2_after == x2
+    assert f"data cache: removed {cache / first}, made from an earlier state of {photos}" in out
+    shutil.copy(photos / "img2.png", photos / "img3.png")  # one more image
+    assert len(dataset(photos, cache).paths) == len(changed.paths) + 1
+    assert len(cache_files(cache)) == 2
+
+
+@pytest.mark.parametrize("damage", ["cut short", "header offset", "header bytes"])
+def test_a_torn_cache_is_built_again(photos, tmp_path, capsys, damage):
+    cache = tmp_path / "cache"
+    built = dataset(photos, cache)
+    expected = [np.array(a) for a in built.hr + built.lr]  # copies: the file is cut under its mapping
+    del built
+    path = cache / cache_files(cache)[0]
+    data = bytearray(path.read_bytes())
+    if damage == "cut short":
+        data = data[:len(data) // 2]
+    elif damage == "header offset":
+        data[len(datacache.MAGIC)] ^= 0x10
+    else:
+        data[-5:] = b"?????"
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    again = dataset(photos, cache)
+    assert f"{path}: torn (cut short or damaged), not used: building it again" in capsys.readouterr().err
+    assert all(np.array_equal(a, b) for a, b in zip(again.hr + again.lr, expected))
+    assert datacache.read_header(path, again_source(photos), say=False) is not None
+
+
+def again_source(photos):
+    return datacache.made_from(images.list_images(photos), hr_dir=photos, scale=4, degradation="pil")
+
+
+def test_other_processes_of_a_machine_wait_for_the_first_to_build_and_map_its_file(photos, tmp_path, monkeypatch):
+    cache, paths, source = tmp_path / "cache", images.list_images(photos), again_source(photos)
+    cache.mkdir()
+    path = cache / datacache.cache_name(photos, source)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a second process of this machine: it never builds
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(datacache.mapped_pairs, paths, hr_dir=photos, scale=4, degradation="pil", cache_dir=cache,
+                              num_threads=1, quiet=True)
+        time.sleep(0.5)
+        assert not waiting.done() and not path.exists()
+        datacache.build(path, paths, source, hr_dir=photos, num_threads=1, quiet=True)  # as LOCAL_RANK 0 does
+        pairs = waiting.result(timeout=10)
+    pairs = {p.name: pair for p, pair in zip(paths, pairs)}
+    assert np.array_equal(pairs["img0.png"][0], images.load_rgb(photos / "img0.png")[:64, :80])
+    assert pairs["broken.png"].startswith("not a readable image")
+
+
+def test_a_cache_made_from_other_images_under_this_name_is_built_again(photos, tmp_path, capsys):
+    other = make_images(tmp_path / "other")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(other / "img0.png")
+    cache = tmp_path / "cache"
+    dataset(other, cache)
+    name = datacache.cache_name(photos, again_source(photos))
+    shutil.copy(cache / cache_files(cache)[0], cache / name)  # e.g. copied from another machine by hand
+    capsys.readouterr()
+    data = dataset(photos, cache)
+    assert f"{cache / name}: made from other files than these, not used: building it again" in capsys.readouterr().err
+    assert np.array_equal(data.hr[0], images.load_rgb(photos / "img0.png")[:64, :80])
+
+
+def test_a_file_of_another_kind_under_the_cache_name_is_refused_and_kept(photos, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = cache / datacache.cache_name(photos, again_source(photos))
+    path.write_bytes(b"a user's own file")
+    code, _, err = run_main(train, "--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
+                            "--data_cache", cache, "--num_epochs", "1", *TINY_RUN)
+    assert_one_line_error(code, err, f"{path}: not a ResShuffle data cache", "--data_cache")
+    assert path.read_bytes() == b"a user's own file"
+
+
+@pytest.mark.parametrize("where, needle", [("file", "names a file, not a folder"),
+                                           ("below a file", "can't make the data cache folder")])
+def test_a_cache_folder_that_cannot_be_made_is_one_line(photos, tmp_path, where, needle):
+    (tmp_path / "file").write_text("x")
+    folder = tmp_path / "file" if where == "file" else tmp_path / "file" / "cache"
+    code, _, err = run_main(train, "--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
+                            "--data_cache", folder, "--num_epochs", "1", *TINY_RUN)
+    assert_one_line_error(code, err, str(folder), needle)
+
+
+def test_a_disk_without_room_for_the_cache_is_refused_before_decoding(photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(datacache.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 40_000))
+    monkeypatch.setattr(images, "load_rgb", lambda path: pytest.fail("decoded"))
+    with pytest.raises(UserError, match=r"the data cache needs 0.1 MB, and 0.0 MB is free: .* --data_cache none"):
+        dataset(photos, tmp_path / "cache")
+    assert cache_files(tmp_path / "cache") == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_building_is_one_line_and_leaves_no_cache(photos, tmp_path):
+    cache = tmp_path / "cache"
+    result = run_with_file_size_limit(["--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
+                                       "--data_cache", cache, "--num_epochs", "1", *TINY_RUN], 20_000)
+    assert_one_line_error(result.returncode, result.stderr, ".cache: could not be written", "nothing was written")
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # no temporary either
+
+
+def test_the_default_cache_is_in_the_per_user_cache_folder(photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    code, out, err = run_main(train, "--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
+                              "--num_epochs", "1", *TINY_RUN)
+    assert code == 0, err
+    folder = tmp_path / "xdg" / "resshuffle" / "data"
+    assert f"data cache: built {folder / cache_files(folder)[0]}" in out
+    code, out, err = run_main(train, "--train_dir", photos, "--val_dir", tmp_path / "val", "--checkpoint_dir", tmp_path / "runs",
+                              "--num_epochs", "1", "--data_cache", "none", *TINY_RUN)
+    assert code == 0 and "data cache" not in out, err
