@@ -88,7 +88,7 @@ def mapped_pairs(paths: list[Path], *, hr_dir: Path, scale: int, degradation: st
     builds, and the others wait for the file to appear."""
     source = made_from(paths, hr_dir=hr_dir, scale=scale, degradation=degradation)
     path = cache_folder(cache_dir) / cache_name(hr_dir, source)
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("LOCAL_RANK", "0")) != 0:
         while (header := read_header(path, source, say=False)) is None:
             time.sleep(0.2)
         return pairs_in(path, header)

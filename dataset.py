@@ -30,7 +30,7 @@ class TrainDataset:
     """Random aligned HR/LR patch pairs, with flips and 90-degree rotations.
 
     Each image is decoded once, cropped to a multiple of the scale and downsampled once with
-    PIL bicubic; both are kept as uint8 (DIV2K_train_HR: about 5.9 GB): in `cache_dir`, as one
+    PIL bicubic; both are kept as uint8 (3 bytes a pixel of each): in `cache_dir`, as one
     file that every process maps (datacache.py), or with None in this process's memory. A sample is
     then two aligned crops: the LR patch is the same bicubic LR that evaluation uses, cut from
     the whole image (as DIV2K's own LR files are), and costs no resize. An epoch has

@@ -121,6 +121,7 @@ def test_other_processes_of_a_machine_wait_for_the_first_to_build_and_map_its_fi
     cache, paths, source = tmp_path / "cache", images.list_images(photos), again_source(photos)
     cache.mkdir()
     path = cache / datacache.cache_name(photos, source)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")  # a second process of this machine: it never builds
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(datacache.mapped_pairs, paths, hr_dir=photos, scale=4, degradation="pil", cache_dir=cache,
@@ -132,6 +133,25 @@ def test_other_processes_of_a_machine_wait_for_the_first_to_build_and_map_its_fi
     pairs = {p.name: pair for p, pair in zip(paths, pairs)}
     assert np.array_equal(pairs["img0.png"][0], images.load_rgb(photos / "img0.png")[:64, :80])
     assert pairs["broken.png"].startswith("not a readable image")
+
+
+def test_a_second_run_waits_for_the_one_building_and_reuses_its_file(photos, tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    cache, paths, source = tmp_path / "cache", images.list_images(photos), again_source(photos)
+    cache.mkdir()
+    path = cache / datacache.cache_name(photos, source)
+    with open(cache / f".{path.name}.lock", "a") as lock, ThreadPoolExecutor(1) as pool:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run, building
+        second = pool.submit(datacache.mapped_pairs, paths, hr_dir=photos, scale=4, degradation="pil",
+                             cache_dir=cache, num_threads=1, quiet=False)
+        time.sleep(0.5)
+        assert not second.done()
+        datacache.build(path, paths, source, hr_dir=photos, num_threads=1, quiet=True)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        second.result(timeout=10)
+    out = capsys.readouterr().out
+    assert f"data cache: waiting for another process building {cache}" in out
+    assert f"data cache: reusing {path}" in out and "data cache: built" not in out
 
 
 def test_a_cache_made_from_other_images_under_this_name_is_built_again(photos, tmp_path, capsys):

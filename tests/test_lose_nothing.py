@@ -224,6 +224,7 @@ def test_only_rank_0_shows_the_caching_bar_and_says_where_the_cache_is(image_dir
     train.make_loader(args, scale=4, rank=0, world_size=2, device=torch.device("cpu"))
     out = capsys.readouterr()
     assert "caching images" in out.err and f"data cache: built {tmp_path / 'cache'}" in out.out
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     train.make_loader(args, scale=4, rank=1, world_size=2, device=torch.device("cpu"))
     assert capsys.readouterr() == ("", "")
