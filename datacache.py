@@ -92,22 +92,29 @@ def mapped_pairs(paths: list[Path], *, hr_dir: Path, scale: int, degradation: st
         while (header := read_header(path, source, say=False)) is None:
             time.sleep(0.2)
         return pairs_in(path, header)
-    with build_lock(path, quiet=quiet):
-        header = read_header(path, source, say=not quiet)
-        if header is None:
-            started = time.time()
-            build(path, paths, source, hr_dir=hr_dir, num_threads=num_threads, quiet=quiet)
-            header = read_header(path, source, say=True)
-            if not quiet:
-                print(f"data cache: built {path} ({size_text(path.stat().st_size)}, "
-                      f"{plural(len(paths), 'image')}) in {time.time() - started:.0f} s; "
-                      f"later runs map it instead of decoding")
-                for old in remove_older(path, hr_dir):
-                    print(f"data cache: removed {old}, made from an earlier state of {hr_dir}")
-        elif not quiet:
-            print(f"data cache: reusing {path} ({size_text(path.stat().st_size)}, "
-                  f"built {time.strftime('%Y-%m-%d %H:%M', time.localtime(path.stat().st_mtime))})")
+    header = read_header(path, source, say=False)  # a whole file needs no lock: a read-only cache works too
+    if header is None:
+        with build_lock(path, quiet=quiet):
+            header = read_header(path, source, say=not quiet)
+            if header is None:
+                return pairs_in(path, built(path, paths, source, hr_dir=hr_dir, num_threads=num_threads, quiet=quiet))
+    if not quiet:
+        print(f"data cache: reusing {path} ({size_text(path.stat().st_size)}, "
+              f"built {time.strftime('%Y-%m-%d %H:%M', time.localtime(path.stat().st_mtime))})")
     return pairs_in(path, header)
+
+
+def built(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_threads: int, quiet: bool) -> dict:
+    """Build the cache, say where and how large, remove the folder's older ones; its header."""
+    started = time.time()
+    build(path, paths, source, hr_dir=hr_dir, num_threads=num_threads, quiet=quiet)
+    if not quiet:
+        print(f"data cache: built {path} ({size_text(path.stat().st_size)}, {plural(len(paths), 'image')}) in "
+              f"{time.time() - started:.0f} s; later runs map it instead of decoding")
+    for old in remove_older(path, hr_dir):
+        if not quiet:
+            print(f"data cache: removed {old}, made from an earlier state of {hr_dir}")
+    return read_header(path, source, say=True)
 
 
 def made_from(paths: list[Path], *, hr_dir: Path, scale: int, degradation: str) -> dict:
