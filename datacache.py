@@ -120,13 +120,21 @@ def built(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
 def made_from(paths: list[Path], *, hr_dir: Path, scale: int, degradation: str) -> dict:
     """What a cache is made from: a cache is used only where this is equal, to the last file."""
     code = [Path(inspect.getfile(m)).read_bytes() for m in (images, resize, sys.modules[__name__])]
-    code.append(inspect.getsource(resize.DEGRADATIONS[degradation]).encode())  # a degradation added elsewhere
+    code.append(source_of(resize.DEGRADATIONS[degradation]).encode())  # a degradation added elsewhere
     files = []
     for p in paths:
         stat = p.stat()
         files.append([p.relative_to(hr_dir).as_posix(), stat.st_size, stat.st_mtime_ns])
     return {"format": FORMAT, "scale": scale, "degradation": degradation, "pillow": PIL.__version__,
             "numpy": np.__version__, "code": hashlib.sha256(b"\0".join(code)).hexdigest(), "files": files}
+
+
+def source_of(function) -> str:
+    """A function's source; its name where Python has none (a builtin, a C extension)."""
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return getattr(function, "__qualname__", repr(function))
 
 
 def cache_name(hr_dir: Path, source: dict) -> str:

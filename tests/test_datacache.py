@@ -215,3 +215,15 @@ def test_the_default_cache_is_in_the_per_user_cache_folder(photos, tmp_path, mon
     code, out, err = run_main(train, "--train_dir", photos, "--val_dir", tmp_path / "val", "--checkpoint_dir", tmp_path / "runs",
                               "--num_epochs", "1", "--data_cache", "none", *TINY_RUN)
     assert code == 0 and "data cache" not in out, err
+
+
+def test_a_changed_degradation_function_gives_another_cache(photos, monkeypatch):
+    before = datacache.cache_name(photos, again_source(photos))
+
+    def sharper(img, scale):
+        return img[::scale, ::scale]
+
+    monkeypatch.setitem(datacache.resize.DEGRADATIONS, "pil", sharper)
+    assert datacache.cache_name(photos, again_source(photos)) != before
+    monkeypatch.setitem(datacache.resize.DEGRADATIONS, "pil", np.ascontiguousarray)  # no Python source
+    assert datacache.cache_name(photos, again_source(photos)) != before
