@@ -41,6 +41,7 @@ MAGIC = b"ResShuffle data cache\n\0\0"
 PREFIX = struct.Struct("<QQ")  # after MAGIC: the header's offset and length
 PAGE = 4096
 SUFFIX = ".cache"
+STARTED = time.time()  # before any process of a torchrun job can have built a cache (wait_for)
 
 
 def default_cache_dir() -> Path:
@@ -89,9 +90,7 @@ def mapped_pairs(paths: list[Path], *, hr_dir: Path, scale: int, degradation: st
     source = made_from(paths, hr_dir=hr_dir, scale=scale, degradation=degradation)
     path = cache_folder(cache_dir) / cache_name(hr_dir, source)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        while (header := read_header(path, source, say=False)) is None:
-            time.sleep(0.2)
-        return pairs_in(path, header)
+        return pairs_in(path, wait_for(path, source, hr_dir=hr_dir))
     header = read_header(path, source, say=False)  # a whole file needs no lock: a read-only cache works too
     if header is None:
         with build_lock(path, quiet=quiet):
@@ -104,6 +103,43 @@ def mapped_pairs(paths: list[Path], *, hr_dir: Path, scale: int, degradation: st
     return pairs_in(path, header)
 
 
+def wait_for(path: Path, source: dict, hr_dir: Path) -> dict:
+    """The header of the cache the machine's first process builds, once it is whole. Where that
+    process built another (a file of the folder changed between their looks at it), this one would
+    wait forever: it stops, saying so."""
+    while (header := read_header(path, source, say=False)) is None:
+        if lock_free(path) and any(other.stat().st_mtime >= STARTED for other in siblings(path)):
+            raise UserError(f"{hr_dir}: its images changed while the run started (the processes saw different "
+                            f"names, sizes or times): start it again")
+        time.sleep(0.2)
+    return header
+
+
+def lock_free(path: Path) -> bool:
+    """Whether no process holds the build lock of `path` (True where there is no flock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        with open(lock_path(path), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def siblings(path: Path) -> list[Path]:
+    """The other cache files of the same folder name, scale and degradation."""
+    return [p for p in path.parent.glob(path.name.rsplit(".", 2)[0] + ".*" + SUFFIX) if p != path]
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
 def built(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_threads: int, quiet: bool) -> dict:
     """Build the cache, say where and how large, remove the folder's older ones; its header."""
     started = time.time()
@@ -113,7 +149,7 @@ def built(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
               f"{time.time() - started:.0f} s; later runs map it instead of decoding")
     for old in remove_older(path, hr_dir):
         if not quiet:
-            print(f"data cache: removed {old}, made from an earlier state of {hr_dir}")
+            print(f"data cache: removed {old}, made from an earlier state of {hr_dir.resolve()}")
     return read_header(path, source, say=True)
 
 
@@ -166,7 +202,7 @@ class build_lock:
     process builds, another run (or another machine on a shared disk) waits, then maps it."""
 
     def __init__(self, path: Path, quiet: bool):
-        self.path, self.quiet, self.file = path.with_name(f".{path.name}.lock"), quiet, None
+        self.path, self.quiet, self.file = lock_path(path), quiet, None
 
     def __enter__(self):
         try:
@@ -223,7 +259,7 @@ def read_header(path: Path, source: dict, say: bool) -> dict | None:
 def whole(header: dict, data_end: int) -> bool:
     """Every image's HR and LR lie inside the pixel area."""
     try:
-        return all(0 < PAGE <= off and off + h * w * 3 <= data_end
+        return all(PAGE <= off and off + h * w * 3 <= data_end
                    for item in header["images"] if "skipped" not in item
                    for off, h, w in (item["hr"], item["lr"])) and "made_from" in header
     except (KeyError, TypeError, ValueError):
@@ -244,7 +280,7 @@ def build(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
                 continue
             entries.append({"name": name, "hr": write_array(f, pair[0]), "lr": write_array(f, pair[1])})
         offset = max(f.tell(), PAGE)
-        header = json.dumps({"made_from": source, "source": str(hr_dir), "images": entries}).encode()
+        header = json.dumps({"made_from": source, "source": str(hr_dir.resolve()), "images": entries}).encode()
         f.seek(offset)
         f.write(header)
         f.seek(len(MAGIC))
@@ -286,20 +322,20 @@ def pairs_in(path: Path, header: dict) -> list:
 
 
 def remove_older(path: Path, hr_dir: Path) -> list[Path]:
-    """Remove the caches of the same folder, scale and degradation other than `path`: the folder
-    has changed since they were built. A run still mapping one keeps reading it (POSIX)."""
+    """Remove the caches of the same folder, scale and degradation other than `path`, and their
+    lock files: the folder has changed since they were built. A run still mapping one keeps
+    reading it (POSIX)."""
     removed = []
-    for other in path.parent.glob(path.name.rsplit(".", 2)[0] + ".*" + SUFFIX):
-        if other == path:
-            continue
+    for other in siblings(path):
         try:
             with open(other, "rb") as f:
                 head = f.read(len(MAGIC) + PREFIX.size)
                 offset, length = PREFIX.unpack(head[len(MAGIC):]) if head[:len(MAGIC)] == MAGIC else (0, 0)
                 f.seek(offset)
-                ours = length and json.loads(f.read(length)).get("source") == str(hr_dir)
+                ours = length and json.loads(f.read(length)).get("source") == str(hr_dir.resolve())
             if ours:
                 other.unlink()
+                lock_path(other).unlink(missing_ok=True)
                 removed.append(other)
         except (OSError, ValueError, struct.error, AttributeError):
             continue

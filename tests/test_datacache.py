@@ -72,7 +72,7 @@ def test_a_second_run_maps_the_cache_without_decoding(photos, tmp_path, monkeypa
     assert f"data cache: reusing {tmp_path / 'cache' / cache_files(tmp_path / 'cache')[0]}" in capsys.readouterr().out
 
 
-def test_a_changed_folder_builds_a_new_cache_and_removes_the_old_one(photos, tmp_path, capsys):
+def test_a_changed_folder_builds_a_new_cache_and_removes_the_old_one(photos, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
     dataset(photos, cache)
     dataset(photos, cache, scale=2)  # another scale: another cache, kept beside
@@ -81,10 +81,12 @@ def test_a_changed_folder_builds_a_new_cache_and_removes_the_old_one(photos, tmp
     capsys.readouterr()
     stat = (photos / "img1.png").stat()
     os.utime(photos / "img1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: maybe changed
-    changed = dataset(photos, cache)
+    monkeypatch.chdir(tmp_path)
+    changed = dataset("photos", cache)  # the same folder, named relative to here
     out = capsys.readouterr().out
     [x2_after, second] = cache_files(cache)
     assert second != first and x2_after == x2
+    assert not (cache / f".{first}.lock").exists()
     assert f"data cache: removed {cache / first}, made from an earlier state of {photos}" in out
     shutil.copy(photos / "img2.png", photos / "img3.png")  # one more image
     assert len(dataset(photos, cache).paths) == len(changed.paths) + 1
@@ -227,3 +229,15 @@ def test_a_changed_degradation_function_gives_another_cache(photos, monkeypatch)
     assert datacache.cache_name(photos, again_source(photos)) != before
     monkeypatch.setitem(datacache.resize.DEGRADATIONS, "pil", np.ascontiguousarray)  # no Python source
     assert datacache.cache_name(photos, again_source(photos)) != before
+
+
+def test_a_waiting_process_stops_where_the_first_built_from_other_file_times(photos, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    dataset(photos, cache)  # the machine's first process, which looked at the folder first
+    stat = (photos / "img0.png").stat()
+    os.utime(photos / "img0.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched in between
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="its images changed while the run started"):
+        datacache.mapped_pairs(images.list_images(photos), hr_dir=photos, scale=4, degradation="pil", cache_dir=cache,
+                               num_threads=1, quiet=True)
