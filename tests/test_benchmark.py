@@ -1,11 +1,14 @@
-"""benchmark.py shows each row as soon as it is measured, and a kill leaves no temporary files or processes."""
+"""benchmark.py shows each row as soon as it is measured, and a kill leaves no temporary files or processes;
+--data_cache measures the mapped set against the decoded one and leaves nothing behind."""
 import contextlib
 import io
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +123,35 @@ def test_sigterm_while_a_child_process_runs_ends_it_and_removes_its_files(tmp_pa
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_data_cache_section_on_a_small_set(tmp_path, monkeypatch, capsys):
+    """--data_cache's rows on 4 images: every row printed, the figures they name, and nothing left
+    behind: no temporary folder, no cgroup, nothing in the user's cache folder."""
+    for name in ("tmp", "home", "xdg"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    plan = benchmark.CachePlan(distinct=1, images=4, loader_batches=3, step_batch=2, step_repeats=1)
+    figures = benchmark.bench_data_cache(torch.device("cpu"), plan, {"arch": "espcn", "scale": 4}, WeightedLoss("l1"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("start-up, s (4 2K images, 0.04 GB): mapped") and "first run: cache built" in lines[1]
+    assert lines[2].startswith("loader: the same patches from both, bit for bit") and lines[2].split()[-1] == "yes"
+    assert lines[3].startswith("loader, patches/s (16x192px HR), 1 thread") and "2 threads" in lines[4]
+    assert "train step (batch 2)" in lines[5] and lines[6].startswith("memory, GB (4 2K images, 0.04 GB): 1 process")
+    # One copy of the mapped set, whatever the processes; one per process decoded into memory.
+    assert 0.95 < figures["cache_pss_2p_over_1p_mapped"] < 1.05 and figures["cache_pss_2p_over_1p_memory"] > 1.8
+    assert abs(figures["cache_pss_gb_1p_mapped"] - figures["cache_set_gb"]) < 0.01
+    assert len(lines) == (15 if "cache_limit_mapped" in figures else 12)
+    if "cache_limit_skipped" in figures:  # no memory cgroup here (not root): the row says why
+        assert lines[11].startswith("train.py under a memory limit") and "skipped" in lines[11]
+    else:
+        assert lines[11].startswith(f"train.py, {figures['cache_limit_mechanism']} limit")
+        assert figures["cache_limit_mapped"] == "finished" and figures["cache_limit_mapped_patches_s"] > 0
+    assert not list(Path("/sys/fs/cgroup/memory").glob("resshuffle-bench-*"))
+    assert not list(Path("/sys/fs/cgroup").glob("resshuffle-bench-*"))
+    # torch's Adam makes its own torchinductor_<user> folder in the temporary folder, for later runs too
+    assert [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor")] == []
+    assert list((tmp_path / "home").iterdir()) == list((tmp_path / "xdg").iterdir()) == []
