@@ -126,7 +126,7 @@ def test_sigterm_while_a_child_process_runs_ends_it_and_removes_its_files(tmp_pa
 
 
 @pytest.mark.slow
-def test_data_cache_section_on_a_small_set(tmp_path, monkeypatch, capsys):
+def test_the_data_cache_rows_show_one_copy_for_two_processes_and_leave_nothing_behind(tmp_path, monkeypatch, capsys):
     """--data_cache's rows on 4 images: every row printed, the figures they name, and nothing left
     behind: no temporary folder, no cgroup, nothing in the user's cache folder."""
     for name in ("tmp", "home", "xdg"):
