@@ -10,8 +10,10 @@ times, the scale, the degradation and the code that decodes and downsamples. Any
 another name, which the next run builds; a run that builds one removes the older caches of the
 same folder, scale and degradation.
 
-Layout: MAGIC; the header's offset and length (little-endian uint64); the pixels, from byte
-PAGE on; the JSON header, last, naming each image and where its HR and LR lie.
+Layout: MAGIC; the header's offset and length (little-endian uint64) and its SHA-256; the
+pixels, from byte PAGE on; the JSON header, last, naming each image and where its HR and LR
+lie. The pixels carry no checksum (reading them all at every start would cost what mapping
+saves): a file is written whole or not at all, and must never be edited in place.
 """
 import hashlib
 import inspect
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import sys
 import time
@@ -36,9 +39,9 @@ from files import atomic_path
 from images import image_size
 from utils import UserError, plural, warn
 
-FORMAT = 1  # what the file holds and how it is laid out; another FORMAT is another name
+FORMAT = 2  # what the file holds and how it is laid out; another FORMAT is another name
 MAGIC = b"ResShuffle data cache\n\0\0"
-PREFIX = struct.Struct("<QQ")  # after MAGIC: the header's offset and length
+PREFIX = struct.Struct("<QQ32s")  # after MAGIC: the header's offset, length and SHA-256
 PAGE = 4096
 SUFFIX = ".cache"
 STARTED = time.time()  # before any process of a torchrun job can have built a cache (wait_for)
@@ -55,10 +58,11 @@ def default_cache_dir() -> Path:
     return base / "resshuffle" / "data"
 
 
-def decode_pair(path: Path, scale: int, degradation: str) -> tuple[np.ndarray, np.ndarray] | str:
-    """(hr, lr) of one image: HR cropped to the scale's multiple, LR its downsampling; or why it
-    can't be read (a string), so that all failures can be listed. An image smaller than the scale
-    gets an empty LR (the patch size leaves it out)."""
+def decode_pair(path: Path, scale: int, degradation: str) -> tuple[np.ndarray, np.ndarray, list[int]] | str:
+    """(hr, lr, [width, height]) of one image: HR cropped to the scale's multiple, LR its
+    downsampling, and the image's own size; or why it can't be read (a string), so that all
+    failures can be listed. An image smaller than the scale gets an empty LR (the patch size
+    leaves it out)."""
     try:
         img = images.load_rgb(path)
     except UserError as e:
@@ -66,7 +70,7 @@ def decode_pair(path: Path, scale: int, degradation: str) -> tuple[np.ndarray, n
     hr = resize.modcrop(img, scale)
     lr = (resize.downsample(hr, scale, degradation) if min(hr.shape[:2]) >= scale
           else np.zeros((0, 0, 3), np.uint8))
-    return hr, lr
+    return hr, lr, [img.shape[1], img.shape[0]]
 
 
 def decoded_pairs(paths: list[Path], scale: int, degradation: str, num_threads: int):
@@ -141,15 +145,16 @@ def lock_path(path: Path) -> Path:
 
 
 def built(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_threads: int, quiet: bool) -> dict:
-    """Build the cache, say where and how large, remove the folder's older ones; its header."""
+    """Remove the folder's older caches (their room may be needed), build this one and say where
+    and how large; its header."""
+    for old in remove_older(path, hr_dir):
+        if not quiet:
+            print(f"data cache: removed {old}, made from an earlier state of {hr_dir.resolve()}")
     started = time.time()
     build(path, paths, source, hr_dir=hr_dir, num_threads=num_threads, quiet=quiet)
     if not quiet:
         print(f"data cache: built {path} ({size_text(path.stat().st_size)}, {plural(len(paths), 'image')}) in "
               f"{time.time() - started:.0f} s; later runs map it instead of decoding")
-    for old in remove_older(path, hr_dir):
-        if not quiet:
-            print(f"data cache: removed {old}, made from an earlier state of {hr_dir.resolve()}")
     return read_header(path, source, say=True)
 
 
@@ -186,11 +191,14 @@ def name_prefix(hr_dir: Path, scale: int, degradation: str) -> str:
 
 def cache_folder(cache_dir: str | Path) -> Path:
     """--data_cache, made if missing; one line where it can't be."""
-    folder = Path(cache_dir).expanduser()
+    try:
+        folder = Path(cache_dir).expanduser()
+    except RuntimeError as e:  # ~nosuchuser
+        raise UserError(f"{cache_dir}: --data_cache: {e}") from None
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise UserError(f"{folder}: --data_cache names a file, not a folder") from None
+        raise UserError(f"{folder}: --data_cache names something that is not a folder") from None
     except OSError as e:
         raise UserError(f"{folder}: can't make the data cache folder ({e.strerror}); pass --data_cache with a "
                         f"writable folder, or --data_cache none to decode into memory") from None
@@ -230,20 +238,22 @@ class build_lock:
 
 def read_header(path: Path, source: dict, say: bool) -> dict | None:
     """The cache's header where it is whole and made from `source`; None where it is missing,
-    or torn or made from other files (said when `say`: it is then built again). A file of
-    another kind under the name is refused: it is not ours to replace."""
+    or torn or made from other files (said when `say`: it is then built again). Anything else
+    under the name (a link, a folder, a file of another kind) is refused: it is not ours to replace."""
     try:
+        check_regular_file(path)
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + PREFIX.size)
-            if head[:len(MAGIC)] != MAGIC:
+            if head[:len(MAGIC)] != MAGIC and not MAGIC.startswith(head):
                 raise UserError(f"{path}: not a ResShuffle data cache, though named as one: move it away, or "
                                 f"pass another --data_cache")
-            offset, length = PREFIX.unpack(head[len(MAGIC):])
+            offset, length, digest = PREFIX.unpack(head[len(MAGIC):])
             f.seek(offset)
-            header = json.loads(f.read(length)) if offset + length == os.fstat(f.fileno()).st_size else None
+            text = f.read(length) if offset + length == os.fstat(f.fileno()).st_size else b""
+        header = json.loads(text) if hashlib.sha256(text).digest() == digest else None
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, struct.error):  # unreadable, a short prefix, JSON cut short
+    except (OSError, ValueError, struct.error):  # unreadable, cut inside the prefix, JSON of another kind
         header = None
     if header is None or not whole(header, data_end=offset):
         if say:
@@ -256,13 +266,24 @@ def read_header(path: Path, source: dict, say: bool) -> dict | None:
     return header
 
 
+def check_regular_file(path: Path) -> None:
+    """Refuse a link, a folder, a pipe... under the cache's name (FileNotFoundError where none)."""
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        what = "a link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UserError(f"{path}: {what}, not a data cache train.py made: move it away, or pass another --data_cache")
+
+
 def whole(header: dict, data_end: int) -> bool:
-    """Every image's HR and LR lie inside the pixel area."""
+    """Every image's HR and LR lie inside the pixel area, the HR scale times the LR."""
     try:
-        return all(PAGE <= off and off + h * w * 3 <= data_end
+        scale = header["made_from"]["scale"]
+        return all(PAGE <= off and 0 <= h and 0 <= w and off + h * w * 3 <= data_end
                    for item in header["images"] if "skipped" not in item
-                   for off, h, w in (item["hr"], item["lr"])) and "made_from" in header
-    except (KeyError, TypeError, ValueError):
+                   for off, h, w in (item["hr"], item["lr"])) and all(
+            item["hr"][1] == item["lr"][1] * scale and item["hr"][2] == item["lr"][2] * scale
+            for item in header["images"] if "skipped" not in item and item["lr"][1])
+    except (KeyError, TypeError, ValueError, IndexError):
         return False
 
 
@@ -271,20 +292,21 @@ def build(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
     check_room(path, paths, source["scale"])
     entries = []
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(MAGIC + PREFIX.pack(0, 0))
+        f.write(MAGIC + PREFIX.pack(0, 0, bytes(32)))
         bar = tqdm(decoded_pairs(paths, source["scale"], source["degradation"], num_threads),
                    total=len(paths), desc=f"caching {Path(hr_dir).name}", unit="img", leave=False, disable=quiet)
         for (name, _, _), pair in zip(source["files"], bar):
             if isinstance(pair, str):
                 entries.append({"name": name, "skipped": pair})
                 continue
-            entries.append({"name": name, "hr": write_array(f, pair[0]), "lr": write_array(f, pair[1])})
+            entries.append({"name": name, "size": pair[2], "hr": write_array(f, pair[0]),
+                            "lr": write_array(f, pair[1])})
         offset = max(f.tell(), PAGE)
         header = json.dumps({"made_from": source, "source": str(hr_dir.resolve()), "images": entries}).encode()
         f.seek(offset)
         f.write(header)
         f.seek(len(MAGIC))
-        f.write(PREFIX.pack(offset, len(header)))
+        f.write(PREFIX.pack(offset, len(header), hashlib.sha256(header).digest()))
 
 
 def write_array(f, a: np.ndarray) -> list[int]:
@@ -317,7 +339,7 @@ def pairs_in(path: Path, header: dict) -> list:
     def view(off: int, h: int, w: int) -> np.ndarray:
         return mapped[off:off + h * w * 3].view(np.ndarray).reshape(h, w, 3)
 
-    return [item["skipped"] if "skipped" in item else (view(*item["hr"]), view(*item["lr"]))
+    return [item["skipped"] if "skipped" in item else (view(*item["hr"]), view(*item["lr"]), item["size"])
             for item in header["images"]]
 
 
@@ -330,7 +352,7 @@ def remove_older(path: Path, hr_dir: Path) -> list[Path]:
         try:
             with open(other, "rb") as f:
                 head = f.read(len(MAGIC) + PREFIX.size)
-                offset, length = PREFIX.unpack(head[len(MAGIC):]) if head[:len(MAGIC)] == MAGIC else (0, 0)
+                offset, length, _ = PREFIX.unpack(head[len(MAGIC):]) if head[:len(MAGIC)] == MAGIC else (0, 0, 0)
                 f.seek(offset)
                 ours = length and json.loads(f.read(length)).get("source") == str(hr_dir.resolve())
             if ours:

@@ -70,7 +70,7 @@ class TrainDataset:
             pairs = mapped_pairs(paths, hr_dir=Path(hr_dir), scale=scale, degradation=degradation,
                                  cache_dir=cache_dir, num_threads=num_threads, quiet=quiet)
         skipped = [f"{p.name} ({pair})" for p, pair in zip(paths, pairs) if isinstance(pair, str)]
-        skipped += [f"{p.name} ({pair[0].shape[1]}x{pair[0].shape[0]}, smaller than the {patch_size}px patch)"
+        skipped += [f"{p.name} ({pair[2][0]}x{pair[2][1]}, smaller than the {patch_size}px patch)"
                     for p, pair in zip(paths, pairs) if not isinstance(pair, str) and min(pair[0].shape[:2]) < patch_size]
         if skipped and not quiet:
             warn(f"{hr_dir}: skipping {len(skipped)} of {len(paths)} images: {'; '.join(skipped)}")

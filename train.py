@@ -328,7 +328,9 @@ def resumed_checkpoint(args) -> dict | None:
         raise UserError(f"{args.resume}: --resume continues a run from its last.pt; resuming this file would "
                         f"rewind the run (replacing its last.pt and log rows); to branch off it, copy it into a "
                         f"new folder as last.pt and resume that")
-    saved = {k: v for k, v in checkpoint["args"].items() if k not in ("resume", "export", "given", "overwrite")}
+    # --data_cache is this machine's: a resume elsewhere uses its own default unless it is typed.
+    saved = {k: v for k, v in checkpoint["args"].items()
+             if k not in ("resume", "export", "given", "overwrite", "data_cache")}
     saved.setdefault("loss", "l1")  # runs saved before --loss trained with L1
     saved.setdefault("arch", checkpoint["model_args"].get("arch", DEFAULT_ARCH))  # and before --arch, ResShuffle
     for name in args.given:
@@ -393,6 +395,12 @@ def make_loader(args, scale: int, rank: int, world_size: int, device: torch.devi
                          pin_memory=device.type == "cuda")
     check_batches(len(train_set), args.batch_size, world_size)
     return loader, len(train_set) // world_size // args.batch_size
+
+
+def data_cache_flag(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give a folder, or none")
+    return text
 
 
 def data_cache_dir(flag: str | None) -> Path | None:
@@ -624,10 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_dir", default=str(REPO / "data/DIV2K_valid_HR"), help="folder of HR validation images")
     p.add_argument("--patch_size", type=positive_int, default=None, help="HR patch side; None: 48 x scale")
     p.add_argument("--patches_per_image", type=positive_int, default=20, help="patches per image per epoch")
-    p.add_argument("--data_cache", default=None, metavar="DIR",
+    p.add_argument("--data_cache", type=data_cache_flag, default=None, metavar="DIR",
                    help=f"folder of decoded training sets, each one file that every process maps, built once and "
-                        f"reused while the images are unchanged (default {default_cache_dir()}); none: decode into "
-                        f"each process's memory at every start")
+                        f"reused while the images are unchanged; None: the per-user cache folder, here "
+                        f"{default_cache_dir()}; none: decode into each process's memory at every start (not kept "
+                        f"on resume: this machine's)")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="pil",
                    help="how LR images are made: PIL bicubic, or MATLAB's imresize (published tables)")
     p.add_argument("--loss", type=loss_spec, default="l1",

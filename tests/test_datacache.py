@@ -39,7 +39,7 @@ def photos(tmp_path):
     """make_images' three, an unreadable file and an image smaller than the patch."""
     folder = make_images(tmp_path / "photos")
     (folder / "broken.png").write_bytes(b"not a png")
-    Image.fromarray(np.full((20, 40, 3), 7, np.uint8)).save(folder / "small.png")
+    Image.fromarray(np.full((21, 42, 3), 7, np.uint8)).save(folder / "small.png")
     return folder
 
 
@@ -51,6 +51,7 @@ def test_the_cache_gives_the_same_images_and_patches_as_decoding_into_memory(pho
     out = capsys.readouterr()
     assert "data cache: built" in out.out and "data cache: reusing" in out.out
     assert out.err.count("skipping 2 of 5 images: broken.png") == 3  # the same warning, each time
+    assert out.err.count("small.png (42x21, smaller than the 32px patch)") == 3  # its own size, not the cropped
     for data in (built, reused):
         assert data.paths == memory.paths
         assert all(np.array_equal(a, b) for a, b in zip(data.hr + data.lr, memory.hr + memory.lr))
@@ -93,7 +94,7 @@ def test_a_changed_folder_builds_a_new_cache_and_removes_the_old_one(photos, tmp
     assert len(cache_files(cache)) == 2
 
 
-@pytest.mark.parametrize("damage", ["cut short", "header offset", "header bytes"])
+@pytest.mark.parametrize("damage", ["cut short", "header offset", "header bytes", "header bit", "empty", "magic cut"])
 def test_a_torn_cache_is_built_again(photos, tmp_path, capsys, damage):
     cache = tmp_path / "cache"
     built = dataset(photos, cache)
@@ -105,8 +106,13 @@ def test_a_torn_cache_is_built_again(photos, tmp_path, capsys, damage):
         data = data[:len(data) // 2]
     elif damage == "header offset":
         data[len(datacache.MAGIC)] ^= 0x10
-    else:
+    elif damage == "header bytes":
         data[-5:] = b"?????"
+    elif damage == "header bit":  # one bit of an image's width: still JSON, still in bounds
+        at = data.rindex(b'"hr": [') + len(b'"hr": [') + 8
+        data[at] ^= 0x01
+    else:  # a file cut before the end of its first bytes
+        data = b"" if damage == "empty" else data[:10]
     path.write_bytes(bytes(data))
     capsys.readouterr()
     again = dataset(photos, cache)
@@ -180,7 +186,7 @@ def test_a_file_of_another_kind_under_the_cache_name_is_refused_and_kept(photos,
     assert path.read_bytes() == b"a user's own file"
 
 
-@pytest.mark.parametrize("where, needle", [("file", "names a file, not a folder"),
+@pytest.mark.parametrize("where, needle", [("file", "names something that is not a folder"),
                                            ("below a file", "can't make the data cache folder")])
 def test_a_cache_folder_that_cannot_be_made_is_one_line(photos, tmp_path, where, needle):
     (tmp_path / "file").write_text("x")
@@ -241,3 +247,51 @@ def test_a_waiting_process_stops_where_the_first_built_from_other_file_times(pho
     with pytest.raises(UserError, match="its images changed while the run started"):
         datacache.mapped_pairs(images.list_images(photos), hr_dir=photos, scale=4, degradation="pil", cache_dir=cache,
                                num_threads=1, quiet=True)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "dangling link"])
+def test_something_else_under_the_cache_name_is_refused_in_one_line_and_left_alone(photos, tmp_path, kind):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = cache / datacache.cache_name(photos, again_source(photos))
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # opening it would wait for a writer forever
+    else:
+        path.symlink_to(tmp_path / "nowhere")
+    code, _, err = run_main(train, "--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir",
+                            tmp_path / "runs", "--data_cache", cache, "--num_epochs", "1", *TINY_RUN)
+    what = {"folder": "a folder", "fifo": "not a regular file", "dangling link": "a link"}[kind]
+    assert_one_line_error(code, err, f"{path}: {what}, not a data cache train.py made")
+    assert path.is_symlink() if kind == "dangling link" else path.exists()
+
+
+@pytest.mark.parametrize("flag, code, needle", [("", 2, "--data_cache: empty"), ("~nosuchuser_x/c", 1, "~nosuchuser_x/c")])
+def test_a_data_cache_flag_that_names_no_folder_is_one_line(image_dir, tmp_path, flag, code, needle):
+    got, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path / "runs",
+                           "--data_cache", flag, "--num_epochs", "1", *TINY_RUN)
+    assert got == code and len([line for line in err.splitlines() if "error" in line]) == 1, err
+    assert needle in err and "Traceback" not in err
+
+
+def test_the_old_cache_of_a_changed_folder_goes_before_the_new_one_is_built(photos, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    dataset(photos, cache)
+    [old] = cache_files(cache)
+    stat = (photos / "img1.png").stat()
+    os.utime(photos / "img1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    room_checked = []
+    monkeypatch.setattr(datacache, "check_room", lambda *a: room_checked.append((cache / old).exists()))
+    dataset(photos, cache)
+    assert room_checked == [False]  # its room counts as free when the new one's is measured
+
+
+def test_a_resumed_run_uses_this_machines_cache_folder_unless_one_is_typed(image_dir, tmp_path, monkeypatch):
+    runs, typed = tmp_path / "runs", tmp_path / "typed"
+    code, out, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", runs,
+                              "--run_name", "r", "--data_cache", typed, "--num_epochs", "1", *TINY_RUN)
+    assert code == 0 and f"data cache: built {typed}" in out, err
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # another machine's default
+    code, out, err = run_main(train, "--resume", runs / "r" / "last.pt", "--num_epochs", "2")
+    assert code == 0 and f"data cache: built {tmp_path / 'xdg' / 'resshuffle' / 'data'}" in out, err
