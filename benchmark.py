@@ -21,7 +21,9 @@ this device, bf16 where that is fp32).
 3. inference: output megapixels/s of infer.py's path (upscale.upscale) on a 510x339 input, untiled
    against the plain model call, and tiled (infer.py's default) against untiled; the largest
    difference from fp32; the same network exported to ONNX under onnxruntime (where installed:
-   requirements-optional.txt); peak resident memory and speed of infer.py on a 2040x1360 input
+   requirements-optional.txt); frames/s of infer.py's video path (video.py: decode, upscale,
+   H.264 encode) on a 640x360 clip of 4 frames (--quick: 320x180, 2) with the shipped x2 and x4
+   checkpoints (where PyAV is installed); peak resident memory and speed of infer.py on a 2040x1360 input
    (8160x5440 output) in fp32, tiled and untiled.
 4. evaluate.py: seconds per 2K image.
 5. --data_cache, only this section (it makes a 2 GB set, and takes minutes): the training set
@@ -60,11 +62,12 @@ from losses import WeightedLoss, loss_spec
 from model import NETWORKS, build_network
 from resize import downsample
 import metrics
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_chosen, save_checkpoint
 from precision import PRECISIONS, autocast, choose_precision, cpu_bf16_instructions, grad_scaler
 from training import train_step
 from onnx_export import export_onnx, onnx_session
 from upscale import tensor_to_image, tiling, upscale
+import video
 from utils import UserError, make_parser, plural, positive_int, run_cli, select_device
 
 BATCH, LR_PATCH, SCALE = 16, 48, 4
@@ -84,12 +87,14 @@ class Plan(NamedTuple):
     images: int  # synthetic 2K images made
     eval_images: int  # of them, measured by evaluate.py
     eval_size: tuple[int, int]  # width, height of the crop of each that evaluate.py measures
+    video_lr: tuple[int, int]  # width, height of the clip timed through video.py
+    video_frames: int  # its frames
 
 
 FULL = Plan(steps=3, batch=BATCH, repeats=2, loader_batches=1000, decode_batches=3, infer_lr=(510, 339),
-            big_lr=(2040, 1360), images=4, eval_images=2, eval_size=TWO_K)
+            big_lr=(2040, 1360), images=4, eval_images=2, eval_size=TWO_K, video_lr=(640, 360), video_frames=4)
 QUICK = Plan(steps=1, batch=4, repeats=1, loader_batches=100, decode_batches=1, infer_lr=(264, 128),
-             big_lr=(264, 128), images=2, eval_images=1, eval_size=(512, 340))
+             big_lr=(264, 128), images=2, eval_images=1, eval_size=(512, 340), video_lr=(320, 180), video_frames=2)
 
 
 def dims(size: tuple[int, int]) -> str:
@@ -406,6 +411,40 @@ def bench_onnxruntime(model: torch.nn.Module, lr: np.ndarray, out_mp: float, rep
     row("  onnxruntime vs infer.py's fp32 output (uint8)", f"max diff {diff}")
     return {"onnxruntime_mp_s": mp_s, "onnxruntime_max_abs_diff_fp32": diff,
             "onnxruntime_threads": session.get_session_options().intra_op_num_threads}
+
+
+def bench_video(device, folder: Path, plan: Plan, precision: str) -> dict:
+    """Frames/s of video.upscale_video (infer.py's video path) with the shipped x2 and x4 networks,
+    on an H.264 clip panned across the first synthetic image; {} without PyAV."""
+    if video.av is None:
+        return {}
+    out, size = {}, dims(plan.video_lr)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = make_clip(Path(tmp) / "clip.mp4", load_rgb(list_images(folder)[0]), plan.video_lr, plan.video_frames)
+        info = video.probe(clip)
+        for scale in (2, 4):
+            model = load_chosen(None, scale, device)[0]
+            for name in precisions(precision):
+                start = time.perf_counter()
+                video.upscale_video(model, clip, Path(tmp) / f"x{scale}_{name}.mp4", info, precision=name)
+                fps = plan.video_frames / (time.perf_counter() - start)
+                row(f"video {size} -> x{scale} {name}, frames/s", f"{fps:.3f}")
+                out[f"video_{size}_x{scale}_fps_{name}"] = fps
+    return out
+
+
+def make_clip(path: Path, img: np.ndarray, size: tuple[int, int], frames: int) -> Path:
+    """An H.264 clip of `frames` `size` crops of `img`, panning 8 pixels a frame, at 24 fps."""
+    with video.av.open(str(path), "w") as c:
+        stream = c.add_stream("libx264", rate=24, options={"crf": "17"})
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        for i in range(frames):
+            crop = np.ascontiguousarray(img[i * 8:i * 8 + size[1], i * 8:i * 8 + size[0]])
+            frame = video.av.VideoFrame.from_ndarray(crop, format="rgb24")
+            frame.pts = i
+            c.mux(stream.encode(frame))
+        c.mux(stream.encode(None))
+    return path
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -765,6 +804,7 @@ def measure_all(device, plan: Plan, precision: str, model_args: dict, loss: Weig
         figures |= bench_training(device, plan, precision, model_args, loss)
         figures |= bench_data(folder, plan)
         figures |= bench_inference(device, folder, plan, memory=memory, precision=precision, model_args=model_args)
+        figures |= bench_video(device, folder, plan, precision)
         figures |= bench_evaluate(folder, device, model_args, plan)
     return figures
 

@@ -1,7 +1,8 @@
-"""Upscale an image, or every image in a folder, with a ResShuffle checkpoint (or another network's).
+"""Upscale an image, every image in a folder, or a video, with a ResShuffle checkpoint (or another network's).
 
 usage: python infer.py INPUT [-o OUTPUT] [--scale 4] [--arch resshuffle] [--checkpoint FILE] [--recursive]
            [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
+           [--crf 17] [--frames START:STOP]
 
 INPUT is an image file or a folder of them (--recursive: and of its subfolders). Each image
 becomes <name>_x<scale>.png: beside a file INPUT, in the folder <INPUT>_x<scale>/ for a
@@ -19,40 +20,35 @@ that can't be read is reported and skipped, and the exit status is 1. The networ
 from the checkpoint (--arch and --scale pick a shipped one). The image is processed in LR tiles of --tile pixels (faster on CPU than
 whole images, a fraction of the memory, and with the default --tile_pad the same result), in
 bf16 where the processor runs it natively (--precision fp32 for the exact result).
+
+A video INPUT (.mp4 .m4v .mov .mkv .webm .avi .ts .mts .m2ts .flv .mpg .mpeg .wmv .ogv .3gp;
+given as the INPUT file: a folder run takes images only) becomes <name>_x<scale>.mp4, .m4v,
+.mov or .mkv as its own extension, .mkv for the others (they can't carry H.264, or carry it
+badly), beside it or where -o says, under the same rules. Each frame is upscaled as an image
+is, one at a time, and encoded as H.264 (yuv420p, --crf); the frame times, rate, rotation and
+colour tags are kept, and audio and subtitles are copied as they are (PyAV: requirements-optional.txt).
+--frames START:STOP upscales only those frames (indices from 0, STOP not included), to try a
+few first; the output then has no audio or subtitles. Ctrl-C, an error, or a file shorter than
+its container states (truncated) leaves no output. H.264 in 4:2:0 needs an even width and
+height: x3 of an odd size is refused.
 """
 import argparse
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import load_chosen, shipped_names
 from files import (check_distinct, check_outputs_outside_inputs, check_outside, check_output_files, file_ids, folder_for,
                    output_stems)
-from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, to_rgb8, write_format
+from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, write_format
 from model import NETWORKS, UPSAMPLE_STAGES
 from precision import PRECISIONS, choose_precision
-from upscale import DEFAULT_TILE, describe_tiling, upscale
+from upscale import DEFAULT_TILE, describe_tiling, upscale_image
 from utils import UserError, make_parser, non_negative_int, plural, run_cli, select_device, warn
-
-def upscale_image(model, img: Image.Image, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
-                  self_ensemble: bool = False, precision: str = "fp32") -> Image.Image:
-    """Upscale a PIL image of any mode; grayscale stays grayscale, alpha is kept (bicubic)."""
-    scale = model.scale
-    size = (img.width * scale, img.height * scale)
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-    gray = img.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1")
-    alpha = img.convert("RGBA").getchannel("A").resize(size, Image.BICUBIC) if has_alpha else None
-    sr = Image.fromarray(upscale(model, np.asarray(to_rgb8(img)), tile=tile, tile_pad=tile_pad,
-                                 self_ensemble=self_ensemble, progress=True, precision=precision))
-    if gray:
-        sr = sr.convert("L")
-    if alpha is not None:
-        sr.putalpha(alpha)
-    return sr
+from video import (DEFAULT_CRF, VIDEO_EXTENSIONS, Interrupted, check_encodable, frame_span, is_video, output_path,
+                   probe, upscale_video)
 
 
 def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
@@ -65,6 +61,9 @@ def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
     subfolders = [p for p in input_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     if subfolders and not recursive:
         warn(f"{input_path}: {plural(len(subfolders), 'subfolder')} not searched (--recursive searches them)")
+    videos = [p for p in input_path.iterdir() if is_video(p)]
+    if videos:  # a folder run takes images only
+        warn(f"{input_path}: {plural(len(videos), 'video')} not upscaled: give each video as INPUT")
     if not inputs:
         raise UserError(f"{input_path}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return inputs
@@ -118,6 +117,10 @@ def output_folder(input_path: Path, output: str | None, scale: int) -> Path:
 
 def main(args):
     input_path = Path(args.input)
+    if is_video(input_path):
+        return main_video(args, input_path)
+    if args.frames is not None:
+        raise UserError(f"--frames: {input_path} is not a video (extensions: {' '.join(VIDEO_EXTENSIONS)})")
     inputs = find_inputs(input_path, args.recursive)  # the input first: a missing one is named as such
     device = select_device(args.device)
     model, info, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights, arch=args.arch)
@@ -126,8 +129,7 @@ def main(args):
     if not pairs:
         return print(f"{input_path}: every output exists already; nothing to do")
     precision, _ = choose_precision(args.precision, device)
-    print(f"checkpoint {path} ({info['arch']} x{model.scale}, {'EMA' if info['weights'] == 'ema' else 'raw'} "
-          f"weights; {describe_tiling(model, args.tile, args.tile_pad)})")
+    print(describe_network(model, info, path, args))
     options = dict(tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, quality=args.quality,
                    precision=precision)
     if len(pairs) == 1:
@@ -144,6 +146,37 @@ def main(args):
         done = len(pairs) - len(failed)
         written = f"the other {done} {'was' if done == 1 else 'were'} written" if done else "none was written"
         raise UserError(f"{len(failed)} of {plural(len(pairs), 'image')} failed, {written}: {', '.join(failed)}")
+
+
+def describe_network(model, info: dict, path, args) -> str:
+    """The first line of a run: which checkpoint, which weights, how images are tiled."""
+    return (f"checkpoint {path} ({info['arch']} x{model.scale}, {'EMA' if info['weights'] == 'ema' else 'raw'} "
+            f"weights; {describe_tiling(model, args.tile, args.tile_pad)})")
+
+
+def main_video(args, src: Path) -> None:
+    """A video INPUT: the checks an image has, all before any work; video.py does the work."""
+    info = probe(src)  # the input first: a file that is not a video is named as such
+    device = select_device(args.device)
+    model, weights, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights,
+                                       arch=args.arch)
+    dst = output_path(src, args.output, model.scale)
+    if args.skip_existing and dst.is_file() and not file_ids([dst]) & file_ids([src]):
+        return print(f"{src}: its output {dst} exists already; nothing to do")
+    check_output_files([dst], overwrite=args.overwrite, inputs=file_ids([src]))
+    check_encodable(info, model.scale, src)
+    precision, _ = choose_precision(args.precision, device)
+    print(describe_network(model, weights, path, args))
+    try:
+        written = upscale_video(model, src, dst, info, crf=args.crf, frames=args.frames, tile=args.tile,
+                                tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, precision=precision)
+    except Interrupted as e:  # Ctrl-C's exit status, with the frame it stopped at
+        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
+        sys.exit(130)
+    exact = "" if precision == "fp32" else f", {precision}"
+    cut = "; --frames: audio and subtitles left out" if args.frames else ""
+    print(f"{src} ({info.width}x{info.height}, {plural(written, 'frame')}) -> {dst} ({info.width * model.scale}x"
+          f"{info.height * model.scale}, H.264 crf {args.crf}{exact}{cut})")
 
 
 def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, self_ensemble: bool = False,
@@ -163,9 +196,10 @@ def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
-    parser.add_argument("input", help="an image file or a folder of images")
+    parser.add_argument("input", help="an image file, a folder of images, or a video file")
     parser.add_argument("-o", "--output", "--save_dir", default=None,
-                        help="output file (with an image extension) or folder (without); "
+                        help="output file (with an image extension; a video's: .mp4 .m4v .mov .mkv) or folder "
+                             "(without); "
                              "None: beside the input file, or <INPUT>_x<scale>/ for a folder")
     parser.add_argument("--scale", type=int, choices=sorted(UPSAMPLE_STAGES), default=None,
                         help="use the shipped checkpoint of this scale (shipped: "
@@ -193,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="autocast precision; auto: bf16 where the device runs it natively (CUDA 8.0+, a CPU "
                              "with AVX512-BF16 or AMX), fp16 on older GPUs, else fp32 (exact; bf16 moves a few "
                              "output values by one level)")
+    parser.add_argument("--crf", type=crf, default=DEFAULT_CRF,
+                        help="a video's H.264 quality, 0-51, lower is better (x264's CRF); 17: visually lossless")
+    parser.add_argument("--frames", type=frames, default=None, metavar="START:STOP",
+                        help="a video: only these frames (indices from 0, STOP not included: 0:48 is the first "
+                             "48), without its audio and subtitles; None: all, with them")
     return parser
 
 
@@ -201,6 +240,20 @@ def quality(text: str) -> int:
     if not 1 <= value <= 100:
         raise argparse.ArgumentTypeError(f"must be 1 to 100, got {value}")
     return value
+
+
+def crf(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 51:
+        raise argparse.ArgumentTypeError(f"must be 0 to 51, got {value}")
+    return value
+
+
+def frames(text: str) -> tuple[int, int | None]:
+    try:
+        return frame_span(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 if __name__ == "__main__":

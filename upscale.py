@@ -12,8 +12,10 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
+from images import to_rgb8
 from precision import autocast
 from utils import warn
 
@@ -28,6 +30,24 @@ CUDA_MEMORY_MARGIN = 1.5
 # HR stages run on LR blocks of at most this size (plus their small margin): their tensors are
 # the largest (64 channels at up to 4x4 the pixels), and small blocks keep them in cache.
 RECONSTRUCT_TILE = 128
+
+
+def upscale_image(model, img: Image.Image, tile: int = DEFAULT_TILE, tile_pad: int | None = None,
+                  self_ensemble: bool = False, precision: str = "fp32", progress: bool = True) -> Image.Image:
+    """Upscale a PIL image of any mode, as infer.py and app.py do: grayscale stays grayscale,
+    alpha is kept (upscaled with bicubic)."""
+    scale = model.scale
+    size = (img.width * scale, img.height * scale)
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    gray = img.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1")
+    alpha = img.convert("RGBA").getchannel("A").resize(size, Image.BICUBIC) if has_alpha else None
+    sr = Image.fromarray(upscale(model, np.asarray(to_rgb8(img)), tile=tile, tile_pad=tile_pad,
+                                 self_ensemble=self_ensemble, progress=progress, precision=precision))
+    if gray:
+        sr = sr.convert("L")
+    if alpha is not None:
+        sr.putalpha(alpha)
+    return sr
 
 
 @contextlib.contextmanager
