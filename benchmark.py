@@ -921,8 +921,8 @@ def build_parser():
                         help=f"skip the two memory runs ({dims((FULL.big_lr[0] * SCALE, FULL.big_lr[1] * SCALE))} "
                              f"output; with --quick {dims((QUICK.big_lr[0] * SCALE, QUICK.big_lr[1] * SCALE))})")
     parser.add_argument("--quick", action="store_true",
-                        help="the same rows in under a minute on a 2-core CPU, where a full run takes about 7 "
-                             "minutes (2 with --skip_memory): one timed repeat (--steps is not used), batches of "
+                        help="the same rows in about a minute on a 2-core CPU (51 s on 2026-12-03, where "
+                             "--skip_memory took 4 minutes and the memory runs add a few): one timed repeat (--steps is not used), batches of "
                              f"{QUICK.batch}, inference on {dims(QUICK.infer_lr)}, the memory runs on {dims(QUICK.big_lr)}, "
                              f"evaluate.py on one {dims(QUICK.eval_size)} image; each row names its size")
     parser.add_argument("--data_cache", action="store_true",
