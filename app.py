@@ -4,7 +4,7 @@ usage: python app.py [--host 127.0.0.1] [--port 7860] [--max_pixels 4000000] [--
 
 Open the address it prints, drop or choose an image, pick the network and the precision. The
 page shows the upscale over the input (a slider moves the split, at full resolution) and links
-the PNG, which is byte for byte what `python infer.py IMAGE -o OUT.png --scale S --precision P`
+the PNG, which is byte for byte what `python infer.py IMAGE -o OUT.png --arch A --scale S --precision P`
 writes (grayscale stays grayscale, alpha is kept). Jobs run one at a time, in the
 order sent; each network is loaded when first asked for, and kept. An image of more than
 --max_pixels is refused. The server listens on this machine only unless --host says otherwise;

@@ -48,7 +48,7 @@ from precision import PRECISIONS, choose_precision
 from upscale import DEFAULT_TILE, describe_tiling, upscale_image
 from utils import UserError, make_parser, non_negative_int, plural, run_cli, select_device, warn
 from video import (DEFAULT_CRF, VIDEO_EXTENSIONS, Interrupted, check_encodable, frame_span, is_video, output_path,
-                   probe, upscale_video)
+                   probe, rehearse, upscale_video)
 
 
 def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
@@ -165,6 +165,7 @@ def main_video(args, src: Path) -> None:
         return print(f"{src}: its output {dst} exists already; nothing to do")
     check_output_files([dst], overwrite=args.overwrite, inputs=file_ids([src]))
     check_encodable(info, model.scale, src)
+    rehearse(src, dst, info, scale=model.scale, crf=args.crf, copy=args.frames is None)
     precision, _ = choose_precision(args.precision, device)
     print(describe_network(model, weights, path, args))
     try:

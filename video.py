@@ -7,6 +7,7 @@ audio and subtitle packets are copied as they are, not re-encoded. The output co
 input's where it carries H.264 (.mp4 .m4v .mov .mkv), else Matroska (.mkv: it carries what
 .webm, .avi and the others hold). Needs PyAV (requirements-optional.txt).
 """
+import io
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +22,7 @@ from utils import UserError, first_line, plural, warn
 
 try:
     import av
+    import av.logging
 except ImportError:  # optional: only videos need it
     av = None
 
@@ -171,8 +173,11 @@ class Progress:
     end: float | None = None  # seconds from frame 0 to the end of the last frame decoded
 
     def where(self) -> str:
-        """'37 of 120': the frame being worked on, 1-based, of those asked for."""
-        return f"{self.written + 1}" + (f" of {self.total}" if self.total else "")
+        """'frame 37 of 120': the frame being worked on, 1-based, of those asked for; or, once
+        all were written, 'the end of the file' (the muxer's trailer)."""
+        if self.total and self.written >= self.total:
+            return "the end of the file"
+        return f"frame {self.written + 1}" + (f" of {self.total}" if self.total else "")
 
 
 def upscale_video(model, src: Path, dst: Path, info: VideoInfo, *, crf: int = DEFAULT_CRF,
@@ -198,9 +203,9 @@ def upscale_video(model, src: Path, dst: Path, info: VideoInfo, *, crf: int = DE
                           copy=frames is None, options=options, progress=progress, bar=bar)
                 check_complete(src, info, span, progress)
         except KeyboardInterrupt:
-            raise Interrupted(f"stopped by Ctrl-C at frame {progress.where()}; nothing was written") from None
+            raise Interrupted(f"stopped by Ctrl-C at {progress.where()}; nothing was written") from None
         except av.FFmpegError as e:
-            raise UserError(f"{src}: failed at frame {progress.where()} ({ffmpeg_message(e)}); "
+            raise UserError(f"{src}: failed at {progress.where()} ({ffmpeg_message(e)}); "
                             f"nothing was written") from None
     return progress.written
 
@@ -269,7 +274,31 @@ def add_video_stream(out, video, info: VideoInfo, scale: int, crf: int):
     return stream
 
 
-def copy_streams(inp, out, video) -> dict:
+def rehearse(src: Path, dst: Path, info: VideoInfo, scale: int, crf: int, copy: bool) -> None:
+    """Write the output's start into memory, a blank frame for each of the first two: a stream the
+    container refuses (PCM audio in .mp4: at its end, in FFmpeg) fails now, not after every frame."""
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)  # FFmpeg says why only in its log
+    try:
+        with av.logging.Capture() as logs, av.open(str(src)) as inp, \
+                av.open(io.BytesIO(), "w", format=OUTPUT_FORMATS[dst.suffix.lower()]) as out:
+            video = inp.streams.video[0]
+            encoder = add_video_stream(out, video, info, scale, crf)
+            copies = copy_streams(inp, out, video, say=False) if copy else {}
+            for index, frame in zip(range(2), decoded_frames(inp, out, video, copies)):
+                blank = av.VideoFrame(info.width * scale, info.height * scale, "yuv420p")
+                blank.pts, blank.time_base = index if frame.pts is None else frame.pts, video.time_base
+                out.mux(encoder.encode(blank))
+            out.mux(encoder.encode(None))
+    except av.FFmpegError as e:
+        said = [text for level, _, text in logs if level <= av.logging.ERROR]
+        raise UserError(f"{src}: {dst.suffix} can't hold its streams ({(said[-1] if said else ffmpeg_message(e)).strip()}): "
+                        f"-o NAME.mkv holds most; nothing was written") from None
+    finally:
+        av.logging.set_level(level)
+
+
+def copy_streams(inp, out, video, say: bool = True) -> dict:
     """Output streams for the input's audio and subtitles (input stream index -> output stream),
     their packets copied as they are; the streams the output can't hold, and others (data, a
     second video, cover art), are left out with a warning."""
@@ -279,7 +308,7 @@ def copy_streams(inp, out, video) -> dict:
             copies[s.index] = out.add_stream_from_template(s)
         elif s.index != video.index:
             left_out.append(f"#{s.index} {s.type} ({s.codec_context.name if s.codec_context else '?'})")
-    if left_out:
+    if left_out and say:
         warn(f"{plural(len(left_out), 'stream')} left out, not copied: {', '.join(left_out)}")
     return copies
 

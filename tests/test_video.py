@@ -223,3 +223,28 @@ def test_infer_upscales_a_video_from_the_command_line(tiny_checkpoint, tmp_path)
     assert len(decoded(tmp_path / "clip_x4.mkv")) == 6 and audio_packets(tmp_path / "clip_x4.mkv")
     result = run_script("infer.py", tmp_path / "clip.mkv", "--crf", "52", check=False)
     assert result.returncode == 2 and "must be 0 to 51" in result.stderr
+
+
+def test_audio_the_output_container_cannot_hold_is_refused_before_any_frame(tiny_checkpoint, tmp_path, monkeypatch):
+    src = tmp_path / "pcm.mkv"  # PCM stereo, as camcorders and screen recorders write: .mp4 refuses it at its end
+    with av.open(str(src), "w") as c:
+        v = c.add_stream("libx264", rate=FPS)
+        v.width, v.height, v.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        a = c.add_stream("pcm_s16le", rate=48000, layout="stereo")
+        for i, img in enumerate(moving_frames(4)):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            c.mux(v.encode(frame))
+        c.mux(v.encode(None))
+        audio = av.AudioFrame.from_ndarray(np.zeros((1, 2 * 1024), np.int16), format="s16", layout="stereo")
+        audio.sample_rate, audio.pts = 48000, 0
+        c.mux(a.encode(audio))
+        c.mux(a.encode(None))
+    monkeypatch.setattr(video, "upscale", lambda *a, **k: pytest.fail("a frame was upscaled"))
+    code, _, err = infer_video(src, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out.mp4")
+    assert_one_line_error(code, err, f"{src}: .mp4 can't hold its streams (unsupported channel layout",
+                          "-o NAME.mkv holds most")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pcm.mkv", "tiny.pt"]
+    monkeypatch.undo()
+    assert infer_video(src, "--checkpoint", tiny_checkpoint)[0] == 0  # the default, pcm_x4.mkv, holds it
+    assert audio_packets(tmp_path / "pcm_x4.mkv") == audio_packets(src)
