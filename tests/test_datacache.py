@@ -216,12 +216,12 @@ def test_a_full_disk_while_building_is_one_line_and_leaves_no_cache(photos, tmp_
 def test_the_default_cache_is_in_the_per_user_cache_folder(photos, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     code, out, err = run_main(train, "--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
-                              "--num_epochs", "1", *TINY_RUN)
+                              "--run_name", "default", "--num_epochs", "1", *TINY_RUN)
     assert code == 0, err
     folder = tmp_path / "xdg" / "resshuffle" / "data"
     assert f"data cache: built {folder / cache_files(folder)[0]}" in out
     code, out, err = run_main(train, "--train_dir", photos, "--val_dir", tmp_path / "val", "--checkpoint_dir", tmp_path / "runs",
-                              "--num_epochs", "1", "--data_cache", "none", *TINY_RUN)
+                              "--run_name", "none", "--num_epochs", "1", "--data_cache", "none", *TINY_RUN)
     assert code == 0 and "data cache" not in out, err
 
 
