@@ -164,8 +164,8 @@ def made_from(paths: list[Path], *, hr_dir: Path, scale: int, degradation: str) 
     code.append(source_of(resize.DEGRADATIONS[degradation]).encode())  # a degradation added elsewhere
     files = []
     for p in paths:
-        stat = p.stat()
-        files.append([p.relative_to(hr_dir).as_posix(), stat.st_size, stat.st_mtime_ns])
+        info = p.stat()
+        files.append([p.relative_to(hr_dir).as_posix(), info.st_size, info.st_mtime_ns])
     return {"format": FORMAT, "scale": scale, "degradation": degradation, "pillow": PIL.__version__,
             "numpy": np.__version__, "code": hashlib.sha256(b"\0".join(code)).hexdigest(), "files": files}
 
@@ -241,7 +241,25 @@ def read_header(path: Path, source: dict, say: bool) -> dict | None:
     or torn or made from other files (said when `say`: it is then built again). Anything else
     under the name (a link, a folder, a file of another kind) is refused: it is not ours to replace."""
     try:
-        check_regular_file(path)
+        header = whole_header(path)
+    except FileNotFoundError:
+        return None
+    if header is None:
+        if say:
+            warn(f"{path}: torn (cut short or damaged), not used: building it again")
+        return None
+    if header["made_from"] != source:
+        if say:
+            warn(f"{path}: made from other files than these, not used: building it again")
+        return None
+    return header
+
+
+def whole_header(path: Path) -> dict | None:
+    """The header of the cache file `path` where it is whole (its SHA-256 and its shape check),
+    None where it is torn; UserError where the file is not a cache."""
+    check_regular_file(path)
+    try:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + PREFIX.size)
             if head[:len(MAGIC)] != MAGIC and not MAGIC.startswith(head):
@@ -251,19 +269,11 @@ def read_header(path: Path, source: dict, say: bool) -> dict | None:
             f.seek(offset)
             text = f.read(length) if offset + length == os.fstat(f.fileno()).st_size else b""
         header = json.loads(text) if hashlib.sha256(text).digest() == digest else None
-    except FileNotFoundError:
-        return None
+    except FileNotFoundError:  # missing is not torn: the caller builds it without a warning
+        raise
     except (OSError, ValueError, struct.error):  # unreadable, cut inside the prefix, JSON of another kind
-        header = None
-    if header is None or not whole(header, data_end=offset):
-        if say:
-            warn(f"{path}: torn (cut short or damaged), not used: building it again")
         return None
-    if header["made_from"] != source:
-        if say:
-            warn(f"{path}: made from other files than these, not used: building it again")
-        return None
-    return header
+    return header if header is not None and whole(header, data_end=offset) else None
 
 
 def check_regular_file(path: Path) -> None:
@@ -350,16 +360,12 @@ def remove_older(path: Path, hr_dir: Path) -> list[Path]:
     removed = []
     for other in siblings(path):
         try:
-            with open(other, "rb") as f:
-                head = f.read(len(MAGIC) + PREFIX.size)
-                offset, length, _ = PREFIX.unpack(head[len(MAGIC):]) if head[:len(MAGIC)] == MAGIC else (0, 0, 0)
-                f.seek(offset)
-                ours = length and json.loads(f.read(length)).get("source") == str(hr_dir.resolve())
-            if ours:
+            header = whole_header(other)
+            if header is not None and header.get("source") == str(hr_dir.resolve()):
                 other.unlink()
                 lock_path(other).unlink(missing_ok=True)
                 removed.append(other)
-        except (OSError, ValueError, struct.error, AttributeError):
+        except (OSError, UserError, AttributeError):  # not ours, or gone meanwhile: left as it is
             continue
     return removed
 
