@@ -28,9 +28,10 @@ badly), beside it or where -o says, under the same rules. Each frame is upscaled
 is, one at a time, and encoded as H.264 (yuv420p, --crf); the frame times, rate, rotation and
 colour tags are kept, and audio and subtitles are copied as they are (PyAV: requirements-optional.txt).
 --frames START:STOP upscales only those frames (indices from 0, STOP not included), to try a
-few first; the output then has no audio or subtitles. Ctrl-C, an error, or a file shorter than
-its container states (truncated) leaves no output. H.264 in 4:2:0 needs an even width and
-height: x3 of an odd size is refused.
+few first; the output then has no audio or subtitles. Ctrl-C, SIGTERM, an error, or a file
+shorter than its container states (truncated: MP4, MOV, Matroska; an MPEG-TS file states no
+length) leaves no output. H.264 in 4:2:0 needs an even width and height: x3 of an odd size is
+refused.
 """
 import argparse
 import os
@@ -171,9 +172,9 @@ def main_video(args, src: Path) -> None:
     try:
         written = upscale_video(model, src, dst, info, crf=args.crf, frames=args.frames, tile=args.tile,
                                 tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, precision=precision)
-    except Interrupted as e:  # Ctrl-C's exit status, with the frame it stopped at
+    except Interrupted as e:  # Ctrl-C's or SIGTERM's exit status, with the frame it stopped at
         print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + e.signum)
     exact = "" if precision == "fp32" else f", {precision}"
     cut = "; --frames: audio and subtitles left out" if args.frames else ""
     print(f"{src} ({info.width}x{info.height}, {plural(written, 'frame')}) -> {dst} ({info.width * model.scale}x"

@@ -7,7 +7,10 @@ audio and subtitle packets are copied as they are, not re-encoded. The output co
 input's where it carries H.264 (.mp4 .m4v .mov .mkv), else Matroska (.mkv: it carries what
 .webm, .avi and the others hold). Needs PyAV (requirements-optional.txt).
 """
+import contextlib
 import io
+import signal
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -43,7 +46,34 @@ MPEG_RANGE, JPEG_RANGE = 1, 2  # AVColorRange: limited (16-235) and full (0-255)
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a video; the message says at which frame, and that nothing was written."""
+    """Ctrl-C or SIGTERM during a video; the message says at which frame, and that nothing was
+    written; `signum` gives the exit status (128 + signum)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the work is, so that it unwinds as Ctrl-C does (the temporary file removed)."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """SIGTERM (`kill`, a job scheduler) raises Terminated while a video is written: by default
+    it ends the process where it stands, leaving the temporary file behind. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class VideoInfo(NamedTuple):
@@ -189,21 +219,23 @@ def upscale_video(model, src: Path, dst: Path, info: VideoInfo, *, crf: int = DE
         info: `probe(src)`.
         frames: (start, stop) frame indices (stop None: to the end); None: all. With a span,
             audio and subtitles are left out (cutting them to the frames is not done).
-    Raises Interrupted on Ctrl-C and UserError on a failure, both saying where it stopped.
+    Raises Interrupted on Ctrl-C or SIGTERM and UserError on a failure, each saying where it stopped.
     """
     span = frames or (0, None)
     total = info.estimated_frames()
     progress = Progress(None if total is None else max(0, min(total, span[1] or total) - span[0]))
     options = dict(tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
     # A bar on a terminal only (as for folders of images): frames/s and the time left.
-    with tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
+    with sigterm_unwinds(), tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
         try:
             with folder_for(dst), atomic_path(dst) as tmp:
                 transcode(model, src, tmp, OUTPUT_FORMATS[dst.suffix.lower()], info, crf=crf, span=span,
                           copy=frames is None, options=options, progress=progress, bar=bar)
                 check_complete(src, info, span, progress)
-        except KeyboardInterrupt:
-            raise Interrupted(f"stopped by Ctrl-C at {progress.where()}; nothing was written") from None
+        except KeyboardInterrupt as e:
+            signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+            raise Interrupted(f"stopped by {'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'} at "
+                              f"{progress.where()}; nothing was written", signum=signum) from None
         except av.FFmpegError as e:
             raise UserError(f"{src}: failed at {progress.where()} ({ffmpeg_message(e)}); "
                             f"nothing was written") from None

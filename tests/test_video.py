@@ -1,6 +1,7 @@
 """infer.py on videos (video.py): frames, times, rotation and audio kept; slices; Ctrl-C and bad
 files leave nothing and say so in one line. The clips are made here with PyAV."""
 import os
+import signal
 from fractions import Fraction
 
 import numpy as np
@@ -142,20 +143,24 @@ def test_frames_slice_starts_at_zero_without_audio(clip, tiny_checkpoint, tmp_pa
     assert matches_the_image_path(decoded(tmp_path / "cut.mkv")[0], decoded(clip)[5], model)
 
 
-def test_ctrl_c_mid_video_leaves_nothing_and_says_where(clip, tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_mid_video_leaves_nothing_and_says_where(clip, tiny_checkpoint, tmp_path, monkeypatch,
+                                                                   signum, name):
     calls = []
 
     def interrupted_at_frame_7(*args, **kwargs):
         calls.append(1)
         if len(calls) == 7:
-            raise KeyboardInterrupt
+            signal.raise_signal(signum)  # as a terminal's Ctrl-C, or `kill`, would send it
         return upscale(*args, **kwargs)
 
     monkeypatch.setattr(video, "upscale", interrupted_at_frame_7)
     before = sorted(os.listdir(tmp_path))
     code, _, err = infer_video(clip, "--checkpoint", tiny_checkpoint)
-    assert code == 130 and terminal_lines(err) == ["infer.py: stopped by Ctrl-C at frame 7 of 24; nothing was written"]
+    assert code == 128 + signum
+    assert terminal_lines(err) == [f"infer.py: stopped by {name} at frame 7 of 24; nothing was written"]
     assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary file
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
 
 
 def test_bad_videos_are_one_line_errors_and_write_nothing(tiny_checkpoint, tmp_path):
