@@ -19,7 +19,6 @@ import json
 import os
 import queue
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -33,7 +32,8 @@ from images import image_metadata, image_size, open_image, save_image, to_rgb8
 from model import DEFAULT_ARCH
 from precision import choose_precision
 from upscale import DEFAULT_TILE, upscale_image
-from utils import REPO, UserError, first_line, is_out_of_memory, make_parser, positive_int, run_cli, select_device
+from utils import (REPO, UserError, first_line, is_out_of_memory, make_parser, positive_int, run_cli, select_device,
+                   sigterm_raises)
 
 PAGE = REPO / "app.html"
 PRECISION_CHOICES = ("auto", "fp32", "bf16")  # fp16: emulated, slowly, on CPUs, and not what auto picks on new GPUs
@@ -307,7 +307,7 @@ def main(args):
     log(f"serving {app.url} (networks: {', '.join(app.networks)}; files in {app.folder}, removed on exit; "
         f"Ctrl-C stops it)")
     try:
-        with stop_on_sigterm():
+        with sigterm_raises(KeyboardInterrupt):  # the server stops as on Ctrl-C, its folder with it
             app.server.serve_forever()
     except KeyboardInterrupt:
         log("stopped")
@@ -316,23 +316,6 @@ def main(args):
     if app.worker.is_alive():  # mid-job: torch's threads would abort Python's exit under it; the folder is gone
         sys.stderr.flush()
         os._exit(0)
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """SIGTERM (`kill`, a service manager) stops the server as Ctrl-C does, so its folder goes with it."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def port_number(text: str) -> int:

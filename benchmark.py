@@ -37,7 +37,6 @@ this device, bf16 where that is fp32).
    --data_cache none, each in a memory cgroup (v1 or v2, as root) limited to train.py's own
    peak plus half the set: the first should finish, the second be killed.
 """
-import contextlib
 import importlib.util
 import json
 import os
@@ -68,7 +67,7 @@ from training import train_step
 from onnx_export import export_onnx, onnx_session
 from upscale import tensor_to_image, tiling, upscale
 import video
-from utils import UserError, make_parser, plural, positive_int, run_cli, select_device
+from utils import UserError, make_parser, plural, positive_int, run_cli, select_device, sigterm_raises
 
 BATCH, LR_PATCH, SCALE = 16, 48, 4
 TWO_K = (2040, 1356)  # width, height of the synthetic images
@@ -770,7 +769,7 @@ def last_line(text: str) -> str:
 
 
 def main(args):
-    with sigterm_unwinds():
+    with sigterm_raises(stopped_by_sigterm):
         device = select_device(args.device)
         if args.check:
             return check(device)
@@ -823,20 +822,11 @@ def row(what: str, ours: str, plain: str = "", ratio: str = "") -> None:
     print(f"{what:<46} {ours:>12} {plain:>12} {ratio:>8}", flush=True)
 
 
-@contextlib.contextmanager
-def sigterm_unwinds():
-    """SIGTERM (`kill`, a job scheduler) unwinds the stack as Ctrl-C does, so the temporary folders
-    are removed and the child processes (infer.py, evaluate.py, train.py) killed on the way out;
-    by default it ends the process where it stands, leaving them behind. Exit status 143."""
-    def stop(signum, frame):
-        print(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; removing its temporary files", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def stopped_by_sigterm() -> SystemExit:
+    """SIGTERM unwinds the stack (sigterm_raises), so the temporary folders are removed and the
+    child processes (infer.py, evaluate.py, train.py) killed on the way out. Exit status 143."""
+    print(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; removing its temporary files", file=sys.stderr, flush=True)
+    return SystemExit(128 + signal.SIGTERM)
 
 
 # ---------------------------------------------------------------- --check: a new machine, a GPU

@@ -1,10 +1,13 @@
 """What every script shares: one-line errors, the repository's folder, flag types and help, device and seed."""
 import argparse
+import contextlib
 import errno
 import math
 import os
 import random
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +160,23 @@ def make_parser(doc: str) -> argparse.ArgumentParser:
         usage, _, body = rest.partition("\n\n")
     return argparse.ArgumentParser(usage=usage.removeprefix("usage:").strip() or None,
                                    description=f"{summary}\n\n{body}".strip(), formatter_class=HelpFormatter)
+
+
+@contextlib.contextmanager
+def sigterm_raises(exception):
+    """While inside, SIGTERM (`kill`, a job scheduler) raises `exception()` where the main thread
+    is, so the stack unwinds as on Ctrl-C and temporary files and folders go with it; by default
+    SIGTERM ends the process where it stands, leaving them behind. Signals reach the main thread
+    only: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise exception()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

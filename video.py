@@ -7,10 +7,8 @@ audio and subtitle packets are copied as they are, not re-encoded. The output co
 input's where it carries H.264 (.mp4 .m4v .mov .mkv), else Matroska (.mkv: it carries what
 .webm, .avi and the others hold). Needs PyAV (requirements-optional.txt).
 """
-import contextlib
 import io
 import signal
-import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -21,7 +19,7 @@ from tqdm import tqdm
 
 from files import atomic_path, folder_for
 from upscale import DEFAULT_TILE, upscale
-from utils import UserError, first_line, plural, warn
+from utils import UserError, first_line, plural, sigterm_raises, warn
 
 try:
     import av
@@ -56,24 +54,6 @@ class Interrupted(KeyboardInterrupt):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the work is, so that it unwinds as Ctrl-C does (the temporary file removed)."""
-
-
-@contextlib.contextmanager
-def sigterm_unwinds():
-    """SIGTERM (`kill`, a job scheduler) raises Terminated while a video is written: by default
-    it ends the process where it stands, leaving the temporary file behind. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class VideoInfo(NamedTuple):
@@ -226,7 +206,7 @@ def upscale_video(model, src: Path, dst: Path, info: VideoInfo, *, crf: int = DE
     progress = Progress(None if total is None else max(0, min(total, span[1] or total) - span[0]))
     options = dict(tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
     # A bar on a terminal only (as for folders of images): frames/s and the time left.
-    with sigterm_unwinds(), tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
+    with sigterm_raises(Terminated), tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
         try:
             with folder_for(dst), atomic_path(dst) as tmp:
                 transcode(model, src, tmp, OUTPUT_FORMATS[dst.suffix.lower()], info, crf=crf, span=span,
