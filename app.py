@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from checkpoint import SHIPPED, load_chosen, shipped_names
-from images import image_metadata, image_size, open_image, save_image, to_rgb8
+from machinery.checkpoint import SHIPPED, load_chosen, shipped_names
+from machinery.images import image_metadata, image_size, open_image, save_image, to_rgb8
 from model import DEFAULT_ARCH
-from precision import choose_precision
-from upscale import DEFAULT_TILE, upscale_image
+from machinery.precision import choose_precision
+from machinery.upscale import DEFAULT_TILE, upscale_image
 from utils import (REPO, UserError, first_line, is_out_of_memory, make_parser, positive_int, run_cli, select_device,
                    sigterm_raises)
 

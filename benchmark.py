@@ -56,17 +56,17 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import EpochSampler, PatchLoader, TrainDataset, device_batch
-from images import list_images, load_rgb
+from machinery.images import list_images, load_rgb
 from losses import WeightedLoss, loss_spec
 from model import NETWORKS, build_network
 from resize import downsample
 import metrics
-from checkpoint import load_checkpoint, load_chosen, save_checkpoint
-from precision import PRECISIONS, autocast, choose_precision, cpu_bf16_instructions, grad_scaler
+from machinery.checkpoint import load_checkpoint, load_chosen, save_checkpoint
+from machinery.precision import PRECISIONS, autocast, choose_precision, cpu_bf16_instructions, grad_scaler
 from training import train_step
-from onnx_export import export_onnx, onnx_session
-from upscale import tensor_to_image, tiling, upscale
-import video
+from machinery.onnx_export import export_onnx, onnx_session
+from machinery.upscale import tensor_to_image, tiling, upscale
+from machinery import video
 from utils import UserError, make_parser, plural, positive_int, run_cli, select_device, sigterm_raises
 
 BATCH, LR_PATCH, SCALE = 16, 48, 4

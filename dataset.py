@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datacache import decoded_pairs, mapped_pairs
-from images import image_size, list_images, load_rgb
+from machinery.datacache import decoded_pairs, mapped_pairs
+from machinery.images import image_size, list_images, load_rgb
 from metrics import check_measurable
 from resize import downsample, modcrop
 from utils import UserError, plural, warn

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from images import list_images
-from files import made_folder, make_dir
+from machinery.images import list_images
+from machinery.files import made_folder, make_dir
 from utils import REPO, UserError, make_parser, run_cli
 
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"

@@ -28,15 +28,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from checkpoint import load_chosen, shipped_names
+from machinery.checkpoint import load_chosen, shipped_names
 from dataset import check_measurable_images, eval_pairs
-from files import atomic_path, check_distinct, check_outside, check_output_file, check_output_files, file_ids, folder_for, output_stems
-from images import list_images, save_image
+from machinery.files import atomic_path, check_distinct, check_outside, check_output_file, check_output_files, file_ids, folder_for, output_stems
+from machinery.images import list_images, save_image
 from metrics import METRICS, mean, means, measure, metric_labels
 from model import NETWORKS, UPSAMPLE_STAGES, count_parameters
 from resize import DEGRADATIONS, degradation_label, resize_bicubic
-from precision import PRECISIONS, choose_precision
-from upscale import DEFAULT_TILE, describe_tiling, upscale
+from machinery.precision import PRECISIONS, choose_precision
+from machinery.upscale import DEFAULT_TILE, describe_tiling, upscale
 from utils import REPO, UserError, make_parser, non_negative_int, plural, positive_int, run_cli, select_device, warn
 
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")

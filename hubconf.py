@@ -21,13 +21,15 @@ dependencies = ["torch", "safetensors"]
 
 HERE = Path(__file__).resolve().parent
 # One private prefix per clone: two clones loaded in one process keep their own code.
+PACKAGE = "machinery"  # the package folder beside the top-level modules
 PRIVATE = f"_resshuffle_hub_{hashlib.sha256(str(HERE).encode()).hexdigest()[:12]}"
 
 
 def _repo(name: str):
     """This repository's module `name`, imported with everything it imports of the repository,
     without leaving a plain name in sys.modules that the caller did not put there."""
-    names = [p.stem for p in HERE.glob("*.py") if p.stem != "hubconf"]
+    names = [p.stem for p in HERE.glob("*.py") if p.stem != "hubconf"] + [PACKAGE]
+    names += [f"{PACKAGE}.{p.stem}" for p in (HERE / PACKAGE).glob("*.py") if p.stem != "__init__"]
     callers = {n: sys.modules.pop(n) for n in names if n in sys.modules and not _ours(sys.modules[n])}
     already = {n for n in names if n in sys.modules}  # this repository's, imported by the caller
     for n in names:  # what an earlier load imported privately is imported once
@@ -46,7 +48,7 @@ def _repo(name: str):
 
 def _ours(module) -> bool:
     path = getattr(module, "__file__", None)
-    return path is not None and Path(path).resolve().parent == HERE
+    return path is not None and Path(path).resolve().parent in (HERE, HERE / PACKAGE)
 
 
 def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, **model_args):
@@ -55,7 +57,7 @@ def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, *
     otherwise a new network, `model_args` as its class takes them."""
     if not isinstance(scale, int) or isinstance(scale, bool):
         raise ValueError(f"scale must be an int (2, 3, 4 or 8), got {type(scale).__name__} {scale!r}")
-    model, checkpoint = _repo("model"), _repo("checkpoint")
+    model, checkpoint = _repo("model"), _repo(f"{PACKAGE}.checkpoint")
     if not pretrained:
         return model.build_network({"arch": arch, "scale": scale, **model_args})
     if scale not in checkpoint.SHIPPED.get(arch, ()):
@@ -71,7 +73,7 @@ def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, *
 def from_checkpoint(path: str, raw_weights: bool = False):
     """The network any checkpoint (.pt or .safetensors, a run's or an export) describes, with its
     weights (the EMA ones where it has them, unless `raw_weights`), in eval mode, on the CPU."""
-    net, _ = _repo("checkpoint").load_model(path, _cpu(), raw_weights=raw_weights)
+    net, _ = _repo(f"{PACKAGE}.checkpoint").load_model(path, _cpu(), raw_weights=raw_weights)
     return net
 
 

@@ -40,15 +40,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from checkpoint import load_chosen, shipped_names
-from files import (check_distinct, check_outputs_outside_inputs, check_outside, check_output_files, file_ids, folder_for,
+from machinery.checkpoint import load_chosen, shipped_names
+from machinery.files import (check_distinct, check_outputs_outside_inputs, check_outside, check_output_files, file_ids, folder_for,
                    output_stems)
-from images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, write_format
+from machinery.images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, write_format
 from model import NETWORKS, UPSAMPLE_STAGES
-from precision import PRECISIONS, choose_precision
-from upscale import DEFAULT_TILE, describe_tiling, upscale_image
+from machinery.precision import PRECISIONS, choose_precision
+from machinery.upscale import DEFAULT_TILE, describe_tiling, upscale_image
 from utils import UserError, make_parser, non_negative_int, plural, run_cli, select_device, warn
-from video import (DEFAULT_CRF, VIDEO_EXTENSIONS, Interrupted, check_encodable, frame_span, is_video, output_path,
+from machinery.video import (DEFAULT_CRF, VIDEO_EXTENSIONS, Interrupted, check_encodable, frame_span, is_video, output_path,
                    probe, rehearse, upscale_video)
 
 

@@ -36,8 +36,8 @@ import PIL
 from PIL import Image, ImageCms, ImageOps
 from tqdm import tqdm
 
-from files import atomic_path, check_output_dir, made_folder, make_dir
-from images import readable
+from machinery.files import atomic_path, check_output_dir, made_folder, make_dir
+from machinery.images import readable
 from utils import REPO, UserError, make_parser, plural, run_cli, warn
 
 CATALOG = REPO / "photos.tsv"

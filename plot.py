@@ -7,9 +7,9 @@ e.g. the shipped checkpoint's: python plot.py checkpoints/resshuffle_x4.log.csv 
 """
 from pathlib import Path
 
-from curves import write_curves
-from files import check_output_file, folder_for
-from runs import read_log
+from machinery.curves import write_curves
+from machinery.files import check_output_file, folder_for
+from machinery.runs import read_log
 from utils import UserError, make_parser, run_cli
 
 

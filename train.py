@@ -34,21 +34,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import distributed
-from checkpoint import export_weights, load_checkpoint, save_checkpoint
-from curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
-from datacache import default_cache_dir
+from machinery import distributed
+from machinery.checkpoint import export_weights, load_checkpoint, save_checkpoint
+from machinery.curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
+from machinery.datacache import default_cache_dir
 from dataset import (EpochSampler, PatchLoader, TrainDataset, check_measurable_images, count_patchable, device_batch,
                      eval_pairs)
-from images import list_images
+from machinery.images import list_images
 from losses import LOSSES, WeightedLoss, loss_spec
 from metrics import METRICS, format_scores, means, measure, measure_on_device, metric_labels
 from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, build_network, count_parameters, network_options
-from precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
+from machinery.precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
 from resize import DEGRADATIONS, resize_bicubic
-from runs import append_log, check_run_folder, open_run_folder, training_summary
-from training import StopSignal, ema_decay_at, train_step, update_ema
-from upscale import exact_cuda, upscale
+from machinery.runs import StopSignal, append_log, check_run_folder, open_run_folder, training_summary
+from training import ema_decay_at, train_step, update_ema
+from machinery.upscale import exact_cuda, upscale
 from utils import (REPO, UserError, make_parser, non_negative_int, plural, positive_float, positive_int, run_cli,
                    seed_everything, seed_int, warn)
 

@@ -1,16 +1,12 @@
-"""One training step, and what train.py's loop keeps between steps: the EMA of the weights, stop signals.
+"""One training step, and what train.py's loop keeps between steps: the EMA of the weights.
 
 The step is here (`train_step`; its loss is losses.py's). train.py strings these into epochs; benchmark.py times
 `train_step` exactly as train.py runs it.
 """
-import signal
-import sys
-from pathlib import Path
-
 import torch
 
 from losses import WeightedLoss
-from precision import autocast
+from machinery.precision import autocast
 
 L1 = WeightedLoss("l1")
 
@@ -48,38 +44,3 @@ def ema_decay_at(decay: float, t: int) -> float:
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """Move each of `ema`'s parameters (1 - decay) of the way to `model`'s, in place."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to save last.pt and stop after this step.
-
-    A second signal stops at once, without saving (last.pt then holds the previous save).
-    """
-
-    def __init__(self, quiet: bool = False):
-        self.signum, self.previous, self.quiet = None, {}, quiet
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self.previous[s] = signal.signal(s, self.handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if not self.quiet:
-            print(f"\n{signal.Signals(signum).name}: saving and stopping after this step "
-                  f"(send it again to quit at once, without saving)", file=sys.stderr, flush=True)
-
-    def exit(self, where: str, path: Path, world_size: int = 1) -> None:
-        signum = self.signum or signal.SIGTERM  # under torchrun, another process may have had it
-        launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
-        if not self.quiet:
-            print(f"stopped by {signal.Signals(signum).name} {where}; saved {path}\n"
-                  f"resume with: {launcher} {sys.argv[0]} --resume {path}", flush=True)
-        sys.exit(128 + signum)

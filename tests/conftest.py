@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoint import save_checkpoint  # noqa: E402
+from machinery.checkpoint import save_checkpoint  # noqa: E402
 from model import ResShuffle  # noqa: E402
 from utils import run_cli  # noqa: E402
 

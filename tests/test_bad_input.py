@@ -10,10 +10,10 @@ from PIL import Image
 
 import evaluate
 import infer
-import upscale as upscale_module
-from checkpoint import load_model, save_checkpoint
+from machinery import upscale as upscale_module
+from machinery.checkpoint import load_model, save_checkpoint
 from conftest import TINY, ResShuffle, assert_one_line_error, run_main, run_script, smooth_image
-from upscale import upscale
+from machinery.upscale import upscale
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import datacache
-import images
+from machinery import datacache
+from machinery import images
 import train
 from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
 from dataset import EpochSampler, PatchLoader, TrainDataset

@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-import images
+from machinery import images
 from dataset import EpochSampler, PatchLoader, TrainDataset, augment, eval_pairs
-from images import list_images, load_rgb
+from machinery.images import list_images, load_rgb
 from utils import UserError
 
 

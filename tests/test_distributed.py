@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint
 from conftest import TINY_RUN, read_log, run_script
 from dataset import EpochSampler
 

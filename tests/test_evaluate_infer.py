@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-import upscale as upscale_module
-from checkpoint import load_model, save_checkpoint
+from machinery import upscale as upscale_module
+from machinery.checkpoint import load_model, save_checkpoint
 from conftest import TINY, ResShuffle, run_script, smooth_image
-from upscale import upscale
+from machinery.upscale import upscale
 from utils import UserError
 
 

@@ -15,7 +15,7 @@ import losses
 import metrics
 import model
 import train
-from checkpoint import load_checkpoint, load_model
+from machinery.checkpoint import load_checkpoint, load_model
 from conftest import ROOT, make_images, read_log, run_main
 
 pytestmark = pytest.mark.slow  # a training run, an ONNX export and a torch.hub load
@@ -104,7 +104,7 @@ def test_a_registered_network_loss_and_metric_go_through_every_script(registered
     exported, info = load_model(tmp_path / "toy.safetensors", torch.device("cpu"))
     assert info["arch"] == "twoconv" and info["training"]["epochs"] == 2
     assert torch.equal(exported(x), net(x))
-    from onnx_export import onnx_session
+    from machinery.onnx_export import onnx_session
     session, name = onnx_session(tmp_path / "toy.onnx")
     assert np.abs(session.run(None, {name: x.numpy()})[0] - net(x).detach().numpy()).max() < 1e-4
 

@@ -7,13 +7,13 @@ import pytest
 import safetensors.torch
 import torch
 
-import checkpoint as checkpoint_module
+from machinery import checkpoint as checkpoint_module
 import infer
 import train
-from onnx_export import onnx_session
-from checkpoint import SHIPPED_CHECKPOINT, SHIPPED_SCALES, load_checkpoint, load_model
+from machinery.onnx_export import onnx_session
+from machinery.checkpoint import SHIPPED_CHECKPOINT, SHIPPED_SCALES, load_checkpoint, load_model
 from conftest import ROOT, TINY_RUN, ResShuffle, assert_one_line_error, run_main, smooth_image
-from upscale import upscale
+from machinery.upscale import upscale
 from utils import UserError
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms, ImageFile
 
-import images
+from machinery import images
 from conftest import smooth_image
 from utils import UserError
 

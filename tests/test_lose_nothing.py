@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import train
-from checkpoint import load_checkpoint, save_checkpoint
+from machinery.checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, TINY_RUN, assert_one_line_error, make_images, read_log, run_main, smooth_image
-from files import lock_folder
+from machinery.files import lock_folder
 
 
 def train_args(image_dir, runs, name="r", *extra):

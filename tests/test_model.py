@@ -103,7 +103,7 @@ def test_fast_tail_off_is_the_network_as_written():
 
 def test_inference_builds_the_rearranged_tail_once_until_the_weights_change(monkeypatch):
     import model as model_module
-    from upscale import upscale
+    from machinery.upscale import upscale
     built = []
     real = model_module.subpixel_conv_weight
     monkeypatch.setattr(model_module, "subpixel_conv_weight", lambda w, r: built.append(1) or real(w, r))

@@ -16,11 +16,11 @@ import download
 import evaluate
 import infer
 import train
-from checkpoint import load_model
-import files
-from files import temporary_prefix
+from machinery.checkpoint import load_model
+from machinery import files
+from machinery.files import temporary_prefix
 from conftest import ROOT, assert_one_line_error, make_images, run_main, run_script, smooth_image
-from upscale import upscale
+from machinery.upscale import upscale
 
 
 def photo(path, size=(30, 20), **save):

@@ -14,14 +14,14 @@ import dataset
 import evaluate
 import infer
 import model as model_module
-import precision
+from machinery import precision
 import train
 from conftest import (TINY, TINY_RUN, ResShuffle, assert_one_line_error, make_images, read_log, run_main,
                       smooth_image)
-from checkpoint import load_checkpoint, save_checkpoint
+from machinery.checkpoint import load_checkpoint, save_checkpoint
 from metrics import measure, measure_on_device
 from training import train_step
-from upscale import upscale
+from machinery.upscale import upscale
 
 
 def test_auto_follows_the_gpu_compute_capability(monkeypatch):
@@ -208,7 +208,7 @@ def test_metrics_computed_with_torch_equal_scikit_image(crop_border):
 
 
 def test_cuda_memory_counts_reserved_unused_memory_and_keeps_a_margin(monkeypatch, capsys):
-    import upscale as upscale_module
+    from machinery import upscale as upscale_module
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10000))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 200)

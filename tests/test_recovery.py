@@ -9,10 +9,9 @@ import time
 import pytest
 import torch
 
-import runs
+from machinery import runs
 import train
-import training
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint
 from conftest import ROOT, TINY_RUN, make_images, read_log, run_main, run_script
 from model import build_network
 
@@ -220,7 +219,7 @@ def test_a_torn_log_row_is_dropped_on_resume(tmp_path):
 
 def test_a_second_signal_quits_at_once():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # SIG_IGN under nohup ... &
-    with training.StopSignal() as stop:
+    with runs.StopSignal() as stop:
         signal.raise_signal(signal.SIGTERM)  # its handler has run when this returns
         assert stop.signum == signal.SIGTERM
         with pytest.raises(KeyboardInterrupt):

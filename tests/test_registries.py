@@ -6,12 +6,12 @@ import torch
 import evaluate
 import metrics
 import train
-from checkpoint import load_model, save_checkpoint
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_model, save_checkpoint
+from machinery.checkpoint import load_checkpoint
 from conftest import TINY, TINY_RUN, assert_one_line_error, make_images, run_main
 from losses import LOSSES, WeightedLoss, charbonnier, fft, parse_loss
 from model import NETWORKS, EDSRBaseline, ESPCN, ResShuffle, build_network, network_options
-from upscale import describe_tiling, upscale
+from machinery.upscale import describe_tiling, upscale
 
 
 @pytest.mark.parametrize("arch", sorted(NETWORKS))
@@ -181,7 +181,7 @@ def test_evaluate_writes_images_for_one_precision_only(tmp_path):
 
 def test_building_a_network_stops_where_it_outgrows_the_weights():
     """Modules without parameters count too: a checkpoint can't make the loader build endless ReLUs."""
-    from checkpoint import at_most
+    from machinery.checkpoint import at_most
     with pytest.raises(Exception, match="too large"), at_most(10 ** 9, 100, "too large"), torch.device("meta"):
         torch.nn.Sequential(*[torch.nn.ReLU() for _ in range(10 ** 4)])
     with pytest.raises(Exception, match="too large"), at_most(1000, 10 ** 9, "too large"), torch.device("meta"):

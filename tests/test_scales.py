@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
+from machinery import checkpoint
 import evaluate
 import infer
-from checkpoint import SHIPPED_SCALES, checkpoint_for, load_model, save_checkpoint, shipped_checkpoint
+from machinery.checkpoint import SHIPPED_SCALES, checkpoint_for, load_model, save_checkpoint, shipped_checkpoint
 from conftest import ROOT, TINY, ResShuffle, assert_one_line_error, make_images, run_main, smooth_image
 
 

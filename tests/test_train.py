@@ -7,7 +7,7 @@ import torch
 import infer
 import train
 from conftest import TINY_RUN, make_images, read_log, run_main, run_script
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint
 
 TWO_EPOCHS = [*TINY_RUN, "--step_size", "1", "--gamma", "0.5", "--num_epochs", "2"]
 

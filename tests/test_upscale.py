@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from upscale import image_to_tensor, tensor_to_image, upscale
+from machinery.upscale import image_to_tensor, tensor_to_image, upscale
 
 
 def test_tensor_conversion_round_trips_and_rounds():
@@ -53,7 +53,7 @@ def test_tiles_are_placed_where_they_belong():
 def test_upscaling_runs_without_tf32_or_cudnn_benchmark_and_restores_them(monkeypatch):
     """GPU PSNR must equal CPU PSNR: no TF32 convolutions, no per-shape algorithm choice while
     upscaling; training's settings come back after."""
-    import upscale as upscale_module
+    from machinery import upscale as upscale_module
     seen = []
 
     class Spy(torch.nn.Module):
@@ -80,7 +80,7 @@ def test_upscaling_runs_without_tf32_or_cudnn_benchmark_and_restores_them(monkey
 
 
 def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch):
-    import distributed
+    from machinery import distributed
     from utils import UserError
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")

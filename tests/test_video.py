@@ -10,11 +10,11 @@ import torch
 
 import benchmark
 import infer
-import video
-from checkpoint import load_model
+from machinery import video
+from machinery.checkpoint import load_model
 from conftest import assert_one_line_error, run_main, run_script, terminal_lines
 from metrics import psnr
-from upscale import upscale
+from machinery.upscale import upscale
 
 av = pytest.importorskip("av")
 

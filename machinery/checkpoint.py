@@ -18,8 +18,8 @@ import safetensors.torch
 import torch
 
 from model import DEFAULT_ARCH, build_network
-from onnx_export import export_onnx, require_onnx
-from files import atomic_path, check_output_file, file_ids, make_dir
+from .onnx_export import export_onnx, require_onnx
+from .files import atomic_path, check_output_file, file_ids, make_dir
 from utils import REPO, UserError, first_line
 
 # The shipped checkpoints, by network and scale, in checkpoints/ of the repository wherever the scripts run.

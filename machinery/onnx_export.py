@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from files import atomic_path
+from .files import atomic_path
 from utils import UserError
 
 OPTIONAL = "pip install onnx onnxscript onnxruntime"

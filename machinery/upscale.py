@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from images import to_rgb8
-from precision import autocast
+from .images import to_rgb8
+from .precision import autocast
 from utils import warn
 
 # Tiled is the default: on CPU it measured as fast as whole images or faster, in a fraction of

@@ -33,10 +33,10 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
-import images
+from . import images
 import resize
-from files import atomic_path
-from images import image_size
+from .files import atomic_path
+from .images import image_size
 from utils import UserError, plural, warn
 
 FORMAT = 2  # what the file holds and how it is laid out; another FORMAT is another name

@@ -1,10 +1,12 @@
-"""A training run's folder: one run per folder, one process at a time, and its log.csv."""
+"""A training run's folder: one run per folder, one process at a time, its log.csv, and the stop signals that save it."""
 import csv
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 from metrics import METRICS
-from files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
+from .files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
 from utils import UserError, warn
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv")  # a folder holding any of them holds a run
@@ -109,3 +111,38 @@ def training_summary(checkpoint: dict, log: Path) -> dict:
     seconds = sum(float(r["seconds"]) for r in read_log(log) if int(r["epoch"]) <= epoch) if log.is_file() else None
     return {"epochs": epoch, "steps": epoch * checkpoint.get("steps_per_epoch", 0),
             "seconds": None if seconds is None else round(seconds, 1), "precision": checkpoint.get("precision")}
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to save last.pt and stop after this step.
+
+    A second signal stops at once, without saving (last.pt then holds the previous save).
+    """
+
+    def __init__(self, quiet: bool = False):
+        self.signum, self.previous, self.quiet = None, {}, quiet
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name}: saving and stopping after this step "
+                  f"(send it again to quit at once, without saving)", file=sys.stderr, flush=True)
+
+    def exit(self, where: str, path: Path, world_size: int = 1) -> None:
+        signum = self.signum or signal.SIGTERM  # under torchrun, another process may have had it
+        launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+        if not self.quiet:
+            print(f"stopped by {signal.Signals(signum).name} {where}; saved {path}\n"
+                  f"resume with: {launcher} {sys.argv[0]} --resume {path}", flush=True)
+        sys.exit(128 + signum)

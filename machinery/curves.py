@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 
-from files import SPACE_ERRORS, atomic_path, free_space  # noqa: E402
+from .files import SPACE_ERRORS, atomic_path, free_space  # noqa: E402
 from metrics import METRICS  # noqa: E402
 from resize import resize_bicubic  # noqa: E402
 from utils import UserError  # noqa: E402

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from files import atomic_path, folder_for
-from upscale import DEFAULT_TILE, upscale
+from .files import atomic_path, folder_for
+from .upscale import DEFAULT_TILE, upscale
 from utils import UserError, first_line, plural, sigterm_raises, warn
 
 try:
