@@ -57,9 +57,9 @@ def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, *
     otherwise a new network, `model_args` as its class takes them."""
     if not isinstance(scale, int) or isinstance(scale, bool):
         raise ValueError(f"scale must be an int (2, 3, 4 or 8), got {type(scale).__name__} {scale!r}")
-    model, checkpoint = _repo("model"), _repo(f"{PACKAGE}.checkpoint")
+    checkpoint = _repo(f"{PACKAGE}.checkpoint")
     if not pretrained:
-        return model.build_network({"arch": arch, "scale": scale, **model_args})
+        return _repo(f"{PACKAGE}.fast").build_fast_network({"arch": arch, "scale": scale, **model_args})
     if scale not in checkpoint.SHIPPED.get(arch, ()):
         raise ValueError(f"pretrained weights ship for {checkpoint.shipped_names(None)}, not {arch} x{scale}; "
                          f"pass pretrained=False")

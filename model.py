@@ -12,6 +12,10 @@ constructor takes `scale` (and keyword options, kept in `model_args`) and whose 
 (LR pixels an output pixel sees: tiled inference pads by it, exactly) and
 `untiled_bytes(h, w)` (memory of a whole image); ResShuffle's `features`/`reconstruct` split
 lets tiling run its HR stages in small blocks.
+
+The networks here are drawn as their papers draw them. The scripts run them through
+machinery/fast.py, which swaps in faster forms of some layers (the same computation, the same
+parameters and state_dict); a network copied from this file carries none of that.
 """
 import inspect
 import math
@@ -69,9 +73,6 @@ class ResShuffle(nn.Module):
         image_skip: add the bicubic-upsampled input to the output.
     """
 
-    # False runs the tail after the last PixelShuffle, as written (benchmark.py's baseline).
-    fast_tail = True
-
     def __init__(self, scale: int = 4, num_features: int = 64, num_residuals: int = 16,
                  mean_shift: bool = False, image_skip: bool = False):
         super().__init__()
@@ -88,7 +89,6 @@ class ResShuffle(nn.Module):
         self.body_conv = nn.Conv2d(num_features, num_features, 3, padding=1)
         self.upsample = upsampling_stages(scale, num_features)
         self.tail = nn.Conv2d(num_features, 3, 9, padding=4)
-        self._tail_cache = None
 
     def forward(self, x):
         features = self.features(x)           # head, residual body, global skip
@@ -101,7 +101,7 @@ class ResShuffle(nn.Module):
 
     def reconstruct(self, features, x):
         """The SR image from LR `features` and the LR input `x` they were computed from."""
-        return self.upsample_and_tail(features) + self.base(x)  # upsample_and_tail == tail(upsample(.))
+        return self.tail(self.upsample(features)) + self.base(x)
 
     def base(self, x):
         """What the network's output is added to: the mean it took off, or with `image_skip` the
@@ -109,41 +109,6 @@ class ResShuffle(nn.Module):
         if self.image_skip:
             return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return self.rgb_mean
-
-    def upsample_and_tail(self, features):
-        """`self.tail(self.upsample(features))`, computed with the tail before the last PixelShuffle.
-
-        Why: after the shuffle the 9x9 tail is a 3-channel conv at full resolution, a shape that
-        runs at a fraction of a 64->64 conv's FLOP rate on CPU. Run before the shuffle, on its
-        r*r-times-deeper input, it is an exactly equivalent conv (`subpixel_conv_weight`) with
-        r*r*3 outputs, a shape that runs near the convolution peak. Same parameters, same
-        state_dict; tests/test_model.py checks outputs and gradients against the plain form.
-        """
-        if not self.fast_tail:
-            return self.tail(self.upsample(features))
-        z = features
-        for layer in self.upsample[:-1]:
-            z = pixel_shuffle(z, layer.upscale_factor) if isinstance(layer, nn.PixelShuffle) else layer(z)
-        r = self.upsample[-1].upscale_factor
-        weight, bias = self.subpixel_tail(r)
-        return F.pixel_shuffle(F.conv2d(z, weight, bias, padding=weight.shape[-1] // 2), r)
-
-    def subpixel_tail(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tail's weight and bias rearranged for use before PixelShuffle(r).
-
-        Without gradients (inference) the pair is kept until the tail's tensors change (their
-        version counters move on every in-place update: optimizer steps, load_state_dict), so
-        tiled inference builds it once, not once per tile.
-        """
-        w, b = self.tail.weight, self.tail.bias
-        if torch.is_grad_enabled() or w.is_inference():  # inference tensors keep no version counter
-            return subpixel_conv_weight(w, r), b.repeat_interleave(r * r)
-        key = (w.data_ptr(), w._version, b.data_ptr(), b._version, w.dtype, w.device)
-        if self._tail_cache is None or self._tail_cache[0] != key:
-            # The detached views keep the tensors' memory alive, so no other tensor can take
-            # their address and pass for them.
-            self._tail_cache = (key, (w.detach(), b.detach()), subpixel_conv_weight(w, r), b.repeat_interleave(r * r))
-        return self._tail_cache[2:]
 
     def feature_radius(self) -> int:
         """LR pixels on each side that one feature depends on: 9x9 head, two 3x3 per block, body conv."""
@@ -166,8 +131,8 @@ class ResShuffle(nn.Module):
     def untiled_bytes(self, height: int, width: int) -> int:
         """Roughly the peak memory of running the network on a whole height x width LR image.
 
-        Float32 activations: the last upsampling conv's input and output (the tail runs before
-        its PixelShuffle, so no larger map follows) and two feature maps at LR size.
+        Float32 activations: the last upsampling conv's input and output, and two feature maps at
+        LR size (machinery/fast.py runs the tail before the last PixelShuffle, so no larger map follows).
         """
         last_input = self.scale // UPSAMPLE_STAGES[self.scale][-1]  # the last stage's input, in LR sizes
         return 4 * self.num_features * height * width * (self.scale ** 2 + last_input ** 2 + 2)
@@ -217,6 +182,11 @@ class EDSRBaseline(nn.Module):
 
     The paper's baseline: 16 blocks of 64 features. Its inputs are in [0, 255]; here [0, 1],
     with the same DIV2K mean.
+
+    Args:
+        scale: upscaling factor, one of 2, 3, 4, 8.
+        num_features: channels of every hidden conv.
+        num_residuals: number of residual blocks.
     """
 
     def __init__(self, scale: int = 4, num_features: int = 64, num_residuals: int = 16):
@@ -248,6 +218,10 @@ class ESPCN(nn.Module):
 
     The paper super-resolves the luminance; here the three RGB channels, in [0, 1]. One
     sub-pixel stage for every scale, as in the paper.
+
+    Args:
+        scale: upscaling factor, one of 2, 3, 4, 8.
+        num_features: channels of the first conv (the second has half as many).
     """
 
     def __init__(self, scale: int = 4, num_features: int = 64):
@@ -292,60 +266,3 @@ def build_network(model_args: dict) -> nn.Module:
 def network_options(arch: str) -> dict:
     """The keyword options of NETWORKS[arch] besides `scale`, with their defaults, in the constructor's order."""
     return {name: p.default for name, p in inspect.signature(NETWORKS[arch]).parameters.items() if name != "scale"}
-
-
-# Devices whose pixel_shuffle keeps a channels_last input channels_last (PyTorch's CPU kernel does).
-CHANNELS_LAST_SHUFFLE_DEVICES = {"cpu"}
-
-
-def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
-    """F.pixel_shuffle, with a channels_last input kept channels_last on every device.
-
-    Why: on CUDA F.pixel_shuffle returns NCHW from a channels_last input, and the next conv
-    (channels_last weights) copies that full-size map back, forward and backward.
-    """
-    if x.device.type in CHANNELS_LAST_SHUFFLE_DEVICES or not x.is_contiguous(memory_format=torch.channels_last):
-        return F.pixel_shuffle(x, r)
-    return ChannelsLastShuffle.apply(x, r)
-
-
-class ChannelsLastShuffle(torch.autograd.Function):
-    """pixel_shuffle from channels_last to channels_last in one copy; its gradient likewise."""
-
-    @staticmethod
-    def forward(ctx, x, r):
-        ctx.r = r
-        n, c, h, w = x.shape
-        out = torch.empty((n, c // r ** 2, h * r, w * r), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last)
-        out.view(n, c // r ** 2, h, r, w, r).copy_(x.view(n, c // r ** 2, r, r, h, w).permute(0, 1, 4, 2, 5, 3))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        r, (n, c, h, w) = ctx.r, grad.shape
-        out = torch.empty((n, c * r * r, h // r, w // r), dtype=grad.dtype, device=grad.device,
-                          memory_format=torch.channels_last)
-        out.view(n, c, r, r, h // r, w // r).copy_(grad.view(n, c, h // r, r, w // r, r).permute(0, 1, 3, 5, 2, 4))
-        return out, None
-
-
-def subpixel_conv_weight(weight: torch.Tensor, r: int) -> torch.Tensor:
-    """The kernel that, applied before PixelShuffle(r), equals `weight` (stride 1, same padding) after it.
-
-    With u = pixel_shuffle(z, r), output pixel (r*I + p, r*J + q) of the conv on u reads
-    u[c, r*I + p + dy - k, ...] = z[c*r*r + a*r + b, I + m, ...], where p + dy - k = r*m + a.
-    So the conv on u equals pixel_shuffle(conv(z, w2), r), with w2[o*r*r + p*r + q, c*r*r + a*r + b,
-    m, n] = weight[o, c, r*m + a - p + k, r*n + b - q + k] (0 where that tap is outside the
-    kernel): an exact rearrangement, zero padding included.
-    """
-    out_ch, in_ch, size, _ = weight.shape
-    k = size // 2
-    m = torch.arange(-((k + r - 1) // r), (k + r - 1) // r + 1, device=weight.device)
-    phase = torch.arange(r, device=weight.device)
-    taps = r * m.view(1, 1, -1) + phase.view(1, -1, 1) - phase.view(-1, 1, 1) + k  # [p, a, m]
-    # select[p, a, m, d] = 1 where that tap is row d of the kernel; taps outside it select nothing.
-    # A product, not indexing: indexing's gradient adds with parallel atomics, in no fixed order.
-    select = (taps.unsqueeze(-1) == torch.arange(size, device=weight.device)).to(weight.dtype)
-    w2 = torch.einsum("pamy,qbnx,ocyx->opqcabmn", select, select, weight)
-    return w2.reshape(out_ch * r * r, in_ch * r * r, len(m), len(m))

@@ -38,12 +38,13 @@ from machinery import distributed
 from machinery.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from machinery.curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
 from machinery.datacache import default_cache_dir
+from machinery.fast import build_fast_network
 from dataset import (EpochSampler, PatchLoader, TrainDataset, check_measurable_images, count_patchable, device_batch,
                      eval_pairs)
 from machinery.images import list_images
 from losses import LOSSES, WeightedLoss, loss_spec
 from metrics import METRICS, format_scores, means, measure, measure_on_device, metric_labels
-from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, build_network, count_parameters, network_options
+from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, count_parameters, network_options
 from machinery.precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
 from resize import DEGRADATIONS, resize_bicubic
 from machinery.runs import StopSignal, append_log, check_run_folder, open_run_folder, training_summary
@@ -275,7 +276,8 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     share = eval_pairs(val_paths[rank::world_size], scale, args.degradation)
     val_pairs = [(i, *pair) for i, pair in zip(range(rank, len(val_paths), world_size), share)]
     try:  # a resumed run's network or loss may no longer be registered
-        model, loss = build_network(model_args).to(device, memory_format=torch.channels_last), WeightedLoss(args.loss)
+        model = build_fast_network(model_args).to(device, memory_format=torch.channels_last)
+        loss = WeightedLoss(args.loss)
     except ValueError as e:
         raise UserError(f"{args.resume or 'train.py'}: {e}") from None
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

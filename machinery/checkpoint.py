@@ -18,9 +18,11 @@ import safetensors.torch
 import torch
 
 from model import DEFAULT_ARCH, build_network
-from .onnx_export import export_onnx, require_onnx
-from .files import atomic_path, check_output_file, file_ids, make_dir
 from utils import REPO, UserError, first_line
+
+from .fast import build_fast_network
+from .files import atomic_path, check_output_file, file_ids, make_dir
+from .onnx_export import export_onnx, require_onnx
 
 # The shipped checkpoints, by network and scale, in checkpoints/ of the repository wherever the scripts run.
 SHIPPED = {"resshuffle": (2, 3, 4), "edsr_baseline": (4,), "espcn": (4,)}
@@ -218,7 +220,7 @@ def network_for(state, model_args, path) -> torch.nn.Module:
         raise UserError(f"{path}: its model_args {model_args} do not describe a network ({first_line(e)})") from None
     if mismatch:
         raise UserError(f"{path}: its weights do not match its model_args {model_args}: {mismatch}")
-    return build_network(model_args)
+    return build_fast_network(model_args)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ResShuffle, subpixel_conv_weight
+from model import ResShuffle
 
 
 def test_default_model_has_the_original_parameter_count():
@@ -23,34 +23,6 @@ def test_output_is_exactly_scale_times_the_input(scale, size):
     with torch.no_grad():
         out = model(torch.rand(2, 3, *size))
     assert out.shape == (2, 3, size[0] * scale, size[1] * scale)
-
-
-@pytest.mark.parametrize("scale", [2, 3, 4, 8])
-def test_the_tail_before_the_shuffle_equals_the_tail_after_it_with_the_same_gradients(scale):
-    torch.manual_seed(scale)
-    model = ResShuffle(scale=scale, num_features=6, num_residuals=1).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)  # non-zero everywhere, bias included
-    features = torch.rand(2, 6, 7, 5, dtype=torch.double)
-    as_written = model.tail(model.upsample(features)) + model.rgb_mean
-    fast = model.reconstruct(features, None)
-    torch.testing.assert_close(fast, as_written, atol=1e-12, rtol=0)  # borders (zero padding) too
-    grads = [torch.autograd.grad(out.pow(2).sum(), [model.tail.weight, model.tail.bias]) for out in (as_written, fast)]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
-
-
-@pytest.mark.parametrize("size, r", [(9, 2), (9, 3), (3, 2), (5, 4)])
-def test_subpixel_weight_keeps_every_tap_once(size, r):
-    weight = torch.arange(1.0, 2 * 3 * size * size + 1).view(2, 3, size, size)
-    w2 = subpixel_conv_weight(weight, r)
-    assert w2.shape[:2] == (2 * r * r, 3 * r * r)
-    # Each output phase holds every tap of its output channel once; the rest are zeros.
-    for o in range(2):
-        for phase in range(r * r):
-            taps = w2[o * r * r + phase]
-            assert sorted(taps[taps != 0].tolist()) == weight[o].flatten().tolist()
 
 
 def test_unsupported_scale_names_the_supported_ones():
@@ -87,38 +59,6 @@ def test_receptive_radius_bounds_what_an_output_pixel_sees(scale, num_residuals)
     reach = max((rows - size // 2).abs().max(), (cols - size // 2).abs().max()).item()
     # The bound holds and is tight: one pixel less would miss inputs that matter.
     assert model.receptive_radius() - 1 <= reach <= model.receptive_radius()
-
-
-def test_fast_tail_off_is_the_network_as_written():
-    torch.manual_seed(1)
-    model = ResShuffle(scale=4, num_features=6, num_residuals=1, mean_shift=True).double().eval()
-    x = torch.rand(1, 3, 9, 7, dtype=torch.double)
-    with torch.no_grad():
-        fast = model(x)
-        model.fast_tail = False
-        written = model.tail(model.upsample(model.features(x))) + model.rgb_mean
-        torch.testing.assert_close(model(x), written, atol=0, rtol=0)
-    torch.testing.assert_close(fast, written, atol=1e-12, rtol=0)
-
-
-def test_inference_builds_the_rearranged_tail_once_until_the_weights_change(monkeypatch):
-    import model as model_module
-    from machinery.upscale import upscale
-    built = []
-    real = model_module.subpixel_conv_weight
-    monkeypatch.setattr(model_module, "subpixel_conv_weight", lambda w, r: built.append(1) or real(w, r))
-    torch.manual_seed(0)
-    net = ResShuffle(scale=2, num_features=4, num_residuals=1).eval()
-    img = (torch.rand(20, 18, 3) * 255).byte().numpy()
-    first = upscale(net, img, tile=5)  # 16 tiles
-    assert len(built) == 1
-    with torch.no_grad():
-        net.tail.weight.mul_(2)  # an in-place update, as an optimizer step or load_state_dict makes
-    second = upscale(net, img, tile=5)
-    assert len(built) == 2 and not (first == second).all()
-    net.train()
-    net(torch.rand(1, 3, 4, 4)).sum().backward()  # with gradients: built on every call, never cached
-    assert len(built) == 3 and net.tail.weight.grad is not None
 
 
 def test_a_network_built_under_inference_mode_runs_there():

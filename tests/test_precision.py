@@ -1,6 +1,6 @@
 """--precision: what auto picks on each kind of device, training and upscaling in each precision,
 where a run records it; and the CUDA-only paths that a CPU can still check (pinned batches,
-channels_last after PixelShuffle, metrics computed with torch)."""
+metrics computed with torch; channels_last after PixelShuffle is tests/test_fast.py's)."""
 import csv
 import signal
 
@@ -13,7 +13,6 @@ from PIL import Image
 import dataset
 import evaluate
 import infer
-import model as model_module
 from machinery import precision
 import train
 from conftest import (TINY, TINY_RUN, ResShuffle, assert_one_line_error, make_images, read_log, run_main,
@@ -161,37 +160,6 @@ def test_every_batch_tensor_is_made_pinned_when_asked(image_dir, monkeypatch):
     assert requests == [True, True, True]
     assert flips.dtype == torch.bool and flips.shape == (3, 3)
     assert torch.equal(flips, torch.from_numpy(data.draws(0)[[0, 1, 2], 2:].astype(bool)))
-
-
-def test_pixel_shuffle_keeps_channels_last_where_torch_would_not(monkeypatch):
-    """CUDA's pixel_shuffle returns NCHW from channels_last; stood in for here by a CPU shuffle that does."""
-    real = F.pixel_shuffle
-    monkeypatch.setattr(model_module.F, "pixel_shuffle", lambda x, r: real(x, r).contiguous())
-    torch.manual_seed(0)
-    net = ResShuffle(**TINY).to(memory_format=torch.channels_last)
-    x = torch.rand(2, 3, 6, 7).contiguous(memory_format=torch.channels_last)
-    expected = net(x)
-    layouts = []
-    for conv in net.upsample[1:]:
-        if isinstance(conv, torch.nn.Conv2d):
-            conv.register_forward_pre_hook(lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last)))
-    monkeypatch.setattr(model_module, "CHANNELS_LAST_SHUFFLE_DEVICES", set())  # as on CUDA
-    out = net(x)
-    assert layouts == [True] and torch.equal(out, expected)
-
-
-@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "expanded"])
-def test_the_channels_last_shuffle_equals_pixel_shuffle_with_its_gradient(layout):
-    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
-    y = model_module.ChannelsLastShuffle.apply(x, 2)
-    grad = {"channels_last": torch.randn_like(y), "contiguous": torch.randn(y.shape),
-            "expanded": torch.ones(1).expand(y.shape)}[layout]  # the last: what .sum().backward() sends
-    y.backward(grad)
-    ours = x.grad.clone()
-    x.grad = None
-    F.pixel_shuffle(x, 2).backward(grad)
-    assert torch.equal(y, F.pixel_shuffle(x, 2)) and torch.equal(ours, x.grad)
-    assert y.is_contiguous(memory_format=torch.channels_last) and ours.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("crop_border", [0, 4])
