@@ -47,15 +47,27 @@ from metrics import METRICS, format_scores, means, measure, measure_on_device, m
 from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, count_parameters, network_options
 from machinery.precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
 from resize import DEGRADATIONS, resize_bicubic
-from machinery.runs import StopSignal, append_log, check_run_folder, open_run_folder, training_summary
+from machinery.runs import (RUN_FORMAT, StopSignal, append_log, check_run_folder, open_run_folder, training_summary,
+                            upgrade_run_checkpoint)
 from training import ema_decay_at, train_step, update_ema
 from machinery.upscale import exact_cuda, upscale
 from utils import (REPO, UserError, make_parser, non_negative_int, plural, positive_float, positive_int, run_cli,
-                   seed_everything, seed_int, warn)
+                   seed_everything, seed_int, select_device, warn)
 
-# Flags a resumed run may change; every other one is part of the run and comes from its checkpoint.
-RESUME_MAY_CHANGE = ("num_epochs", "num_workers", "device", "precision", "val_every", "patience", "max_val_images",
-                     "train_dir", "val_dir", "ema", "tensorboard", "data_cache")
+# What each flag is to a run. "run": defines it; kept in its checkpoint, and a resume refuses another
+# value. "session": kept too, and a resume takes the run's value unless the flag is typed again.
+# "command": this invocation's alone (what to do now; --data_cache names this machine's folder).
+FLAGS = {
+    "upscale_factor": "run", "arch": "run", "num_features": "run", "num_residuals": "run", "mean_shift": "run",
+    "image_skip": "run", "batch_size": "run", "lr": "run", "step_size": "run", "gamma": "run", "loss": "run",
+    "patch_size": "run", "patches_per_image": "run", "degradation": "run", "seed": "run",
+    "checkpoint_dir": "run", "run_name": "run",
+    "num_epochs": "session", "num_workers": "session", "train_dir": "session", "val_dir": "session",
+    "ema": "session", "max_val_images": "session", "val_every": "session", "patience": "session",
+    "tensorboard": "session", "device": "session", "precision": "session",
+    "resume": "command", "export": "command", "overwrite": "command", "data_cache": "command",
+}
+SESSION_FLAGS = tuple(name for name, kind in FLAGS.items() if kind == "session")
 
 
 @dataclass
@@ -115,26 +127,26 @@ class Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "degradation": self.args.degradation, "best_psnr": self.best_psnr, "best_epoch": self.best_epoch,
             "world_size": self.world_size, "precision": self.precision, "epoch_precision": self.epoch_precision,
-            "model_args": self.model_args, "args": vars(self.args),
+            "model_args": self.model_args, "args": vars(self.args) | {"precision": self.precision},
+            "format": RUN_FORMAT,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
         }
 
     def restore(self, checkpoint: dict) -> None:
+        """Go on from `checkpoint`, of RUN_FORMAT (resumed_checkpoint upgrades older ones)."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        load_scaler_state(self.scaler, checkpoint.get("scaler"))
+        load_scaler_state(self.scaler, checkpoint["scaler"])
         if self.ema is not None:  # --ema added to a run starts from its weights
-            self.ema.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
+            self.ema.load_state_dict(checkpoint["ema"] or checkpoint["model"])
         for name in ("epoch", "step", "loss_sum", "term_sums", "seconds", "best_psnr", "best_epoch"):
-            setattr(self, name, checkpoint.get(name, getattr(self, name)))
-        if checkpoint.get("term_sums") is None:  # saved before --loss: an L1 run, whose one term is its loss
-            self.term_sums = [self.loss_sum]
-        before = checkpoint.get("epoch_precision") or checkpoint.get("precision")
-        if self.step and before and before.split("+")[-1] != self.precision:  # stopped mid-epoch in another
+            setattr(self, name, checkpoint[name])
+        before = checkpoint["epoch_precision"] or checkpoint["precision"]
+        if self.step and before.split("+")[-1] != self.precision:  # stopped mid-epoch in another
             self.epoch_precision = f"{before}+{self.precision}"
         torch.set_rng_state(checkpoint["rng"]["torch"])
-        if self.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+        if self.device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
 
 
@@ -199,9 +211,9 @@ def start_run(args) -> Run | None:
                   f"nothing to do (a higher --num_epochs goes on)")
         return None
     rank, world_size, device = distributed.setup(args.device)
-    if checkpoint and checkpoint.get("step") and checkpoint.get("world_size", 1) != world_size:
+    if checkpoint and checkpoint["step"] and checkpoint["world_size"] != world_size:
         raise UserError(f"{args.resume}: stopped mid-epoch with "
-                        f"{plural(checkpoint.get('world_size', 1), 'process', 'processes')}; "
+                        f"{plural(checkpoint['world_size'], 'process', 'processes')}; "
                         f"resume it with as many (this is {world_size})")
     seed_everything(args.seed)
     model_args, folder = run_identity(args, checkpoint)
@@ -282,9 +294,7 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
         raise UserError(f"{args.resume or 'train.py'}: {e}") from None
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     kept = args.resume and "precision" not in args.given
-    # A run saved before --precision existed: CPUs trained in fp32 then, GPUs in autocast.
-    requested = "fp32" if kept and args.precision == "auto" and device.type == "cpu" else args.precision
-    precision, why = (choose_precision(requested, device, source="this run's precision" if kept else "--precision")
+    precision, why = (choose_precision(args.precision, device, source="this run's precision" if kept else "--precision")
                       if rank == 0 else (None, ""))
     if kept:
         why = "the run's; --precision changes it"
@@ -330,21 +340,17 @@ def resumed_checkpoint(args) -> dict | None:
         raise UserError(f"{args.resume}: --resume continues a run from its last.pt; resuming this file would "
                         f"rewind the run (replacing its last.pt and log rows); to branch off it, copy it into a "
                         f"new folder as last.pt and resume that")
-    # --data_cache is this machine's: a resume elsewhere uses its own default unless it is typed.
-    saved = {k: v for k, v in checkpoint["args"].items()
-             if k not in ("resume", "export", "given", "overwrite", "data_cache")}
-    saved.setdefault("loss", "l1")  # runs saved before --loss trained with L1
-    saved.setdefault("arch", checkpoint["model_args"].get("arch", DEFAULT_ARCH))  # and before --arch, ResShuffle
+    device = args.device if "device" in args.given else checkpoint["args"].get("device", "auto")
+    checkpoint = upgrade_run_checkpoint(checkpoint, args.resume, device_type=select_device(device).type)
+    saved = checkpoint["args"]
     for name in args.given:
-        if name in saved and name not in RESUME_MAY_CHANGE and getattr(args, name) != saved[name]:
+        if FLAGS[name] == "run" and name in saved and getattr(args, name) != saved[name]:
             raise UserError(f"{args.resume}: the run was started with --{name} {saved[name]} "
                             f"({describe_run(checkpoint)}); it can't change on resume "
-                            f"(these can: {', '.join('--' + n for n in RESUME_MAY_CHANGE)})")
-    for name, value in saved.items():
-        if name not in args.given:
-            setattr(args, name, value)
-    if "precision" not in args.given:  # the run's own, as its other flags; "auto" in runs saved before it
-        args.precision = checkpoint.get("precision", "auto")
+                            f"(these can: {', '.join('--' + n for n in SESSION_FLAGS)})")
+    for name, kind in FLAGS.items():
+        if kind != "command" and name in saved and name not in args.given:
+            setattr(args, name, saved[name])
     if args.precision not in PRECISIONS:
         raise UserError(f"{args.resume}: holds precision {args.precision!r}, none of {', '.join(PRECISIONS)}; "
                         f"pass --precision")
@@ -353,7 +359,7 @@ def resumed_checkpoint(args) -> dict | None:
 
 def note_process_count(run: Run, checkpoint: dict) -> None:
     """Say so when a run goes on under another process count: the patches per step change."""
-    before = checkpoint.get("world_size", 1)
+    before = checkpoint["world_size"]
     if before != run.world_size and run.lead:
         b = run.args.batch_size
         print(f"note: the run had {plural(before, 'process', 'processes')} ({b * before} patches per step), this has "
@@ -365,7 +371,7 @@ def restart_epoch_if_data_changed(run: Run, checkpoint: dict) -> None:
     its step count no longer says where in the new epoch it was."""
     if not run.step:
         return
-    changed = checkpoint.get("steps_per_epoch", run.steps_per_epoch) != run.steps_per_epoch
+    changed = checkpoint["steps_per_epoch"] != run.steps_per_epoch
     if changed or run.step >= run.steps_per_epoch:
         if run.lead:
             warn(f"the training set has changed since the run stopped in epoch {run.epoch + 1} at step {run.step}: "
@@ -382,7 +388,7 @@ def where(run: Run) -> str:
 def describe_run(checkpoint: dict) -> str:
     """'resshuffle x4, num_features 64, num_residuals 16, mean_shift': the run's network."""
     m = dict(checkpoint["model_args"])
-    arch, scale = m.pop("arch", DEFAULT_ARCH), m.pop("scale")
+    arch, scale = m.pop("arch"), m.pop("scale")
     options = [k if v is True else f"{k} {v}" for k, v in m.items() if v is not False]
     return ", ".join([f"{arch} x{scale}"] + options)
 
@@ -659,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run in a folder that holds one, deleting it; --export over an existing export")
     p.add_argument("--resume", default=None,
                    help="a run's last.pt: continue that run with its own flags; only these may change: "
-                        + ", ".join("--" + n for n in RESUME_MAY_CHANGE))
+                        + ", ".join("--" + n for n in SESSION_FLAGS) + " (and --data_cache, this machine's)")
     p.add_argument("--export", nargs=2, metavar=("RUN_CHECKPOINT", "OUT"), default=None,
                    help="write RUN_CHECKPOINT's weights and model_args (no optimizer state) to OUT, and exit; "
                         "the format by OUT's suffix: .safetensors, .pt (.pth) or .onnx")
@@ -690,14 +696,19 @@ def ema_decay(text: str) -> float:
     return value
 
 
+# A flag's value until argparse has read the command line: one still holding it was not typed.
+NOT_TYPED = object()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed flags, plus `given`: the names of those typed (on --resume, the rest come from the run)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    typed = build_parser()
-    for action in typed._actions:
-        action.default = argparse.SUPPRESS
-    args.given = sorted(vars(typed.parse_args(argv)))
+    # argparse sets a default only where the namespace holds nothing, so untyped flags keep NOT_TYPED.
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(FLAGS, NOT_TYPED)))
+    args.given = sorted(name for name in FLAGS if getattr(args, name) is not NOT_TYPED)
+    for name in FLAGS:
+        if getattr(args, name) is NOT_TYPED:
+            setattr(args, name, parser.get_default(name))
     if args.patch_size and not args.resume and args.patch_size % args.upscale_factor:
         parser.error(f"argument --patch_size: {args.patch_size} is not a multiple of the scale {args.upscale_factor}")
     return args

@@ -1,17 +1,56 @@
 """A training run's folder: one run per folder, one process at a time, its log.csv, and the stop signals that save it."""
 import csv
+import math
 import shutil
 import signal
 import sys
 from pathlib import Path
 
 from metrics import METRICS
-from .files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
+from model import DEFAULT_ARCH
 from utils import UserError, warn
+
+from .files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv")  # a folder holding any of them holds a run
 RUN_OUTPUTS = RUN_FILES + ("curves.png",)      # what a run writes there
 RUN_MADE = ("curves.png", "tensorboard")        # and what only a run's files say it made
+
+# What a run checkpoint (train.Run.checkpoint) holds and means; raise it when that changes, and
+# teach upgrade_run_checkpoint the step. 1: every file written before the number was kept in them.
+RUN_FORMAT = 2
+
+
+def upgrade_run_checkpoint(checkpoint: dict, path, device_type: str) -> dict:
+    """A run checkpoint of any format this code knows, brought to RUN_FORMAT: what older files
+    lack is filled in with what it meant when they were written. `device_type` is where the run
+    resumes: a run saved before --precision trained in fp32 on a CPU and in autocast on a GPU."""
+    found = checkpoint.get("format", 1)
+    if not isinstance(found, int) or not 1 <= found <= RUN_FORMAT:
+        raise UserError(f"{path}: a run checkpoint of format {found!r}, which this code does not know "
+                        f"(it reads formats 1 to {RUN_FORMAT}); update ResShuffle to resume it")
+    if found == 1:
+        checkpoint = upgrade_format_1(checkpoint, device_type)
+    return checkpoint
+
+
+def upgrade_format_1(checkpoint: dict, device_type: str) -> dict:
+    """Format 1 (runs of 2026-11-24 to 2026-12-07) grew field by field; each missing one is filled in."""
+    c, args = dict(checkpoint), dict(checkpoint["args"])
+    c["model_args"] = {"arch": DEFAULT_ARCH} | c["model_args"]  # saved before --arch: ResShuffle
+    args.setdefault("loss", "l1")  # before --loss: L1
+    args.setdefault("arch", c["model_args"]["arch"])
+    c.setdefault("precision", "fp32" if device_type == "cpu" else "auto")  # before --precision
+    args["precision"] = c["precision"]  # the run's own precision, not the "auto" it may have been asked
+    defaults = {"step": 0, "loss_sum": 0.0, "seconds": 0.0, "best_psnr": -math.inf, "best_epoch": 0,
+                "world_size": 1, "scaler": None, "ema": None, "epoch_precision": ""}
+    c |= {k: v for k, v in defaults.items() if k not in c}
+    if c.get("term_sums") is None:  # before --loss: an L1 run, whose one term is its loss
+        c["term_sums"] = [c["loss_sum"]]
+    if "steps_per_epoch" not in c:  # the epoch's length unknown: a run stopped mid-epoch starts it over
+        c |= {"steps_per_epoch": None, "step": 0, "loss_sum": 0.0, "term_sums": [0.0], "seconds": 0.0}
+    c["rng"] = {"cuda": None} | c["rng"]
+    return c | {"args": args, "format": 2}
 
 
 def csv_fields() -> list[str]:

@@ -126,7 +126,7 @@ def test_a_run_saved_before_precision_existed_resumes_as_it_trained(image_dir, t
     assert code == 0, err
     last = tmp_path / "old" / "last.pt"
     checkpoint = load_checkpoint(last)
-    del checkpoint["precision"], checkpoint["args"]["precision"]
+    del checkpoint["precision"], checkpoint["args"]["precision"], checkpoint["format"]  # as format 1 had it
     save_checkpoint(checkpoint, last)
     code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
     assert code == 0 and "precision fp32 (the run's; --precision changes it)" in out, err
@@ -195,7 +195,7 @@ def test_a_bad_precision_in_a_checkpoint_is_one_line_before_any_work(image_dir, 
     assert code == 0, err
     last = tmp_path / "r" / "last.pt"
     checkpoint = load_checkpoint(last)
-    checkpoint["precision"] = "fp64"
+    checkpoint["precision"] = checkpoint["args"]["precision"] = "fp64"
     save_checkpoint(checkpoint, last)
     code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
     assert_one_line_error(code, err, "holds precision 'fp64'", "pass --precision")

@@ -111,3 +111,18 @@ def test_a_training_set_smaller_than_one_batch_is_refused(image_dir, tmp_path):
     code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
                             *TINY_RUN, "--batch_size", "64")
     assert code == 1 and "12 patches per epoch is less than one batch of 64" in err
+
+
+def test_every_flag_of_train_py_says_what_it_is_to_a_run():
+    parser = train.build_parser()
+    dests = {a.dest for a in parser._actions if a.dest != "help"}  # the test may look inside argparse; train.py doesn't
+    assert set(train.FLAGS) == dests and set(train.FLAGS.values()) == {"run", "session", "command"}
+
+
+def test_untyped_flags_take_argparse_defaults_and_typed_ones_are_given_even_at_their_default():
+    plain = vars(train.build_parser().parse_args(["--lr", "2e-4"]))
+    args = train.parse_args(["--lr", "2e-4", "--no-tensorboard", "--max_images", "3"])
+    assert args.given == ["lr", "max_val_images", "tensorboard"]
+    assert {k: getattr(args, k) for k in plain if k != "max_val_images"} == {k: v for k, v in plain.items()
+                                                                             if k != "max_val_images"}
+    assert args.max_val_images == 3 and not args.tensorboard
