@@ -28,12 +28,22 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from machinery.checkpoint import SHIPPED, load_chosen, shipped_names
+from machinery.cli import add_inference_flags
 from machinery.images import image_metadata, image_size, open_image, save_image, to_rgb8
-from model import DEFAULT_ARCH
 from machinery.precision import choose_precision
 from machinery.upscale import DEFAULT_TILE, upscale_image
-from utils import (REPO, UserError, first_line, is_out_of_memory, make_parser, positive_int, run_cli, select_device,
-                   sigterm_raises)
+from model import DEFAULT_ARCH
+from utils import (
+    REPO,
+    UserError,
+    first_line,
+    is_out_of_memory,
+    make_parser,
+    positive_int,
+    run_cli,
+    select_device,
+    sigterm_raises,
+)
 
 PAGE = REPO / "app.html"
 PRECISION_CHOICES = ("auto", "fp32", "bf16")  # fp16: emulated, slowly, on CPUs, and not what auto picks on new GPUs
@@ -118,11 +128,11 @@ class App:
     def status(self, job: Job) -> dict:
         with self.lock:
             ahead = sum(j.state == "working" or (j.state == "queued" and j.id < job.id) for j in self.jobs.values())
-        done = {} if job.state != "done" else dict(
-            input=f"/jobs/{job.id}/input.png", result=f"/jobs/{job.id}/result.png",
-            download=f"{Path(job.name).stem}_x{self.models[job.network].scale}.png")  # infer.py's output name
-        return dict(id=job.id, state=job.state, ahead=ahead if job.state == "queued" else 0, error=job.error,
-                    summary=job.summary, **done)
+        done = {} if job.state != "done" else {
+            "input": f"/jobs/{job.id}/input.png", "result": f"/jobs/{job.id}/result.png",
+            "download": f"{Path(job.name).stem}_x{self.models[job.network].scale}.png"}  # infer.py's output name
+        return {"id": job.id, "state": job.state, "ahead": ahead if job.state == "queued" else 0, "error": job.error,
+                "summary": job.summary, **done}
 
     def find(self, text: str) -> Job | None:
         with self.lock:
@@ -153,8 +163,10 @@ class App:
             to_rgb8(img).save(self.path(job, "input"), compress_level=1)  # the page's "before"
         except UserError as e:
             return str(e).replace(str(self.path(job, "upload")), job.name)
-        except Exception as e:  # the worker must outlive any one image
-            return "out of memory: try a smaller image" if is_out_of_memory(e) else f"failed: {type(e).__name__}: {first_line(e)}"
+        except Exception as e:  # noqa: BLE001 (the worker must outlive any one image)
+            if is_out_of_memory(e):
+                return "out of memory: try a smaller image"
+            return f"failed: {type(e).__name__}: {first_line(e)}"
         job.summary = (f"{img.width}x{img.height} -> {sr.width}x{sr.height}, {job.network}, {precision}"
                        f"{'' if job.precision == precision else ' (auto)'}")
         return ""
@@ -333,9 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=port_number, default=7860, help="port to listen on (0: any free one)")
     parser.add_argument("--max_pixels", type=positive_int, default=4_000_000,
                         help="refuse input images of more pixels (a 4 MP image takes minutes at x4 on a CPU)")
-    parser.add_argument("--checkpoint", default=None,
-                        help=f"serve this network only; None: the shipped ones ({shipped_names(None)})")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    add_inference_flags(parser, shipped=False, how_it_runs=False,
+                        checkpoint_help=f"serve this network only; None: the shipped ones ({shipped_names(None)})")
     return parser
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from machinery.images import list_images
 from machinery.files import made_folder, make_dir
+from machinery.images import list_images
 from utils import REPO, UserError, make_parser, run_cli
 
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
@@ -188,7 +188,7 @@ def check_targets(root: Path, names) -> None:
 def main(args):
     try:
         parts = urllib.parse.urlsplit(args.url_base)
-        parts.port  # a bad port or IPv6 address raises only when read
+        _ = parts.port  # a bad port or IPv6 address raises only when read
     except ValueError as e:
         raise UserError(f"--url_base {args.url_base}: not a valid address ({e})") from None
     if parts.scheme not in ("http", "https"):
@@ -203,7 +203,8 @@ def main(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
-    parser.add_argument("--root", default=str(REPO / "data"), help="folder to put DIV2K_train_HR/ and DIV2K_valid_HR/ in")
+    parser.add_argument("--root", default=str(REPO / "data"),
+                        help="folder to put DIV2K_train_HR/ and DIV2K_valid_HR/ in")
     parser.add_argument("--url_base", default=DIV2K_URL, help="where the zips are (a mirror of the official site)")
     parser.add_argument("--sets", nargs="+", choices=list(DIV2K_FILES), default=list(DIV2K_FILES),
                         help="which sets to get")

@@ -28,15 +28,25 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from machinery.checkpoint import load_chosen, shipped_names
 from dataset import check_measurable_images, eval_pairs
-from machinery.files import atomic_path, check_distinct, check_outside, check_output_file, check_output_files, file_ids, folder_for, output_stems
+from machinery.checkpoint import load_chosen
+from machinery.cli import add_inference_flags
+from machinery.files import (
+    atomic_path,
+    check_distinct,
+    check_output_file,
+    check_output_files,
+    check_outside,
+    file_ids,
+    folder_for,
+    output_stems,
+)
 from machinery.images import list_images, save_image
-from metrics import METRICS, mean, means, measure, metric_labels
-from model import NETWORKS, UPSAMPLE_STAGES, count_parameters
-from resize import DEGRADATIONS, degradation_label, resize_bicubic
-from machinery.precision import PRECISIONS, choose_precision
+from machinery.precision import choose_precision
 from machinery.upscale import DEFAULT_TILE, describe_tiling, upscale
+from metrics import METRICS, mean, means, measure, metric_labels
+from model import count_parameters
+from resize import DEGRADATIONS, degradation_label, resize_bicubic
 from utils import REPO, UserError, make_parser, non_negative_int, plural, positive_int, run_cli, select_device, warn
 
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
@@ -44,8 +54,9 @@ BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
 
 def protocol(scale: int, crop_border: int, y_channel: bool, degradation: str = "pil",
              self_ensemble: bool = False) -> str:
-    return (f"x{scale}, LR = {degradation_label(degradation)} of the modcropped HR, {'Y (BT.601)' if y_channel else 'RGB'}, "
-            f"crop border {crop_border}, uint8 output, SSIM 11x11 Gaussian sigma 1.5, mean over images"
+    return (f"x{scale}, LR = {degradation_label(degradation)} of the modcropped HR, "
+            f"{'Y (BT.601)' if y_channel else 'RGB'}, crop border {crop_border}, uint8 output, "
+            f"SSIM 11x11 Gaussian sigma 1.5, mean over images"
             f"{', self-ensemble x8' if self_ensemble else ''}")
 
 
@@ -55,19 +66,21 @@ def evaluate(model, pairs, crop_border: int, channels=("rgb",), tile: int = DEFA
     """Super-resolve every (name, hr, lr) pair, measure it and bicubic upsampling; the per-image rows.
 
     Each row: name, width, height, sr_seconds (the network's time), the model's metrics
-    (metrics.measure) and the same for bicubic with the prefix bicubic_. `outputs`: name -> (SR image path, comparison panel
-    path), either None where not wanted (`output_plan`).
+    (metrics.measure) and the same for bicubic with the prefix bicubic_. `outputs`: name -> (SR
+    image path, comparison panel path), either None where not wanted (`output_plan`).
     """
     rows = []
     # A context manager: an error (an unreadable image) clears the bar before it is printed.
-    with tqdm(pairs, desc="evaluating", unit="img", leave=False, total=count, disable=None) as bar:  # None: a terminal's only
+    # disable=None: a bar on a terminal only.
+    with tqdm(pairs, desc="evaluating", unit="img", leave=False, total=count, disable=None) as bar:
         for name, hr, lr in bar:
             start = time.perf_counter()
             sr = upscale(model, lr, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
             seconds = time.perf_counter() - start
             bicubic = resize_bicubic(lr, hr.shape[1], hr.shape[0])
             row = ({"name": name, "width": hr.shape[1], "height": hr.shape[0], "sr_seconds": seconds}
-                   | measure(sr, hr, crop_border, channels) | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
+                   | measure(sr, hr, crop_border, channels)
+                   | measure(bicubic, hr, crop_border, channels, prefix="bicubic_"))
             sr_path, compare_path = (outputs or {}).get(name, (None, None))
             if sr_path is not None:
                 with folder_for(sr_path):
@@ -109,9 +122,9 @@ def comparison(hr: np.ndarray, lr: np.ndarray, sr: np.ndarray, bicubic: np.ndarr
     gap, text = 4, 16
     panel = Image.new("RGB", (4 * size + 3 * gap, size + text), "white")
     draw = ImageDraw.Draw(panel)
-    for i, (tile, label) in enumerate(zip(tiles, labels)):
+    for i, (tile, caption) in enumerate(zip(tiles, labels)):
         panel.paste(Image.fromarray(tile), (i * (size + gap), 0))
-        draw.text((i * (size + gap) + 2, size + 2), label, fill="black")
+        draw.text((i * (size + gap) + 2, size + 2), caption, fill="black")
     return panel
 
 
@@ -263,7 +276,8 @@ def evaluate_sets(args, model, info: dict, sets: list, plan: dict, precision: st
         table.append({"set": name, "network": info["arch"], "scale": f"x{scale}", "precision": precision,
                       "images": len(rows), "bicubic RGB": cells(means(rows, "bicubic_")), "RGB": cells(means(rows)),
                       "bicubic Y": cells(means(rows, "bicubic_", "_y")), "Y": cells(means(rows, "", "_y")),
-                      "parameters": f"{count_parameters(model):,}", "train h": f"{seconds / 3600:.2f}" if seconds is not None else "-",
+                      "parameters": f"{count_parameters(model):,}",
+                      "train h": f"{seconds / 3600:.2f}" if seconds is not None else "-",
                       "MP/s": f"{megapixels / sum(r['sr_seconds'] for r in rows):.3f}"})
     return all_rows, table
 
@@ -296,23 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a folder holding any of {', '.join(BENCHMARK_SETS)}: evaluate those instead")
     parser.add_argument("--paper", action="store_true",
                         help="the published protocol: --degradation matlab, --y_channel, crop border = scale")
-    parser.add_argument("--scale", type=int, nargs="+", action="extend", choices=sorted(UPSAMPLE_STAGES), default=None,
-                        help="evaluate the shipped checkpoint of each scale given, one table row each (shipped: "
-                             f"{shipped_names()}); None: x4; beside --checkpoint, one "
-                             "scale, which the checkpoint's must be")
-    parser.add_argument("--arch", nargs="+", action="extend", choices=NETWORKS, default=None,
-                        help=f"evaluate the shipped checkpoint of each network given (shipped: {shipped_names(None)}), "
-                             "one table row each; None: resshuffle; beside --checkpoint, one network, which the "
-                             "checkpoint's must be")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint to evaluate; None: checkpoints/<arch>_x<scale>.safetensors")
+    add_inference_flags(parser, several=True, precision="fp32")
     parser.add_argument("--markdown", action="store_true", help="print the table of means as a Markdown table")
-    parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
     parser.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="how LR images are made")
     parser.add_argument("--crop_border", type=non_negative_int, default=None,
                         help="pixels not measured at each edge; None: the scale")
     parser.add_argument("--y_channel", action="store_true", help="per-image table and gain in BT.601 luma")
-    parser.add_argument("--self_ensemble", action="store_true", help="average the 8 flips/rotations (x8 time)")
     parser.add_argument("--per_image", action="store_true", help="per-image tables for several sets too")
     parser.add_argument("--csv", default=None, help="write the per-image table to this CSV file")
     parser.add_argument("-o", "--output", "--save_dir", dest="save_dir", default=None,
@@ -323,13 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
     parser.add_argument("--max_images", "--max_val_images", dest="max_images", type=non_negative_int, default=0,
                         help="first N images of each set only (0: all)")
-    parser.add_argument("--tile", type=non_negative_int, default=DEFAULT_TILE, help="LR tile size (0: whole image)")
-    parser.add_argument("--tile_pad", type=non_negative_int, default=None,
-                        help="LR context around each tile; None: the receptive-field radius, same result as whole")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
-                        help="autocast precision; fp32 gives the same figures on every machine (auto: bf16 or fp16 "
-                             "where the device runs it natively, as infer.py); several: a table row each")
     return parser
 
 

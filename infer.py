@@ -17,9 +17,10 @@ is upscaled with bicubic and kept; the EXIF orientation is applied; the ICC colo
 and EXIF are kept where the format carries them; CMYK becomes RGB; 16-bit images are read and
 written as 8-bit (the network works on 8-bit images) and infer says so. In a folder, a file
 that can't be read is reported and skipped, and the exit status is 1. The network comes
-from the checkpoint (--arch and --scale pick a shipped one). The image is processed in LR tiles of --tile pixels (faster on CPU than
-whole images, a fraction of the memory, and with the default --tile_pad the same result), in
-bf16 where the processor runs it natively (--precision fp32 for the exact result).
+from the checkpoint (--arch and --scale pick a shipped one). The image is processed in LR
+tiles of --tile pixels (faster on CPU than whole images, a fraction of the memory, and with
+the default --tile_pad the same result), in bf16 where the processor runs it natively
+(--precision fp32 for the exact result).
 
 A video INPUT (.mp4 .m4v .mov .mkv .webm .avi .ts .mts .m2ts .flv .mpg .mpeg .wmv .ogv .3gp;
 given as the INPUT file: a folder run takes images only) becomes <name>_x<scale>.mp4, .m4v,
@@ -40,16 +41,33 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from machinery.checkpoint import load_chosen, shipped_names
-from machinery.files import (check_distinct, check_outputs_outside_inputs, check_outside, check_output_files, file_ids, folder_for,
-                   output_stems)
+from machinery.checkpoint import load_chosen
+from machinery.cli import add_inference_flags
+from machinery.files import (
+    check_distinct,
+    check_output_files,
+    check_outputs_outside_inputs,
+    check_outside,
+    file_ids,
+    folder_for,
+    output_stems,
+)
 from machinery.images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, write_format
-from model import NETWORKS, UPSAMPLE_STAGES
-from machinery.precision import PRECISIONS, choose_precision
-from machinery.upscale import DEFAULT_TILE, describe_tiling, upscale_image
-from utils import UserError, make_parser, non_negative_int, plural, run_cli, select_device, warn
-from machinery.video import (DEFAULT_CRF, VIDEO_EXTENSIONS, Interrupted, check_encodable, frame_span, is_video, output_path,
-                   probe, rehearse, upscale_video)
+from machinery.precision import choose_precision
+from machinery.upscale import describe_tiling, upscale_image
+from machinery.video import (
+    DEFAULT_CRF,
+    VIDEO_EXTENSIONS,
+    Interrupted,
+    check_encodable,
+    frame_span,
+    is_video,
+    output_path,
+    probe,
+    rehearse,
+    upscale_video,
+)
+from utils import UserError, make_parser, plural, run_cli, select_device, warn
 
 
 def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
@@ -131,8 +149,8 @@ def main(args):
         return print(f"{input_path}: every output exists already; nothing to do")
     precision, _ = choose_precision(args.precision, device)
     print(describe_network(model, info, path, args))
-    options = dict(tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, quality=args.quality,
-                   precision=precision)
+    options = {"tile": args.tile, "tile_pad": args.tile_pad, "self_ensemble": args.self_ensemble,
+               "quality": args.quality, "precision": precision}
     if len(pairs) == 1:
         return upscale_file(model, *pairs[0], **options)
     failed = []
@@ -203,32 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output file (with an image extension; a video's: .mp4 .m4v .mov .mkv) or folder "
                              "(without); "
                              "None: beside the input file, or <INPUT>_x<scale>/ for a folder")
-    parser.add_argument("--scale", type=int, choices=sorted(UPSAMPLE_STAGES), default=None,
-                        help="use the shipped checkpoint of this scale (shipped: "
-                             f"{shipped_names()}); None: x4; beside --checkpoint, the "
-                             "checkpoint's scale must be this one")
-    parser.add_argument("--arch", choices=NETWORKS, default=None,
-                        help=f"use the shipped checkpoint of this network (shipped: {shipped_names(None)}); "
-                             "None: resshuffle; beside --checkpoint, the checkpoint's network must be this one")
-    parser.add_argument("--checkpoint", default=None,
-                        help="the network and its weights; None: checkpoints/<arch>_x<scale>.safetensors")
+    add_inference_flags(parser, precision="auto")
     parser.add_argument("--recursive", action="store_true", help="a folder INPUT: its subfolders too, mirrored")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
     existing.add_argument("--skip_existing", action="store_true",
                         help="leave out inputs whose output exists (finish a folder run that was stopped)")
     parser.add_argument("--quality", type=quality, default=95, help="JPEG and WebP quality, 1-100")
-    parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
-    parser.add_argument("--self_ensemble", action="store_true",
-                        help="average the outputs for the 8 flips/rotations (EDSR's x8; 8 times slower)")
-    parser.add_argument("--tile", type=non_negative_int, default=DEFAULT_TILE, help="LR tile size (0: whole image)")
-    parser.add_argument("--tile_pad", type=non_negative_int, default=None,
-                        help="LR context around each tile; None: the receptive-field radius, same result as whole")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="autocast precision; auto: bf16 where the device runs it natively (CUDA 8.0+, a CPU "
-                             "with AVX512-BF16 or AMX), fp16 on older GPUs, else fp32 (exact; bf16 moves a few "
-                             "output values by one level)")
     parser.add_argument("--crf", type=crf, default=DEFAULT_CRF,
                         help="a video's H.264 quality, 0-51, lower is better (x264's CRF); 17: visually lossless")
     parser.add_argument("--frames", type=frames, default=None, metavar="START:STOP",

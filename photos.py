@@ -183,7 +183,7 @@ def check_tools(rows: list[dict]) -> None:
 
 def run_tool(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`command`'s completed process, its output captured as text."""
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
 
 
 def one_line(text: str, first: bool = False) -> str:
@@ -243,7 +243,7 @@ def extract_deb(deb: Path, paths: list[str], root: Path) -> None:
     dpkg = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     tar = subprocess.run(["tar", "-x", "--no-same-owner", "-C", str(root), "-T", str(members)],
-                         stdin=dpkg.stdout, capture_output=True, text=True)
+                         stdin=dpkg.stdout, capture_output=True, text=True, check=False)
     dpkg.stdout.close()
     dpkg_error = dpkg.stderr.read().decode(errors="replace")
     dpkg.stderr.close()
@@ -358,8 +358,8 @@ def read_manifest(path: Path, overwrite: bool = False) -> dict[str, dict]:
 def write_manifest(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(f"# Pillow {PIL.__version__}\n")
-        for values in [MANIFEST_COLUMNS, *([row[c] for c in MANIFEST_COLUMNS] for row in rows)]:
-            f.write("\t".join(values) + "\n")
+        table = [MANIFEST_COLUMNS, *([row[c] for c in MANIFEST_COLUMNS] for row in rows)]
+        f.writelines("\t".join(values) + "\n" for values in table)
 
 
 # ---------------------------------------------------------------- the script

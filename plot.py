@@ -43,7 +43,8 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("log", help="a run's log.csv")
     parser.add_argument("-o", "--output", default=None,
-                        help="the PNG to write; None: <log name>_curves.png beside the log (log_curves.png for a run's)")
+                        help="the PNG to write; None: <log name>_curves.png beside the log "
+                             "(log_curves.png for a run's)")
     parser.add_argument("--bicubic", type=float, default=None,
                         help="bicubic's validation PSNR, drawn as a line; None: the log's bicubic_psnr column")
     parser.add_argument("--overwrite", action="store_true", help="replace the PNG if it exists")

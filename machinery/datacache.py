@@ -33,11 +33,12 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
-from . import images
 import resize
-from .files import atomic_path
-from .images import image_size
 from utils import UserError, plural, warn
+
+from . import images
+from .files import atomic_path, make_dir
+from .images import image_size
 
 FORMAT = 2  # what the file holds and how it is laid out; another FORMAT is another name
 MAGIC = b"ResShuffle data cache\n\0\0"
@@ -195,14 +196,8 @@ def cache_folder(cache_dir: str | Path) -> Path:
         folder = Path(cache_dir).expanduser()
     except RuntimeError as e:  # ~nosuchuser
         raise UserError(f"{cache_dir}: --data_cache: {e}") from None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{folder}: --data_cache names something that is not a folder") from None
-    except OSError as e:
-        raise UserError(f"{folder}: can't make the data cache folder ({e.strerror}); pass --data_cache with a "
-                        f"writable folder, or --data_cache none to decode into memory") from None
-    return folder
+    return make_dir(folder, what="the data cache folder",
+                    hint="; pass --data_cache with a writable folder, or --data_cache none to decode into memory")
 
 
 class build_lock:

@@ -118,15 +118,16 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-def make_dir(path: str | Path) -> Path:
-    """mkdir -p, with a one-line error when it can't be made."""
+def make_dir(path: str | Path, what: str = "folder", hint: str = "") -> Path:
+    """mkdir -p, with a one-line error when it can't be made: `what` names the folder in it
+    ("the data cache folder"), and `hint` ends it (what to pass instead)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise UserError(f"{path}: is a file, not a folder") from None
+        raise UserError(f"{path}: is a file, not a folder{hint}") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot create folder ({e.strerror})") from None
+        raise UserError(f"{path}: cannot create {what} ({e.strerror}){hint}") from None
     return path
 
 
@@ -278,7 +279,7 @@ def lock_folder(folder: Path):
     except ImportError:
         return None
     try:
-        f = open(folder / ".lock", "a")
+        f = open(folder / ".lock", "a")  # noqa: SIM115 (held open by the caller: the lock lasts as long)
     except OSError as e:
         raise UserError(f"{folder / '.lock'}: can't be opened as a lock file ({e.strerror})") from None
     try:

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from .files import atomic_path
 from utils import UserError, warn
+
+from .files import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -77,15 +78,14 @@ def open_image(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     quiet_bomb_warnings()
-    with readable(path):
-        with Image.open(path) as img:
-            # An MPO's second frame is the camera's preview of the first, not more content.
-            frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
-            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
-                warn(f"{path}: {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} megapixels) is above "
-                     f"PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.1f}; decoding it anyway")
-            img.load()
-            upright = ImageOps.exif_transpose(img)
+    with readable(path), Image.open(path) as img:
+        # An MPO's second frame is the camera's preview of the first, not more content.
+        frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
+        if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+            warn(f"{path}: {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} megapixels) is above "
+                 f"PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.1f}; decoding it anyway")
+        img.load()
+        upright = ImageOps.exif_transpose(img)
     if frames > 1:
         warn(f"{path}: has {frames} frames; only the first is used")
     return upright
@@ -107,10 +107,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
     so callers can check every input's size before any work."""
     path = Path(path)
     quiet_bomb_warnings()
-    with readable(path):
-        with Image.open(path) as img:
-            width, height = img.size
-            turned = header_orientation(img) in QUARTER_TURNS
+    with readable(path), Image.open(path) as img:
+        width, height = img.size
+        turned = header_orientation(img) in QUARTER_TURNS
     return (height, width) if turned else (width, height)
 
 
@@ -137,7 +136,7 @@ def image_metadata(img: Image.Image) -> dict:
         tags = Image.Exif()
         try:
             tags.load(exif)
-        except Exception:  # PIL raises SyntaxError, ValueError, struct.error... for malformed EXIF
+        except Exception:  # noqa: BLE001 (PIL raises SyntaxError, ValueError, struct.error... for malformed EXIF)
             return {"icc_profile": img.info.get("icc_profile") or None, "exif": None}
         if tags.get(ExifTags.Base.Orientation, 1) != 1:
             tags[ExifTags.Base.Orientation] = 1

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from utils import warn
+
 from .images import to_rgb8
 from .precision import autocast
-from utils import warn
 
 # Tiled is the default: on CPU it measured as fast as whole images or faster, in a fraction of
 # the memory (benchmark.py); with the default padding the output is the same.

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import TINY, ResShuffle, assert_one_line_error, run_main, run_script, smooth_image
 from PIL import Image
 
 import evaluate
 import infer
 from machinery import upscale as upscale_module
 from machinery.checkpoint import load_model, save_checkpoint
-from conftest import TINY, ResShuffle, assert_one_line_error, run_main, run_script, smooth_image
 from machinery.upscale import upscale
 
 
@@ -83,7 +83,7 @@ def test_a_folder_with_bad_files_writes_the_others_and_fails_naming_them(tiny_ch
     broken_files(folder, photo)
     photo.save(folder / "good.png")
     photo.save(folder / "good.jpg")  # same stem: the outputs must not overwrite each other
-    code, out, err = run_main(infer, folder, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint)
+    code, _, err = run_main(infer, folder, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint)
     assert code == 1 and "4 of 6 images failed, the other 2 were written" in err and "Traceback" not in err
     for name in ["empty.png", "cut.png", "cut.jpg", "text.png"]:
         assert f"skipped: {folder / name}: not a readable image" in err
@@ -190,7 +190,8 @@ def test_checkpoints_that_are_not_usable_say_what_they_hold(tmp_path, photo):
         "no_width.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, arch="edsr_baseline", num_features=0,
                                                                         num_residuals=10 ** 6)},
                         "do not describe a network (num_features must be >= 1"),
-        "overflowing.pt": ({"model": x2.state_dict(), "model_args": dict(arch="espcn", scale=4, num_features=10 ** 18)},
+        "overflowing.pt": ({"model": x2.state_dict(), "model_args": {"arch": "espcn", "scale": 4,
+                                                                         "num_features": 10 ** 18}},
                            "do not describe a network (Storage size calculation overflowed"),
         "nested_args.pt": ({"model": x2.state_dict(), "model_args": dict(TINY, scale=[[[2]]])},
                            "its model_args are not a network's options"),
@@ -272,5 +273,6 @@ def test_a_folder_run_on_a_full_disk_says_none_was_written(tiny_checkpoint, tmp_
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Image.Image, "save", full)
     code, _, err = run_main(infer, tmp_path / "in", "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint)
-    assert code == 1 and err.strip().splitlines()[-1].endswith("2 of 2 images failed, none was written: a.png, b.png"), err
+    last_line = err.strip().splitlines()[-1]
+    assert code == 1 and last_line.endswith("2 of 2 images failed, none was written: a.png, b.png"), err
     assert not (tmp_path / "out").exists()

@@ -8,14 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from machinery import datacache
-from machinery import images
-import train
 from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
-from dataset import EpochSampler, PatchLoader, TrainDataset
+from PIL import Image
 from test_lose_nothing import run_with_file_size_limit
+
+import train
+from dataset import EpochSampler, PatchLoader, TrainDataset
+from machinery import datacache, images
 from utils import UserError
 
 
@@ -28,6 +27,12 @@ def epoch_batches(data, epoch: int) -> list:
     sampler = EpochSampler(data, seed=0)
     sampler.set_epoch(epoch)
     return [t for batch in PatchLoader(data, sampler, batch_size=4, num_workers=2) for t in batch]
+
+
+def one_epoch_on(photos, tmp_path, *flags) -> list:
+    """train.py's flags for one tiny epoch on `photos`, validated on tmp_path/val, its runs in tmp_path/runs."""
+    return ["--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
+            "--num_epochs", "1", *TINY_RUN, *flags]
 
 
 def cache_files(folder) -> list[str]:
@@ -180,20 +185,18 @@ def test_a_file_of_another_kind_under_the_cache_name_is_refused_and_kept(photos,
     cache.mkdir()
     path = cache / datacache.cache_name(photos, again_source(photos))
     path.write_bytes(b"a user's own file")
-    code, _, err = run_main(train, "--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
-                            "--data_cache", cache, "--num_epochs", "1", *TINY_RUN)
+    code, _, err = run_main(train, *one_epoch_on(photos, tmp_path, "--data_cache", cache))
     assert_one_line_error(code, err, f"{path}: not a ResShuffle data cache", "--data_cache")
     assert path.read_bytes() == b"a user's own file"
 
 
-@pytest.mark.parametrize("where, needle", [("file", "names something that is not a folder"),
-                                           ("below a file", "can't make the data cache folder")])
+@pytest.mark.parametrize("where, needle", [("file", "is a file, not a folder"),
+                                           ("below a file", "cannot create the data cache folder")])
 def test_a_cache_folder_that_cannot_be_made_is_one_line(photos, tmp_path, where, needle):
     (tmp_path / "file").write_text("x")
     folder = tmp_path / "file" if where == "file" else tmp_path / "file" / "cache"
-    code, _, err = run_main(train, "--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
-                            "--data_cache", folder, "--num_epochs", "1", *TINY_RUN)
-    assert_one_line_error(code, err, str(folder), needle)
+    code, _, err = run_main(train, *one_epoch_on(photos, tmp_path, "--data_cache", folder))
+    assert_one_line_error(code, err, str(folder), needle, "--data_cache")
 
 
 def test_a_disk_without_room_for_the_cache_is_refused_before_decoding(photos, tmp_path, monkeypatch):
@@ -207,21 +210,18 @@ def test_a_disk_without_room_for_the_cache_is_refused_before_decoding(photos, tm
 @pytest.mark.slow
 def test_a_full_disk_while_building_is_one_line_and_leaves_no_cache(photos, tmp_path):
     cache = tmp_path / "cache"
-    result = run_with_file_size_limit(["--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
-                                       "--data_cache", cache, "--num_epochs", "1", *TINY_RUN], 20_000)
+    result = run_with_file_size_limit(one_epoch_on(photos, tmp_path, "--data_cache", cache), 20_000)
     assert_one_line_error(result.returncode, result.stderr, ".cache: could not be written", "nothing was written")
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # no temporary either
 
 
 def test_the_default_cache_is_in_the_per_user_cache_folder(photos, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    code, out, err = run_main(train, "--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir", tmp_path / "runs",
-                              "--run_name", "default", "--num_epochs", "1", *TINY_RUN)
+    code, out, err = run_main(train, *one_epoch_on(photos, tmp_path, "--run_name", "default"))
     assert code == 0, err
     folder = tmp_path / "xdg" / "resshuffle" / "data"
     assert f"data cache: built {folder / cache_files(folder)[0]}" in out
-    code, out, err = run_main(train, "--train_dir", photos, "--val_dir", tmp_path / "val", "--checkpoint_dir", tmp_path / "runs",
-                              "--run_name", "none", "--num_epochs", "1", "--data_cache", "none", *TINY_RUN)
+    code, out, err = run_main(train, *one_epoch_on(photos, tmp_path, "--run_name", "none", "--data_cache", "none"))
     assert code == 0 and "data cache" not in out, err
 
 
@@ -260,17 +260,17 @@ def test_something_else_under_the_cache_name_is_refused_in_one_line_and_left_alo
         os.mkfifo(path)  # opening it would wait for a writer forever
     else:
         path.symlink_to(tmp_path / "nowhere")
-    code, _, err = run_main(train, "--train_dir", photos, "--val_dir", make_images(tmp_path / "val"), "--checkpoint_dir",
-                            tmp_path / "runs", "--data_cache", cache, "--num_epochs", "1", *TINY_RUN)
+    code, _, err = run_main(train, *one_epoch_on(photos, tmp_path, "--data_cache", cache))
     what = {"folder": "a folder", "fifo": "not a regular file", "dangling link": "a link"}[kind]
     assert_one_line_error(code, err, f"{path}: {what}, not a data cache train.py made")
     assert path.is_symlink() if kind == "dangling link" else path.exists()
 
 
-@pytest.mark.parametrize("flag, code, needle", [("", 2, "--data_cache: empty"), ("~nosuchuser_x/c", 1, "~nosuchuser_x/c")])
+@pytest.mark.parametrize("flag, code, needle", [("", 2, "--data_cache: empty"),
+                                                ("~nosuchuser_x/c", 1, "~nosuchuser_x/c")])
 def test_a_data_cache_flag_that_names_no_folder_is_one_line(image_dir, tmp_path, flag, code, needle):
-    got, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path / "runs",
-                           "--data_cache", flag, "--num_epochs", "1", *TINY_RUN)
+    got, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir,
+                           "--checkpoint_dir", tmp_path / "runs", "--data_cache", flag, "--num_epochs", "1", *TINY_RUN)
     assert got == code and len([line for line in err.splitlines() if "error" in line]) == 1, err
     assert needle in err and "Traceback" not in err
 

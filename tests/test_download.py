@@ -9,11 +9,11 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_main, smooth_image
 from PIL import Image
 
 import download
 import evaluate
-from conftest import assert_one_line_error, run_main, smooth_image
 
 
 def make_zip(name: str, count: int, seed: int) -> bytes:
@@ -166,7 +166,8 @@ def test_a_zip_that_does_not_hold_the_set_is_not_extracted(div2k, tmp_path, monk
 
 
 def test_missing_div2k_folders_say_how_to_get_them(tmp_path, tiny_checkpoint):
-    code, _, err = run_main(evaluate, "--data_dir", tmp_path / "data" / "DIV2K_valid_HR", "--checkpoint", tiny_checkpoint)
+    code, _, err = run_main(evaluate, "--data_dir", tmp_path / "data" / "DIV2K_valid_HR",
+                            "--checkpoint", tiny_checkpoint)
     assert code == 1 and f"get DIV2K with: python download.py --root {tmp_path / 'data'}" in err
 
 
@@ -176,7 +177,8 @@ def test_a_url_base_that_is_not_http_is_one_line(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize("url, reason", [("http://[::1", "Invalid IPv6 URL"), ("http://localhost:99999", "Port out of range")])
+@pytest.mark.parametrize("url, reason", [("http://[::1", "Invalid IPv6 URL"),
+                                         ("http://localhost:99999", "Port out of range")])
 def test_a_url_base_that_is_not_an_address_is_one_line(tmp_path, url, reason):
     code, _, err = run_main(download, "--root", tmp_path / "data", "--url_base", url)
     assert_one_line_error(code, err, f"--url_base {url}: not a valid address ({reason}")
@@ -238,7 +240,8 @@ def test_a_server_that_sends_nothing_is_retried_then_leaves_no_empty_part(tmp_pa
     root = tmp_path / "data"
     code, out, err = run_main(download, "--root", root, "--url_base", "http://127.0.0.1:1/mirror",
                               "--sets", "DIV2K_valid_HR")
-    assert code == 1 and len(attempts) == download.RETRIES + 1 and out.count("closed early; retrying") == download.RETRIES
+    assert code == 1 and len(attempts) == download.RETRIES + 1
+    assert out.count("closed early; retrying") == download.RETRIES
     assert f"{download.RETRIES + 1} failed attempts, last: closed early" in err and "resume" not in err
     assert not root.exists()  # the empty .part went, and then the --root this run made
 

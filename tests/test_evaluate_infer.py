@@ -3,11 +3,11 @@ import csv
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, ResShuffle, run_script, smooth_image
 from PIL import Image
 
 from machinery import upscale as upscale_module
 from machinery.checkpoint import load_model, save_checkpoint
-from conftest import TINY, ResShuffle, run_script, smooth_image
 from machinery.upscale import upscale
 from utils import UserError
 
@@ -82,7 +82,8 @@ def test_missing_checkpoint_and_input_are_one_line_errors(tiny_checkpoint, tmp_p
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
     for args, message in [((src, "--checkpoint", tmp_path / "none.pt"), "no such checkpoint"),
                           ((tmp_path / "missing.png", "--checkpoint", tiny_checkpoint), "no such file"),
-                          ((src, "--checkpoint", src), "not a PyTorch checkpoint (neither a zip, a pickle nor a safetensors file)")]:
+                          ((src, "--checkpoint", src),
+                           "not a PyTorch checkpoint (neither a zip, a pickle nor a safetensors file)")]:
         result = run_script("infer.py", *args, check=False)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

@@ -4,10 +4,10 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import smooth_image
 from PIL import ExifTags, Image, ImageCms, ImageFile
 
 from machinery import images
-from conftest import smooth_image
 from utils import UserError
 
 ORIENTATION = ExifTags.Base.Orientation

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY_RUN, assert_one_line_error, make_images, read_log, run_main, smooth_image
 from PIL import Image
 
 import train
 from machinery.checkpoint import load_checkpoint, save_checkpoint
-from conftest import ROOT, TINY_RUN, assert_one_line_error, make_images, read_log, run_main, smooth_image
 from machinery.files import lock_folder
+from utils import UserError
 
 
 def train_args(image_dir, runs, name="r", *extra):
@@ -41,11 +42,11 @@ def snapshot(folder):
 def test_a_new_run_never_writes_into_a_folder_that_holds_a_run(one_epoch, image_dir):
     runs, folder = one_epoch
     before = snapshot(folder)
-    code, out, err = run_main(train, *train_args(image_dir, runs, "r", "--num_epochs", "1", "--seed", "1"))
+    code, _, err = run_main(train, *train_args(image_dir, runs, "r", "--num_epochs", "1", "--seed", "1"))
     assert_one_line_error(code, err, folder, "holds a run already", f"--resume {folder / 'last.pt'}", "--overwrite")
     assert "decoding" not in err and snapshot(folder) == before  # refused before any work
     # Asked explicitly, a new run replaces it.
-    code, out, err = run_main(train, *train_args(image_dir, runs, "r", "--num_epochs", "1", "--seed", "1",
+    code, _, err = run_main(train, *train_args(image_dir, runs, "r", "--num_epochs", "1", "--seed", "1",
                                                  "--overwrite"))
     assert code == 0, err
     assert load_checkpoint(folder / "last.pt")["args"]["seed"] == 1 and len(read_log(folder)) == 1
@@ -75,7 +76,7 @@ def test_a_run_name_stays_inside_the_checkpoint_folder(image_dir, tmp_path):
 # ---------------------------------------------------------------- resume and export
 
 def test_resume_from_best_pt_is_refused_instead_of_rewinding_the_run(one_epoch, image_dir):
-    runs, folder = one_epoch
+    _, folder = one_epoch
     code, _, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "2")
     assert code == 0, err
     before = snapshot(folder)
@@ -86,7 +87,7 @@ def test_resume_from_best_pt_is_refused_instead_of_rewinding_the_run(one_epoch, 
 
 
 def test_export_never_replaces_a_run_checkpoint_and_asks_before_replacing_an_export(one_epoch, tmp_path):
-    runs, folder = one_epoch
+    _, folder = one_epoch
     before = snapshot(folder)
     code, _, err = run_main(train, "--export", folder / "last.pt", folder / "last.pt")
     assert_one_line_error(code, err, folder / "last.pt", "is the checkpoint being exported")
@@ -115,13 +116,13 @@ def run_with_file_size_limit(args, limit_bytes):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
     return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, preexec_fn=limit)
+                          timeout=300, preexec_fn=limit, check=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("room, failing", [("log", "log.csv: "), ("checkpoint", ".pt: ")])
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint_and_the_log(one_epoch, room, failing):
-    runs, folder = one_epoch
+    _, folder = one_epoch
     before = snapshot(folder)
     # Room for the log as it is, not for one more row; or for the log, not a checkpoint.
     limit = len(before["log.csv"]) + 10 if room == "log" else 20_000
@@ -140,11 +141,12 @@ def test_a_failed_torch_save_says_the_disk_is_full(tmp_path, monkeypatch):
     before = (tmp_path / "last.pt").read_bytes()
 
     def full(obj, f):
-        open(f, "wb").write(b"PK\x03\x04partial")
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04partial")
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore lines")
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr("shutil.disk_usage", lambda p: SimpleNamespace(free=0))
-    with pytest.raises(Exception) as e:
+    with pytest.raises(UserError) as e:
         save_checkpoint({"model": {}, "model_args": {}}, tmp_path / "last.pt")
     assert str(e.value) == (f"{tmp_path / 'last.pt'}: could not be written (the write failed: unexpected pos 64 vs 0; "
                             f"the disk is "
@@ -155,7 +157,7 @@ def test_a_failed_torch_save_says_the_disk_is_full(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- odd data and flags
 
 def test_a_mid_epoch_resume_with_a_smaller_training_set_starts_that_epoch_over(one_epoch, tmp_path):
-    runs, folder = one_epoch
+    _, folder = one_epoch
     state = load_checkpoint(folder / "last.pt")
     state.update(epoch=0, step=2, loss_sum=0.2)  # as if stopped in epoch 1 after step 2 of 3
     save_checkpoint(state, folder / "last.pt")
@@ -239,7 +241,7 @@ def test_a_lock_file_that_cannot_be_opened_is_one_line(image_dir, tmp_path):
 
 
 def test_export_makes_the_missing_folders_of_its_output(one_epoch, tmp_path):
-    runs, folder = one_epoch
+    _, folder = one_epoch
     code, _, err = run_main(train, "--export", folder / "best.pt", tmp_path / "new" / "deeper" / "x4.pt")
     assert code == 0 and (tmp_path / "new" / "deeper" / "x4.pt").is_file(), err  # folders made, as everywhere
 
@@ -254,7 +256,7 @@ def test_a_run_resumes_from_any_folder(image_dir, tmp_path, monkeypatch):
 
 
 def test_a_column_the_user_added_to_the_log_is_kept(one_epoch):
-    runs, folder = one_epoch
+    _, folder = one_epoch
     rows = read_log(folder)
     with open(folder / "log.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0], "note"])
@@ -287,13 +289,13 @@ def test_a_patch_size_no_image_can_hold_is_one_line(image_dir, tmp_path):
 
 
 def test_resume_naming_a_run_folder_points_at_its_last_pt(one_epoch):
-    runs, folder = one_epoch
+    _, folder = one_epoch
     code, _, err = run_main(train, "--resume", folder, "--num_epochs", "2")
     assert_one_line_error(code, err, f"is a run's folder; name its checkpoint: {folder / 'last.pt'}")
 
 
 def test_a_users_own_tmp_file_in_the_run_folder_is_not_taken_for_a_killed_write(one_epoch):
-    runs, folder = one_epoch
+    _, folder = one_epoch
     (folder / ".notes.tmp").write_text("mine")
     code, _, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "2")
     assert code == 0 and (folder / ".notes.tmp").read_text() == "mine", err
@@ -306,7 +308,7 @@ def test_a_new_run_never_replaces_curves_or_tensorboard_files_no_run_made(image_
     (folder / "tensorboard" / "o" / "ev").write_text("x")
     Image.fromarray(smooth_image(np.random.default_rng(0), 8, 8)).save(folder / "curves.png")
     before = (folder / "curves.png").read_bytes()
-    code, out, err = run_main(train, *train_args(image_dir, tmp_path / "runs", "u", "--num_epochs", "1", *overwrite))
+    code, _, err = run_main(train, *train_args(image_dir, tmp_path / "runs", "u", "--num_epochs", "1", *overwrite))
     assert_one_line_error(code, err, "a new run would write there, and no run made it")
     assert (folder / "curves.png").read_bytes() == before and (folder / "tensorboard" / "o" / "ev").read_text() == "x"
     assert sorted(p.name for p in folder.iterdir()) == ["curves.png", "tensorboard"]
@@ -333,4 +335,5 @@ def test_a_full_disk_with_tensorboard_is_one_line_and_keeps_the_last_checkpoint(
                           f"{folder / 'last.pt'} (after epoch 2) is intact", "--resume")
     assert load_checkpoint(folder / "last.pt")["epoch"] == 2 and len(read_log(folder)) == 2
     # The sizes the limit was chosen for: the checkpoint fits, the events file ran into it.
-    assert (folder / "last.pt").stat().st_size < 160_000 == max(p.stat().st_size for p in (folder / "tensorboard").iterdir())
+    events = max(p.stat().st_size for p in (folder / "tensorboard").iterdir())
+    assert (folder / "last.pt").stat().st_size < 160_000 == events

@@ -2,13 +2,14 @@
 kept unless --overwrite, names the same for files and folders, outputs checked before any work;
 and the same help, flag names and progress in every script."""
 import fnmatch
-import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, assert_one_line_error, make_images, run_main, run_script, smooth_image
 from PIL import Image, ImageCms
 
 import benchmark
@@ -16,10 +17,9 @@ import download
 import evaluate
 import infer
 import train
-from machinery.checkpoint import load_model
 from machinery import files
+from machinery.checkpoint import load_model
 from machinery.files import temporary_prefix
-from conftest import ROOT, assert_one_line_error, make_images, run_main, run_script, smooth_image
 from machinery.upscale import upscale
 
 
@@ -244,8 +244,8 @@ def test_a_folder_run_draws_a_bar_on_a_terminal_and_none_in_a_log(tiny_checkpoin
     code, out, err = run_main(infer, data, "-o", tmp_path / "b", "--checkpoint", tiny_checkpoint, "--tile", "32",
                               "--precision", "fp32")
     assert code == 0 and err == "", err  # neither the folder's bar nor the tiles'
-    assert out.splitlines()[1:] == [f"{data / f'img{i}.png'} ({w}x{h}) -> {tmp_path / 'b' / f'img{i}_x4.png'} ({4 * w}x{4 * h})"
-                                for i, (w, h) in enumerate([(80, 64), (66, 70), (96, 96)])]
+    assert out.splitlines()[1:] == [f"{data / f'img{i}.png'} ({w}x{h}) -> {tmp_path / 'b' / f'img{i}_x4.png'} "
+                                    f"({4 * w}x{4 * h})" for i, (w, h) in enumerate([(80, 64), (66, 70), (96, 96)])]
 
 
 # ---------------------------------------------------------------- wording
@@ -292,9 +292,9 @@ def test_two_inputs_never_share_an_output(tiny_checkpoint, tmp_path):
     folder.mkdir()
     for name in ("a.png", "a.jpg", "a_png.png"):
         photo(folder / name)
-    code, out, err = run_main(infer, folder, "--checkpoint", tiny_checkpoint)
+    code, _, err = run_main(infer, folder, "--checkpoint", tiny_checkpoint)
     assert_one_line_error(code, err, "would both be written as", "a_png_x4.png; rename one of them")
-    code, out, err = run_main(evaluate, "--data_dir", folder, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "sr")
+    code, _, err = run_main(evaluate, "--data_dir", folder, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "sr")
     assert_one_line_error(code, err, "would both be written as", "a_png.png; rename one of them")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "tiny.pt"]
 
@@ -315,23 +315,23 @@ def test_set_names_and_folders_named_dot_are_distinct_and_inside_the_output(tiny
     make_images(tmp_path / "p" / "val_2")
     make_images(tmp_path / "q" / "val")
     make_images(tmp_path / "r" / "val")
-    code, out, err = run_main(evaluate, "--data_dir", tmp_path / "p/val_2", tmp_path / "q/val", tmp_path / "r/val",
+    code, _, err = run_main(evaluate, "--data_dir", tmp_path / "p/val_2", tmp_path / "q/val", tmp_path / "r/val",
                               "--checkpoint", tiny_checkpoint, "--max_images", "1", "-o", tmp_path / "sr")
     assert code == 0, err
     assert tree(tmp_path / "sr") == ["val", "val/img0.png", "val_2", "val_2/img0.png", "val_3", "val_3/img0.png"]
     monkeypatch.chdir(tmp_path / "q" / "val")
-    code, out, err = run_main(infer, ".", "--checkpoint", tiny_checkpoint)
+    code, _, err = run_main(infer, ".", "--checkpoint", tiny_checkpoint)
     assert code == 0 and tree(tmp_path / "q" / "val_x4") == ["img0_x4.png", "img1_x4.png", "img2_x4.png"], err
-    code, out, err = run_main(infer, "img0.png", "-o", "new.dir/", "--checkpoint", tiny_checkpoint)
+    code, _, err = run_main(infer, "img0.png", "-o", "new.dir/", "--checkpoint", tiny_checkpoint)
     assert code == 0 and tree(tmp_path / "q" / "val" / "new.dir") == ["img0_x4.png"], err
-    code, out, err = run_main(infer, "img0.png", "-o", "new.dir2", "--checkpoint", tiny_checkpoint)
+    code, _, err = run_main(infer, "img0.png", "-o", "new.dir2", "--checkpoint", tiny_checkpoint)
     assert_one_line_error(code, err, "unknown image extension '.dir2'", "for a folder, end the name with /")
 
 
 def test_evaluate_never_writes_into_its_data_folders(tiny_checkpoint, tmp_path):
     data = make_images(tmp_path / "val")
     for out in (data, data / "sr"):
-        code, out_text, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, "-o", out)
+        code, _, err = run_main(evaluate, "--data_dir", data, "--checkpoint", tiny_checkpoint, "-o", out)
         assert_one_line_error(code, err, "where the inputs are; the next run would read the outputs as inputs")
     assert tree(data) == ["img0.png", "img1.png", "img2.png"]
 
@@ -376,7 +376,7 @@ def test_recursive_never_reads_its_outputs_through_a_link(tiny_checkpoint, tmp_p
 def test_an_output_folder_above_the_input_folder_is_fine(tiny_checkpoint, tmp_path, monkeypatch):
     make_images(tmp_path / "in")
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_main(infer, "in", "-o", ".", "--checkpoint", tiny_checkpoint)
+    code, _, err = run_main(infer, "in", "-o", ".", "--checkpoint", tiny_checkpoint)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.glob("*_x4.png")) == ["img0_x4.png", "img1_x4.png", "img2_x4.png"]
 
@@ -386,7 +386,7 @@ def test_an_output_folder_above_the_input_folder_is_fine(tiny_checkpoint, tmp_pa
 def test_a_dangling_link_on_the_output_path_is_named_before_any_work(tiny_checkpoint, tmp_path):
     folder = make_images(tmp_path / "in")
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
-    code, out, err = run_main(infer, folder, "-o", tmp_path / "gone" / "out", "--checkpoint", tiny_checkpoint)
+    code, _, err = run_main(infer, folder, "-o", tmp_path / "gone" / "out", "--checkpoint", tiny_checkpoint)
     assert_one_line_error(code, err, tmp_path / "gone", "is a link to", "which does not exist")
     assert "skipped" not in err
 
@@ -469,10 +469,12 @@ def test_skip_existing_and_overwrite_exclude_each_other(tiny_checkpoint, tmp_pat
 
 def test_the_next_write_into_a_folder_removes_what_killed_writes_left_there(tiny_checkpoint, tmp_path, monkeypatch):
     src = photo(tmp_path / "a.png")
-    dead = int(open("/proc/sys/kernel/pid_max").read()) + 1 if os.path.exists("/proc/sys/kernel/pid_max") else 2 ** 31
+    pid_max = Path("/proc/sys/kernel/pid_max")
+    dead = int(pid_max.read_text()) + 1 if pid_max.exists() else 2 ** 31  # a process id no process has
     left = [tmp_path / f"{temporary_prefix(name).rsplit('-', 2)[0]}-{dead}-k1ll3d_x.tmp"
             for name in ("a_x4.png", "b.safetensors")]
-    kept = [tmp_path / ".a_x4.png.mine.tmp", tmp_path / f"{temporary_prefix('a_x4.png')}stillwri.tmp",  # a user's; a live writer's
+    kept = [tmp_path / ".a_x4.png.mine.tmp",  # a user's
+            tmp_path / f"{temporary_prefix('a_x4.png')}stillwri.tmp",  # a live writer's
             tmp_path / f".a_x4.png.otherhost-{dead}-k1ll3d_x.tmp"]  # another machine's, on a shared disk
     for p in [*left, *kept]:
         p.write_bytes(b"half")

@@ -2,16 +2,16 @@
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, TINY_RUN, assert_one_line_error, make_images, run_main
 
 import evaluate
 import metrics
 import train
-from machinery.checkpoint import load_model, save_checkpoint
-from machinery.checkpoint import load_checkpoint
-from conftest import TINY, TINY_RUN, assert_one_line_error, make_images, run_main
 from losses import LOSSES, WeightedLoss, charbonnier, fft, parse_loss
-from model import NETWORKS, EDSRBaseline, ESPCN, ResShuffle, build_network, network_options
+from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.upscale import describe_tiling, upscale
+from model import ESPCN, NETWORKS, EDSRBaseline, ResShuffle, build_network, network_options
+from utils import UserError
 
 
 @pytest.mark.parametrize("arch", sorted(NETWORKS))
@@ -78,10 +78,10 @@ def test_weights_of_another_network_are_refused_naming_what_differs(tmp_path):
     save_checkpoint({"model": ESPCN(scale=4).state_dict(), "model_args": {"arch": "edsr_baseline", "scale": 4}},
                     tmp_path / "y.pt")
     # A network of about the weights' size names its first mismatch; one far larger is stopped before it is built.
-    for name, needle in (("x.pt", "its weights do not match its model_args {'arch': 'espcn', 'scale': 2}: "
-                                  "body.4.weight is (48, 32, 3, 3), the network's is (12, 32, 3, 3)"),
+    for name, needle in (("x.pt", ("its weights do not match its model_args {'arch': 'espcn', 'scale': 2}: "
+                                   "body.4.weight is (48, 32, 3, 3), the network's is (12, 32, 3, 3)")),
                          ("y.pt", "describe a network far larger than the 37,200 weights it holds")):
-        with pytest.raises(Exception) as e:
+        with pytest.raises(UserError) as e:
             load_model(tmp_path / name, torch.device("cpu"))
         assert needle in str(e.value)
 
@@ -104,7 +104,8 @@ def test_a_loss_spec_is_a_weighted_sum_of_named_losses():
     assert set(LOSSES) >= {"l1", "l2", "charbonnier", "fft"}
 
 
-@pytest.mark.parametrize("spec, message", [("l3", "'l3' is not a loss (known: l1, l2"), ("x*l1", "'x' in 'x*l1' is not a number"),
+@pytest.mark.parametrize("spec, message", [("l3", "'l3' is not a loss (known: l1, l2"),
+                                           ("x*l1", "'x' in 'x*l1' is not a number"),
                                            ("0*l1", "must be a positive number"), ("l1+l1", "l1 appears twice"),
                                            ("l1+", "'' is not a loss")])
 def test_a_bad_loss_spec_is_named(spec, message):
@@ -137,7 +138,8 @@ def test_a_registered_degradation_makes_lr_images_and_names_itself(monkeypatch):
 
     def box(img, scale):
         """Box filter, the mean of each block."""
-        return img.reshape(img.shape[0] // scale, scale, img.shape[1] // scale, scale, 3).mean((1, 3)).round().astype(np.uint8)
+        blocks = img.reshape(img.shape[0] // scale, scale, img.shape[1] // scale, scale, 3)
+        return blocks.mean((1, 3)).round().astype(np.uint8)
     monkeypatch.setitem(resize.DEGRADATIONS, "box", box)
     hr = np.zeros((8, 12, 3), np.uint8)
     hr[::2, ::2] = 200
@@ -182,9 +184,9 @@ def test_evaluate_writes_images_for_one_precision_only(tmp_path):
 def test_building_a_network_stops_where_it_outgrows_the_weights():
     """Modules without parameters count too: a checkpoint can't make the loader build endless ReLUs."""
     from machinery.checkpoint import at_most
-    with pytest.raises(Exception, match="too large"), at_most(10 ** 9, 100, "too large"), torch.device("meta"):
+    with pytest.raises(UserError, match="too large"), at_most(10 ** 9, 100, "too large"), torch.device("meta"):
         torch.nn.Sequential(*[torch.nn.ReLU() for _ in range(10 ** 4)])
-    with pytest.raises(Exception, match="too large"), at_most(1000, 10 ** 9, "too large"), torch.device("meta"):
+    with pytest.raises(UserError, match="too large"), at_most(1000, 10 ** 9, "too large"), torch.device("meta"):
         torch.nn.Linear(100, 100)
     with at_most(10_100, 2, "too large"), torch.device("meta"):
         torch.nn.Linear(100, 100)  # 10,100 values, 1 module: fits

@@ -7,14 +7,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_main, run_script, terminal_lines
 
 import benchmark
 import infer
 from machinery import video
 from machinery.checkpoint import load_model
-from conftest import assert_one_line_error, run_main, run_script, terminal_lines
-from metrics import psnr
 from machinery.upscale import upscale
+from metrics import psnr
 
 av = pytest.importorskip("av")
 
@@ -90,10 +90,10 @@ def video_times(path) -> dict:
     with av.open(str(path)) as c:
         s = c.streams.video[0]
         frames = list(c.decode(s))
-        return dict(rate=s.average_rate, times=[float(f.pts * f.time_base) for f in frames],
-                    duration=video.stated_duration(s), container=c.duration, rotation=frames[0].rotation,
-                    colour=[getattr(frames[0], k) for k in ("color_primaries", "color_trc", "colorspace")],
-                    size=(frames[0].width, frames[0].height), streams=[st.type for st in c.streams])
+        return {"rate": s.average_rate, "times": [float(f.pts * f.time_base) for f in frames],
+                "duration": video.stated_duration(s), "container": c.duration, "rotation": frames[0].rotation,
+                "colour": [getattr(frames[0], k) for k in ("color_primaries", "color_trc", "colorspace")],
+                "size": (frames[0].width, frames[0].height), "streams": [st.type for st in c.streams]}
 
 
 def infer_video(*args, terminal: bool = False):
