@@ -26,14 +26,12 @@ from .onnx_export import export_onnx, require_onnx
 
 # The shipped checkpoints, by network and scale, in checkpoints/ of the repository wherever the scripts run.
 SHIPPED = {"resshuffle": (2, 3, 4), "edsr_baseline": (4,), "espcn": (4,)}
-SHIPPED_SCALES = SHIPPED[DEFAULT_ARCH]
 
 
 def shipped_checkpoint(scale: int, arch: str = DEFAULT_ARCH) -> Path:
     return REPO / "checkpoints" / f"{arch}_x{scale}.safetensors"
 
 
-SHIPPED_CHECKPOINT = shipped_checkpoint(4)  # infer.py's and evaluate.py's default
 
 
 def shipped_names(arch: str | None = DEFAULT_ARCH) -> str:

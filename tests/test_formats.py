@@ -11,10 +11,12 @@ from machinery import checkpoint as checkpoint_module
 import infer
 import train
 from machinery.onnx_export import onnx_session
-from machinery.checkpoint import SHIPPED_CHECKPOINT, SHIPPED_SCALES, load_checkpoint, load_model
+from machinery.checkpoint import SHIPPED, load_checkpoint, load_model, shipped_checkpoint
 from conftest import ROOT, TINY_RUN, ResShuffle, assert_one_line_error, run_main, smooth_image
 from machinery.upscale import upscale
 from utils import UserError
+
+X4 = shipped_checkpoint(4)  # the checkpoint infer.py and evaluate.py use by default
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,8 @@ def test_a_safetensors_file_loads_without_any_pickle(ema_run, tmp_path, monkeypa
 
 
 def test_the_shipped_checkpoint_holds_the_same_weights_in_both_formats():
-    assert SHIPPED_CHECKPOINT.suffix == ".safetensors"
-    st, pt = load_checkpoint(SHIPPED_CHECKPOINT), load_checkpoint(SHIPPED_CHECKPOINT.with_suffix(".pt"))
+    assert X4.suffix == ".safetensors"
+    st, pt = load_checkpoint(X4), load_checkpoint(X4.with_suffix(".pt"))
     assert st["model_args"] == pt["model_args"] and st["degradation"] == pt["degradation"]
     assert pt["model"] is not None
     for kind in ("model", "ema"):  # the EMA where the run kept one
@@ -96,7 +98,7 @@ def test_is_safetensors_reads_the_header_only():
 def test_torch_hub_loads_the_shipped_network_offline_from_the_clone(monkeypatch):
     monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home")  # nothing cached, nothing downloaded
     net = torch.hub.load(str(ROOT), "resshuffle", scale=4, pretrained=True, source="local")
-    expected, _ = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
+    expected, _ = load_model(X4, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
     assert not net.training
     fresh = torch.hub.load(str(ROOT), "resshuffle", scale=2, pretrained=False, source="local")
@@ -109,7 +111,7 @@ def test_torch_hub_loads_the_shipped_network_offline_from_the_clone(monkeypatch)
         torch.hub.load(str(ROOT), "resshuffle", scale=8, pretrained=True, source="local")
     with pytest.raises(ValueError, match="other model_args"):
         torch.hub.load(str(ROOT), "resshuffle", scale=4, pretrained=True, source="local", num_features=32)
-    for scale in SHIPPED_SCALES:
+    for scale in SHIPPED["resshuffle"]:
         shipped = torch.hub.load(str(ROOT), "resshuffle", scale=scale, pretrained=True, source="local")
         expected, _ = load_model(checkpoint_module.shipped_checkpoint(scale), torch.device("cpu"))
         assert shipped.scale == scale and torch.equal(shipped.tail.weight, expected.tail.weight)
@@ -149,10 +151,10 @@ def test_the_shipped_network_exports_to_onnx_within_1e_4(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
     from skimage.data import astronaut
-    code, _, err = run_main(train, "--export", SHIPPED_CHECKPOINT, tmp_path / "x4.onnx")
+    code, _, err = run_main(train, "--export", X4, tmp_path / "x4.onnx")
     assert code == 0, err
     props = onnx_properties(tmp_path / "x4.onnx")
-    model, info = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
+    model, info = load_model(X4, torch.device("cpu"))
     assert props["weights"] == info["weights"] and props["model_args"]["num_residuals"] == 16
     photo = torch.from_numpy(astronaut()[100:311, 50:383].copy()).permute(2, 0, 1)[None].float().div(255)
     session, name = onnx_session(tmp_path / "x4.onnx")
@@ -178,7 +180,7 @@ def test_an_onnx_export_of_an_ema_run_holds_the_ema_weights(ema_run, tmp_path):
 def test_onnx_export_without_the_package_is_one_line(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
-    code, _, err = run_main(train, "--export", SHIPPED_CHECKPOINT, tmp_path / "new" / "x4.onnx")
+    code, _, err = run_main(train, "--export", X4, tmp_path / "new" / "x4.onnx")
     assert_one_line_error(code, err, "ONNX export needs the onnx and onnxscript packages (onnx is missing): pip install")
     assert not (tmp_path / "new").exists()
 
@@ -192,5 +194,5 @@ def test_an_export_to_an_unknown_suffix_is_refused(ema_run, tmp_path):
 
 def test_a_pt_file_named_safetensors_loads_by_what_it_holds(tmp_path):
     renamed = tmp_path / "x4.safetensors"
-    renamed.write_bytes(SHIPPED_CHECKPOINT.with_suffix(".pt").read_bytes())
-    assert load_checkpoint(renamed)["model_args"] == load_checkpoint(SHIPPED_CHECKPOINT)["model_args"]
+    renamed.write_bytes(X4.with_suffix(".pt").read_bytes())
+    assert load_checkpoint(renamed)["model_args"] == load_checkpoint(X4)["model_args"]

@@ -9,11 +9,11 @@ from PIL import Image
 from machinery import checkpoint
 import evaluate
 import infer
-from machinery.checkpoint import SHIPPED_SCALES, checkpoint_for, load_model, save_checkpoint, shipped_checkpoint
+from machinery.checkpoint import SHIPPED, checkpoint_for, load_model, save_checkpoint, shipped_checkpoint
 from conftest import ROOT, TINY, ResShuffle, assert_one_line_error, make_images, run_main, smooth_image
 
 
-@pytest.mark.parametrize("scale", SHIPPED_SCALES)
+@pytest.mark.parametrize("scale", SHIPPED["resshuffle"])
 def test_each_shipped_checkpoint_is_a_network_of_its_scale_with_its_log(scale):
     path = checkpoint_for(None, scale)
     assert path == ROOT / "checkpoints" / f"resshuffle_x{scale}.safetensors" == shipped_checkpoint(scale)
@@ -35,7 +35,7 @@ def test_a_missing_shipped_file_says_how_to_restore_it(tmp_path, monkeypatch):
     assert_one_line_error(code, err, "no checkpoint at", "restore the shipped one", "git -C")
 
 
-@pytest.mark.parametrize("scale", SHIPPED_SCALES)
+@pytest.mark.parametrize("scale", SHIPPED["resshuffle"])
 def test_infer_scale_picks_that_checkpoint_and_says_so(scale, tmp_path):
     src = tmp_path / "a.png"
     Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
@@ -45,13 +45,13 @@ def test_infer_scale_picks_that_checkpoint_and_says_so(scale, tmp_path):
     assert Image.open(tmp_path / f"a_x{scale}.png").size == (14 * scale, 10 * scale)
 
 
-@pytest.mark.parametrize("scale", sorted({3, 8} - set(SHIPPED_SCALES)))
+@pytest.mark.parametrize("scale", sorted({3, 8} - set(SHIPPED["resshuffle"])))
 def test_a_scale_that_is_not_shipped_is_one_line_naming_the_shipped_ones(scale, tmp_path):
     src = tmp_path / "a.png"
     Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
     code, out, err = run_main(infer, src, "--scale", scale)
     assert_one_line_error(code, err, f"no resshuffle x{scale} checkpoint is shipped",
-                          "shipped: resshuffle " + ", ".join(f"x{s}" for s in SHIPPED_SCALES), f"--upscale_factor {scale}")
+                          "shipped: resshuffle " + ", ".join(f"x{s}" for s in SHIPPED["resshuffle"]), f"--upscale_factor {scale}")
     assert not (tmp_path / f"a_x{scale}.png").exists()
 
 
