@@ -71,7 +71,8 @@ class TrainDataset:
                                  cache_dir=cache_dir, num_threads=num_threads, quiet=quiet)
         skipped = [f"{p.name} ({pair})" for p, pair in zip(paths, pairs) if isinstance(pair, str)]
         skipped += [f"{p.name} ({pair[2][0]}x{pair[2][1]}, smaller than the {patch_size}px patch)"
-                    for p, pair in zip(paths, pairs) if not isinstance(pair, str) and min(pair[0].shape[:2]) < patch_size]
+                    for p, pair in zip(paths, pairs)
+                    if not isinstance(pair, str) and min(pair[0].shape[:2]) < patch_size]
         if skipped and not quiet:
             warn(f"{hr_dir}: skipping {len(skipped)} of {len(paths)} images: {'; '.join(skipped)}")
         keep = [i for i, pair in enumerate(pairs) if not isinstance(pair, str) and min(pair[0].shape[:2]) >= patch_size]

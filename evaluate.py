@@ -262,7 +262,7 @@ def evaluate_sets(args, model, info: dict, sets: list, plan: dict, precision: st
           f"{protocol(scale, crop_border, args.y_channel, args.degradation, args.self_ensemble)}")
     y = "_y" if args.y_channel else ""
     all_rows, table = [], []
-    for name, folder, paths in sets:
+    for name, _, paths in sets:
         start = time.time()
         rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
                         tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,

@@ -7,6 +7,7 @@ import math
 import numpy as np
 from PIL import Image
 
+
 def resize_bicubic(img: np.ndarray, width: int, height: int) -> np.ndarray:
     """PIL bicubic resize (antialiased when shrinking): the default degradation, and the baseline upscaler."""
     return np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))

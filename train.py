@@ -34,25 +34,51 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dataset import (
+    EpochSampler,
+    PatchLoader,
+    TrainDataset,
+    check_measurable_images,
+    count_patchable,
+    device_batch,
+    eval_pairs,
+)
+from losses import LOSSES, WeightedLoss, loss_spec
 from machinery import distributed
 from machinery.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from machinery.curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
 from machinery.datacache import default_cache_dir
 from machinery.fast import build_fast_network
-from dataset import (EpochSampler, PatchLoader, TrainDataset, check_measurable_images, count_patchable, device_batch,
-                     eval_pairs)
 from machinery.images import list_images
-from losses import LOSSES, WeightedLoss, loss_spec
+from machinery.precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
+from machinery.runs import (
+    RUN_FORMAT,
+    StopSignal,
+    append_log,
+    check_run_folder,
+    open_run_folder,
+    training_summary,
+    upgrade_run_checkpoint,
+)
+from machinery.upscale import exact_cuda, upscale
 from metrics import METRICS, format_scores, means, measure, measure_on_device, metric_labels
 from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, count_parameters, network_options
-from machinery.precision import PRECISIONS, choose_precision, grad_scaler, load_scaler_state
 from resize import DEGRADATIONS, resize_bicubic
-from machinery.runs import (RUN_FORMAT, StopSignal, append_log, check_run_folder, open_run_folder, training_summary,
-                            upgrade_run_checkpoint)
 from training import ema_decay_at, train_step, update_ema
-from machinery.upscale import exact_cuda, upscale
-from utils import (REPO, UserError, make_parser, non_negative_int, plural, positive_float, positive_int, run_cli,
-                   seed_everything, seed_int, select_device, warn)
+from utils import (
+    REPO,
+    UserError,
+    make_parser,
+    non_negative_int,
+    plural,
+    positive_float,
+    positive_int,
+    run_cli,
+    seed_everything,
+    seed_int,
+    select_device,
+    warn,
+)
 
 # What each flag is to a run. "run": defines it; kept in its checkpoint, and a resume refuses another
 # value. "session": kept too, and a resume takes the run's value unless the flag is typed again.
@@ -447,7 +473,8 @@ def announce(run: Run) -> None:
     if n > 1:
         print(f"distributed: {n} processes ({torch.distributed.get_backend()}), batch {args.batch_size} per process, "
               f"{args.batch_size * n} per step")
-    print(f"train: {plural(len(data.hr), 'image')}, {plural(len(data), 'patch', 'patches')} of {data.lr_patch * data.scale}px "
+    print(f"train: {plural(len(data.hr), 'image')}, {plural(len(data), 'patch', 'patches')} of "
+          f"{data.lr_patch * data.scale}px "
           f"per epoch, {plural(run.steps_per_epoch, 'step')} of {args.batch_size}{f' x {n}' if n > 1 else ''}; "
           f"val: {plural(run.val_count, 'image')}{f', split over the {n} processes' if n > 1 else ''}")
     print(f"val bicubic {metric_labels()}: {format_scores(run.bicubic)}")

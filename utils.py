@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-
 # Default paths (the shipped checkpoint, data/, checkpoints/) are resolved from here, not from
 # the current folder, so that the scripts work when run from anywhere.
 REPO = Path(__file__).resolve().parent

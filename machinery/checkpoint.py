@@ -133,9 +133,11 @@ def is_safetensors(head: bytes) -> bool:
 def save_safetensors(checkpoint: dict, path: Path) -> None:
     """The weights (`model.*`, and `ema.*` where the run kept them) with model_args and the
     degradation as JSON metadata, written atomically."""
-    tensors = {f"{kind}.{k}": v.contiguous() for kind in ("model", "ema") for k, v in (checkpoint.get(kind) or {}).items()}
+    tensors = {f"{kind}.{k}": v.contiguous()
+               for kind in ("model", "ema") for k, v in (checkpoint.get(kind) or {}).items()}
     metadata = {"format": "resshuffle", "model_args": json.dumps(checkpoint["model_args"]),
-                "degradation": json.dumps(checkpoint.get("degradation")), "training": json.dumps(checkpoint.get("training"))}
+                "degradation": json.dumps(checkpoint.get("degradation")),
+                "training": json.dumps(checkpoint.get("training"))}
     data = safetensors.torch.save(tensors, metadata=metadata)  # bytes: save_file would write its own temporary
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
@@ -150,8 +152,10 @@ def load_safetensors(path: Path) -> dict:
         model_args, degradation = json.loads(metadata["model_args"]), json.loads(metadata.get("degradation", "null"))
         training = json.loads(metadata.get("training", "null"))
     except (KeyError, ValueError, TypeError, OSError, RecursionError, safetensors.SafetensorError) as e:
-        raise UserError(f"{path}: not a ResShuffle safetensors file ({first_line(e) if str(e) else 'no model_args'})") from None
-    state = {kind: {k[len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(kind + ".")} for kind in ("model", "ema")}
+        why = first_line(e) if str(e) else "no model_args"
+        raise UserError(f"{path}: not a ResShuffle safetensors file ({why})") from None
+    state = {kind: {k[len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(kind + ".")}
+             for kind in ("model", "ema")}
     if not state["model"] or not isinstance(model_args, dict):
         raise UserError(f"{path}: not a ResShuffle safetensors file (no model weights or model_args)")
     return {"model": state["model"], "ema": state["ema"] or None, "model_args": model_args, "degradation": degradation,

@@ -8,16 +8,17 @@ import math
 import threading
 from pathlib import Path
 
-import numpy as np
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .files import SPACE_ERRORS, atomic_path, free_space  # noqa: E402
 from metrics import METRICS  # noqa: E402
 from resize import resize_bicubic  # noqa: E402
 from utils import UserError  # noqa: E402
+
+from .files import SPACE_ERRORS, atomic_path, free_space  # noqa: E402
 
 CROP = 96  # HR side of the validation crops shown in TensorBoard
 NOT_SCALARS = ("epoch", "seconds", "precision")  # log.csv columns TensorBoard does not plot
@@ -100,7 +101,8 @@ def log_to_tensorboard(writer, epoch: int, row: dict, panels: list) -> None:
         writer.flush()
     except OSError as e:
         space = f"; {free_space(Path(writer.log_dir))}" if e.errno in SPACE_ERRORS else ""
-        raise UserError(f"{writer.log_dir}: TensorBoard events could not be written ({e.strerror or e}{space})") from None
+        raise UserError(f"{writer.log_dir}: TensorBoard events could not be written "
+                        f"({e.strerror or e}{space})") from None
 
 
 def crop_panel(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> np.ndarray:

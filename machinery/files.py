@@ -239,7 +239,7 @@ def check_outputs_outside_inputs(pairs: list[tuple[Path, Path]]) -> None:
     --recursive can lead there): each run would upscale the last run's outputs again. An output
     folder that merely holds the input folder (`-o .` for `in/`) is fine."""
     sources = {os.path.realpath(src.parent) + os.sep for src, _ in pairs}
-    for src, dst in pairs:
+    for _, dst in pairs:
         real = os.path.realpath(dst.parent) + os.sep
         source = next((s for s in sources if real.startswith(s)), None)
         if source is not None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_path
 from utils import UserError
+
+from .files import atomic_path
 
 OPTIONAL = "pip install onnx onnxscript onnxruntime"
 
@@ -36,7 +37,8 @@ def require_onnx():
         import onnx
         importlib.import_module("onnxscript")
     except ImportError as e:
-        raise UserError(f"ONNX export needs the onnx and onnxscript packages ({e.name} is missing): {OPTIONAL}") from None
+        raise UserError(f"ONNX export needs the onnx and onnxscript packages ({e.name} is missing): "
+                        f"{OPTIONAL}") from None
     return onnx
 
 

@@ -1,4 +1,4 @@
-"""A training run's folder: one run per folder, one process at a time, its log.csv, and the stop signals that save it."""
+"""A training run: its folder (one run, one process at a time), log.csv, checkpoint format, and stop signals."""
 import csv
 import math
 import shutil

@@ -17,9 +17,10 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from utils import UserError, first_line, plural, sigterm_raises, warn
+
 from .files import atomic_path, folder_for
 from .upscale import DEFAULT_TILE, upscale
-from utils import UserError, first_line, plural, sigterm_raises, warn
 
 try:
     import av
@@ -304,7 +305,8 @@ def rehearse(src: Path, dst: Path, info: VideoInfo, scale: int, crf: int, copy: 
             out.mux(encoder.encode(None))
     except av.FFmpegError as e:
         said = [text for level, _, text in logs if level <= av.logging.ERROR]
-        raise UserError(f"{src}: {dst.suffix} can't hold its streams ({(said[-1] if said else ffmpeg_message(e)).strip()}): "
+        why = (said[-1] if said else ffmpeg_message(e)).strip()
+        raise UserError(f"{src}: {dst.suffix} can't hold its streams ({why}): "
                         f"-o NAME.mkv holds most; nothing was written") from None
     finally:
         av.logging.set_level(level)

@@ -2,8 +2,8 @@
 import contextlib
 import csv
 import io
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

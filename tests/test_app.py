@@ -16,11 +16,11 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, run_main, smooth_image
 from PIL import Image
 
 import app
 import infer
+from conftest import ROOT, assert_one_line_error, run_main, smooth_image
 
 
 @contextlib.contextmanager

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import TINY, ResShuffle, assert_one_line_error, run_main, run_script, smooth_image
 from PIL import Image
 
 import evaluate
 import infer
+from conftest import TINY, ResShuffle, assert_one_line_error, run_main, run_script, smooth_image
 from machinery import upscale as upscale_module
 from machinery.checkpoint import load_model, save_checkpoint
 from machinery.upscale import upscale

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
 from PIL import Image
-from test_lose_nothing import run_with_file_size_limit
 
 import train
+from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
 from dataset import EpochSampler, PatchLoader, TrainDataset
 from machinery import datacache, images
+from test_lose_nothing import run_with_file_size_limit
 from utils import UserError
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from machinery import images
 from dataset import EpochSampler, PatchLoader, TrainDataset, augment, eval_pairs
+from machinery import images
 from machinery.images import list_images, load_rgb
 from utils import UserError
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from machinery.checkpoint import load_checkpoint
 from conftest import TINY_RUN, read_log, run_script
 from dataset import EpochSampler
+from machinery.checkpoint import load_checkpoint
 
 
 def torchrun(*args, check=True):
@@ -80,7 +80,8 @@ def test_torchrun_processes_train_from_one_cache_and_split_validation_scoring_as
     assert result.stdout.count("data cache: built") == 1
     assert [p.suffix for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == [".cache"]
     # One process (evaluate.py) measuring the saved weights gives the logged figures, to the printed decimals.
-    run_script("evaluate.py", "--data_dir", image_dir, "--checkpoint", runs / "v" / "last.pt", "--csv", tmp_path / "e.csv")
+    run_script("evaluate.py", "--data_dir", image_dir, "--checkpoint", runs / "v" / "last.pt",
+               "--csv", tmp_path / "e.csv")
     with open(tmp_path / "e.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     logged = read_log(runs / "v")[0]

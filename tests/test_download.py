@@ -9,11 +9,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_main, smooth_image
 from PIL import Image
 
 import download
 import evaluate
+from conftest import assert_one_line_error, run_main, smooth_image
 
 
 def make_zip(name: str, count: int, seed: int) -> bytes:

@@ -3,9 +3,9 @@ import csv
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, ResShuffle, run_script, smooth_image
 from PIL import Image
 
+from conftest import TINY, ResShuffle, run_script, smooth_image
 from machinery import upscale as upscale_module
 from machinery.checkpoint import load_model, save_checkpoint
 from machinery.upscale import upscale

@@ -15,8 +15,8 @@ import losses
 import metrics
 import model
 import train
-from machinery.checkpoint import load_checkpoint, load_model
 from conftest import ROOT, make_images, read_log, run_main
+from machinery.checkpoint import load_checkpoint, load_model
 
 pytestmark = pytest.mark.slow  # a training run, an ONNX export and a torch.hub load
 

@@ -105,7 +105,8 @@ def test_shuffles_keep_channels_last_where_torch_would_not(monkeypatch, arch):
     shuffled = []
     for m in net.modules():
         if isinstance(m, torch.nn.PixelShuffle):
-            m.register_forward_hook(lambda m, a, out: shuffled.append(out.is_contiguous(memory_format=torch.channels_last)))
+            m.register_forward_hook(
+                lambda m, a, out: shuffled.append(out.is_contiguous(memory_format=torch.channels_last)))
     monkeypatch.setattr(fast, "CHANNELS_LAST_SHUFFLE_DEVICES", set())  # as on CUDA
     out = net(x)
     assert shuffled and all(shuffled) and torch.equal(out, expected)

@@ -7,12 +7,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from machinery import checkpoint as checkpoint_module
 import infer
 import train
-from machinery.onnx_export import onnx_session
-from machinery.checkpoint import SHIPPED, load_checkpoint, load_model, shipped_checkpoint
 from conftest import ROOT, TINY_RUN, ResShuffle, assert_one_line_error, run_main, smooth_image
+from machinery import checkpoint as checkpoint_module
+from machinery.checkpoint import SHIPPED, load_checkpoint, load_model, shipped_checkpoint
+from machinery.onnx_export import onnx_session
 from machinery.upscale import upscale
 from utils import UserError
 
@@ -181,7 +181,8 @@ def test_onnx_export_without_the_package_is_one_line(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     code, _, err = run_main(train, "--export", X4, tmp_path / "new" / "x4.onnx")
-    assert_one_line_error(code, err, "ONNX export needs the onnx and onnxscript packages (onnx is missing): pip install")
+    assert_one_line_error(code, err,
+                          "ONNX export needs the onnx and onnxscript packages (onnx is missing): pip install")
     assert not (tmp_path / "new").exists()
 
 

@@ -16,7 +16,8 @@ CALLER = """
     import utils as utils_after, model as model_after
     import dataset                          # the caller's own, imported only after the load
     plain = {{"checkpoint", "files", "images", "metrics", "precision", "upscale", "runs", "resize", "losses"}}
-    print("networks", type(net).__name__, type(espcn).__name__, type(again).__name__, tuple(net(torch.rand(1, 3, 8, 8)).shape))
+    print("networks", type(net).__name__, type(espcn).__name__, type(again).__name__,
+          tuple(net(torch.rand(1, 3, 8, 8)).shape))
     print("caller", utils.WHO, model.WHO, utils_after is utils, model_after is model, dataset.WHO)
     print("leaked", sorted(plain & set(sys.modules)))
 """
@@ -35,6 +36,7 @@ def test_hub_loads_beside_a_callers_own_utils_and_model_and_leaves_them_alone(tm
 
 def test_hub_uses_this_repositorys_modules_where_the_caller_imported_them(monkeypatch):
     import torch
+
     import model
     monkeypatch.setitem(model.NETWORKS, "espcn_alias", model.ESPCN)  # a registration the caller made
     net = torch.hub.load(str(ROOT), "network", arch="espcn_alias", scale=2, pretrained=False, source="local")

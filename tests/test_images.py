@@ -4,9 +4,9 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import smooth_image
 from PIL import ExifTags, Image, ImageCms, ImageFile
 
+from conftest import smooth_image
 from machinery import images
 from utils import UserError
 

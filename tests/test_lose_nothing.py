@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, assert_one_line_error, make_images, read_log, run_main, smooth_image
 from PIL import Image
 
 import train
+from conftest import ROOT, TINY_RUN, assert_one_line_error, make_images, read_log, run_main, smooth_image
 from machinery.checkpoint import load_checkpoint, save_checkpoint
 from machinery.files import lock_folder
 from utils import UserError

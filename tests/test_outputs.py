@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, make_images, run_main, run_script, smooth_image
 from PIL import Image, ImageCms
 
 import benchmark
@@ -17,6 +16,7 @@ import download
 import evaluate
 import infer
 import train
+from conftest import ROOT, assert_one_line_error, make_images, run_main, run_script, smooth_image
 from machinery import files
 from machinery.checkpoint import load_model
 from machinery.files import temporary_prefix

@@ -10,11 +10,11 @@ from PIL import Image
 import evaluate
 import infer
 import train
-from machinery.checkpoint import load_checkpoint
 from conftest import TINY_RUN, make_images, run_main, smooth_image
+from machinery.checkpoint import load_checkpoint
+from machinery.upscale import upscale
 from resize import downsample, imresize_matlab
 from training import ema_decay_at, update_ema
-from machinery.upscale import upscale
 
 
 def matlab_reference(img: np.ndarray, scale: float) -> np.ndarray:

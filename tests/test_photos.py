@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_main, smooth_image
 from PIL import Image, ImageCms
 
 import photos
+from conftest import assert_one_line_error, run_main, smooth_image
 from utils import UserError
 
 CHECK_TOOLS = photos.check_tools  # before the packages fixture replaces it

@@ -7,20 +7,18 @@ import signal
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import dataset
 import evaluate
 import infer
-from machinery import precision
 import train
-from conftest import (TINY, TINY_RUN, ResShuffle, assert_one_line_error, make_images, read_log, run_main,
-                      smooth_image)
+from conftest import TINY, TINY_RUN, ResShuffle, assert_one_line_error, make_images, read_log, run_main, smooth_image
+from machinery import precision
 from machinery.checkpoint import load_checkpoint, save_checkpoint
+from machinery.upscale import upscale
 from metrics import measure, measure_on_device
 from training import train_step
-from machinery.upscale import upscale
 
 
 def test_auto_follows_the_gpu_compute_capability(monkeypatch):

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from machinery import runs
 import train
-from machinery.checkpoint import load_checkpoint
 from conftest import ROOT, TINY_RUN, make_images, read_log, run_main, run_script
+from machinery import runs
+from machinery.checkpoint import load_checkpoint
 from model import build_network
 
 # 15 steps an epoch (3 images x 40 patches, batch 8).
@@ -196,8 +196,8 @@ def test_resume_refuses_flags_that_change_the_run(image_dir, tmp_path):
                             "--run_name", "r", *TINY_RUN, "--num_epochs", "1")
     assert code == 0, err
     code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--upscale_factor", "2")
-    assert code == 1 and ("started with --upscale_factor 4 (resshuffle x4, num_features 8, num_residuals 1, mean_shift, "
-                          "image_skip)") in err
+    assert code == 1 and ("started with --upscale_factor 4 (resshuffle x4, num_features 8, num_residuals 1, "
+                          "mean_shift, image_skip)") in err
     code, _, err = run_main(train, "--resume", tmp_path / "r" / "last.pt", "--arch", "espcn")
     assert code == 1 and "started with --arch resshuffle" in err
     # A run flag typed again with the value the run has is no change.

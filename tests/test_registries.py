@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, TINY_RUN, assert_one_line_error, make_images, run_main
 
 import evaluate
 import metrics
 import train
+from conftest import TINY, TINY_RUN, assert_one_line_error, make_images, run_main
 from losses import LOSSES, WeightedLoss, charbonnier, fft, parse_loss
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.upscale import describe_tiling, upscale

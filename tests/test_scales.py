@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from machinery import checkpoint
 import evaluate
 import infer
-from machinery.checkpoint import SHIPPED, checkpoint_for, load_model, save_checkpoint, shipped_checkpoint
 from conftest import ROOT, TINY, ResShuffle, assert_one_line_error, make_images, run_main, smooth_image
+from machinery import checkpoint
+from machinery.checkpoint import SHIPPED, checkpoint_for, load_model, save_checkpoint, shipped_checkpoint
 
 
 @pytest.mark.parametrize("scale", SHIPPED["resshuffle"])
@@ -51,7 +51,8 @@ def test_a_scale_that_is_not_shipped_is_one_line_naming_the_shipped_ones(scale, 
     Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
     code, out, err = run_main(infer, src, "--scale", scale)
     assert_one_line_error(code, err, f"no resshuffle x{scale} checkpoint is shipped",
-                          "shipped: resshuffle " + ", ".join(f"x{s}" for s in SHIPPED["resshuffle"]), f"--upscale_factor {scale}")
+                          "shipped: resshuffle " + ", ".join(f"x{s}" for s in SHIPPED["resshuffle"]),
+                          f"--upscale_factor {scale}")
     assert not (tmp_path / f"a_x{scale}.png").exists()
 
 
@@ -84,7 +85,8 @@ def test_evaluate_several_scales_gives_one_row_each(tmp_path, monkeypatch):
     code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 2, 4, "--scale", 2, "--markdown",
                               "--csv", tmp_path / "t.csv")
     assert code == 0, err
-    assert f"checkpoint {tmp_path / 'x2.pt'}: resshuffle x2," in out and f"checkpoint {tmp_path / 'x4.pt'}: resshuffle x4," in out
+    assert f"checkpoint {tmp_path / 'x2.pt'}: resshuffle x2," in out
+    assert f"checkpoint {tmp_path / 'x4.pt'}: resshuffle x4," in out
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert table[0] == ("| set | scale | images | bicubic RGB PSNR/SSIM | network RGB PSNR/SSIM | "
                         "bicubic Y PSNR/SSIM | network Y PSNR/SSIM | parameters | train h | MP/s |")

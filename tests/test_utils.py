@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from machinery.images import save_image
 from machinery.files import atomic_path
+from machinery.images import save_image
 from utils import UserError
 
 

@@ -7,10 +7,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_main, run_script, terminal_lines
 
 import benchmark
 import infer
+from conftest import assert_one_line_error, run_main, run_script, terminal_lines
 from machinery import video
 from machinery.checkpoint import load_model
 from machinery.upscale import upscale

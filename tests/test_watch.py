@@ -35,7 +35,8 @@ def test_tensorboard_gets_the_scalars_and_validation_crops(image_dir, tmp_path):
     code, _, err = train_tiny(image_dir, tmp_path, "--num_epochs", "2", "--tensorboard")
     assert code == 0, err
     events = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"images": 0}).Reload()
-    assert {"loss", "loss_l1", "lr", "val_psnr", "val_ssim", "bicubic_psnr", "bicubic_ssim"} <= set(events.Tags()["scalars"])
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss", "loss_l1", "lr", "val_psnr", "val_ssim", "bicubic_psnr", "bicubic_ssim"} <= scalars
     psnr = [(e.step, round(e.value, 4)) for e in events.Scalars("val_psnr")]
     assert psnr == [(int(r["epoch"]), float(r["val_psnr"])) for r in read_log(tmp_path / "r")]
     assert sorted(events.Tags()["images"]) == ["val/img0.png", "val/img1.png", "val/img2.png"]
