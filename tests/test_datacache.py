@@ -14,7 +14,7 @@ import train
 from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
 from dataset import EpochSampler, PatchLoader, TrainDataset
 from machinery import datacache, images
-from test_lose_nothing import run_with_file_size_limit
+from test_run_folders import run_with_file_size_limit
 from utils import UserError
 
 

@@ -1,3 +1,4 @@
+"""dataset.py: aligned patches under every flip, each file decoded once, patches by (seed, epoch), the loader."""
 import numpy as np
 import pytest
 import torch

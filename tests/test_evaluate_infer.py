@@ -1,3 +1,4 @@
+"""evaluate.py and infer.py as a user runs them: tables, CSV, outputs, tiling, one-line errors."""
 import csv
 
 import numpy as np

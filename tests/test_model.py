@@ -1,3 +1,4 @@
+"""model.py: the networks as drawn, their parameter counts, options, scales and receptive radius."""
 import pytest
 import torch
 import torch.nn.functional as F
