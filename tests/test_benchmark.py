@@ -1,5 +1,7 @@
 """benchmark.py shows each row as soon as it is measured, and a kill leaves no temporary files or processes;
---data_cache measures the mapped set against the decoded one and leaves nothing behind."""
+the data cache's study (benchmark.py --data_cache: machinery/cache_study.py) measures the mapped set against
+the decoded one and leaves nothing behind; the new machine's check (benchmark.py --check: machinery/machine_check.py)
+runs train.py from the repository wherever it is started."""
 import contextlib
 import io
 import os
@@ -16,6 +18,7 @@ import torch
 import benchmark
 from conftest import ROOT, make_images
 from losses import WeightedLoss
+from machinery import bench_tools, cache_study, machine_check
 
 
 class Terminal(io.StringIO):
@@ -30,8 +33,9 @@ class Terminal(io.StringIO):
 
 
 def shown_at_each_measurement(monkeypatch, terminal: Terminal) -> list[str]:
-    """Replace benchmark.timed with a fake measurement (0.5 s a call) that notes what the terminal
-    shows when each measurement starts."""
+    """Replace timed (benchmark.py's and machinery/bench_tools.py's, where the training step is
+    timed) with a fake measurement (0.5 s a call) that notes what the terminal shows when each
+    measurement starts."""
     shown = []
 
     def fake_timed(fn, device, repeats, warmup=1):
@@ -39,6 +43,7 @@ def shown_at_each_measurement(monkeypatch, terminal: Terminal) -> list[str]:
         return 0.5
 
     monkeypatch.setattr(benchmark, "timed", fake_timed)
+    monkeypatch.setattr(bench_tools, "timed", fake_timed)
     return shown
 
 
@@ -102,7 +107,7 @@ def test_sigterm_removes_the_temporary_images(tmp_path):
     proc = start_benchmark(tmp_path)
     wait_until(lambda: any((tmp_path / "tmp").glob("*/0000.png")), proc)  # writing the synthetic images
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -116,7 +121,7 @@ def test_sigterm_while_a_child_process_runs_ends_it_and_removes_its_files(tmp_pa
     child = children(proc.pid)[0]
     try:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
         assert proc.returncode == 128 + signal.SIGTERM, err
         assert list((tmp_path / "tmp").iterdir()) == []
         assert not os.path.exists(f"/proc/{child}"), "train.py still runs"
@@ -128,14 +133,16 @@ def test_sigterm_while_a_child_process_runs_ends_it_and_removes_its_files(tmp_pa
 @pytest.mark.slow
 def test_the_data_cache_rows_show_one_copy_for_two_processes_and_leave_nothing_behind(tmp_path, monkeypatch, capsys):
     """--data_cache's rows on 4 images: every row printed, the figures they name, and nothing left
-    behind: no temporary folder, no cgroup, nothing in the user's cache folder."""
-    for name in ("tmp", "home", "xdg"):
+    behind: no temporary folder, no cgroup, nothing in the user's cache folder. Started from another
+    folder: its child processes (train.py, the children holding the set) run from the repository."""
+    for name in ("tmp", "home", "xdg", "elsewhere"):
         (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    plan = benchmark.CachePlan(distinct=1, images=4, loader_batches=3, step_batch=2, step_repeats=1)
-    figures = benchmark.bench_data_cache(torch.device("cpu"), plan, {"arch": "espcn", "scale": 4}, WeightedLoss("l1"))
+    plan = cache_study.CachePlan(distinct=1, images=4, loader_batches=3, step_batch=2, step_repeats=1)
+    figures = cache_study.bench_data_cache(torch.device("cpu"), plan, {"arch": "espcn", "scale": 4}, WeightedLoss("l1"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("start-up, s (4 2K images, 0.04 GB): mapped") and "first run: cache built" in lines[1]
     assert lines[2].startswith("loader: the same patches from both, bit for bit") and lines[2].split()[-1] == "yes"
@@ -155,3 +162,30 @@ def test_the_data_cache_rows_show_one_copy_for_two_processes_and_leave_nothing_b
     # torch's Adam makes its own torchinductor_<user> folder in the temporary folder, for later runs too
     assert [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor")] == []
     assert list((tmp_path / "home").iterdir()) == list((tmp_path / "xdg").iterdir()) == []
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+# ---------------------------------------------------------------- --data_cache and --check: the studies beside it
+
+def test_data_cache_and_check_forward_to_the_studies(monkeypatch, capsys):
+    """benchmark.py --data_cache and --check run the study and the check, with its flags, and measure nothing else."""
+    calls = []
+    monkeypatch.setattr(cache_study, "measure", lambda *args: calls.append(("data_cache", *args)))
+    monkeypatch.setattr(machine_check, "check", lambda *args: calls.append(("check", *args)))
+    monkeypatch.setattr(benchmark, "measure_all", lambda *args, **kwargs: pytest.fail("a speed row measured"))
+    parser = benchmark.build_parser()
+    benchmark.main(parser.parse_args(["--data_cache", "--quick", "--device", "cpu", "--arch", "espcn",
+                                      "--precision", "fp32"]))
+    benchmark.main(parser.parse_args(["--check", "--device", "cpu"]))
+    (_, device, quick, model_args, loss, precision), check = calls
+    assert (device.type, quick, model_args, loss.spec, precision) == ("cpu", True, {"arch": "espcn", "scale": 4},
+                                                                      "l1", "fp32")
+    assert check == ("check", torch.device("cpu"))
+    assert capsys.readouterr().out == ""  # no table of their own: the study prints its own
+
+
+@pytest.mark.slow
+def test_the_check_runs_train_py_from_the_repository_wherever_it_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = machine_check.train_py(["--help"])
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
