@@ -163,7 +163,7 @@ class App:
             to_rgb8(img).save(self.path(job, "input"), compress_level=1)  # the page's "before"
         except UserError as e:
             return str(e).replace(str(self.path(job, "upload")), job.name)
-        except Exception as e:  # noqa: BLE001 (the worker must outlive any one image)
+        except Exception as e:  # the worker must outlive any one image
             if is_out_of_memory(e):
                 return "out of memory: try a smaller image"
             return f"failed: {type(e).__name__}: {first_line(e)}"

@@ -19,17 +19,17 @@ this device, bf16 where that is fp32).
 2. data: patches/s from dataset.py's loader (PatchLoader: cut patches, their flips left to the
    device, which the training step above includes) with 1 and 2 worker threads against a
    DataLoader worker process that decodes the image file for every patch.
-3. inference: output megapixels/s of infer.py's path (upscale.upscale) on a 510x339 input, untiled
+3. inference: output megapixels/s of infer.py's path (machinery.upscale.upscale) on a 510x339 input, untiled
    against the plain model call, and tiled (infer.py's default) against untiled; the largest
    difference from fp32; the same network exported to ONNX under onnxruntime (where installed:
-   requirements-optional.txt); frames/s of infer.py's video path (video.py: decode, upscale,
+   requirements-optional.txt); frames/s of infer.py's video path (machinery/video.py: decode, upscale,
    H.264 encode) on a 640x360 clip of 4 frames (--quick: 320x180, 2) with the shipped x2 and x4
    checkpoints (where PyAV is installed); peak resident memory and speed of infer.py on a 2040x1360
    input (8160x5440 output) in fp32, tiled and untiled.
 4. evaluate.py: seconds per 2K image.
 
 Two other runs start from here, each instead of these; their code is in machinery/:
-- --data_cache: memory more than speed, the training set mapped from one file (datacache.py)
+- --data_cache: memory more than speed, the training set mapped from one file (machinery/datacache.py)
   against decoded into each process, on a 2 GB set (machinery/cache_study.py says what it measures).
 - --check: train.py in every precision with a resume, and tiled upscaling, on a new machine or
   a GPU (machinery/machine_check.py).
@@ -94,7 +94,7 @@ class Plan(NamedTuple):
     images: int  # synthetic 2K images made
     eval_images: int  # of them, measured by evaluate.py
     eval_size: tuple[int, int]  # width, height of the crop of each that evaluate.py measures
-    video_lr: tuple[int, int]  # width, height of the clip timed through video.py
+    video_lr: tuple[int, int]  # width, height of the clip timed through machinery/video.py
     video_frames: int  # its frames
 
 

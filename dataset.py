@@ -31,7 +31,7 @@ class TrainDataset:
 
     Each image is decoded once, cropped to a multiple of the scale and downsampled once with
     PIL bicubic; both are kept as uint8 (3 bytes a pixel of each): in `cache_dir`, as one
-    file that every process maps (datacache.py), or with None in this process's memory. A sample is
+    file that every process maps (machinery/datacache.py), or with None in this process's memory. A sample is
     then two aligned crops: the LR patch is the same bicubic LR that evaluation uses, cut from
     the whole image (as DIV2K's own LR files are), and costs no resize. An epoch has
     `patches_per_image` samples per image. Sample `(epoch, i)` is a pure function of

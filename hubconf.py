@@ -4,13 +4,17 @@
     net = torch.hub.load("path/to/ResShuffle", "resshuffle", scale=4, pretrained=True, source="local")
     net = torch.hub.load("path/to/ResShuffle", "network", arch="espcn", scale=4, source="local")
     net = torch.hub.load("path/to/ResShuffle", "from_checkpoint", path="my_run/best.pt", source="local")
-    sr = net(lr)  # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W); the repository's upscale.upscale tiles large images
+    sr = net(lr)  # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W); machinery.upscale.upscale tiles large images
 
 This repository's modules have plain names (utils, model, ...) that a caller may use for its own
 modules. So they are imported here under private names, `_resshuffle_hub_<clone>.<name>`: the caller's
 sys.modules gains none of the plain names, and modules of the caller's that have them are
 neither used nor replaced. Where the caller already imported this repository's own module
 of a name (its tests do), that one is used.
+
+The networks come in the form the scripts run (machinery/fast.py): ResShuffle's `tail` is a
+SubpixelConv that includes the last PixelShuffle, with the same weights and state_dict;
+`model.build_network` gives them as model.py draws them.
 """
 import hashlib
 import importlib

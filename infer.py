@@ -174,7 +174,7 @@ def describe_network(model, info: dict, path, args) -> str:
 
 
 def main_video(args, src: Path) -> None:
-    """A video INPUT: the checks an image has, all before any work; video.py does the work."""
+    """A video INPUT: the checks an image has, all before any work; machinery/video.py does the work."""
     info = probe(src)  # the input first: a file that is not a video is named as such
     device = select_device(args.device)
     model, weights, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights,

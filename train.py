@@ -131,7 +131,7 @@ class Run:
     best_epoch: int = 0
     saved_at: str = ""            # where last.pt is ("after epoch 3", `where`); "" before the first save
     epoch_precision: str = ""     # the precisions the current epoch ran in, when it changed on a resume
-    lock: object = None           # rank 0: the open lock file of `folder` (utils.lock_folder)
+    lock: object = None           # rank 0: the open lock file of `folder` (machinery.files.lock_folder)
     board: object = None          # rank 0 with --tensorboard: its SummaryWriter
 
     @property
@@ -153,7 +153,7 @@ class Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "degradation": self.args.degradation, "best_psnr": self.best_psnr, "best_epoch": self.best_epoch,
             "world_size": self.world_size, "precision": self.precision, "epoch_precision": self.epoch_precision,
-            "model_args": self.model_args, "args": vars(self.args) | {"precision": self.precision},
+            "model_args": self.model_args, "args": vars(self.args),
             "format": RUN_FORMAT,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
         }
@@ -368,12 +368,13 @@ def resumed_checkpoint(args) -> dict | None:
                         f"new folder as last.pt and resume that")
     device = args.device if "device" in args.given else checkpoint["args"].get("device", "auto")
     checkpoint = upgrade_run_checkpoint(checkpoint, args.resume, device_type=select_device(device).type)
-    saved = checkpoint["args"]
+    # The run's flags; its precision is the one it trains in (args may hold the "auto" it was asked).
+    saved = checkpoint["args"] | {"precision": checkpoint["precision"]}
     for name in args.given:
         if FLAGS[name] == "run" and name in saved and getattr(args, name) != saved[name]:
             raise UserError(f"{args.resume}: the run was started with --{name} {saved[name]} "
                             f"({describe_run(checkpoint)}); it can't change on resume "
-                            f"(these can: {', '.join('--' + n for n in SESSION_FLAGS)})")
+                            f"(these can: {', '.join('--' + n for n in SESSION_FLAGS)}, and --data_cache)")
     for name, kind in FLAGS.items():
         if kind != "command" and name in saved and name not in args.given:
             setattr(args, name, saved[name])
@@ -397,7 +398,7 @@ def restart_epoch_if_data_changed(run: Run, checkpoint: dict) -> None:
     its step count no longer says where in the new epoch it was."""
     if not run.step:
         return
-    changed = checkpoint["steps_per_epoch"] != run.steps_per_epoch
+    changed = checkpoint["steps_per_epoch"] not in (None, run.steps_per_epoch)  # None: not recorded
     if changed or run.step >= run.steps_per_epoch:
         if run.lead:
             warn(f"the training set has changed since the run stopped in epoch {run.epoch + 1} at step {run.step}: "
@@ -630,7 +631,7 @@ def early_stop_reason(run: Run, epoch: int) -> str | None:
 
 @contextlib.contextmanager
 def naming_what_is_kept(run: Run):
-    """A write that fails (a full disk: utils.atomic_path's one line) also names the checkpoint
+    """A write that fails (a full disk: machinery.files.atomic_path's one line) also names the checkpoint
     that is still whole, and how to go on from it."""
     try:
         yield
@@ -731,6 +732,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed flags, plus `given`: the names of those typed (on --resume, the rest come from the run)."""
     parser = build_parser()
     # argparse sets a default only where the namespace holds nothing, so untyped flags keep NOT_TYPED.
+    # The defaults filled in after are not passed through `type=`: each is already the value meant
+    # (tests/test_train.py compares them with argparse's own).
     args = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(FLAGS, NOT_TYPED)))
     args.given = sorted(name for name in FLAGS if getattr(args, name) is not NOT_TYPED)
     for name in FLAGS:

@@ -1,7 +1,7 @@
 """One training step, and what train.py's loop keeps between steps: the EMA of the weights.
 
 The step is here (`train_step`; its loss is losses.py's). train.py strings these into epochs; benchmark.py times
-`train_step` exactly as train.py runs it.
+`train_step` exactly as train.py runs it (machinery/bench_tools.step_seconds).
 """
 import torch
 
@@ -16,7 +16,7 @@ def train_step(model: torch.nn.Module, lr: torch.Tensor, hr: torch.Tensor, optim
     """One optimisation step on a batch of (lr, hr) float patches on the model's device (dataset.device_batch).
 
     `loss` is the run's --loss (losses.py; L1 as the original's by default), computed in fp32;
-    `precision` is precision.py's name (autocast of the network; the weights and the optimizer
+    `precision` is machinery/precision.py's name (autocast of the network; the weights and the optimizer
     stay fp32). Returns [total, each term], left on the device (reading it waits for a GPU).
     """
     with autocast(lr.device, precision):

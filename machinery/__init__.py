@@ -17,6 +17,6 @@
     cache_study    benchmark.py --data_cache: the data cache's memory study
     machine_check  benchmark.py --check: a new machine's training and tiling in every precision
 
-Modules here import each other relatively and the top level's modules (model, metrics, resize,
-dataset, training, utils) by name; none imports an entry script.
+Modules here import each other relatively and the top level's modules (model, losses, metrics,
+resize, dataset, training, utils) by name; none imports an entry script.
 """

@@ -361,4 +361,3 @@ def sizes() -> str:
     """The set's sizes, for --help."""
     return (f"{CACHE_FULL.images} 2K images ({set_bytes(CACHE_FULL) / 1e9:.1f} GB decoded; with --quick "
             f"{CACHE_QUICK.images}, {set_bytes(CACHE_QUICK) / 1e9:.1f} GB)")
-

@@ -32,8 +32,6 @@ def shipped_checkpoint(scale: int, arch: str = DEFAULT_ARCH) -> Path:
     return REPO / "checkpoints" / f"{arch}_x{scale}.safetensors"
 
 
-
-
 def shipped_names(arch: str | None = DEFAULT_ARCH) -> str:
     """"x2, x3, x4": the shipped scales of a network, as help and errors name them; with arch None,
     every shipped checkpoint ("resshuffle x2, x3, x4; espcn x4; ...")."""

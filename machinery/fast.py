@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from model import ResShuffle, build_network
 
-# The networks whose `tail` conv follows their `upsample` stages directly. EDSR-baseline's 3x3 tail
-# would take four times its FLOPs in this form; it runs as drawn.
+# The networks whose `tail` conv follows their `upsample` stages directly, by exact class: a subclass
+# may change what lies between them. EDSR-baseline's 3x3 tail would take four times its FLOPs in
+# this form; it runs as drawn.
 SUBPIXEL_TAIL_NETWORKS = (ResShuffle,)
 
 # Devices whose pixel_shuffle keeps a channels_last input channels_last (PyTorch's CPU kernel does).
@@ -37,7 +38,7 @@ def build_fast_network(model_args: dict) -> nn.Module:
 
 def fast_forms(model: nn.Module) -> nn.Module:
     """`model`, changed in place to its fast forms where their preconditions hold; returned."""
-    if isinstance(model, SUBPIXEL_TAIL_NETWORKS) and subpixel_tail_fits(model.upsample, model.tail):
+    if type(model) in SUBPIXEL_TAIL_NETWORKS and subpixel_tail_fits(model.upsample, model.tail):
         model.upsample, model.tail = model.upsample[:-1], SubpixelConv(model.tail, model.upsample[-1].upscale_factor)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
@@ -48,10 +49,11 @@ def fast_forms(model: nn.Module) -> nn.Module:
 
 def subpixel_tail_fits(upsample: nn.Module, tail: nn.Module) -> bool:
     """Whether `tail` after `upsample` can run before upsample's last PixelShuffle: a plain conv
-    (stride 1, no dilation or groups, zero "same" padding of an odd square kernel) after a
-    Sequential that ends with PixelShuffle."""
+    with a bias (stride 1, no dilation or groups, zero "same" padding of an odd square kernel)
+    after a Sequential that ends with PixelShuffle."""
     return (isinstance(upsample, nn.Sequential) and len(upsample) > 0 and type(upsample[-1]) is nn.PixelShuffle
-            and type(tail) is nn.Conv2d and tail.stride == (1, 1) and tail.dilation == (1, 1) and tail.groups == 1
+            and type(tail) is nn.Conv2d and tail.bias is not None
+            and tail.stride == (1, 1) and tail.dilation == (1, 1) and tail.groups == 1
             and tail.padding_mode == "zeros" and tail.kernel_size[0] == tail.kernel_size[1]
             and tail.kernel_size[0] % 2 == 1 and tail.padding == (tail.kernel_size[0] // 2,) * 2)
 

@@ -279,7 +279,7 @@ def lock_folder(folder: Path):
     except ImportError:
         return None
     try:
-        f = open(folder / ".lock", "a")  # noqa: SIM115 (held open by the caller: the lock lasts as long)
+        f = open(folder / ".lock", "a")  # held open by the caller: the lock lasts as long
     except OSError as e:
         raise UserError(f"{folder / '.lock'}: can't be opened as a lock file ({e.strerror})") from None
     try:

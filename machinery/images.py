@@ -136,7 +136,7 @@ def image_metadata(img: Image.Image) -> dict:
         tags = Image.Exif()
         try:
             tags.load(exif)
-        except Exception:  # noqa: BLE001 (PIL raises SyntaxError, ValueError, struct.error... for malformed EXIF)
+        except Exception:  # PIL raises SyntaxError, ValueError, struct.error... for malformed EXIF
             return {"icc_profile": img.info.get("icc_profile") or None, "exif": None}
         if tags.get(ExifTags.Base.Orientation, 1) != 1:
             tags[ExifTags.Base.Orientation] = 1

@@ -96,6 +96,3 @@ def check_training(device, precision: str, tmp: Path) -> bool:
 
 def train_py(flags: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *flags], capture_output=True, text=True, cwd=REPO, check=False)
-
-
-

@@ -35,20 +35,20 @@ def upgrade_run_checkpoint(checkpoint: dict, path, device_type: str) -> dict:
 
 
 def upgrade_format_1(checkpoint: dict, device_type: str) -> dict:
-    """Format 1 (runs of 2026-11-24 to 2026-12-07) grew field by field; each missing one is filled in."""
+    """Format 1 (runs of 2026-11-24 to 2026-12-07) grew field by field; each missing one is filled in.
+    A resume takes the run's flags from `args`, but its precision from `precision`, what it trains in."""
     c, args = dict(checkpoint), dict(checkpoint["args"])
     c["model_args"] = {"arch": DEFAULT_ARCH} | c["model_args"]  # saved before --arch: ResShuffle
     args.setdefault("loss", "l1")  # before --loss: L1
     args.setdefault("arch", c["model_args"]["arch"])
+    args.setdefault("degradation", c.get("degradation") or "pil")  # before --degradation: PIL bicubic
     c.setdefault("precision", "fp32" if device_type == "cpu" else "auto")  # before --precision
-    args["precision"] = c["precision"]  # the run's own precision, not the "auto" it may have been asked
     defaults = {"step": 0, "loss_sum": 0.0, "seconds": 0.0, "best_psnr": -math.inf, "best_epoch": 0,
                 "world_size": 1, "scaler": None, "ema": None, "epoch_precision": ""}
     c |= {k: v for k, v in defaults.items() if k not in c}
     if c.get("term_sums") is None:  # before --loss: an L1 run, whose one term is its loss
         c["term_sums"] = [c["loss_sum"]]
-    if "steps_per_epoch" not in c:  # the epoch's length unknown: a run stopped mid-epoch starts it over
-        c |= {"steps_per_epoch": None, "step": 0, "loss_sum": 0.0, "term_sums": [0.0], "seconds": 0.0}
+    c.setdefault("steps_per_epoch", None)  # not recorded: the resume takes the epoch's length as unchanged
     c["rng"] = {"cuda": None} | c["rng"]
     return c | {"args": args, "format": 2}
 

@@ -54,6 +54,21 @@ def test_the_sub_pixel_tail_applies_only_where_its_preconditions_hold():
     strided = ResShuffle(**TINY)
     strided.tail.stride = (2, 2)  # no longer a same-size conv: the rearrangement would be wrong
     assert type(fast_forms(strided).tail) is torch.nn.Conv2d
+    unbiased = ResShuffle(**TINY)
+    unbiased.tail = torch.nn.Conv2d(8, 3, 9, padding=4, bias=False)
+    assert type(fast_forms(unbiased).tail) is torch.nn.Conv2d
+
+
+def test_a_subclass_that_changes_what_lies_between_the_upsampling_and_the_tail_runs_as_drawn():
+    class Flipped(ResShuffle):
+        def reconstruct(self, features, x):
+            return self.tail(self.upsample(features).flip(-1)) + self.base(x)
+
+    torch.manual_seed(0)
+    drawn = Flipped(**TINY)
+    x = torch.rand(1, 3, 6, 7)
+    expected = drawn(x)
+    assert torch.equal(fast_forms(drawn)(x), expected)
 
 
 @pytest.mark.parametrize("size, r", [(9, 2), (9, 3), (3, 2), (5, 4)])

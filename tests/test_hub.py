@@ -1,4 +1,4 @@
-"""torch.hub from a clone never meets a caller's own modules of the same names (utils.py, model.py)."""
+"""torch.hub from a clone never meets a caller's own modules of the same names (utils.py, model.py, machinery/)."""
 import sys
 import textwrap
 
@@ -9,16 +9,17 @@ from conftest import ROOT, run_script
 CALLER = """
     import sys
     import torch
-    import utils, model                     # the caller's own, imported before the load
+    import utils, model, machinery          # the caller's own, imported before the load
     net = torch.hub.load({root!r}, "resshuffle", scale=4, pretrained=True, source="local")
     espcn = torch.hub.load({root!r}, "network", arch="espcn", scale=4, source="local")
     again = torch.hub.load({root!r}, "resshuffle", scale=2, pretrained=False, source="local")
-    import utils as utils_after, model as model_after
+    import utils as utils_after, model as model_after, machinery as machinery_after
     import dataset                          # the caller's own, imported only after the load
-    plain = {{"checkpoint", "files", "images", "metrics", "precision", "upscale", "runs", "resize", "losses"}}
+    plain = {{"metrics", "resize", "losses", "training"}} | {{m for m in sys.modules if m.startswith("machinery.")}}
     print("networks", type(net).__name__, type(espcn).__name__, type(again).__name__,
           tuple(net(torch.rand(1, 3, 8, 8)).shape))
-    print("caller", utils.WHO, model.WHO, utils_after is utils, model_after is model, dataset.WHO)
+    print("caller", utils.WHO, model.WHO, machinery.WHO, utils_after is utils, model_after is model,
+          machinery_after is machinery, dataset.WHO)
     print("leaked", sorted(plain & set(sys.modules)))
 """
 
@@ -27,10 +28,12 @@ CALLER = """
 def test_hub_loads_beside_a_callers_own_utils_and_model_and_leaves_them_alone(tmp_path):
     for name in ("utils", "model", "dataset"):
         (tmp_path / f"{name}.py").write_text(f"WHO = 'caller {name}'\n")
+    (tmp_path / "machinery").mkdir()  # a package of the caller's own, named as this repository's
+    (tmp_path / "machinery" / "__init__.py").write_text("WHO = 'caller machinery'\n")
     (tmp_path / "caller.py").write_text(textwrap.dedent(CALLER.format(root=str(ROOT))))
     out = run_script("caller.py", cwd=tmp_path).stdout.splitlines()
     assert out[0] == "networks ResShuffle ESPCN ResShuffle (1, 3, 32, 32)"
-    assert out[1] == "caller caller utils caller model True True caller dataset"
+    assert out[1] == "caller caller utils caller model caller machinery True True True caller dataset"
     assert out[2] == "leaked []"
 
 

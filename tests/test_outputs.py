@@ -466,7 +466,6 @@ def test_skip_existing_and_overwrite_exclude_each_other(tiny_checkpoint, tmp_pat
     assert code == 2 and "not allowed with argument" in err
 
 
-
 def test_the_next_write_into_a_folder_removes_what_killed_writes_left_there(tiny_checkpoint, tmp_path, monkeypatch):
     src = photo(tmp_path / "a.png")
     pid_max = Path("/proc/sys/kernel/pid_max")

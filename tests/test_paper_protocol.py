@@ -209,4 +209,3 @@ def test_benchmark_sets_and_the_paper_protocol_in_one_table(tiny_checkpoint, tmp
     assert code == 0 and "self-ensemble x8" in out and out.count("mean of 1 image") == 2
     code, _, err = run_main(evaluate, "--benchmark", tmp_path, "--checkpoint", tiny_checkpoint)
     assert code == 1 and "holds none of Set5, Set14, B100, Urban100, DIV2K_valid_HR" in err
-

@@ -193,7 +193,7 @@ def test_a_bad_precision_in_a_checkpoint_is_one_line_before_any_work(image_dir, 
     assert code == 0, err
     last = tmp_path / "r" / "last.pt"
     checkpoint = load_checkpoint(last)
-    checkpoint["precision"] = checkpoint["args"]["precision"] = "fp64"
+    checkpoint["precision"] = "fp64"
     save_checkpoint(checkpoint, last)
     code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
     assert_one_line_error(code, err, "holds precision 'fp64'", "pass --precision")

@@ -36,7 +36,7 @@ def test_a_format_1_run_resumes_and_is_saved_in_the_current_format(format_1_run,
     assert code == 0, err
     saved = load_checkpoint(last)
     assert saved["format"] == RUN_FORMAT and saved["epoch"] == 2 and saved["args"]["loss"] == loss
-    assert saved["precision"] == saved["args"]["precision"] == "fp32" and "(the run's; --precision" in out
+    assert saved["precision"] == "fp32" and "(the run's; --precision" in out
     assert (saved["ema"] is not None) == (name == "ema_loss")
     assert [row["epoch"] for row in read_log(last.parent)] == ["1", "2"]
 
@@ -68,7 +68,7 @@ def oldest(checkpoint: dict) -> dict:
     c = {k: v for k, v in checkpoint.items() if k not in (
         "precision", "epoch_precision", "term_sums", "steps_per_epoch", "step", "loss_sum", "seconds",
         "world_size", "scaler", "ema", "format")}
-    c["args"] = {k: v for k, v in checkpoint["args"].items() if k not in ("arch", "loss", "precision")}
+    c["args"] = {k: v for k, v in checkpoint["args"].items() if k not in ("arch", "loss", "precision", "degradation")}
     c["model_args"] = {k: v for k, v in checkpoint["model_args"].items() if k != "arch"}
     c["rng"] = {"torch": checkpoint["rng"]["torch"]}
     return c
@@ -78,7 +78,7 @@ def oldest(checkpoint: dict) -> dict:
 def test_the_upgrade_fills_what_the_oldest_runs_lack_with_what_it_meant_then(device_type, precision):
     c = upgrade_run_checkpoint(oldest(load_checkpoint(FORMAT_1 / "plain" / "last.pt")), "last.pt", device_type)
     assert c["format"] == RUN_FORMAT and c["model_args"]["arch"] == c["args"]["arch"] == "resshuffle"
-    assert c["args"]["loss"] == "l1" and c["precision"] == c["args"]["precision"] == precision
+    assert c["args"]["loss"] == "l1" and c["args"]["degradation"] == "pil" and c["precision"] == precision
     assert (c["step"], c["world_size"], c["scaler"], c["ema"], c["rng"]["cuda"]) == (0, 1, None, None, None)
     assert c["term_sums"] == [0.0] and c["steps_per_epoch"] is None and c["epoch_precision"] == ""
 
@@ -86,17 +86,22 @@ def test_the_upgrade_fills_what_the_oldest_runs_lack_with_what_it_meant_then(dev
 def test_a_run_of_the_first_format_1_files_resumes(format_1_run, image_dir):
     last = format_1_run("plain")
     save_checkpoint(oldest(load_checkpoint(last)), last)
+    code, _, err = resume(last, image_dir, "--degradation", "matlab")  # the run's: PIL bicubic, then
+    assert_one_line_error(code, err, "started with --degradation pil")
     code, out, err = resume(last, image_dir)
     assert code == 0 and "precision fp32 (the run's" in out, err
     assert load_checkpoint(last)["args"]["arch"] == "resshuffle"
 
 
-def test_a_mid_epoch_format_1_file_without_its_epoch_length_starts_that_epoch_over():
-    c = load_checkpoint(FORMAT_1 / "plain" / "last.pt")
-    c |= {"step": 2, "loss_sum": 0.5, "term_sums": [0.5], "seconds": 3.0}
+def test_a_mid_epoch_format_1_file_without_its_epoch_length_goes_on_from_its_step(format_1_run, image_dir):
+    last = format_1_run("plain")
+    c = load_checkpoint(last)
+    c |= {"epoch": 0, "step": 2, "loss_sum": 0.5, "term_sums": [0.5], "seconds": 3.0}
     del c["steps_per_epoch"]
-    up = upgrade_run_checkpoint(c, "last.pt", "cpu")
-    assert (up["step"], up["loss_sum"], up["term_sums"], up["seconds"]) == (0, 0.0, [0.0], 0.0)
+    save_checkpoint(c, last)
+    code, out, err = resume(last, image_dir, "--num_epochs", "1")
+    assert code == 0 and "resumed from" in out and "in epoch 1 after step 2" in out, err
+    assert "starts over" not in err and load_checkpoint(last)["steps_per_epoch"] == 3
 
 
 def test_a_run_checkpoint_of_an_unknown_format_is_one_line(format_1_run, image_dir):
