@@ -32,7 +32,11 @@ DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
 
 class ResidualBlock(nn.Module):
-    """conv3x3 -> ReLU -> conv3x3, plus the block's input."""
+    """conv3x3 -> ReLU -> conv3x3, plus the block's input (EDSR's, without residual scaling).
+
+    Args:
+        num_features: channels in and out of each conv.
+    """
 
     def __init__(self, num_features: int):
         super().__init__()
