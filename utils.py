@@ -5,6 +5,7 @@ import errno
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -78,6 +79,17 @@ def first_line(e: BaseException) -> str:
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """'1 image', '2 images'; `nouns` where adding an s is wrong ('patches')."""
     return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
+# Characters a terminal acts on rather than shows (C0 and C1 controls, so escape sequences and
+# newlines; bidirectional overrides; the lone surrogates that stand for a name's undecodable bytes).
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def shown(name) -> str:
+    """A file name (or any text from outside) as printed: its unprintable characters as \\xNN or
+    \\uNNNN, so that a name can't set the terminal's title or clipboard, or forge a line of the log."""
+    return UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", str(name))
 
 
 def warn(message: str) -> None:
@@ -161,12 +173,17 @@ def make_parser(doc: str) -> argparse.ArgumentParser:
                                    description=f"{summary}\n\n{body}".strip(), formatter_class=HelpFormatter)
 
 
+# The signals that end a process politely: `kill` and job schedulers (SIGTERM), and a closed
+# terminal or ssh session (SIGHUP). Each unwinds the way Ctrl-C does, leaving nothing half-written.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def sigterm_raises(exception):
-    """While inside, SIGTERM (`kill`, a job scheduler) raises `exception()` where the main thread
-    is, so the stack unwinds as on Ctrl-C and temporary files and folders go with it; by default
-    SIGTERM ends the process where it stands, leaving them behind. Signals reach the main thread
-    only: elsewhere this does nothing."""
+    """While inside, SIGTERM or SIGHUP raises `exception()` where the main thread is, so the stack
+    unwinds as on Ctrl-C and temporary files and folders go with it; by default either ends the
+    process where it stands, leaving them behind. Signals reach the main thread only: elsewhere
+    this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -174,8 +191,9 @@ def sigterm_raises(exception):
     def stop(signum, frame):
         raise exception()
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from metrics import METRICS
 from model import DEFAULT_ARCH
-from utils import UserError, warn
+from utils import STOP_SIGNALS, UserError, warn
 
 from .files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
 
@@ -153,16 +153,18 @@ def training_summary(checkpoint: dict, log: Path) -> dict:
 
 
 class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to save last.pt and stop after this step.
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) ask the training loop to save
+    last.pt and stop after this step.
 
-    A second signal stops at once, without saving (last.pt then holds the previous save).
+    A second signal stops at once, without saving (last.pt then holds the previous save). After a
+    SIGHUP the terminal may be gone, and printing to it fails: the messages are then dropped.
     """
 
     def __init__(self, quiet: bool = False):
         self.signum, self.previous, self.quiet = None, {}, quiet
 
     def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in (signal.SIGINT, *STOP_SIGNALS):
             self.previous[s] = signal.signal(s, self.handle)
         return self
 
@@ -175,13 +177,21 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signum = signum
         if not self.quiet:
-            print(f"\n{signal.Signals(signum).name}: saving and stopping after this step "
-                  f"(send it again to quit at once, without saving)", file=sys.stderr, flush=True)
+            say(f"\n{signal.Signals(signum).name}: saving and stopping after this step "
+                f"(send it again to quit at once, without saving)", file=sys.stderr)
 
     def exit(self, where: str, path: Path, world_size: int = 1) -> None:
         signum = self.signum or signal.SIGTERM  # under torchrun, another process may have had it
         launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
         if not self.quiet:
-            print(f"stopped by {signal.Signals(signum).name} {where}; saved {path}\n"
-                  f"resume with: {launcher} {sys.argv[0]} --resume {path}", flush=True)
+            say(f"stopped by {signal.Signals(signum).name} {where}; saved {path}\n"
+                f"resume with: {launcher} {sys.argv[0]} --resume {path}")
         sys.exit(128 + signum)
+
+
+def say(message: str, file=None) -> None:
+    """print, except where the terminal has gone (a SIGHUP, a closed pipe): nothing to tell then."""
+    try:
+        print(message, file=file or sys.stdout, flush=True)
+    except OSError:
+        pass
