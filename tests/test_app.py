@@ -185,11 +185,11 @@ def downloaded(folder, name: str, timeout: float = 30) -> bytes:
 
 @pytest.mark.slow
 def test_page_in_a_browser_upscales_and_downloads_infer_output(tmp_path):
+    (tmp_path / "downloads").mkdir()
+    browser = chromium(tmp_path / "downloads")  # first: it skips where selenium is absent, before any import of it
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
     src = ROOT / "show" / "coffee_lr.png"  # a photo, for the screenshot README shows (show/app.png)
-    (tmp_path / "downloads").mkdir()
-    browser = chromium(tmp_path / "downloads")
     try:
         with serving() as served:
             browser.get(served.url)

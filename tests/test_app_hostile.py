@@ -1,0 +1,66 @@
+"""app.py against a hostile web page and hostile clients (issue 34): other host names, other origins,
+full queues, idle, slow and many connections, odd headers, names that are terminal escapes, a closed
+stdout, a kill, a hang-up; and the page on a phone."""
+import contextlib
+import re
+import socket
+import sys
+import threading
+
+import pytest
+
+import app
+import test_app
+
+
+def raw(served, data: bytes, timeout: float = 10) -> bytes:
+    """What the server answers `data` sent as is on one connection, until it closes it."""
+    with socket.create_connection(served.server.server_address[:2], timeout=timeout) as s:
+        s.sendall(data)
+        return read_all(s)
+
+
+def read_all(s: socket.socket) -> bytes:
+    reply = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+def status_of(reply: bytes) -> int:
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", reply)
+    assert match, reply[:200]
+    return int(match[1])
+
+
+def origin(served) -> str:
+    return served.url.rstrip("/")
+
+
+def post(served, body: bytes, headers: dict, query: str = "name=a.png") -> tuple[int, bytes]:
+    lines = [f"POST /jobs?{query} HTTP/1.1", f"Host: {origin(served)[7:]}", f"Content-Length: {len(body)}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    reply = raw(served, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return status_of(reply), reply
+
+
+@contextlib.contextmanager
+def worker_held(monkeypatch):
+    """The worker waits before each job until the block ends, so that jobs stay queued meanwhile."""
+    go, run = threading.Event(), app.App.run
+    monkeypatch.setattr(app.App, "run", lambda self, job: go.wait(60) and run(self, job))
+    try:
+        yield
+    finally:
+        go.set()
+
+
+# ---------------------------------------------------------------- 25: a suite without selenium
+
+def test_the_browser_test_skips_without_selenium(tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "selenium" or m.startswith("selenium.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "selenium", None)  # `import selenium...` now fails as where it is absent
+    with pytest.raises(pytest.skip.Exception, match="selenium is not installed"):
+        test_app.test_page_in_a_browser_upscales_and_downloads_infer_output(tmp_path)
