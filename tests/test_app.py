@@ -156,8 +156,9 @@ def test_sigterm_mid_job_stops_the_server_and_removes_its_folder(tmp_path):
 
 # ---------------------------------------------------------------- in a browser
 
-def chromium(download_dir):
-    """Headless Chromium through Debian's chromedriver, downloading into `download_dir`; skips where missing."""
+def chromium(download_dir, phone: bool = False):
+    """Headless Chromium through Debian's chromedriver, downloading into `download_dir`; skips where missing.
+    `phone`: as a phone 390 px wide shows pages (the viewport meta tag counts)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "
                                     "(pip install -r requirements-optional.txt)")
     from selenium.webdriver.chrome.service import Service
@@ -170,6 +171,10 @@ def chromium(download_dir):
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
                                               "download.prompt_for_download": False})
+    if phone:
+        options.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": 390, "height": 844,
+                                                                              "pixelRatio": 3}})
+        return webdriver.Chrome(service=Service(driver), options=options)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     frame = browser.execute_script("return window.outerHeight - window.innerHeight")
     browser.set_window_size(1200, 800 + frame)  # a page of 1200x800, the screenshot's size

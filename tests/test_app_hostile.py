@@ -11,6 +11,8 @@ import pytest
 
 import app
 import test_app
+from conftest import ROOT
+from test_app import request, serving
 
 
 def raw(served, data: bytes, timeout: float = 10) -> bytes:
@@ -54,6 +56,32 @@ def worker_held(monkeypatch):
         yield
     finally:
         go.set()
+
+
+# ---------------------------------------------------------------- 21: the page on a phone
+
+def test_the_page_has_a_viewport_for_phones(tiny_checkpoint):
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        page = request(served.url)[1].decode()
+    assert re.search(r'<meta name="viewport" content="width=device-width, initial-scale=1">', page)
+
+
+@pytest.mark.slow
+def test_a_result_larger_than_a_phone_opens_fitted(tmp_path):
+    browser = test_app.chromium(tmp_path, phone=True)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    try:
+        with serving() as served:
+            browser.get(served.url)
+            browser.find_element(By.ID, "file").send_keys(str(ROOT / "show" / "coffee_lr.png"))
+            browser.find_element(By.ID, "go").click()
+            WebDriverWait(browser, 120).until(lambda b: b.find_element(By.ID, "status").text.startswith("done"))
+            width = browser.execute_script("return document.documentElement.scrollWidth")
+            shown = browser.execute_script("return document.getElementById('after').width")
+            assert browser.find_element(By.ID, "fit").is_selected() and shown < 390 and width <= 390, (width, shown)
+    finally:
+        browser.quit()
 
 
 # ---------------------------------------------------------------- 25: a suite without selenium
