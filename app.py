@@ -42,6 +42,7 @@ from utils import (
     positive_int,
     run_cli,
     select_device,
+    shown,
     sigterm_raises,
 )
 
@@ -228,7 +229,16 @@ def render_page(**config) -> bytes:
 
 
 def log(line: str) -> None:
-    print(line, flush=True)
+    """One line on stdout, its unprintable characters escaped: an uploaded name may hold terminal escapes
+    or a newline. A closed stdout (`app.py | head -1`, the terminal gone) is no error: the server, its
+    worker included, goes on without a log."""
+    try:
+        print(shown(line), flush=True)
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no more tries, nor a complaint at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 # ---------------------------------------------------------------- HTTP

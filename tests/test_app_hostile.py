@@ -12,7 +12,7 @@ import pytest
 import app
 import test_app
 from conftest import ROOT
-from test_app import request, serving
+from test_app import finished, photo, request, serving, submit
 
 
 def raw(served, data: bytes, timeout: float = 10) -> bytes:
@@ -56,6 +56,38 @@ def worker_held(monkeypatch):
         yield
     finally:
         go.set()
+
+
+# ---------------------------------------------------------------- 4, 11: the log
+
+def test_names_reach_the_log_escaped(tiny_checkpoint, tmp_path, capfd):
+    name = "\x1b]52;c;aGVsbG8=\x07\x1b[31mred\njob 99 x.png: done.png"
+    png = photo(tmp_path / "a.png").read_bytes()
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        finished(served, submit(served, png, name=name)[1]["id"])
+        assert submit(served, b"hello", name=name)[0] == 400
+    out = capfd.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and len(out.splitlines()) == 2, out
+    assert all("\\x1b]52;c;aGVsbG8=\\x07\\x1b[31mred\\x0ajob 99" in line for line in out.splitlines()), out
+
+
+class ClosedPipe:
+    """stdout after `app.py | head -1` has read its line and gone."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_the_worker_outlives_a_closed_stdout(tiny_checkpoint, tmp_path, monkeypatch):
+    png = photo(tmp_path / "a.png").read_bytes()
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe())
+        jobs = [submit(served, png, name=f"{i}.png")[1]["id"] for i in range(2)]
+        assert [finished(served, job, timeout=30)["state"] for job in jobs] == ["done", "done"]
+        assert served.worker.is_alive()
 
 
 # ---------------------------------------------------------------- 21: the page on a phone
