@@ -8,7 +8,8 @@ the PNG, which is byte for byte what `python infer.py IMAGE -o OUT.png --arch A 
 writes (grayscale stays grayscale, alpha is kept). Jobs run one at a time, in the
 order sent; each network is loaded when first asked for, and kept. An image of more than
 --max_pixels is refused. The server listens on this machine only unless --host says otherwise;
-uploads and results stay in one temporary folder, removed when it stops (Ctrl-C or SIGTERM).
+uploads and results stay in one temporary folder, removed when it stops (Ctrl-C, SIGTERM or SIGHUP),
+or at the next start where it was killed.
 """
 import argparse
 import contextlib
@@ -18,6 +19,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from machinery.checkpoint import SHIPPED, load_chosen, shipped_names
 from machinery.cli import add_inference_flags
+from machinery.files import HOST, process_exists
 from machinery.images import image_metadata, image_size, open_image, save_image, to_rgb8
 from machinery.precision import choose_precision
 from machinery.upscale import DEFAULT_TILE, upscale_image
@@ -54,6 +57,10 @@ KEEP_JOBS = 20
 
 # Upload bytes per pixel allowed: an uncompressed 16-bit RGBA image is 8; the rest is a file's headers.
 BYTES_PER_PIXEL = 8
+
+# The temporary folder's name: HOST and the process id tell a killed server's folder at the next start.
+FOLDER_PREFIX = f"resshuffle-app-{HOST}-"
+STALE_FOLDER = re.compile(re.escape(FOLDER_PREFIX) + r"([0-9]+)-[a-z0-9_]{8}")
 
 
 @dataclass
@@ -81,7 +88,8 @@ class App:
         self.page = render_page(networks=list(self.networks), max_pixels=self.max_pixels,
                                 max_bytes=self.max_bytes(), precisions=PRECISION_CHOICES)
         self.jobs, self.ids, self.lock, self.queue = {}, itertools.count(1), threading.Lock(), queue.Queue()
-        self.folder = Path(tempfile.mkdtemp(prefix="resshuffle-app-"))  # last: nothing after it can fail
+        self.stale = remove_stale_folders(Path(tempfile.gettempdir()))
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))  # last: nothing after it fails
         self.worker = threading.Thread(target=self.work, name="upscale worker", daemon=True)
         self.worker.start()
 
@@ -219,6 +227,23 @@ def check_size(path: Path, name: str, max_pixels: int) -> None:
                         f"({max_pixels:,}: app.py --max_pixels)")
 
 
+def remove_stale_folders(parent: Path) -> list[Path]:
+    """Remove the temporary folders of this machine's app.py servers that were killed (SIGKILL, a
+    crash) before they could; the folders removed. A folder of a server still running stays."""
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there, not ask about it
+        return []
+    stale = []
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            found = STALE_FOLDER.fullmatch(entry.name)
+            if (found and entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid()
+                    and not process_exists(int(found[1]))):
+                stale.append(Path(entry.path))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
 def render_page(**config) -> bytes:
     """app.html with the server's choices in it ('<' escaped: the JSON sits in a <script>)."""
     try:
@@ -328,6 +353,8 @@ def main(args):
     app = start(args)
     log(f"serving {app.url} (networks: {', '.join(app.networks)}; files in {app.folder}, removed on exit; "
         f"Ctrl-C stops it)")
+    for folder in app.stale:
+        log(f"removed {folder}: the folder of an app.py that was killed")
     try:
         with sigterm_raises(KeyboardInterrupt):  # the server stops as on Ctrl-C, its folder with it
             app.server.serve_forever()

@@ -2,8 +2,11 @@
 full queues, idle, slow and many connections, odd headers, names that are terminal escapes, a closed
 stdout, a kill, a hang-up; and the page on a phone."""
 import contextlib
+import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import threading
 
@@ -88,6 +91,59 @@ def test_the_worker_outlives_a_closed_stdout(tiny_checkpoint, tmp_path, monkeypa
         jobs = [submit(served, png, name=f"{i}.png")[1]["id"] for i in range(2)]
         assert [finished(served, job, timeout=30)["state"] for job in jobs] == ["done", "done"]
         assert served.worker.is_alive()
+
+
+# ---------------------------------------------------------------- 20: kills and hang-ups
+
+def start_server(tmpdir):
+    server = subprocess.Popen([sys.executable, "app.py", "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(tmpdir)))
+    line = server.stdout.readline()
+    found = re.search(r"serving (\S+) .*files in (\S+),", line)
+    assert found, (line, server.stderr.read() if server.poll() is not None else "")
+    return server, *found.groups()
+
+
+def test_only_killed_servers_folders_are_removed(tmp_path):
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    folders = {name: tmp_path / f"{app.FOLDER_PREFIX}{pid}-abcd_123" for name, pid in
+               (("ended", ended.pid), ("running", os.getpid()))}
+    folders["other host"] = tmp_path / f"resshuffle-app-other-host-{ended.pid}-abcd_123"
+    for folder in folders.values():
+        (folder / "sub").mkdir(parents=True)
+    assert app.remove_stale_folders(tmp_path) == [folders["ended"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for k, f in folders.items() if k != "ended")
+
+
+@pytest.mark.slow
+def test_sighup_stops_the_server_and_removes_its_folder(tmp_path):
+    server, url, folder = start_server(tmp_path)
+    try:
+        assert request(url)[0] == 200 and os.path.isdir(folder)
+    finally:
+        server.send_signal(signal.SIGHUP)
+        out, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and out.strip() == "stopped" and err == "", (out, err)
+    assert not os.path.exists(folder)
+
+
+@pytest.mark.slow
+def test_a_killed_servers_folder_goes_at_the_next_start(tmp_path):
+    mine = tmp_path / "resshuffle-app-notes"  # the user's, though it looks alike
+    mine.mkdir()
+    killed, _, left = start_server(tmp_path)
+    killed.kill()
+    killed.communicate(timeout=30)
+    assert os.path.isdir(left)
+    server, url, folder = start_server(tmp_path)
+    try:
+        assert not os.path.exists(left) and os.path.isdir(folder) and mine.is_dir()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and err == "", (out, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resshuffle-app-notes"]
 
 
 # ---------------------------------------------------------------- 21: the page on a phone
