@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import tracemalloc
 
 import pytest
 
@@ -61,6 +63,140 @@ def worker_held(monkeypatch):
         go.set()
 
 
+# ---------------------------------------------------------------- 1: DNS rebinding
+
+def test_other_host_names_get_nothing(tiny_checkpoint, tmp_path):
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        _, job = submit(served, photo(tmp_path / "a.png").read_bytes(), name="a.png")
+        finished(served, job["id"])
+        port = served.server.server_address[1]
+        for path in ("/", f"/jobs/{job['id']}", f"/jobs/{job['id']}/input.png"):
+            reply = raw(served, f"GET {path} HTTP/1.1\r\nHost: attacker.example:{port}\r\n\r\n".encode())
+            assert status_of(reply) == 403 and b"PNG" not in reply and b"tiny.pt" not in reply, reply[:300]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LocalHost"):
+            assert status_of(raw(served, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())) == 200, host
+        assert status_of(raw(served, b"GET / HTTP/1.0\r\n\r\n")) == 403  # no Host at all
+
+
+@pytest.mark.parametrize("host, answered", [
+    ("127.0.0.1:7860", True), ("[::1]:7860", True), ("LOCALHOST", True), ("gpu-box:7860", True),
+    ("192.168.1.5", True), ("attacker.example:7860", False), ("127.0.0.1.nip.io:7860", False),
+    ("attacker.example@127.0.0.1", False), ("localhost.:7860", False), ("", False)])
+def test_host_names_answered_are_addresses_localhost_and_the_host_flags(host, answered):
+    assert app.answers_to(host, listening="gpu-box") is answered
+
+
+def test_job_ids_are_unguessable(tiny_checkpoint, tmp_path):
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        png = photo(tmp_path / "a.png").read_bytes()
+        ids = [submit(served, png, name="a.png")[1]["id"] for _ in range(2)]
+        assert all(isinstance(i, str) and len(i) >= 20 for i in ids) and ids[0] != ids[1], ids
+        assert request(f"{served.url}jobs/1")[0] in (400, 404)
+
+
+# ---------------------------------------------------------------- 2: other origins, limits
+
+def test_posts_from_other_origins_are_refused(tiny_checkpoint, tmp_path):
+    png = photo(tmp_path / "a.png").read_bytes()
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        for headers in ({"Origin": "http://attacker.example"}, {"Origin": "null"}, {},
+                        {"Origin": "http://127.0.0.1:1"}, {"Sec-Fetch-Site": "cross-site"}):
+            code, reply = post(served, png, dict(headers, **{"Content-Type": "text/plain"}))
+            assert code == 403 and b"origin" in reply.lower(), (headers, reply)
+        assert list(served.folder.iterdir()) == [] and served.jobs == {}
+        assert post(served, png, {"Origin": origin(served)})[0] == 202
+        assert post(served, png, {"Sec-Fetch-Site": "same-origin"})[0] == 202  # a browser that leaves Origin out
+
+
+def test_a_full_queue_is_refused_with_a_message(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "MAX_QUEUED", 2)
+    png = photo(tmp_path / "a.png").read_bytes()
+    with serving("--checkpoint", tiny_checkpoint) as served, worker_held(monkeypatch):
+        codes = [submit(served, png, name="a.png")[0] for _ in range(2)]
+        code, reply = submit(served, png, name="a.png")
+        assert codes == [202, 202] and code == 503, (codes, reply)  # one working, one waiting: the queue's two
+        assert "queue is full" in reply["error"], reply
+        assert len(list(served.folder.iterdir())) == 2
+
+
+def test_the_bytes_kept_are_capped(tiny_checkpoint, tmp_path, monkeypatch):
+    png = photo(tmp_path / "a.png").read_bytes()
+    monkeypatch.setattr(app, "MAX_KEPT_BYTES", 2 * len(png) + 10)
+    with serving("--checkpoint", tiny_checkpoint) as served, worker_held(monkeypatch):
+        codes = [submit(served, png, name="a.png")[0] for _ in range(2)]
+        code, reply = submit(served, png, name="a.png")
+        assert codes == [202, 202] and code == 503 and "bytes" in reply["error"], (codes, reply)
+        assert sum(p.stat().st_size for p in served.folder.iterdir()) <= 2 * len(png) + 10
+
+
+# ---------------------------------------------------------------- 3: slow and many clients
+
+def test_idle_connections_are_closed(tiny_checkpoint, monkeypatch):
+    assert 0 < (app.Handler.timeout or 0) <= 60
+    monkeypatch.setattr(app.Handler, "timeout", 0.5)
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        with socket.create_connection(served.server.server_address[:2], timeout=10) as s:
+            start = time.monotonic()
+            assert read_all(s) == b"" and time.monotonic() - start < 5
+
+
+def test_a_body_that_never_comes_is_dropped(tiny_checkpoint, monkeypatch):
+    assert 0 < (app.Handler.timeout or 0) <= 60
+    monkeypatch.setattr(app.Handler, "timeout", 0.5)
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        head = (f"POST /jobs?name=a.png HTTP/1.1\r\nHost: {origin(served)[7:]}\r\nOrigin: {origin(served)}\r\n"
+                f"Content-Length: 100000\r\n\r\n").encode()
+        with socket.create_connection(served.server.server_address[:2], timeout=10) as s:
+            s.sendall(head + b"\x89PNG" * 100)
+            start = time.monotonic()
+            read_all(s)
+            assert time.monotonic() - start < 5
+        time.sleep(0.2)
+        assert list(served.folder.iterdir()) == [] and served.jobs == {}
+
+
+def test_a_trickling_client_is_cut_off(tiny_checkpoint, monkeypatch):
+    """A byte every 0.2 s never lets the 2 s timeout pass, but the request's head has one second in all."""
+    monkeypatch.setattr(app.Handler, "timeout", 2)
+    monkeypatch.setattr(app, "HEAD_SECONDS", 1)
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        with socket.create_connection(served.server.server_address[:2], timeout=10) as s:
+            start = time.monotonic()
+            with contextlib.suppress(OSError):
+                for byte in b"GET / HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+                    s.sendall(bytes([byte]))
+                    time.sleep(0.2)
+            assert time.monotonic() - start < 5
+            assert b"<html" not in read_all(s)
+
+
+def test_connections_beyond_the_limit_are_refused(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(app, "MAX_CONNECTIONS", 2)
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        address = served.server.server_address[:2]
+        with socket.create_connection(address), socket.create_connection(address):
+            time.sleep(0.2)
+            code, reply = request(served.url)
+            assert code == 503 and b"connections" in reply, reply
+        end = time.monotonic() + 5
+        while request(served.url)[0] != 200:  # their threads end once they see the two closed
+            assert time.monotonic() < end
+            time.sleep(0.05)
+
+
+def test_an_upload_goes_to_disk_not_into_memory(tiny_checkpoint):
+    body = os.urandom(20_000_000)  # no image: refused once it is all there
+    with serving("--checkpoint", tiny_checkpoint, "--max_pixels", 4_000_000) as served:
+        tracemalloc.start()
+        try:
+            code, reply = submit(served, body, name="noise.png")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert code == 400 and "not a readable image" in reply["error"], reply
+    assert peak < 8_000_000, f"{peak:,} bytes at the peak"
+
+
 # ---------------------------------------------------------------- 4, 11: the log
 
 def test_names_reach_the_log_escaped(tiny_checkpoint, tmp_path, capfd):
@@ -91,6 +227,35 @@ def test_the_worker_outlives_a_closed_stdout(tiny_checkpoint, tmp_path, monkeypa
         jobs = [submit(served, png, name=f"{i}.png")[1]["id"] for i in range(2)]
         assert [finished(served, job, timeout=30)["state"] for job in jobs] == ["done", "done"]
         assert served.worker.is_alive()
+
+
+# ---------------------------------------------------------------- 15: odd headers and ids
+
+@pytest.mark.parametrize("length", ["abc", "-5", "1, 2", "1e3", "0x10", "\u00b2"])
+def test_odd_content_lengths_get_400(tiny_checkpoint, length):
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        head = (f"POST /jobs?name=a.png HTTP/1.1\r\nHost: {origin(served)[7:]}\r\nOrigin: {origin(served)}\r\n"
+                f"Content-Length: {length}\r\n\r\nabc").encode("latin-1")
+        reply = raw(served, head)
+        assert status_of(reply) == 400 and b"Content-Length" in reply, reply
+        assert list(served.folder.iterdir()) == []
+
+
+def test_two_content_lengths_get_400(tiny_checkpoint):
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        head = (f"POST /jobs?name=a.png HTTP/1.1\r\nHost: {origin(served)[7:]}\r\nOrigin: {origin(served)}\r\n"
+                f"Content-Length: 3\r\nContent-Length: 5\r\n\r\nabcde").encode()
+        assert status_of(raw(served, head)) == 400
+
+
+@pytest.mark.parametrize("job_id", ["\u00b2", "-1", "1" * 5000, "%00", "a.b"],
+                         ids=["superscript", "negative", "5000 digits", "escaped nul", "dotted"])
+def test_odd_job_ids_get_an_answer(tiny_checkpoint, job_id):
+    with serving("--checkpoint", tiny_checkpoint) as served:
+        for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/result.png"):
+            host = origin(served)[7:]
+            reply = raw(served, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("latin-1"))
+            assert status_of(reply) in (400, 404), reply
 
 
 # ---------------------------------------------------------------- 20: kills and hang-ups
