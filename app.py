@@ -8,17 +8,29 @@ the PNG, which is byte for byte what `python infer.py IMAGE -o OUT.png --arch A 
 writes (grayscale stays grayscale, alpha is kept). Jobs run one at a time, in the
 order sent; each network is loaded when first asked for, and kept. An image of more than
 --max_pixels is refused. The server listens on this machine only unless --host says otherwise;
-uploads and results stay in one temporary folder, removed when it stops (Ctrl-C or SIGTERM).
+uploads and results stay in one temporary folder, removed when it stops (Ctrl-C, SIGTERM or SIGHUP),
+or at the next start where it was killed.
+
+Any web page the user opens can send requests to 127.0.0.1, so the server answers only requests
+addressed to it by an IP address, localhost or --host's name (a page whose name an attacker points
+here gets nothing), takes uploads only from its own page (the Origin header), names jobs with
+unguessable ids, and bounds its queue, its folder, its connections and how long each may take.
 """
 import argparse
 import contextlib
 import errno
 import http.server
+import io
+import ipaddress
 import itertools
 import json
+import math
 import os
 import queue
+import re
+import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -29,6 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from machinery.checkpoint import SHIPPED, load_chosen, shipped_names
 from machinery.cli import add_inference_flags
+from machinery.files import HOST, process_exists
 from machinery.images import image_metadata, image_size, open_image, save_image, to_rgb8
 from machinery.precision import choose_precision
 from machinery.upscale import DEFAULT_TILE, upscale_image
@@ -42,6 +55,7 @@ from utils import (
     positive_int,
     run_cli,
     select_device,
+    shown,
     sigterm_raises,
 )
 
@@ -54,14 +68,55 @@ KEEP_JOBS = 20
 # Upload bytes per pixel allowed: an uncompressed 16-bit RGBA image is 8; the rest is a file's headers.
 BYTES_PER_PIXEL = 8
 
+# Jobs not finished at once (uploading, waiting or working): one more is refused, with a message on the page.
+MAX_QUEUED = 8
+
+# Bytes the temporary folder may hold: finished jobs' files go, oldest first, to stay below it, and an
+# upload that can't fit even so is refused.
+MAX_KEPT_BYTES = 2_000_000_000
+
+# Connections served at once, each a thread: one more gets a 503 at once.
+MAX_CONNECTIONS = 32
+
+# Seconds a connection may stay silent (socketserver's timeout): an idle client lets go of its thread.
+IDLE_SECONDS = 20
+
+# Seconds in which a request's line and headers must all come, however slowly they trickle.
+HEAD_SECONDS = 20
+
+# Bytes a second an upload must average, after HEAD_SECONDS of grace: a trickle can't hold a thread for hours.
+MIN_UPLOAD_RATE = 100_000
+
+# Seconds a closing connection reads what its client still sends: closed unread, the connection would
+# be reset, and the client could lose the answer.
+LINGER_SECONDS = 2
+
+# An upload goes to disk this many bytes at a time, so that uploads in flight hold little memory.
+CHUNK = 1 << 20
+
+# The temporary folder's name: HOST and the process id tell a killed server's folder at the next start.
+FOLDER_PREFIX = f"resshuffle-app-{HOST}-"
+STALE_FOLDER = re.compile(re.escape(FOLDER_PREFIX) + r"([0-9]+)-[a-z0-9_]{8}")
+
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
+
+
+class Refused(UserError):
+    """A request the server won't take now, with the HTTP status that says why."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
 
 @dataclass
 class Job:
-    id: int
+    id: str  # unguessable: another page can't count its way to the user's images
     name: str  # the uploaded file's name: for messages and the download's name
     network: str  # a key of App.networks
     precision: str  # as asked: auto, fp32 or bf16
-    state: str = "queued"  # then working, then done or failed
+    number: int = 0  # 1, 2, ... in the order queued: the log's and the queue's order
+    state: str = "uploading"  # then queued, working, and done or failed
     error: str = ""
     summary: str = ""  # sizes, network and precision, once done
 
@@ -79,8 +134,10 @@ class App:
             self.model(next(iter(self.networks)))
         self.page = render_page(networks=list(self.networks), max_pixels=self.max_pixels,
                                 max_bytes=self.max_bytes(), precisions=PRECISION_CHOICES)
-        self.jobs, self.ids, self.lock, self.queue = {}, itertools.count(1), threading.Lock(), queue.Queue()
-        self.folder = Path(tempfile.mkdtemp(prefix="resshuffle-app-"))  # last: nothing after it can fail
+        self.jobs, self.numbers, self.lock, self.queue = {}, itertools.count(1), threading.RLock(), queue.Queue()
+        self.incoming = 0  # bytes of the uploads in flight, promised room in the folder
+        self.stale = remove_stale_folders(Path(tempfile.gettempdir()))
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))  # last: nothing after it fails
         self.worker = threading.Thread(target=self.work, name="upscale worker", daemon=True)
         self.worker.start()
 
@@ -102,41 +159,76 @@ class App:
 
     # ------------------------------------------------------------ requests
 
-    def submit(self, body: bytes, query: dict) -> Job:
-        """Queue an upload, after checking the choices and the image's header (a size over the limit,
-        a file that is no image: a UserError, nothing queued)."""
-        name = Path(query.get("name", ["image"])[0]).name or "image"
+    def submit(self, body: io.BufferedIOBase, length: int, query: dict) -> Job:
+        """Queue an upload of `length` bytes read from `body`, after checking the choices, the room
+        left (Refused) and the image's header (a size over the limit, a file that is no image: a
+        UserError). Whatever fails, nothing is queued or kept."""
+        job = self.admit(Job(id=secrets.token_urlsafe(16), **self.choices(query)), length=length)
+        path = self.path(job, "upload")
+        try:
+            receive(body, length=length, path=path)
+            check_size(path, name=job.name, max_pixels=self.max_pixels)
+        except BaseException:  # a refusal, a client gone or too slow: its part-upload goes too
+            self.forget(job)
+            raise
+        finally:
+            with self.lock:
+                self.incoming -= length
+        with self.lock:
+            job.number, job.state = next(self.numbers), "queued"
+        self.queue.put(job)
+        return job
+
+    def choices(self, query: dict) -> dict:
+        """The Job fields a request's query names: the upload's name, the network and the precision."""
+        name = Path(query.get("name", ["image"])[0]).name[:255] or "image"
         network = query.get("network", [next(iter(self.networks))])[0]
         precision = query.get("precision", ["auto"])[0]
         if network not in self.networks:
             raise UserError(f"unknown network {network!r}: this server has {', '.join(self.networks)}")
         if precision not in PRECISION_CHOICES:
             raise UserError(f"unknown precision {precision!r}: use {', '.join(PRECISION_CHOICES)}")
+        return dict(name=name, network=network, precision=precision)
+
+    def admit(self, job: Job, length: int) -> Job:
+        """`job`, entered with room for its upload, or Refused when the queue or the folder is full."""
         with self.lock:
-            job = Job(id=next(self.ids), name=name, network=network, precision=precision)
+            unfinished = sum(j.state not in ("done", "failed") for j in self.jobs.values())
+            if unfinished >= MAX_QUEUED:
+                raise Refused(503, f"the queue is full ({unfinished} jobs, the most this server takes): "
+                                   f"try again when one is done")
+            finished = [j for j in self.jobs.values() if j.state in ("done", "failed")]
+            while self.kept() + length > MAX_KEPT_BYTES and finished:
+                self.forget(finished.pop(0))  # the oldest results make room for new work
+            if self.kept() + length > MAX_KEPT_BYTES:
+                raise Refused(503, f"the server holds {self.kept():,} bytes of images still to do, and takes "
+                                   f"{MAX_KEPT_BYTES:,} at most: try again when some are done")
+            self.incoming += length
             self.jobs[job.id] = job
-        path = self.path(job, "upload")
-        path.write_bytes(body)
-        try:
-            check_size(path, name=name, max_pixels=self.max_pixels)
-        except UserError:
-            self.forget(job)
-            raise
-        self.queue.put(job)
         return job
+
+    def kept(self) -> int:
+        """Bytes in the folder, and promised to the uploads in flight."""
+        total = self.incoming
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.folder) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):  # dropped meanwhile
+                    total += entry.stat(follow_symlinks=False).st_size
+        return total
 
     def status(self, job: Job) -> dict:
         with self.lock:
-            ahead = sum(j.state == "working" or (j.state == "queued" and j.id < job.id) for j in self.jobs.values())
+            ahead = sum(j.state == "working" or (j.state == "queued" and j.number < job.number)
+                        for j in self.jobs.values())
         done = {} if job.state != "done" else {
             "input": f"/jobs/{job.id}/input.png", "result": f"/jobs/{job.id}/result.png",
             "download": f"{Path(job.name).stem}_x{self.models[job.network].scale}.png"}  # infer.py's output name
         return {"id": job.id, "state": job.state, "ahead": ahead if job.state == "queued" else 0, "error": job.error,
                 "summary": job.summary, **done}
 
-    def find(self, text: str) -> Job | None:
+    def find(self, job_id: str) -> Job | None:
         with self.lock:
-            return self.jobs.get(int(text)) if text.isdigit() else None
+            return self.jobs.get(job_id)
 
     def path(self, job: Job, kind: str) -> Path:
         return self.folder / f"{job.id}_{kind}.png"
@@ -150,7 +242,7 @@ class App:
             job.error = self.run(job)
             self.path(job, "upload").unlink(missing_ok=True)
             job.state = "failed" if job.error else "done"
-            log(f"job {job.id} {job.name}: " + (job.error or f"{job.summary}, {time.perf_counter() - start:.1f} s"))
+            log(f"job {job.number} {job.name}: " + (job.error or f"{job.summary}, {time.perf_counter() - start:.1f} s"))
             self.forget_old()
 
     def run(self, job: Job) -> str:
@@ -185,10 +277,16 @@ class App:
         return self.precisions[requested]
 
     def forget_old(self) -> None:
+        """Drop the finished jobs beyond the last KEEP_JOBS, and more, oldest first, while the folder
+        holds over MAX_KEPT_BYTES; the newest stays, for the page that waits for it."""
         with self.lock:
             finished = [j for j in self.jobs.values() if j.state in ("done", "failed")]
-        for job in finished[:-KEEP_JOBS]:
-            self.forget(job)
+            for job in finished[:-KEEP_JOBS]:
+                self.forget(job)
+            for job in finished[-KEEP_JOBS:-1]:
+                if self.kept() <= MAX_KEPT_BYTES:
+                    break
+                self.forget(job)
 
     def forget(self, job: Job) -> None:
         with self.lock:
@@ -218,6 +316,35 @@ def check_size(path: Path, name: str, max_pixels: int) -> None:
                         f"({max_pixels:,}: app.py --max_pixels)")
 
 
+def receive(body: io.BufferedIOBase, length: int, path: Path) -> None:
+    """Copy `length` bytes of `body` into `path`, CHUNK at a time."""
+    with open(path, "wb") as f:
+        left = length
+        while left:
+            chunk = body.read(min(left, CHUNK))
+            if not chunk:
+                raise UserError(f"the upload ended after {length - left:,} of its {length:,} bytes")
+            f.write(chunk)
+            left -= len(chunk)
+
+
+def remove_stale_folders(parent: Path) -> list[Path]:
+    """Remove the temporary folders of this machine's app.py servers that were killed (SIGKILL, a
+    crash) before they could; the folders removed. A folder of a server still running stays."""
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there, not ask about it
+        return []
+    stale = []
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            found = STALE_FOLDER.fullmatch(entry.name)
+            if (found and entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid()
+                    and not process_exists(int(found[1]))):
+                stale.append(Path(entry.path))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
 def render_page(**config) -> bytes:
     """app.html with the server's choices in it ('<' escaped: the JSON sits in a <script>)."""
     try:
@@ -228,69 +355,213 @@ def render_page(**config) -> bytes:
 
 
 def log(line: str) -> None:
-    print(line, flush=True)
+    """One line on stdout, its unprintable characters escaped: an uploaded name may hold terminal escapes
+    or a newline. A closed stdout (`app.py | head -1`, the terminal gone) is no error: the server, its
+    worker included, goes on without a log."""
+    try:
+        print(shown(line), flush=True)
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no more tries, nor a complaint at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 # ---------------------------------------------------------------- HTTP
 
 class Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer serving MAX_CONNECTIONS connections at once, and as many more turned away
+    with a 503; beyond those, a connection is closed unanswered. Each closes lingering."""
+
+    def __init__(self, server_address, handler_class):
+        self.name = server_address[0]  # as --host gave it: binding puts an address in server_address
+        super().__init__(server_address, handler_class)
+        self.slots, self.refusals = threading.BoundedSemaphore(MAX_CONNECTIONS), threading.BoundedSemaphore(
+            MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if self.slots.acquire(blocking=False):
+            try:
+                return super().process_request(request, client_address)
+            except BaseException:  # no thread: its slot is free again
+                self.slots.release()
+                raise
+        if not self.refusals.acquire(blocking=False):
+            return self.close_request(request)
+        threading.Thread(target=self.turn_away, args=(request,), daemon=True).start()
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def turn_away(self, request):
+        body = json.dumps({"error": f"the server is busy: {MAX_CONNECTIONS} connections open, the most it serves "
+                                    "at once; try again in a moment"}).encode()
+        try:
+            with contextlib.suppress(OSError):
+                request.settimeout(LINGER_SECONDS)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
+            self.shutdown_request(request)
+        finally:
+            self.refusals.release()
+
+    def shutdown_request(self, request):
+        """Close once the client has closed too, or after LINGER_SECONDS: a connection closed with
+        its request unread is reset, and its client may lose the answer sent."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            end = time.monotonic() + LINGER_SECONDS
+            while (left := end - time.monotonic()) > 0:
+                request.settimeout(left)
+                if not request.recv(65536):
+                    break
+        self.close_request(request)
+
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
         if not isinstance(error, ConnectionError):  # a page closed mid-request is no news
             log(f"request from {client_address[0]} failed: {type(error).__name__}: {first_line(error)}")
 
 
+class DeadlineReader(io.RawIOBase):
+    """A connection's reading end that gives up at `deadline`, as well as after `timeout` seconds of
+    silence: a client that sends a byte now and then can't hold its thread for ever."""
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock, self.timeout, self.deadline = sock, timeout, math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long")
+        self.sock.settimeout(min(self.timeout or left, left))
+        return self.sock.recv_into(buffer)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """GET / (the page), POST /jobs?name=&network=&precision= with the image as the body,
     GET /jobs/ID (its state as JSON), GET /jobs/ID/input.png and /jobs/ID/result.png."""
     server_version = "ResShuffle"
+    timeout = IDLE_SECONDS
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # socketserver's reader, replaced by one with a deadline
+        self.reader = DeadlineReader(self.connection, timeout=self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.reader.deadline = time.monotonic() + HEAD_SECONDS
+        super().handle_one_request()
 
     def log_message(self, format, *args):
         pass  # the app logs one line per job; one per poll would bury them
 
     def do_GET(self):
+        if refused := self.refusal():
+            return self.send_json(refused.code, error=str(refused))
         app, parts = self.server.app, urlsplit(self.path).path.strip("/").split("/")
         if parts == [""]:
             return self.send(200, app.page, "text/html; charset=utf-8")
+        if len(parts) in (2, 3) and parts[0] == "jobs" and not JOB_ID.fullmatch(parts[1]):
+            return self.send_json(400, error=f"{shown(parts[1])[:40]}: not a job id")
         job = app.find(parts[1]) if len(parts) in (2, 3) and parts[0] == "jobs" else None
         if job is None:
-            return self.send_json(404, error=f"{self.path}: no such page or job (the last {KEEP_JOBS} are kept)")
+            return self.send_json(404, error=f"{self.path[:100]}: no such page or job (the last {KEEP_JOBS} are kept)")
         if len(parts) == 2:
             return self.send_json(200, **app.status(job))
         kind = parts[2].removesuffix(".png")
         if job.state != "done" or kind not in ("input", "result"):
             return self.send_json(404, error=f"{self.path}: no such file")
         with contextlib.suppress(FileNotFoundError):  # dropped meanwhile: then a 404
-            return self.send(200, app.path(job, kind).read_bytes(), "image/png")
+            return self.send_file(app.path(job, kind), "image/png")
         self.send_json(404, error=f"{self.path}: no longer kept")
 
     def do_POST(self):
         app, url = self.server.app, urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or -1)
-        if url.path != "/jobs":
-            return self.send_json(404, error=f"{url.path}: post images to /jobs")
-        if not 0 < length <= app.max_bytes():
-            self.close_connection = True  # the body is not read: nothing more can come on this connection
-            code = 411 if length < 0 else 413 if length else 400  # no Content-Length, too long, empty
-            return self.send_json(code, error=f"an upload of {max(length, 0):,} bytes: this server takes 1 to "
-                                  f"{app.max_bytes():,}")
         try:
-            job = app.submit(self.rfile.read(length), parse_qs(url.query))
+            if refused := self.refusal():
+                raise refused
+            if url.path != "/jobs":
+                raise Refused(404, f"{url.path[:100]}: post images to /jobs")
+            length = upload_length(self.headers.get_all("Content-Length"), most=app.max_bytes())
+            self.reader.deadline = time.monotonic() + HEAD_SECONDS + length / MIN_UPLOAD_RATE
+            job = app.submit(self.rfile, length=length, query=parse_qs(url.query))
+        except Refused as e:
+            self.close_connection = True  # the body is not read: nothing more can come on this connection
+            return self.send_json(e.code, error=str(e))
         except UserError as e:
             log(f"refused: {e}")
             return self.send_json(400, error=str(e))
         self.send_json(202, **app.status(job))
 
+    def refusal(self) -> Refused | None:
+        """Why this request gets nothing, if it doesn't: a Host this server is not (a page whose name
+        was pointed at this address), an Origin other than the page's own (another site's page)."""
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1 or not answers_to(hosts[0], listening=self.server.name):
+            return Refused(403, f"{shown(hosts[0])[:100] if hosts else 'no Host'}: not this server's name; "
+                                f"open {self.server.app.url}")
+        origin = self.headers.get("Origin")
+        if origin is None:  # browsers send it with every POST, and with every request from another origin
+            if self.command == "GET" or self.headers.get("Sec-Fetch-Site") == "same-origin":
+                return None
+            return Refused(403, "a POST needs an Origin header: this server takes uploads from its own page only")
+        if origin.lower() not in (f"http://{hosts[0].lower()}", f"https://{hosts[0].lower()}"):
+            return Refused(403, f"origin {shown(origin)[:100]}: this server takes requests from its own page only")
+        return None
+
     def send_json(self, code: int, **fields):
         self.send(code, json.dumps(fields).encode(), "application/json")
 
     def send(self, code: int, body: bytes, content_type: str):
+        self.send_head(code, len(body), content_type)
+        self.wfile.write(body)
+
+    def send_file(self, path: Path, content_type: str):
+        """A file, from the disk to the socket: a large result is not read into memory."""
+        with open(path, "rb") as f:
+            self.send_head(200, os.fstat(f.fileno()).st_size, content_type)
+            self.connection.sendfile(f)
+
+    def send_head(self, code: int, length: int, content_type: str):
+        self.connection.settimeout(self.timeout)  # the reader's may be shorter
         self.send_response(code)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")  # job ids start at 1 again with each server
+        self.send_header("Content-Length", str(length))
+        self.send_header("Cache-Control", "no-store")  # the user's images, kept a while only
+        self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
-        self.wfile.write(body)
+
+
+def answers_to(host: str, listening: str) -> bool:
+    """Whether a Host header names this server: an IP address, localhost, or the name it listens on.
+    Any other name could be one whose DNS an attacker points at this address (DNS rebinding)."""
+    found = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[0-9A-Za-z.-]+)(:[0-9]{1,5})?", host.strip())
+    if not found:
+        return False
+    name = found[1].strip("[]").lower()
+    with contextlib.suppress(ValueError):
+        return name in ("localhost", listening.lower()) or bool(ipaddress.ip_address(name))
+    return False
+
+
+def upload_length(values: list[str] | None, most: int) -> int:
+    """An upload's length from its Content-Length header, or Refused: missing, not one number, 0, over `most`."""
+    if not values:
+        raise Refused(411, "an upload needs a Content-Length header")
+    if len(values) > 1 or not re.fullmatch(r"[0-9]{1,18}", values[0].strip()):
+        raise Refused(400, f"Content-Length {shown(', '.join(values))[:100]}: not a number of bytes")
+    length = int(values[0])
+    if not 0 < length <= most:
+        raise Refused(413 if length else 400, f"an upload of {length:,} bytes: this server takes 1 to {most:,}")
+    return length
 
 
 def listen(host: str, port: int) -> Server:
@@ -318,6 +589,8 @@ def main(args):
     app = start(args)
     log(f"serving {app.url} (networks: {', '.join(app.networks)}; files in {app.folder}, removed on exit; "
         f"Ctrl-C stops it)")
+    for folder in app.stale:
+        log(f"removed {folder}: the folder of an app.py that was killed")
     try:
         with sigterm_raises(KeyboardInterrupt):  # the server stops as on Ctrl-C, its folder with it
             app.server.serve_forever()

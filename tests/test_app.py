@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import pytest
@@ -37,9 +37,11 @@ def serving(*argv):
 
 
 def request(url: str, body: bytes | None = None) -> tuple[int, bytes]:
-    """(status, body) of a GET, or of a POST where `body` is given."""
+    """(status, body) of a GET, or of a POST where `body` is given, sent as the page sends it (its Origin)."""
+    parts = urlsplit(url)
+    headers = {} if body is None else {"Origin": f"{parts.scheme}://{parts.netloc}"}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=60) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -85,7 +87,7 @@ def test_two_queued_jobs_give_infer_outputs_byte_for_byte(tiny_checkpoint, tmp_p
         assert "tiny.pt" in page and "{{CONFIG}}" not in page
         jobs = [submit(served, png.read_bytes(), name="a.png", network="tiny.pt", precision="fp32"),
                 submit(served, jpeg.read_bytes(), name="b.jpg", network="tiny.pt", precision="bf16")]
-        assert [code for code, _ in jobs] == [202, 202] and jobs[1][1]["id"] == jobs[0][1]["id"] + 1
+        assert [code for code, _ in jobs] == [202, 202] and jobs[1][1]["id"] != jobs[0][1]["id"]
         a, b = (finished(served, job["id"]) for _, job in jobs)
         assert (a["state"], b["state"]) == ("done", "done") and a["download"] == "a_x4.png"
         assert "24x32 -> 96x128" in b["summary"] and "bf16" in b["summary"], b  # upright: 32 wide became 32 high
@@ -145,7 +147,7 @@ def test_sigterm_mid_job_stops_the_server_and_removes_its_folder(tmp_path):
         url, folder = re.search(r"serving (\S+) .*files in (\S+),", server.stdout.readline()).groups()
         code, reply = request(f"{url}jobs?name=photo.png&precision=fp32", src.read_bytes())
         assert code == 202 and os.path.isdir(folder), reply
-        while json.loads(request(f"{url}jobs/1")[1])["state"] == "queued":
+        while json.loads(request(f"{url}jobs/{json.loads(reply)['id']}")[1])["state"] == "queued":
             time.sleep(0.1)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -156,8 +158,9 @@ def test_sigterm_mid_job_stops_the_server_and_removes_its_folder(tmp_path):
 
 # ---------------------------------------------------------------- in a browser
 
-def chromium(download_dir):
-    """Headless Chromium through Debian's chromedriver, downloading into `download_dir`; skips where missing."""
+def chromium(download_dir, phone: bool = False):
+    """Headless Chromium through Debian's chromedriver, downloading into `download_dir`; skips where missing.
+    `phone`: as a phone 390 px wide shows pages (the viewport meta tag counts)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "
                                     "(pip install -r requirements-optional.txt)")
     from selenium.webdriver.chrome.service import Service
@@ -170,6 +173,10 @@ def chromium(download_dir):
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
                                               "download.prompt_for_download": False})
+    if phone:
+        options.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": 390, "height": 844,
+                                                                              "pixelRatio": 3}})
+        return webdriver.Chrome(service=Service(driver), options=options)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     frame = browser.execute_script("return window.outerHeight - window.innerHeight")
     browser.set_window_size(1200, 800 + frame)  # a page of 1200x800, the screenshot's size
@@ -185,11 +192,11 @@ def downloaded(folder, name: str, timeout: float = 30) -> bytes:
 
 @pytest.mark.slow
 def test_page_in_a_browser_upscales_and_downloads_infer_output(tmp_path):
+    (tmp_path / "downloads").mkdir()
+    browser = chromium(tmp_path / "downloads")  # first: it skips where selenium is absent, before any import of it
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
     src = ROOT / "show" / "coffee_lr.png"  # a photo, for the screenshot README shows (show/app.png)
-    (tmp_path / "downloads").mkdir()
-    browser = chromium(tmp_path / "downloads")
     try:
         with serving() as served:
             browser.get(served.url)
