@@ -8,6 +8,7 @@ input's where it carries H.264 (.mp4 .m4v .mov .mkv), else Matroska (.mkv: it ca
 .webm, .avi and the others hold). Needs PyAV (requirements-optional.txt).
 """
 import io
+import os
 import signal
 from dataclasses import dataclass
 from fractions import Fraction
@@ -113,12 +114,18 @@ def output_path(src: Path, output: str | None, scale: int) -> Path:
     return Path(output)
 
 
+def ffmpeg_url(path) -> str:
+    """`path` as FFmpeg is given it: the file: protocol and an absolute path, so that no name
+    ('tcp:host:port.mp4', 'http:...', 'concat:a|b', a folder named so) is read as a URL."""
+    return "file:" + os.path.abspath(path)
+
+
 def probe(path: Path) -> VideoInfo:
     """The video's size, rate, frame count and tags; a one-line error for a file that is not a
     readable video (another kind of file, no video stream, a first frame that can't be decoded)."""
     require_av()
     try:
-        with av.open(str(path)) as container:
+        with av.open(ffmpeg_url(path)) as container:
             return read_info(path, container)
     except av.FFmpegError as e:
         raise UserError(f"{path}: not a video FFmpeg can read ({ffmpeg_message(e)})") from None
@@ -244,7 +251,7 @@ def transcode(model, src: Path, tmp: str, muxer: str, info: VideoInfo, *, crf: i
     """Decode `src`, upscale frames span[0] to span[1] (not included), encode them into `tmp`;
     copy audio and subtitle packets where `copy`."""
     (start, stop), offset = span, 0
-    with av.open(str(src)) as inp, av.open(tmp, "w", format=muxer) as out:
+    with av.open(ffmpeg_url(src)) as inp, av.open(ffmpeg_url(tmp), "w", format=muxer) as out:
         video = inp.streams.video[0]
         out.metadata.update({k: v for k, v in inp.metadata.items() if k != "encoder"})
         encoder = add_video_stream(out, video, info, model.scale, crf)
@@ -293,7 +300,7 @@ def rehearse(src: Path, dst: Path, info: VideoInfo, scale: int, crf: int, copy: 
     level = av.logging.get_level()
     av.logging.set_level(av.logging.ERROR)  # FFmpeg says why only in its log
     try:
-        with av.logging.Capture() as logs, av.open(str(src)) as inp, \
+        with av.logging.Capture() as logs, av.open(ffmpeg_url(src)) as inp, \
                 av.open(io.BytesIO(), "w", format=OUTPUT_FORMATS[dst.suffix.lower()]) as out:
             video = inp.streams.video[0]
             encoder = add_video_stream(out, video, info, scale, crf)
