@@ -10,6 +10,7 @@ input's where it carries H.264 (.mp4 .m4v .mov .mkv), else Matroska (.mkv: it ca
 import io
 import os
 import signal
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -76,8 +77,9 @@ class VideoInfo(NamedTuple):
 
 
 def is_video(path: Path) -> bool:
-    """A file with a video extension: infer.py reads it as a video."""
-    return path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file()
+    """A path with a video extension, not a folder: infer.py reads it as a video (a FIFO or a
+    device too, so that `probe` says what it is)."""
+    return path.suffix.lower() in VIDEO_EXTENSIONS and path.exists() and not path.is_dir()
 
 
 def require_av() -> None:
@@ -124,11 +126,30 @@ def probe(path: Path) -> VideoInfo:
     """The video's size, rate, frame count and tags; a one-line error for a file that is not a
     readable video (another kind of file, no video stream, a first frame that can't be decoded)."""
     require_av()
+    check_regular_file(path)
     try:
         with av.open(ffmpeg_url(path)) as container:
             return read_info(path, container)
     except av.FFmpegError as e:
         raise UserError(f"{path}: not a video FFmpeg can read ({ffmpeg_message(e)})") from None
+
+
+# What a path that is not a regular file is, in the words an error uses.
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse, saying what it is, a path that is not a regular file: FFmpeg would wait on a FIFO
+    for ever, and read a device (/dev/zero) without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in FILE_KINDS if is_kind(mode)), "not a file")
+        link = f"a link to {os.readlink(path)}, " if path.is_symlink() else ""
+        raise UserError(f"{path}: is {link}{kind}, not a regular file: a video is read from a file")
 
 
 def read_info(path: Path, container) -> VideoInfo:

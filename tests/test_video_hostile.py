@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from conftest import assert_one_line_error
 from machinery import video
 from test_video import infer_video, make_clip
 
@@ -66,3 +67,14 @@ def test_what_reaches_ffmpeg_is_a_file_url(tiny_checkpoint, tmp_path, monkeypatc
     names = [f for f in opened if isinstance(f, str)]
     assert len(names) >= 4  # probe, rehearse, transcode's input and its output
     assert all(f.startswith("file:/") for f in names), names
+
+
+def test_a_fifo_or_a_device_as_a_video_says_what_it_is(tiny_checkpoint, tmp_path):
+    os.mkfifo(tmp_path / "pipe.mp4")
+    os.symlink("/dev/zero", tmp_path / "zero.mkv")
+    code, _, err = infer_video(tmp_path / "pipe.mp4", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, f"{tmp_path / 'pipe.mp4'}: is a FIFO (a named pipe), not a regular file")
+    code, _, err = infer_video(tmp_path / "zero.mkv", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, f"{tmp_path / 'zero.mkv'}: is a link to /dev/zero, a character device, "
+                                     f"not a regular file")
+    assert left_in(tmp_path) == ["pipe.mp4", "tiny.pt", "zero.mkv"]
