@@ -6,6 +6,10 @@ The video becomes H.264 (libx264, yuv420p, --crf) with the input's frame times, 
 audio and subtitle packets are copied as they are, not re-encoded. The output container is the
 input's where it carries H.264 (.mp4 .m4v .mov .mkv), else Matroska (.mkv: it carries what
 .webm, .avi and the others hold). Needs PyAV (requirements-optional.txt).
+
+Refused before any frame is written: a frame size above the image path's pixel limit (PIL's
+MAX_IMAGE_PIXELS, read from the stream's header), and a frame size that changes mid-stream (one
+output has one size; the encoder would squeeze the frame into it).
 """
 import io
 import os
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from utils import UserError, first_line, plural, sigterm_raises, warn
@@ -159,15 +164,32 @@ def read_info(path: Path, container) -> VideoInfo:
         kinds = sorted({s.type for s in container.streams}) or ["no streams"]
         raise UserError(f"{path}: has no video stream (it holds: {', '.join(kinds)})")
     stream = container.streams.video[0]
+    check_pixels(path, stream.codec_context.width, stream.codec_context.height)  # from the header: not decoded yet
     first = next(container.decode(stream), None)
     if first is None:
         raise UserError(f"{path}: no video frame could be decoded (a torn or truncated file?)")
+    if (first.width, first.height) != (stream.codec_context.width, stream.codec_context.height):
+        check_pixels(path, first.width, first.height)
     matrix = next((np.frombuffer(bytes(d), "<i4").tolist() for d in first.side_data
                    if str(d.type).endswith("DISPLAYMATRIX")), None)
     colour = {k: getattr(first, k) for k in ("color_primaries", "color_trc", "colorspace", "color_range")}
     rate = stream.average_rate or stream.guessed_rate or Fraction(25)
     return VideoInfo(first.width, first.height, stated_frames(stream), Fraction(rate), stated_duration(stream),
                      matrix, colour)
+
+
+def check_pixels(path: Path, width: int, height: int) -> None:
+    """The image path's limit (PIL.Image.MAX_IMAGE_PIXELS) on each frame: above twice it refused,
+    as PIL refuses an image; above it decoded, and said, as images.open_image does."""
+    limit, pixels = Image.MAX_IMAGE_PIXELS, width * height
+    if not limit or pixels <= limit:
+        return
+    size = f"{width}x{height} frames ({pixels / 1e6:.1f} megapixels)"
+    if pixels > 2 * limit:
+        raise UserError(f"{path}: {size} are above twice PIL's decompression-bomb limit of {limit / 1e6:.1f} "
+                        f"megapixels: refused, too many pixels to decode safely")
+    warn(f"{path}: {size} are above PIL's decompression-bomb limit of {limit / 1e6:.1f} megapixels; "
+         f"decoding it anyway")
 
 
 def stated_frames(stream) -> int | None:
@@ -283,12 +305,23 @@ def transcode(model, src: Path, tmp: str, muxer: str, info: VideoInfo, *, crf: i
                 break
             if index < start:
                 continue
+            check_frame_size(src, frame, index, start, info)
             if progress.written == 0:  # a span starts where the video starts
                 offset = pts - progress.first_pts
             out.mux(encoder.encode(upscaled_frame(model, frame, info, pts - offset, video.time_base, options)))
             progress.written += 1
             bar.update()
         out.mux(encoder.encode(None))  # the frames the encoder holds back (B-frames, lookahead)
+
+
+def check_frame_size(src: Path, frame, index: int, start: int, info: VideoInfo) -> None:
+    """Refuse a frame whose size is not the first's: one output has one size, and the encoder
+    would squeeze the frame into it."""
+    if (frame.width, frame.height) != (info.width, info.height):
+        before = f" (--frames {start}:{index} upscales those before it)" if index > start else ""
+        raise UserError(f"{src}: frame {index + 1} is {frame.width}x{frame.height}, where the video starts at "
+                        f"{info.width}x{info.height}: a video whose frame size changes is refused{before}; "
+                        f"nothing was written")
 
 
 def frame_pts(frame, index: int, rate: Fraction, time_base: Fraction, progress: Progress) -> int:
@@ -334,10 +367,19 @@ def rehearse(src: Path, dst: Path, info: VideoInfo, scale: int, crf: int, copy: 
     except av.FFmpegError as e:
         said = [text for level, _, text in logs if level <= av.logging.ERROR]
         why = (said[-1] if said else ffmpeg_message(e)).strip()
-        raise UserError(f"{src}: {dst.suffix} can't hold its streams ({why}): "
-                        f"-o NAME.mkv holds most; nothing was written") from None
+        raise UserError(f"{src}: {dst.suffix} can't hold its streams ({why}){container_hint(dst, copy)}; "
+                        f"nothing was written") from None
     finally:
         av.logging.set_level(level)
+
+
+def container_hint(dst: Path, copy: bool) -> str:
+    """What to try when the output's container refuses the streams: Matroska, which holds most,
+    where it is not already that; leaving out the copied audio and subtitles, where there are any."""
+    hints = [] if dst.suffix.lower() == ".mkv" else ["-o NAME.mkv holds most"]
+    if copy:
+        hints.append("--frames 0: upscales every frame and leaves the audio and subtitles out")
+    return f": {', or '.join(hints)}" if hints else ""
 
 
 def copy_streams(inp, out, video, say: bool = True) -> dict:

@@ -3,12 +3,15 @@ are too large, files that are not files, 10-bit input, SIGHUP, and names with co
 import os
 import socket
 import threading
+from fractions import Fraction
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import assert_one_line_error
 from machinery import video
-from test_video import infer_video, make_clip
+from test_video import FPS, HEIGHT, WIDTH, infer_video, make_clip
 
 av = pytest.importorskip("av")
 
@@ -67,6 +70,74 @@ def test_what_reaches_ffmpeg_is_a_file_url(tiny_checkpoint, tmp_path, monkeypatc
     names = [f for f in opened if isinstance(f, str)]
     assert len(names) >= 4  # probe, rehearse, transcode's input and its output
     assert all(f.startswith("file:/") for f in names), names
+
+
+def size_changing_clip(path, sizes=((WIDTH, HEIGHT), (WIDTH // 2, HEIGHT // 2)), each: int = 3):
+    """Motion JPEG in Matroska whose frames change size mid-stream: `each` frames of each size."""
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("mjpeg", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = *sizes[0], "yuvj420p"
+        index = 0
+        for width, height in sizes:
+            encoder = av.CodecContext.create("mjpeg", "w")
+            encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuvj420p"
+            encoder.time_base = Fraction(1, FPS)
+            for _ in range(each):
+                img = np.full((height, width, 3), 40 * index % 255, np.uint8)
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuvj420p")
+                frame.pts, frame.time_base = index, Fraction(1, FPS)
+                for packet in encoder.encode(frame):
+                    packet.stream, packet.pts, packet.dts, packet.time_base = stream, index, index, Fraction(1, FPS)
+                    c.mux(packet)
+                index += 1
+    return path
+
+
+def test_a_frame_size_change_mid_video_is_refused_naming_the_frame(tiny_checkpoint, tmp_path):
+    src = size_changing_clip(tmp_path / "sizes.mkv")
+    code, _, err = infer_video(src, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out.mkv")
+    assert_one_line_error(code, err, f"{src}: frame 4 is 32x24, where the video starts at 64x48",
+                          "--frames 0:3", "nothing was written")
+    assert left_in(tmp_path) == ["sizes.mkv", "tiny.pt"]
+
+
+def test_a_video_above_the_pixel_limit_is_refused_from_its_header(tiny_checkpoint, tmp_path, monkeypatch):
+    src = make_clip(tmp_path / "clip.mp4", count=2)  # 64x48: 3,072 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # refused above twice the limit, as PIL does
+    code, _, err = infer_video(src, "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, f"{src}: 64x48 frames", "refused, too many pixels to decode safely")
+    assert left_in(tmp_path) == ["clip.mp4", "tiny.pt"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # between the limit and twice it: decoded, and said
+    code, _, err = infer_video(src, "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert "above PIL's decompression-bomb limit" in err and "decoding it anyway" in err
+
+
+def test_an_mkv_output_is_not_told_to_use_mkv(tiny_checkpoint, tmp_path, monkeypatch):
+    src = make_pcm_clip(tmp_path / "pcm.mkv")
+    monkeypatch.setitem(video.OUTPUT_FORMATS, ".mkv", "mp4")  # a Matroska that refuses the audio, as MP4 does
+    code, _, err = infer_video(src, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out.mkv")
+    assert_one_line_error(code, err, ".mkv can't hold its streams", "--frames 0: ")
+    assert "NAME.mkv" not in err
+    assert infer_video(src, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out.mkv", "--frames", "0:")[0] == 0
+
+
+def make_pcm_clip(path, frames: int = 4):
+    """H.264 with PCM stereo audio (which MP4 refuses), in Matroska."""
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=FPS)
+        v.width, v.height, v.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        a = c.add_stream("pcm_s16le", rate=48000, layout="stereo")
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8), format="rgb24")
+            frame.pts = i
+            c.mux(v.encode(frame))
+        c.mux(v.encode(None))
+        audio = av.AudioFrame.from_ndarray(np.zeros((1, 2 * 1024), np.int16), format="s16", layout="stereo")
+        audio.sample_rate, audio.pts = 48000, 0
+        c.mux(a.encode(audio))
+        c.mux(a.encode(None))
+    return path
 
 
 def test_a_fifo_or_a_device_as_a_video_says_what_it_is(tiny_checkpoint, tmp_path):
