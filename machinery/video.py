@@ -170,6 +170,10 @@ def read_info(path: Path, container) -> VideoInfo:
         raise UserError(f"{path}: no video frame could be decoded (a torn or truncated file?)")
     if (first.width, first.height) != (stream.codec_context.width, stream.codec_context.height):
         check_pixels(path, first.width, first.height)
+    bits = max(c.bits for c in first.format.components)
+    if bits > 8:  # as for 16-bit images: said, not done silently
+        warn(f"{path}: {first.format.name} is {bits} bits a sample: read and written as 8-bit (the network "
+             f"works on 8-bit images)")
     matrix = next((np.frombuffer(bytes(d), "<i4").tolist() for d in first.side_data
                    if str(d.type).endswith("DISPLAYMATRIX")), None)
     colour = {k: getattr(first, k) for k in ("color_primaries", "color_trc", "colorspace", "color_range")}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, terminal_lines
 from machinery import video
 from test_video import FPS, HEIGHT, WIDTH, infer_video, make_clip
 
@@ -149,3 +149,22 @@ def test_a_fifo_or_a_device_as_a_video_says_what_it_is(tiny_checkpoint, tmp_path
     assert_one_line_error(code, err, f"{tmp_path / 'zero.mkv'}: is a link to /dev/zero, a character device, "
                                      f"not a regular file")
     assert left_in(tmp_path) == ["pipe.mp4", "tiny.pt", "zero.mkv"]
+
+
+def test_a_10_bit_video_is_said_to_be_read_and_written_as_8_bit(tiny_checkpoint, tmp_path):
+    src = tmp_path / "deep.mkv"
+    with av.open(str(src), "w") as c:
+        v = c.add_stream("libx264", rate=FPS)
+        v.width, v.height, v.pix_fmt = WIDTH, HEIGHT, "yuv420p10le"
+        for i in range(2):
+            frame = av.VideoFrame.from_ndarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8), format="rgb24")
+            frame = frame.reformat(format="yuv420p10le")
+            frame.pts = i
+            c.mux(v.encode(frame))
+        c.mux(v.encode(None))
+    code, _, err = infer_video(src, "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert terminal_lines(err) == [f"infer.py: warning: {src}: yuv420p10le is 10 bits a sample: read and written "
+                                   f"as 8-bit (the network works on 8-bit images)"]
+    with av.open(str(tmp_path / "deep_x4.mkv")) as c:
+        assert c.streams.video[0].codec_context.format.name == "yuv420p"
