@@ -11,10 +11,12 @@ Refused before any frame is written: a frame size above the image path's pixel l
 MAX_IMAGE_PIXELS, read from the stream's header), and a frame size that changes mid-stream (one
 output has one size; the encoder would squeeze the frame into it).
 """
+import contextlib
 import io
 import os
 import signal
 import stat
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import UserError, first_line, plural, sigterm_raises, warn
+from utils import STOP_SIGNALS, UserError, first_line, plural, warn
 
 from .files import atomic_path, folder_for
 from .upscale import DEFAULT_TILE, upscale
@@ -52,8 +54,8 @@ MPEG_RANGE, JPEG_RANGE = 1, 2  # AVColorRange: limited (16-235) and full (0-255)
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during a video; the message says at which frame, and that nothing was
-    written; `signum` gives the exit status (128 + signum)."""
+    """Ctrl-C, SIGTERM or SIGHUP during a video; the message names it, says at which frame, and
+    that nothing was written; `signum` gives the exit status (128 + signum)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -61,7 +63,31 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the work is, so that it unwinds as Ctrl-C does (the temporary file removed)."""
+    """SIGTERM or SIGHUP (`signum`), raised where the work is, so that it unwinds as Ctrl-C does
+    (the temporary file removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """utils.sigterm_raises(Terminated), but with the signal that came (utils.STOP_SIGNALS: SIGTERM,
+    or SIGHUP from a closed terminal) in the exception, so that the message names the right one."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class VideoInfo(NamedTuple):
@@ -254,23 +280,23 @@ def upscale_video(model, src: Path, dst: Path, info: VideoInfo, *, crf: int = DE
         info: `probe(src)`.
         frames: (start, stop) frame indices (stop None: to the end); None: all. With a span,
             audio and subtitles are left out (cutting them to the frames is not done).
-    Raises Interrupted on Ctrl-C or SIGTERM and UserError on a failure, each saying where it stopped.
+    Raises Interrupted on Ctrl-C, SIGTERM or SIGHUP and UserError on a failure, each saying where it stopped.
     """
     span = frames or (0, None)
     total = info.estimated_frames()
     progress = Progress(None if total is None else max(0, min(total, span[1] or total) - span[0]))
     options = dict(tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
     # A bar on a terminal only (as for folders of images): frames/s and the time left.
-    with sigterm_raises(Terminated), tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
+    with stop_signals_raise(), tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
         try:
             with folder_for(dst), atomic_path(dst) as tmp:
                 transcode(model, src, tmp, OUTPUT_FORMATS[dst.suffix.lower()], info, crf=crf, span=span,
                           copy=frames is None, options=options, progress=progress, bar=bar)
                 check_complete(src, info, span, progress)
         except KeyboardInterrupt as e:
-            signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
-            raise Interrupted(f"stopped by {'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'} at "
-                              f"{progress.where()}; nothing was written", signum=signum) from None
+            signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            raise Interrupted(f"stopped by {name} at {progress.where()}; nothing was written", signum=signum) from None
         except av.FFmpegError as e:
             raise UserError(f"{src}: failed at {progress.where()} ({ffmpeg_message(e)}); "
                             f"nothing was written") from None

@@ -1,15 +1,19 @@
 """infer.py on hostile videos (issue 34): names FFmpeg could read as URLs, frame sizes that change or
 are too large, files that are not files, 10-bit input, SIGHUP, and names with control characters."""
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from fractions import Fraction
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, terminal_lines
+from conftest import ROOT, assert_one_line_error, terminal_lines
 from machinery import video
 from test_video import FPS, HEIGHT, WIDTH, infer_video, make_clip
 
@@ -168,3 +172,20 @@ def test_a_10_bit_video_is_said_to_be_read_and_written_as_8_bit(tiny_checkpoint,
                                    f"as 8-bit (the network works on 8-bit images)"]
     with av.open(str(tmp_path / "deep_x4.mkv")) as c:
         assert c.streams.video[0].codec_context.format.name == "yuv420p"
+
+
+@pytest.mark.slow
+def test_sighup_mid_video_stops_it_as_sigterm_does_and_leaves_nothing(tiny_checkpoint, tmp_path):
+    make_clip(tmp_path / "clip.mp4", count=480, audio=False)
+    process = subprocess.Popen([sys.executable, "infer.py", tmp_path / "clip.mp4", "--checkpoint", tiny_checkpoint,
+                                "--precision", "fp32"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".clip_x4.mp4.*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the temporary output is there: the frames are being written
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGHUP, err
+    assert terminal_lines(err)[-1].startswith("infer.py: stopped by SIGHUP at frame "), err
+    assert terminal_lines(err)[-1].endswith(" of 480; nothing was written"), err
+    assert left_in(tmp_path) == ["clip.mp4", "tiny.pt"]
