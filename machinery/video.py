@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import STOP_SIGNALS, UserError, first_line, plural, warn
+from utils import STOP_SIGNALS, UserError, first_line, plural, shown, warn
 
 from .files import atomic_path, folder_for
 from .upscale import DEFAULT_TILE, upscale
@@ -142,7 +142,7 @@ def output_path(src: Path, output: str | None, scale: int) -> Path:
     if Path(output).is_dir() or output.endswith("/") or not Path(output).suffix:
         return Path(output) / name
     if Path(output).suffix.lower() not in OUTPUT_FORMATS:
-        raise UserError(f"{output}: a video is written as {' '.join(OUTPUT_FORMATS)} (H.264), not "
+        raise UserError(f"{shown(output)}: a video is written as {' '.join(OUTPUT_FORMATS)} (H.264), not "
                         f"{Path(output).suffix!r} (for a folder, end the name with /)")
     return Path(output)
 
@@ -162,7 +162,7 @@ def probe(path: Path) -> VideoInfo:
         with av.open(ffmpeg_url(path)) as container:
             return read_info(path, container)
     except av.FFmpegError as e:
-        raise UserError(f"{path}: not a video FFmpeg can read ({ffmpeg_message(e)})") from None
+        raise UserError(f"{shown(path)}: not a video FFmpeg can read ({ffmpeg_message(e)})") from None
 
 
 # What a path that is not a regular file is, in the words an error uses.
@@ -176,29 +176,30 @@ def check_regular_file(path: Path) -> None:
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
+        raise UserError(f"{shown(path)}: cannot be read ({e.strerror})") from None
     if not stat.S_ISREG(mode):
         kind = next((name for is_kind, name in FILE_KINDS if is_kind(mode)), "not a file")
-        link = f"a link to {os.readlink(path)}, " if path.is_symlink() else ""
-        raise UserError(f"{path}: is {link}{kind}, not a regular file: a video is read from a file")
+        link = f"a link to {shown(os.readlink(path))}, " if path.is_symlink() else ""
+        raise UserError(f"{shown(path)}: is {link}{kind}, not a regular file: a video is read from a file")
 
 
 def read_info(path: Path, container) -> VideoInfo:
     if container.format.name == "image2" or container.format.name.endswith("_pipe"):
-        raise UserError(f"{path}: is an image ({container.format.name}), not a video: give it its image extension")
+        raise UserError(f"{shown(path)}: is an image ({container.format.name}), not a video: give it its image "
+                        f"extension")
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-        raise UserError(f"{path}: has no video stream (it holds: {', '.join(kinds)})")
+        raise UserError(f"{shown(path)}: has no video stream (it holds: {', '.join(kinds)})")
     stream = container.streams.video[0]
     check_pixels(path, stream.codec_context.width, stream.codec_context.height)  # from the header: not decoded yet
     first = next(container.decode(stream), None)
     if first is None:
-        raise UserError(f"{path}: no video frame could be decoded (a torn or truncated file?)")
+        raise UserError(f"{shown(path)}: no video frame could be decoded (a torn or truncated file?)")
     if (first.width, first.height) != (stream.codec_context.width, stream.codec_context.height):
         check_pixels(path, first.width, first.height)
     bits = max(c.bits for c in first.format.components)
     if bits > 8:  # as for 16-bit images: said, not done silently
-        warn(f"{path}: {first.format.name} is {bits} bits a sample: read and written as 8-bit (the network "
+        warn(f"{shown(path)}: {first.format.name} is {bits} bits a sample: read and written as 8-bit (the network "
              f"works on 8-bit images)")
     matrix = next((np.frombuffer(bytes(d), "<i4").tolist() for d in first.side_data
                    if str(d.type).endswith("DISPLAYMATRIX")), None)
@@ -216,9 +217,9 @@ def check_pixels(path: Path, width: int, height: int) -> None:
         return
     size = f"{width}x{height} frames ({pixels / 1e6:.1f} megapixels)"
     if pixels > 2 * limit:
-        raise UserError(f"{path}: {size} are above twice PIL's decompression-bomb limit of {limit / 1e6:.1f} "
+        raise UserError(f"{shown(path)}: {size} are above twice PIL's decompression-bomb limit of {limit / 1e6:.1f} "
                         f"megapixels: refused, too many pixels to decode safely")
-    warn(f"{path}: {size} are above PIL's decompression-bomb limit of {limit / 1e6:.1f} megapixels; "
+    warn(f"{shown(path)}: {size} are above PIL's decompression-bomb limit of {limit / 1e6:.1f} megapixels; "
          f"decoding it anyway")
 
 
@@ -244,13 +245,13 @@ def check_encodable(info: VideoInfo, scale: int, src: Path) -> None:
     """H.264 in 4:2:0 needs an even width and height: an odd size times 3 is refused now."""
     width, height = info.width * scale, info.height * scale
     if width % 2 or height % 2:
-        raise UserError(f"{src}: x{scale} makes it {width}x{height}; H.264 (yuv420p) needs an even width "
+        raise UserError(f"{shown(src)}: x{scale} makes it {width}x{height}; H.264 (yuv420p) needs an even width "
                         f"and height: use --scale 2 or 4")
 
 
 def ffmpeg_message(e: Exception) -> str:
     """FFmpeg's reason, without PyAV's '[Errno N]' and file name."""
-    return first_line(Exception(getattr(e, "strerror", None) or e))
+    return shown(first_line(Exception(getattr(e, "strerror", None) or e)))
 
 
 # ---------------------------------------------------------------- the work
@@ -298,7 +299,7 @@ def upscale_video(model, src: Path, dst: Path, info: VideoInfo, *, crf: int = DE
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             raise Interrupted(f"stopped by {name} at {progress.where()}; nothing was written", signum=signum) from None
         except av.FFmpegError as e:
-            raise UserError(f"{src}: failed at {progress.where()} ({ffmpeg_message(e)}); "
+            raise UserError(f"{shown(src)}: failed at {progress.where()} ({ffmpeg_message(e)}); "
                             f"nothing was written") from None
     return progress.written
 
@@ -307,15 +308,15 @@ def check_complete(src: Path, info: VideoInfo, span: tuple[int, int | None], pro
     """Refuse an output short of what the container states (a truncated file), or one with no frame."""
     (start, stop), written = span, progress.written
     if written == 0:
-        raise UserError(f"{src}: no frame in --frames {start}:{'' if stop is None else stop}"
+        raise UserError(f"{shown(src)}: no frame in --frames {start}:{'' if stop is None else stop}"
                         f"{'' if info.frames is None else f' (it has {info.frames})'}; nothing was written")
     expected = None if info.frames is None else min(info.frames, stop or info.frames) - start
     if expected is not None and written < expected:
-        raise UserError(f"{src}: only {written} of {expected} frames could be decoded (a truncated or damaged "
+        raise UserError(f"{shown(src)}: only {written} of {expected} frames could be decoded (a truncated or damaged "
                         f"file?); nothing was written")
     # Without a frame count (Matroska), the stated duration: short by more than half a frame.
     if info.frames is None and stop is None and info.duration and progress.end < info.duration - 0.5 / info.rate:
-        raise UserError(f"{src}: the video stops at {progress.end:.2f} s of the {info.duration:.2f} s it states "
+        raise UserError(f"{shown(src)}: the video stops at {progress.end:.2f} s of the {info.duration:.2f} s it states "
                         f"(a truncated or damaged file?); nothing was written")
 
 
@@ -349,7 +350,7 @@ def check_frame_size(src: Path, frame, index: int, start: int, info: VideoInfo) 
     would squeeze the frame into it."""
     if (frame.width, frame.height) != (info.width, info.height):
         before = f" (--frames {start}:{index} upscales those before it)" if index > start else ""
-        raise UserError(f"{src}: frame {index + 1} is {frame.width}x{frame.height}, where the video starts at "
+        raise UserError(f"{shown(src)}: frame {index + 1} is {frame.width}x{frame.height}, where the video starts at "
                         f"{info.width}x{info.height}: a video whose frame size changes is refused{before}; "
                         f"nothing was written")
 
@@ -396,8 +397,8 @@ def rehearse(src: Path, dst: Path, info: VideoInfo, scale: int, crf: int, copy: 
             out.mux(encoder.encode(None))
     except av.FFmpegError as e:
         said = [text for level, _, text in logs if level <= av.logging.ERROR]
-        why = (said[-1] if said else ffmpeg_message(e)).strip()
-        raise UserError(f"{src}: {dst.suffix} can't hold its streams ({why}){container_hint(dst, copy)}; "
+        why = shown((said[-1] if said else ffmpeg_message(e)).strip())
+        raise UserError(f"{shown(src)}: {shown(dst.suffix)} can't hold its streams ({why}){container_hint(dst, copy)}; "
                         f"nothing was written") from None
     finally:
         av.logging.set_level(level)

@@ -174,6 +174,14 @@ def test_a_10_bit_video_is_said_to_be_read_and_written_as_8_bit(tiny_checkpoint,
         assert c.streams.video[0].codec_context.format.name == "yuv420p"
 
 
+def test_a_name_with_control_characters_is_shown_escaped(tiny_checkpoint, tmp_path):
+    src = tmp_path / "a\x1b]0;owned\x07\nb.mp4"
+    src.write_text("not a video\n")
+    code, _, err = infer_video(src, "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "a\\x1b]0;owned\\x07\\x0ab.mp4: not a video FFmpeg can read")
+    assert "\x1b" not in err and "\x07" not in err
+
+
 @pytest.mark.slow
 def test_sighup_mid_video_stops_it_as_sigterm_does_and_leaves_nothing(tiny_checkpoint, tmp_path):
     make_clip(tmp_path / "clip.mp4", count=480, audio=False)
