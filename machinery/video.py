@@ -382,8 +382,9 @@ def add_video_stream(out, video, info: VideoInfo, scale: int, crf: int):
 def rehearse(src: Path, dst: Path, info: VideoInfo, scale: int, crf: int, copy: bool) -> None:
     """Write the output's start into memory, a blank frame for each of the first two: a stream the
     container refuses (PCM audio in .mp4: at its end, in FFmpeg) fails now, not after every frame."""
-    level = av.logging.get_level()
+    level, skip = av.logging.get_level(), av.logging.get_skip_repeated()
     av.logging.set_level(av.logging.ERROR)  # FFmpeg says why only in its log
+    av.logging.set_skip_repeated(False)  # each time: PyAV drops a line the same as the last it logged
     try:
         with av.logging.Capture() as logs, av.open(ffmpeg_url(src)) as inp, \
                 av.open(io.BytesIO(), "w", format=OUTPUT_FORMATS[dst.suffix.lower()]) as out:
@@ -402,6 +403,7 @@ def rehearse(src: Path, dst: Path, info: VideoInfo, scale: int, crf: int, copy: 
                         f"nothing was written") from None
     finally:
         av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip)
 
 
 def container_hint(dst: Path, copy: bool) -> str:
