@@ -126,6 +126,13 @@ def test_an_mkv_output_is_not_told_to_use_mkv(tiny_checkpoint, tmp_path, monkeyp
     assert infer_video(src, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out.mkv", "--frames", "0:")[0] == 0
 
 
+def test_each_container_refusal_in_one_process_says_why(tiny_checkpoint, tmp_path):
+    src = make_pcm_clip(tmp_path / "pcm.mkv")
+    for _ in range(2):  # PyAV logs a line the same as the last one only once
+        code, _, err = infer_video(src, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out.mp4")
+        assert_one_line_error(code, err, ".mp4 can't hold its streams (unsupported channel layout")
+
+
 def make_pcm_clip(path, frames: int = 4):
     """H.264 with PCM stereo audio (which MP4 refuses), in Matroska."""
     with av.open(str(path), "w") as c:
