@@ -6,18 +6,27 @@ The video becomes H.264 (libx264, yuv420p, --crf) with the input's frame times, 
 audio and subtitle packets are copied as they are, not re-encoded. The output container is the
 input's where it carries H.264 (.mp4 .m4v .mov .mkv), else Matroska (.mkv: it carries what
 .webm, .avi and the others hold). Needs PyAV (requirements-optional.txt).
+
+Refused before any frame is written: a frame size above the image path's pixel limit (PIL's
+MAX_IMAGE_PIXELS, read from the stream's header), and a frame size that changes mid-stream (one
+output has one size; the encoder would squeeze the frame into it).
 """
+import contextlib
 import io
+import os
 import signal
+import stat
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from utils import UserError, first_line, plural, sigterm_raises, warn
+from utils import STOP_SIGNALS, UserError, first_line, plural, shown, warn
 
 from .files import atomic_path, folder_for
 from .upscale import DEFAULT_TILE, upscale
@@ -45,8 +54,8 @@ MPEG_RANGE, JPEG_RANGE = 1, 2  # AVColorRange: limited (16-235) and full (0-255)
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during a video; the message says at which frame, and that nothing was
-    written; `signum` gives the exit status (128 + signum)."""
+    """Ctrl-C, SIGTERM or SIGHUP during a video; the message names it, says at which frame, and
+    that nothing was written; `signum` gives the exit status (128 + signum)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -54,7 +63,31 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the work is, so that it unwinds as Ctrl-C does (the temporary file removed)."""
+    """SIGTERM or SIGHUP (`signum`), raised where the work is, so that it unwinds as Ctrl-C does
+    (the temporary file removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """utils.sigterm_raises(Terminated), but with the signal that came (utils.STOP_SIGNALS: SIGTERM,
+    or SIGHUP from a closed terminal) in the exception, so that the message names the right one."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class VideoInfo(NamedTuple):
@@ -75,8 +108,9 @@ class VideoInfo(NamedTuple):
 
 
 def is_video(path: Path) -> bool:
-    """A file with a video extension: infer.py reads it as a video."""
-    return path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file()
+    """A path with a video extension, not a folder: infer.py reads it as a video (a FIFO or a
+    device too, so that `probe` says what it is)."""
+    return path.suffix.lower() in VIDEO_EXTENSIONS and path.exists() and not path.is_dir()
 
 
 def require_av() -> None:
@@ -108,38 +142,85 @@ def output_path(src: Path, output: str | None, scale: int) -> Path:
     if Path(output).is_dir() or output.endswith("/") or not Path(output).suffix:
         return Path(output) / name
     if Path(output).suffix.lower() not in OUTPUT_FORMATS:
-        raise UserError(f"{output}: a video is written as {' '.join(OUTPUT_FORMATS)} (H.264), not "
+        raise UserError(f"{shown(output)}: a video is written as {' '.join(OUTPUT_FORMATS)} (H.264), not "
                         f"{Path(output).suffix!r} (for a folder, end the name with /)")
     return Path(output)
+
+
+def ffmpeg_url(path) -> str:
+    """`path` as FFmpeg is given it: the file: protocol and an absolute path, so that no name
+    ('tcp:host:port.mp4', 'http:...', 'concat:a|b', a folder named so) is read as a URL."""
+    return "file:" + os.path.abspath(path)
 
 
 def probe(path: Path) -> VideoInfo:
     """The video's size, rate, frame count and tags; a one-line error for a file that is not a
     readable video (another kind of file, no video stream, a first frame that can't be decoded)."""
     require_av()
+    check_regular_file(path)
     try:
-        with av.open(str(path)) as container:
+        with av.open(ffmpeg_url(path)) as container:
             return read_info(path, container)
     except av.FFmpegError as e:
-        raise UserError(f"{path}: not a video FFmpeg can read ({ffmpeg_message(e)})") from None
+        raise UserError(f"{shown(path)}: not a video FFmpeg can read ({ffmpeg_message(e)})") from None
+
+
+# What a path that is not a regular file is, in the words an error uses.
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse, saying what it is, a path that is not a regular file: FFmpeg would wait on a FIFO
+    for ever, and read a device (/dev/zero) without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise UserError(f"{shown(path)}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in FILE_KINDS if is_kind(mode)), "not a file")
+        link = f"a link to {shown(os.readlink(path))}, " if path.is_symlink() else ""
+        raise UserError(f"{shown(path)}: is {link}{kind}, not a regular file: a video is read from a file")
 
 
 def read_info(path: Path, container) -> VideoInfo:
     if container.format.name == "image2" or container.format.name.endswith("_pipe"):
-        raise UserError(f"{path}: is an image ({container.format.name}), not a video: give it its image extension")
+        raise UserError(f"{shown(path)}: is an image ({container.format.name}), not a video: give it its image "
+                        f"extension")
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-        raise UserError(f"{path}: has no video stream (it holds: {', '.join(kinds)})")
+        raise UserError(f"{shown(path)}: has no video stream (it holds: {', '.join(kinds)})")
     stream = container.streams.video[0]
+    check_pixels(path, stream.codec_context.width, stream.codec_context.height)  # from the header: not decoded yet
     first = next(container.decode(stream), None)
     if first is None:
-        raise UserError(f"{path}: no video frame could be decoded (a torn or truncated file?)")
+        raise UserError(f"{shown(path)}: no video frame could be decoded (a torn or truncated file?)")
+    if (first.width, first.height) != (stream.codec_context.width, stream.codec_context.height):
+        check_pixels(path, first.width, first.height)
+    bits = max(c.bits for c in first.format.components)
+    if bits > 8:  # as for 16-bit images: said, not done silently
+        warn(f"{shown(path)}: {first.format.name} is {bits} bits a sample: read and written as 8-bit (the network "
+             f"works on 8-bit images)")
     matrix = next((np.frombuffer(bytes(d), "<i4").tolist() for d in first.side_data
                    if str(d.type).endswith("DISPLAYMATRIX")), None)
     colour = {k: getattr(first, k) for k in ("color_primaries", "color_trc", "colorspace", "color_range")}
     rate = stream.average_rate or stream.guessed_rate or Fraction(25)
     return VideoInfo(first.width, first.height, stated_frames(stream), Fraction(rate), stated_duration(stream),
                      matrix, colour)
+
+
+def check_pixels(path: Path, width: int, height: int) -> None:
+    """The image path's limit (PIL.Image.MAX_IMAGE_PIXELS) on each frame: above twice it refused,
+    as PIL refuses an image; above it decoded, and said, as images.open_image does."""
+    limit, pixels = Image.MAX_IMAGE_PIXELS, width * height
+    if not limit or pixels <= limit:
+        return
+    size = f"{width}x{height} frames ({pixels / 1e6:.1f} megapixels)"
+    if pixels > 2 * limit:
+        raise UserError(f"{shown(path)}: {size} are above twice PIL's decompression-bomb limit of {limit / 1e6:.1f} "
+                        f"megapixels: refused, too many pixels to decode safely")
+    warn(f"{shown(path)}: {size} are above PIL's decompression-bomb limit of {limit / 1e6:.1f} megapixels; "
+         f"decoding it anyway")
 
 
 def stated_frames(stream) -> int | None:
@@ -164,13 +245,13 @@ def check_encodable(info: VideoInfo, scale: int, src: Path) -> None:
     """H.264 in 4:2:0 needs an even width and height: an odd size times 3 is refused now."""
     width, height = info.width * scale, info.height * scale
     if width % 2 or height % 2:
-        raise UserError(f"{src}: x{scale} makes it {width}x{height}; H.264 (yuv420p) needs an even width "
+        raise UserError(f"{shown(src)}: x{scale} makes it {width}x{height}; H.264 (yuv420p) needs an even width "
                         f"and height: use --scale 2 or 4")
 
 
 def ffmpeg_message(e: Exception) -> str:
     """FFmpeg's reason, without PyAV's '[Errno N]' and file name."""
-    return first_line(Exception(getattr(e, "strerror", None) or e))
+    return shown(first_line(Exception(getattr(e, "strerror", None) or e)))
 
 
 # ---------------------------------------------------------------- the work
@@ -200,25 +281,25 @@ def upscale_video(model, src: Path, dst: Path, info: VideoInfo, *, crf: int = DE
         info: `probe(src)`.
         frames: (start, stop) frame indices (stop None: to the end); None: all. With a span,
             audio and subtitles are left out (cutting them to the frames is not done).
-    Raises Interrupted on Ctrl-C or SIGTERM and UserError on a failure, each saying where it stopped.
+    Raises Interrupted on Ctrl-C, SIGTERM or SIGHUP and UserError on a failure, each saying where it stopped.
     """
     span = frames or (0, None)
     total = info.estimated_frames()
     progress = Progress(None if total is None else max(0, min(total, span[1] or total) - span[0]))
     options = dict(tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
     # A bar on a terminal only (as for folders of images): frames/s and the time left.
-    with sigterm_raises(Terminated), tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
+    with stop_signals_raise(), tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
         try:
             with folder_for(dst), atomic_path(dst) as tmp:
                 transcode(model, src, tmp, OUTPUT_FORMATS[dst.suffix.lower()], info, crf=crf, span=span,
                           copy=frames is None, options=options, progress=progress, bar=bar)
                 check_complete(src, info, span, progress)
         except KeyboardInterrupt as e:
-            signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
-            raise Interrupted(f"stopped by {'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'} at "
-                              f"{progress.where()}; nothing was written", signum=signum) from None
+            signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            raise Interrupted(f"stopped by {name} at {progress.where()}; nothing was written", signum=signum) from None
         except av.FFmpegError as e:
-            raise UserError(f"{src}: failed at {progress.where()} ({ffmpeg_message(e)}); "
+            raise UserError(f"{shown(src)}: failed at {progress.where()} ({ffmpeg_message(e)}); "
                             f"nothing was written") from None
     return progress.written
 
@@ -227,15 +308,15 @@ def check_complete(src: Path, info: VideoInfo, span: tuple[int, int | None], pro
     """Refuse an output short of what the container states (a truncated file), or one with no frame."""
     (start, stop), written = span, progress.written
     if written == 0:
-        raise UserError(f"{src}: no frame in --frames {start}:{'' if stop is None else stop}"
+        raise UserError(f"{shown(src)}: no frame in --frames {start}:{'' if stop is None else stop}"
                         f"{'' if info.frames is None else f' (it has {info.frames})'}; nothing was written")
     expected = None if info.frames is None else min(info.frames, stop or info.frames) - start
     if expected is not None and written < expected:
-        raise UserError(f"{src}: only {written} of {expected} frames could be decoded (a truncated or damaged "
+        raise UserError(f"{shown(src)}: only {written} of {expected} frames could be decoded (a truncated or damaged "
                         f"file?); nothing was written")
     # Without a frame count (Matroska), the stated duration: short by more than half a frame.
     if info.frames is None and stop is None and info.duration and progress.end < info.duration - 0.5 / info.rate:
-        raise UserError(f"{src}: the video stops at {progress.end:.2f} s of the {info.duration:.2f} s it states "
+        raise UserError(f"{shown(src)}: the video stops at {progress.end:.2f} s of the {info.duration:.2f} s it states "
                         f"(a truncated or damaged file?); nothing was written")
 
 
@@ -244,7 +325,7 @@ def transcode(model, src: Path, tmp: str, muxer: str, info: VideoInfo, *, crf: i
     """Decode `src`, upscale frames span[0] to span[1] (not included), encode them into `tmp`;
     copy audio and subtitle packets where `copy`."""
     (start, stop), offset = span, 0
-    with av.open(str(src)) as inp, av.open(tmp, "w", format=muxer) as out:
+    with av.open(ffmpeg_url(src)) as inp, av.open(ffmpeg_url(tmp), "w", format=muxer) as out:
         video = inp.streams.video[0]
         out.metadata.update({k: v for k, v in inp.metadata.items() if k != "encoder"})
         encoder = add_video_stream(out, video, info, model.scale, crf)
@@ -255,12 +336,23 @@ def transcode(model, src: Path, tmp: str, muxer: str, info: VideoInfo, *, crf: i
                 break
             if index < start:
                 continue
+            check_frame_size(src, frame, index, start, info)
             if progress.written == 0:  # a span starts where the video starts
                 offset = pts - progress.first_pts
             out.mux(encoder.encode(upscaled_frame(model, frame, info, pts - offset, video.time_base, options)))
             progress.written += 1
             bar.update()
         out.mux(encoder.encode(None))  # the frames the encoder holds back (B-frames, lookahead)
+
+
+def check_frame_size(src: Path, frame, index: int, start: int, info: VideoInfo) -> None:
+    """Refuse a frame whose size is not the first's: one output has one size, and the encoder
+    would squeeze the frame into it."""
+    if (frame.width, frame.height) != (info.width, info.height):
+        before = f" (--frames {start}:{index} upscales those before it)" if index > start else ""
+        raise UserError(f"{shown(src)}: frame {index + 1} is {frame.width}x{frame.height}, where the video starts at "
+                        f"{info.width}x{info.height}: a video whose frame size changes is refused{before}; "
+                        f"nothing was written")
 
 
 def frame_pts(frame, index: int, rate: Fraction, time_base: Fraction, progress: Progress) -> int:
@@ -290,10 +382,11 @@ def add_video_stream(out, video, info: VideoInfo, scale: int, crf: int):
 def rehearse(src: Path, dst: Path, info: VideoInfo, scale: int, crf: int, copy: bool) -> None:
     """Write the output's start into memory, a blank frame for each of the first two: a stream the
     container refuses (PCM audio in .mp4: at its end, in FFmpeg) fails now, not after every frame."""
-    level = av.logging.get_level()
+    level, skip = av.logging.get_level(), av.logging.get_skip_repeated()
     av.logging.set_level(av.logging.ERROR)  # FFmpeg says why only in its log
+    av.logging.set_skip_repeated(False)  # each time: PyAV drops a line the same as the last it logged
     try:
-        with av.logging.Capture() as logs, av.open(str(src)) as inp, \
+        with av.logging.Capture() as logs, av.open(ffmpeg_url(src)) as inp, \
                 av.open(io.BytesIO(), "w", format=OUTPUT_FORMATS[dst.suffix.lower()]) as out:
             video = inp.streams.video[0]
             encoder = add_video_stream(out, video, info, scale, crf)
@@ -305,11 +398,21 @@ def rehearse(src: Path, dst: Path, info: VideoInfo, scale: int, crf: int, copy: 
             out.mux(encoder.encode(None))
     except av.FFmpegError as e:
         said = [text for level, _, text in logs if level <= av.logging.ERROR]
-        why = (said[-1] if said else ffmpeg_message(e)).strip()
-        raise UserError(f"{src}: {dst.suffix} can't hold its streams ({why}): "
-                        f"-o NAME.mkv holds most; nothing was written") from None
+        why = shown((said[-1] if said else ffmpeg_message(e)).strip())
+        raise UserError(f"{shown(src)}: {shown(dst.suffix)} can't hold its streams ({why}){container_hint(dst, copy)}; "
+                        f"nothing was written") from None
     finally:
         av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip)
+
+
+def container_hint(dst: Path, copy: bool) -> str:
+    """What to try when the output's container refuses the streams: Matroska, which holds most,
+    where it is not already that; leaving out the copied audio and subtitles, where there are any."""
+    hints = [] if dst.suffix.lower() == ".mkv" else ["-o NAME.mkv holds most"]
+    if copy:
+        hints.append("--frames 0: upscales every frame and leaves the audio and subtitles out")
+    return f": {', or '.join(hints)}" if hints else ""
 
 
 def copy_streams(inp, out, video, say: bool = True) -> dict:

@@ -144,9 +144,10 @@ def test_frames_slice_starts_at_zero_without_audio(clip, tiny_checkpoint, tmp_pa
     assert matches_the_image_path(decoded(tmp_path / "cut.mkv")[0], decoded(clip)[5], model)
 
 
-@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
-def test_ctrl_c_or_sigterm_mid_video_leaves_nothing_and_says_where(clip, tiny_checkpoint, tmp_path, monkeypatch,
-                                                                   signum, name):
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM"),
+                                          (signal.SIGHUP, "SIGHUP")])
+def test_ctrl_c_sigterm_or_sighup_mid_video_leaves_nothing_and_says_where(clip, tiny_checkpoint, tmp_path,
+                                                                          monkeypatch, signum, name):
     calls = []
 
     def interrupted_at_frame_7(*args, **kwargs):
@@ -158,12 +159,12 @@ def test_ctrl_c_or_sigterm_mid_video_leaves_nothing_and_says_where(clip, tiny_ch
         return upscale(*args, **kwargs)
 
     monkeypatch.setattr(video, "upscale", interrupted_at_frame_7)
-    before, handler = sorted(os.listdir(tmp_path)), signal.getsignal(signal.SIGTERM)
+    before, handlers = sorted(os.listdir(tmp_path)), [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
     code, _, err = infer_video(clip, "--checkpoint", tiny_checkpoint)
     assert code == 128 + signum
     assert terminal_lines(err) == [f"infer.py: stopped by {name} at frame 7 of 24; nothing was written"]
     assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary file
-    assert signal.getsignal(signal.SIGTERM) == handler  # put back
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == handlers  # put back
 
 
 def test_bad_videos_are_one_line_errors_and_write_nothing(tiny_checkpoint, tmp_path):
