@@ -37,7 +37,7 @@ import resize
 from utils import UserError, plural, warn
 
 from . import images
-from .files import atomic_path, make_dir
+from .files import atomic_path, check_folder_safe, make_dir, open_lock
 from .images import image_size
 
 FORMAT = 2  # what the file holds and how it is laid out; another FORMAT is another name
@@ -127,12 +127,12 @@ def lock_free(path: Path) -> bool:
     except ImportError:
         return True
     try:
-        with open(lock_path(path), "a") as f:
+        with open_lock(lock_path(path)) as f:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
     except BlockingIOError:
         return False
-    except OSError:
+    except (OSError, UserError):
         return True
 
 
@@ -196,8 +196,10 @@ def cache_folder(cache_dir: str | Path) -> Path:
         folder = Path(cache_dir).expanduser()
     except RuntimeError as e:  # ~nosuchuser
         raise UserError(f"{cache_dir}: --data_cache: {e}") from None
-    return make_dir(folder, what="the data cache folder",
-                    hint="; pass --data_cache with a writable folder, or --data_cache none to decode into memory")
+    make_dir(folder, what="the data cache folder",
+             hint="; pass --data_cache with a writable folder, or --data_cache none to decode into memory")
+    check_folder_safe(folder)
+    return folder
 
 
 class build_lock:
@@ -213,7 +215,7 @@ class build_lock:
         except ImportError:  # Windows: no flock; the atomic rename still keeps readers whole
             return self
         try:
-            self.file = open(self.path, "a")
+            self.file = open_lock(self.path)
         except OSError as e:
             raise UserError(f"{self.path.parent}: can't write the data cache there ({e.strerror}); pass "
                             f"--data_cache with a writable folder, or --data_cache none") from None
