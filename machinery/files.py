@@ -121,12 +121,15 @@ def check_folder_safe(folder: Path) -> None:
 
 
 def free_space(folder: Path) -> str:
-    """'12.3 GB free', or 'the disk is full', for error messages about failed writes."""
+    """'12.3 GB free', '45.6 MB free', or 'the disk is full' (under 1 MB: room for no output), for
+    error messages about failed writes."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return "free space unknown"
-    return "the disk is full" if free < 1e6 else f"{free / 1e9:.1f} GB free"
+    if free < 1e6:
+        return "the disk is full"
+    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
 
 
 # This machine, in temporary names: a process on another one (a shared disk) is never taken for dead.

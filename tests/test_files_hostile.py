@@ -1,11 +1,12 @@
 """Writes and locks in folders where someone else may have planted links or may swap files."""
 import os
+import shutil
 
 import pytest
 
 from conftest import make_images
 from dataset import TrainDataset
-from machinery import datacache
+from machinery import datacache, files
 from machinery.files import atomic_path, lock_folder
 from utils import UserError
 
@@ -69,3 +70,27 @@ def test_a_folder_anyone_may_write_to_is_refused_unless_sticky(tmp_path, write):
     shared.chmod(0o1777)  # as /tmp: nobody may remove or rename another's files there
     do()
     assert os.listdir(shared)
+
+
+@pytest.mark.parametrize("free, said", [(0, "the disk is full"), (400_000, "the disk is full"),
+                                        (30_000_000, "30.0 MB free"), (940_000_000, "940.0 MB free"),
+                                        (12_340_000_000, "12.3 GB free")])
+def test_free_space_is_said_in_units_that_show_it(tmp_path, monkeypatch, free, said):
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, free))
+    assert files.free_space(tmp_path) == said
+
+
+def test_a_full_disk_is_said_from_the_space_left_before_the_partial_write_is_removed(tmp_path, monkeypatch):
+    temporaries = []
+
+    def usage(path):  # the partial write holds 60 MB: free again once it is removed
+        full = any(os.path.exists(t) for t in temporaries)
+        return shutil._ntuple_diskusage(10**9, 10**9, 100_000 if full else 60_100_000)
+
+    monkeypatch.setattr(files.shutil, "disk_usage", usage)
+    with pytest.raises(UserError, match=r"a\.pt: could not be written \(No space left on device; the disk is full\); "
+                                        r"nothing was written"):
+        with atomic_path(tmp_path / "a.pt") as tmp:
+            temporaries.append(tmp)
+            raise OSError(28, os.strerror(28))
+    assert os.listdir(tmp_path) == []
