@@ -282,16 +282,27 @@ def check_regular_file(path: Path) -> None:
 
 
 def whole(header: dict, data_end: int) -> bool:
-    """Every image's HR and LR lie inside the pixel area, the HR scale times the LR."""
+    """One entry per image, each skipped (saying why) or with its HR and LR inside the pixel
+    area, the HR scale times the LR, its offsets and sizes integers."""
     try:
-        scale = header["made_from"]["scale"]
-        return all(PAGE <= off and 0 <= h and 0 <= w and off + h * w * 3 <= data_end
-                   for item in header["images"] if "skipped" not in item
-                   for off, h, w in (item["hr"], item["lr"])) and all(
-            item["hr"][1] == item["lr"][1] * scale and item["hr"][2] == item["lr"][2] * scale
-            for item in header["images"] if "skipped" not in item and item["lr"][1])
-    except (KeyError, TypeError, ValueError, IndexError):
+        scale, images = header["made_from"]["scale"], header["images"]
+        kept = [item for item in images if "skipped" not in item]
+        return (len(images) == len(header["made_from"]["files"])
+                and all(isinstance(item["skipped"], str) for item in images if "skipped" in item)
+                and all(integers(item["hr"], 3) and integers(item["lr"], 3) and integers(item["size"], 2)
+                        for item in kept)
+                and all(PAGE <= off and 0 <= h and 0 <= w and off + h * w * 3 <= data_end
+                        for item in kept for off, h, w in (item["hr"], item["lr"]))
+                and all(item["hr"][1] == item["lr"][1] * scale and item["hr"][2] == item["lr"][2] * scale
+                        for item in kept if item["lr"][1]))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return False
+
+
+def integers(values, length: int) -> bool:
+    """`values` a list of `length` ints (not floats, nor bools): offsets and sizes that index
+    arrays. A header edited by hand can hold others under a checksum that matches."""
+    return isinstance(values, list) and len(values) == length and all(type(v) is int for v in values)
 
 
 def build(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_threads: int, quiet: bool) -> None:

@@ -2,6 +2,7 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from conftest import make_images
@@ -94,3 +95,33 @@ def test_a_full_disk_is_said_from_the_space_left_before_the_partial_write_is_rem
             temporaries.append(tmp)
             raise OSError(28, os.strerror(28))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_cache_index_with_float_sizes_and_a_valid_checksum_is_built_again(tmp_path, capsys):
+    photos, cache = make_images(tmp_path / "photos"), tmp_path / "cache"
+    built = TrainDataset(photos, cache_dir=cache, scale=4, patch_size=32)
+    expected = [np.array(a) for a in built.hr + built.lr]
+    del built
+    [path] = cache.glob("*.cache")
+    header = datacache.whole_header(path)
+    for item in header["images"]:
+        item["hr"] = [float(x) for x in item["hr"]]  # still in bounds, still the scale times the LR
+        item["lr"] = [float(x) for x in item["lr"]]
+    rewrite_header(path, header)
+    capsys.readouterr()
+    again = TrainDataset(photos, cache_dir=cache, scale=4, patch_size=32)
+    assert f"{path}: torn (cut short or damaged), not used: building it again" in capsys.readouterr().err
+    assert all(np.array_equal(a, b) for a, b in zip(again.hr + again.lr, expected))
+
+
+def rewrite_header(path, header: dict) -> None:
+    """Replace the cache's JSON header, with a checksum that matches it, as a hand edit would."""
+    import hashlib
+    import json
+    data = bytearray(path.read_bytes())
+    offset, length, _ = datacache.PREFIX.unpack_from(data, len(datacache.MAGIC))
+    text = json.dumps(header).encode()
+    data[offset:] = text
+    data[len(datacache.MAGIC):len(datacache.MAGIC) + datacache.PREFIX.size] = datacache.PREFIX.pack(
+        offset, len(text), hashlib.sha256(text).digest())
+    path.write_bytes(bytes(data))
