@@ -24,6 +24,7 @@ import shutil
 import stat
 import struct
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ import PIL
 from tqdm import tqdm
 
 import resize
-from utils import UserError, plural, warn
+from utils import UserError, plural, shown, warn
 
 from . import images
 from .files import atomic_path, check_folder_safe, make_dir, open_lock
@@ -49,14 +50,22 @@ STARTED = time.time()  # before any process of a torchrun job can have built a c
 
 
 def default_cache_dir() -> Path:
-    """The per-user cache folder (not the data's folder, which may be read-only or shared)."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "resshuffle" / "data"
+    """The per-user cache folder (not the data's folder, which may be read-only or shared); where
+    there is no home folder (HOME unset and no passwd entry, or naming no folder), one under the
+    system's temporary folder, named for the user."""
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "resshuffle" / "data"
+    if sys.platform not in ("win32", "darwin") and os.path.isabs(os.environ.get("XDG_CACHE_HOME", "")):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "resshuffle" / "data"  # a relative one is ignored (XDG)
+    try:
+        home = Path.home()
+    except RuntimeError:  # "Could not determine home directory"
+        home = None
+    if home is None or not home.is_absolute() or not home.is_dir():
+        user = getattr(os, "getuid", lambda: os.environ.get("USERNAME", "user"))()
+        return Path(tempfile.gettempdir()) / f"resshuffle-{user}" / "data"
+    base = {"win32": home / "AppData" / "Local", "darwin": home / "Library" / "Caches"}.get(sys.platform)
+    return (base or home / ".cache") / "resshuffle" / "data"
 
 
 def decode_pair(path: Path, scale: int, degradation: str) -> tuple[np.ndarray, np.ndarray, list[int]] | str:
@@ -199,7 +208,21 @@ def cache_folder(cache_dir: str | Path) -> Path:
     make_dir(folder, what="the data cache folder",
              hint="; pass --data_cache with a writable folder, or --data_cache none to decode into memory")
     check_folder_safe(folder)
+    check_own_below_temp(folder)
     return folder
+
+
+def check_own_below_temp(folder: Path) -> None:
+    """Under the system's temporary folder (the default where there is no home), anyone could
+    have made the folder first, to swap the caches in it: each folder below it must be this user's."""
+    temp = Path(tempfile.gettempdir()).resolve()
+    folder = folder.resolve()
+    if not hasattr(os, "geteuid") or temp not in folder.parents:
+        return
+    for d in (folder, *folder.parents[:folder.parents.index(temp)]):
+        if d.stat().st_uid != os.geteuid():
+            raise UserError(f"{shown(d)}: made by another user (user {d.stat().st_uid}), who could swap the data "
+                            f"caches in it: pass --data_cache with a folder of your own")
 
 
 class build_lock:

@@ -2,8 +2,12 @@
 unchanged, built again when they change or the file is torn, and never trusting what it did not make."""
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ import torch
 from PIL import Image
 
 import train
-from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
+from conftest import ROOT, TINY_RUN, assert_one_line_error, make_images, run_main
 from dataset import EpochSampler, PatchLoader, TrainDataset
 from machinery import datacache, images
 from test_run_folders import run_with_file_size_limit
@@ -295,3 +299,41 @@ def test_a_resumed_run_uses_this_machines_cache_folder_unless_one_is_typed(image
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # another machine's default
     code, out, err = run_main(train, "--resume", runs / "r" / "last.pt", "--num_epochs", "2")
     assert code == 0 and f"data cache: built {tmp_path / 'xdg' / 'resshuffle' / 'data'}" in out, err
+
+
+@pytest.mark.parametrize("home", ["unknown", "missing"])
+def test_without_a_home_folder_the_default_cache_is_in_the_temporary_folder(monkeypatch, tmp_path, home):
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    if home == "unknown":  # HOME unset and no passwd entry: pathlib raises
+        monkeypatch.setattr(datacache.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(
+            RuntimeError("Could not determine home directory."))))
+    else:
+        monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))
+    folder = datacache.default_cache_dir()
+    assert folder.parent.parent == Path(tempfile.gettempdir()) and folder.parent.name.startswith("resshuffle-")
+
+
+# HOME unset, and then also no passwd entry for the user (a container's uid): pathlib raises.
+NO_PASSWD = "import pwd, runpy, sys; pwd.getpwuid = lambda uid: {}[uid]; sys.argv = ['train.py', '--help']; " \
+            "runpy.run_path('train.py', run_name='__main__')"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["train.py", "--help"], ["-c", NO_PASSWD]], ids=["no HOME", "no passwd entry"])
+def test_train_help_works_without_a_home_folder(argv):
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_CACHE_HOME")}
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "--data_cache" in result.stdout
+
+
+def test_a_cache_folder_under_the_temporary_folder_made_by_another_user_is_refused(photos, tmp_path):
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("giving a folder to another user needs root")
+    if Path(tempfile.gettempdir()).resolve() not in tmp_path.resolve().parents:
+        pytest.skip("pytest's folders are not under the temporary folder here")
+    squatted = tmp_path / "resshuffle-0"  # made first by someone else, as the default's fallback could be
+    squatted.mkdir()
+    os.chown(squatted, 65534, 65534)
+    with pytest.raises(UserError, match="made by another user"):
+        dataset(photos, squatted / "data")
