@@ -15,6 +15,7 @@ pixels, from byte PAGE on; the JSON header, last, naming each image and where it
 lie. The pixels carry no checksum (reading them all at every start would cost what mapping
 saves): a file is written whole or not at all, and must never be edited in place.
 """
+import contextlib
 import hashlib
 import inspect
 import json
@@ -26,6 +27,7 @@ import struct
 import sys
 import tempfile
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,8 +40,13 @@ import resize
 from utils import UserError, plural, shown, warn
 
 from . import images
-from .files import atomic_path, check_folder_safe, make_dir, open_lock
+from .files import HOST, atomic_path, check_folder_safe, make_dir, open_lock
 from .images import image_size
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 FORMAT = 2  # what the file holds and how it is laid out; another FORMAT is another name
 MAGIC = b"ResShuffle data cache\n\0\0"
@@ -105,6 +112,7 @@ def mapped_pairs(paths: list[Path], *, hr_dir: Path, scale: int, degradation: st
     path = cache_folder(cache_dir) / cache_name(hr_dir, source)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return pairs_in(path, wait_for(path, source, hr_dir=hr_dir))
+    prune_gone(path.parent, quiet=quiet)
     header = read_header(path, source, say=False)  # a whole file needs no lock: a read-only cache works too
     if header is None:
         with build_lock(path, quiet=quiet):
@@ -343,7 +351,8 @@ def build(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
             entries.append({"name": name, "size": pair[2], "hr": write_array(f, pair[0]),
                             "lr": write_array(f, pair[1])})
         offset = max(f.tell(), PAGE)
-        header = json.dumps({"made_from": source, "source": str(hr_dir.resolve()), "images": entries}).encode()
+        header = json.dumps({"made_from": source, "source": str(hr_dir.resolve()), "host": HOST,
+                             "images": entries}).encode()
         f.seek(offset)
         f.write(header)
         f.seek(len(MAGIC))
@@ -374,14 +383,58 @@ def check_room(path: Path, paths: list[Path], scale: int) -> None:
 
 
 def pairs_in(path: Path, header: dict) -> list:
-    """decode_pair's answer for each image, as read-only views into the mapped file."""
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    """decode_pair's answer for each image, as read-only views into the mapped file. The file is
+    held with a shared flock while any view lives (in forked workers too): `prune_gone` leaves
+    alone a cache some process is using."""
+    with open(path, "rb") as f:
+        mapped = np.memmap(f, dtype=np.uint8, mode="r")
+        if fcntl:
+            held = os.dup(f.fileno())
+            with contextlib.suppress(OSError):
+                fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            weakref.finalize(mapped, os.close, held)  # the views hold `mapped`: released with the last
 
     def view(off: int, h: int, w: int) -> np.ndarray:
         return mapped[off:off + h * w * 3].view(np.ndarray).reshape(h, w, 3)
 
     return [item["skipped"] if "skipped" in item else (view(*item["hr"]), view(*item["lr"]), item["size"])
             for item in header["images"]]
+
+
+def prune_gone(folder: Path, quiet: bool) -> None:
+    """Remove the caches made from image folders that no longer exist, and say so in one line:
+    only in the default cache folder, where caches of deleted or moved folders would pile up
+    unseen (each the size of its decoded images), never in a folder typed with --data_cache,
+    which machines that see image folders elsewhere may share. A cache some process is building
+    (its build lock) or using (`pairs_in`'s shared lock) stays, and so does one another machine
+    made (its header's host; caches from before that was recorded count as this machine's)."""
+    if fcntl is None or os.path.realpath(folder) != os.path.realpath(default_cache_dir()):
+        return
+    removed = [gone for path in sorted(folder.glob("*" + SUFFIX)) if (gone := prune(path)) is not None]
+    if removed and not quiet:
+        print(f"data cache: removed {plural(len(removed), 'cache')} made from folders that no longer exist "
+              f"({size_text(sum(size for _, size in removed))}): {', '.join(shown(s) for s, _ in removed)}")
+
+
+def prune(path: Path) -> tuple[str, int] | None:
+    """Remove the cache `path` if its image folder is gone and nobody builds or maps it: (the
+    folder it was made from, its size), or None where it stays."""
+    try:
+        header = whole_header(path)
+        source = header and header.get("host", HOST) == HOST and header.get("source")
+        if not isinstance(source, str) or os.path.isdir(source):
+            return None
+        with open_lock(lock_path(path)) as building, open(path, "rb") as using:
+            fcntl.flock(building, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(using, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.isdir(source) or not os.path.samestat(os.fstat(using.fileno()), os.lstat(path)):
+                return None  # made again meanwhile, or replaced
+            size = os.fstat(using.fileno()).st_size
+            path.unlink()
+            lock_path(path).unlink(missing_ok=True)
+        return source, size
+    except (OSError, UserError, AttributeError):  # in use (BlockingIOError), gone meanwhile, not ours
+        return None
 
 
 def remove_older(path: Path, hr_dir: Path) -> list[Path]:

@@ -1,5 +1,6 @@
 """The decoded training-set cache: the same patches as decoding, reused while the images are
 unchanged, built again when they change or the file is torn, and never trusting what it did not make."""
+import gc
 import os
 import shutil
 import subprocess
@@ -337,3 +338,60 @@ def test_a_cache_folder_under_the_temporary_folder_made_by_another_user_is_refus
     os.chown(squatted, 65534, 65534)
     with pytest.raises(UserError, match="made by another user"):
         dataset(photos, squatted / "data")
+
+
+@pytest.fixture
+def default_cache(tmp_path, monkeypatch):
+    """The default cache folder, empty, with a cache in it of tmp_path/gone, a folder since deleted."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    gone = make_images(tmp_path / "gone")
+    dataset(gone, datacache.default_cache_dir(), quiet=True)  # dropped at once: nobody maps it now
+    shutil.rmtree(gone)
+    return datacache.default_cache_dir()
+
+
+def test_caches_of_folders_that_no_longer_exist_are_pruned_from_the_default_folder(photos, default_cache, capsys):
+    [old] = cache_files(default_cache)
+    dataset(photos, default_cache)
+    out = capsys.readouterr().out
+    assert cache_files(default_cache) != [old] and old not in cache_files(default_cache)
+    assert not (default_cache / f".{old}.lock").exists()
+    [line] = [line for line in out.splitlines() if "no longer exist" in line]
+    assert line.startswith("data cache: removed 1 cache made from folders that no longer exist (")
+    assert line.endswith(f"): {photos.parent / 'gone'}")
+
+
+def test_a_cache_in_use_or_being_built_is_not_pruned(photos, default_cache, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    [old] = cache_files(default_cache)
+    with open(default_cache / old, "rb") as using:  # another process mapping it holds this
+        fcntl.flock(using, fcntl.LOCK_SH)
+        dataset(photos, default_cache)
+    assert old in cache_files(default_cache)
+    with open(default_cache / f".{old}.lock", "rb") as building:
+        fcntl.flock(building, fcntl.LOCK_EX)
+        dataset(photos, default_cache)
+    assert old in cache_files(default_cache)
+    assert "no longer exist" not in capsys.readouterr().out
+    dataset(photos, default_cache)
+    assert old not in cache_files(default_cache)
+
+
+def test_a_mapped_cache_is_held_while_its_images_are_in_use(photos, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    data = dataset(photos, tmp_path / "cache")
+    [path] = [tmp_path / "cache" / name for name in cache_files(tmp_path / "cache")]
+    with open(path, "rb") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    del data
+    gc.collect()
+    with open(path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_typed_cache_folder_is_not_pruned(photos, tmp_path):
+    gone, cache = make_images(tmp_path / "gone"), tmp_path / "cache"
+    dataset(gone, cache)
+    shutil.rmtree(gone)
+    dataset(photos, cache)  # another machine sharing this folder may see `gone` where this one doesn't
+    assert len(cache_files(cache)) == 2
