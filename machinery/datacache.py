@@ -120,7 +120,7 @@ def mapped_pairs(paths: list[Path], *, hr_dir: Path, scale: int, degradation: st
             if header is None:
                 return pairs_in(path, built(path, paths, source, hr_dir=hr_dir, num_threads=num_threads, quiet=quiet))
     if not quiet:
-        print(f"data cache: reusing {path} ({size_text(path.stat().st_size)}, "
+        print(f"data cache: reusing {shown(path)} ({size_text(path.stat().st_size)}, "
               f"built {time.strftime('%Y-%m-%d %H:%M', time.localtime(path.stat().st_mtime))})")
     return pairs_in(path, header)
 
@@ -131,7 +131,7 @@ def wait_for(path: Path, source: dict, hr_dir: Path) -> dict:
     wait forever: it stops, saying so."""
     while (header := read_header(path, source, say=False)) is None:
         if lock_free(path) and any(other.stat().st_mtime >= STARTED for other in siblings(path)):
-            raise UserError(f"{hr_dir}: its images changed while the run started (the processes saw different "
+            raise UserError(f"{shown(hr_dir)}: its images changed while the run started (the processes saw different "
                             f"names, sizes or times): start it again")
         time.sleep(0.2)
     return header
@@ -167,11 +167,11 @@ def built(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
     and how large; its header."""
     for old in remove_older(path, hr_dir):
         if not quiet:
-            print(f"data cache: removed {old}, made from an earlier state of {hr_dir.resolve()}")
+            print(f"data cache: removed {shown(old)}, made from an earlier state of {shown(hr_dir.resolve())}")
     started = time.time()
     build(path, paths, source, hr_dir=hr_dir, num_threads=num_threads, quiet=quiet)
     if not quiet:
-        print(f"data cache: built {path} ({size_text(path.stat().st_size)}, {plural(len(paths), 'image')}) in "
+        print(f"data cache: built {shown(path)} ({size_text(path.stat().st_size)}, {plural(len(paths), 'image')}) in "
               f"{time.time() - started:.0f} s; later runs map it instead of decoding")
     return read_header(path, source, say=True)
 
@@ -212,7 +212,7 @@ def cache_folder(cache_dir: str | Path) -> Path:
     try:
         folder = Path(cache_dir).expanduser()
     except RuntimeError as e:  # ~nosuchuser
-        raise UserError(f"{cache_dir}: --data_cache: {e}") from None
+        raise UserError(f"{shown(cache_dir)}: --data_cache: {e}") from None
     make_dir(folder, what="the data cache folder",
              hint="; pass --data_cache with a writable folder, or --data_cache none to decode into memory")
     check_folder_safe(folder)
@@ -248,13 +248,13 @@ class build_lock:
         try:
             self.file = open_lock(self.path)
         except OSError as e:
-            raise UserError(f"{self.path.parent}: can't write the data cache there ({e.strerror}); pass "
+            raise UserError(f"{shown(self.path.parent)}: can't write the data cache there ({e.strerror}); pass "
                             f"--data_cache with a writable folder, or --data_cache none") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not self.quiet:
-                print(f"data cache: waiting for another process building {self.path.parent}")
+                print(f"data cache: waiting for another process building {shown(self.path.parent)}")
             fcntl.flock(self.file, fcntl.LOCK_EX)
         return self
 
@@ -274,11 +274,11 @@ def read_header(path: Path, source: dict, say: bool) -> dict | None:
         return None
     if header is None:
         if say:
-            warn(f"{path}: torn (cut short or damaged), not used: building it again")
+            warn(f"{shown(path)}: torn (cut short or damaged), not used: building it again")
         return None
     if header["made_from"] != source:
         if say:
-            warn(f"{path}: made from other files than these, not used: building it again")
+            warn(f"{shown(path)}: made from other files than these, not used: building it again")
         return None
     return header
 
@@ -291,7 +291,7 @@ def whole_header(path: Path) -> dict | None:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + PREFIX.size)
             if head[:len(MAGIC)] != MAGIC and not MAGIC.startswith(head):
-                raise UserError(f"{path}: not a ResShuffle data cache, though named as one: move it away, or "
+                raise UserError(f"{shown(path)}: not a ResShuffle data cache, though named as one: move it away, or "
                                 f"pass another --data_cache")
             offset, length, digest = PREFIX.unpack(head[len(MAGIC):])
             f.seek(offset)
@@ -309,7 +309,8 @@ def check_regular_file(path: Path) -> None:
     mode = os.lstat(path).st_mode
     if not stat.S_ISREG(mode):
         what = "a link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise UserError(f"{path}: {what}, not a data cache train.py made: move it away, or pass another --data_cache")
+        raise UserError(f"{shown(path)}: {what}, not a data cache train.py made: move it away, or pass another "
+                        f"--data_cache")
 
 
 def whole(header: dict, data_end: int) -> bool:
@@ -343,7 +344,7 @@ def build(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(MAGIC + PREFIX.pack(0, 0, bytes(32)))
         bar = tqdm(decoded_pairs(paths, source["scale"], source["degradation"], num_threads),
-                   total=len(paths), desc=f"caching {Path(hr_dir).name}", unit="img", leave=False, disable=quiet)
+                   total=len(paths), desc=f"caching {shown(Path(hr_dir).name)}", unit="img", leave=False, disable=quiet)
         for (name, _, _), pair in zip(source["files"], bar):
             if isinstance(pair, str):
                 entries.append({"name": name, "skipped": pair})
@@ -378,7 +379,7 @@ def check_room(path: Path, paths: list[Path], scale: int) -> None:
         need += 3 * (w * h + (w // scale) * (h // scale)) + 2 * PAGE
     free = shutil.disk_usage(path.parent).free
     if need > free:
-        raise UserError(f"{path.parent}: the data cache needs {size_text(need)}, and {size_text(free)} is free: "
+        raise UserError(f"{shown(path.parent)}: the data cache needs {size_text(need)}, and {size_text(free)} is free: "
                         f"free space, pass --data_cache with another folder, or --data_cache none")
 
 

@@ -182,9 +182,9 @@ def make_dir(path: str | Path, what: str = "folder", hint: str = "") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise UserError(f"{path}: is a file, not a folder{hint}") from None
+        raise UserError(f"{shown(path)}: is a file, not a folder{hint}") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot create {what} ({e.strerror}){hint}") from None
+        raise UserError(f"{shown(path)}: cannot create {what} ({e.strerror}){hint}") from None
     return path
 
 
@@ -224,15 +224,16 @@ def check_output_dir(path: str | Path) -> Path:
         existing = existing.parent
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():
-            raise UserError(f"{existing}: is a link to {os.readlink(existing)}, which does not exist (or loops)")
+            raise UserError(f"{shown(existing)}: is a link to {shown(os.readlink(existing))}, which does not exist "
+                            f"(or loops)")
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{path}: can't be an output folder: {existing} is a file")
+        raise UserError(f"{shown(path)}: can't be an output folder: {shown(existing)} is a file")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"{existing}: can't create files there ({e.strerror})") from None
+        raise UserError(f"{shown(existing)}: can't create files there ({e.strerror})") from None
     return path
 
 
@@ -264,19 +265,19 @@ def check_output_files(paths, overwrite: bool = False, inputs: set = frozenset()
     """`check_output_file` for many outputs: each file, then each of their folders once."""
     for raw in paths:  # Path() drops a trailing slash, which says the user meant a folder
         if str(raw).endswith(("/", os.sep)):
-            raise UserError(f"{raw}: ends in '/', a folder; name the output file")
+            raise UserError(f"{shown(raw)}: ends in '/', a folder; name the output file")
     paths = [Path(p) for p in paths]
     for path in paths:
         check_name_lengths(path)
         if path.is_dir():
-            raise UserError(f"{path}: is a folder, not a file name; choose another output name")
+            raise UserError(f"{shown(path)}: is a folder, not a file name; choose another output name")
         if path.is_symlink() or (path.exists() and not path.is_file()):  # a link, a device, a pipe
-            raise UserError(f"{path}: is not a regular file (a link?); outputs are written only as files: "
+            raise UserError(f"{shown(path)}: is not a regular file (a link?); outputs are written only as files: "
                             f"remove it or choose another output name")
         if path.exists() and file_ids([path]) & inputs:
-            raise UserError(f"{path}: is an input; outputs never replace inputs: choose another output name")
+            raise UserError(f"{shown(path)}: is an input; outputs never replace inputs: choose another output name")
         if path.exists() and not overwrite:
-            raise UserError(f"{path}: exists; pass --overwrite to replace it")
+            raise UserError(f"{shown(path)}: exists; pass --overwrite to replace it")
     for folder in dict.fromkeys(path.parent for path in paths):
         check_output_dir(folder)
 
@@ -287,8 +288,8 @@ def check_outside(out_dir: Path, folder: Path) -> None:
     ids = file_ids([folder])
     for d in (out_dir, *out_dir.parents):
         if d.exists() and file_ids([d]) & ids:
-            raise UserError(f"{out_dir}: is {folder} or inside it, where the inputs are; the next run would "
-                            f"read the outputs as inputs: choose another output folder")
+            raise UserError(f"{shown(out_dir)}: is {shown(folder)} or inside it, where the inputs are; the next run "
+                            f"would read the outputs as inputs: choose another output folder")
 
 
 def check_outputs_outside_inputs(pairs: list[tuple[Path, Path]]) -> None:
@@ -300,9 +301,9 @@ def check_outputs_outside_inputs(pairs: list[tuple[Path, Path]]) -> None:
         real = os.path.realpath(dst.parent) + os.sep
         source = next((s for s in sources if real.startswith(s)), None)
         if source is not None:
-            raise UserError(f"{dst}: would be written into {source.rstrip(os.sep)}, where inputs are read from "
-                            f"(through a link?); the next run would read the outputs as inputs: choose another "
-                            f"output folder")
+            raise UserError(f"{shown(dst)}: would be written into {shown(source.rstrip(os.sep))}, where inputs are "
+                            f"read from (through a link?); the next run would read the outputs as inputs: choose "
+                            f"another output folder")
 
 
 def output_stems(paths: list[Path]) -> dict[Path, str]:
@@ -318,12 +319,14 @@ def check_distinct(pairs: list[tuple[Path, Path]]) -> None:
     for src, dst in pairs:
         key = Path(os.path.realpath(dst))  # not Path.resolve(), which raises on a link loop
         if key in seen:
-            raise UserError(f"{seen[key]} and {src} would both be written as {dst}; rename one of them")
+            raise UserError(f"{shown(seen[key])} and {shown(src)} would both be written as {shown(dst)}; rename one "
+                            f"of them")
         seen[key] = src
     folders = {p for key in seen for p in key.parents}
     for key, src in seen.items():
         if key in folders:  # a_x4.png written as a file, and as the folder of a/a_x4.png/b.png's output
-            raise UserError(f"{key}: would be written as the output of {src} and as a folder of other outputs")
+            raise UserError(f"{shown(key)}: would be written as the output of {shown(src)} and as a folder of other "
+                            f"outputs")
 
 
 # ---------------------------------------------------------------- one process per folder

@@ -125,3 +125,11 @@ def rewrite_header(path, header: dict) -> None:
     data[len(datacache.MAGIC):len(datacache.MAGIC) + datacache.PREFIX.size] = datacache.PREFIX.pack(
         offset, len(text), hashlib.sha256(text).digest())
     path.write_bytes(bytes(data))
+
+
+def test_names_in_messages_show_their_control_characters_escaped(tmp_path):
+    name = tmp_path / "a\x1b]0;pwned\x07.png"  # would set the terminal's title
+    name.write_bytes(b"x")
+    with pytest.raises(UserError) as error:
+        files.check_output_file(name)
+    assert "\x1b" not in str(error.value) and "a\\x1b]0;pwned\\x07.png: exists" in str(error.value)
