@@ -15,6 +15,7 @@ pixels, from byte PAGE on; the JSON header, last, naming each image and where it
 lie. The pixels carry no checksum (reading them all at every start would cost what mapping
 saves): a file is written whole or not at all, and must never be edited in place.
 """
+import contextlib
 import hashlib
 import inspect
 import json
@@ -24,7 +25,9 @@ import shutil
 import stat
 import struct
 import sys
+import tempfile
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,11 +37,16 @@ import PIL
 from tqdm import tqdm
 
 import resize
-from utils import UserError, plural, warn
+from utils import UserError, plural, shown, warn
 
 from . import images
-from .files import atomic_path, make_dir
+from .files import HOST, atomic_path, check_folder_safe, make_dir, open_lock
 from .images import image_size
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 FORMAT = 2  # what the file holds and how it is laid out; another FORMAT is another name
 MAGIC = b"ResShuffle data cache\n\0\0"
@@ -49,14 +57,22 @@ STARTED = time.time()  # before any process of a torchrun job can have built a c
 
 
 def default_cache_dir() -> Path:
-    """The per-user cache folder (not the data's folder, which may be read-only or shared)."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "resshuffle" / "data"
+    """The per-user cache folder (not the data's folder, which may be read-only or shared); where
+    there is no home folder (HOME unset and no passwd entry, or naming no folder), one under the
+    system's temporary folder, named for the user."""
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "resshuffle" / "data"
+    if sys.platform not in ("win32", "darwin") and os.path.isabs(os.environ.get("XDG_CACHE_HOME", "")):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "resshuffle" / "data"  # a relative one is ignored (XDG)
+    try:
+        home = Path.home()
+    except RuntimeError:  # "Could not determine home directory"
+        home = None
+    if home is None or not home.is_absolute() or not home.is_dir():
+        user = getattr(os, "getuid", lambda: os.environ.get("USERNAME", "user"))()
+        return Path(tempfile.gettempdir()) / f"resshuffle-{user}" / "data"
+    base = {"win32": home / "AppData" / "Local", "darwin": home / "Library" / "Caches"}.get(sys.platform)
+    return (base or home / ".cache") / "resshuffle" / "data"
 
 
 def decode_pair(path: Path, scale: int, degradation: str) -> tuple[np.ndarray, np.ndarray, list[int]] | str:
@@ -96,6 +112,7 @@ def mapped_pairs(paths: list[Path], *, hr_dir: Path, scale: int, degradation: st
     path = cache_folder(cache_dir) / cache_name(hr_dir, source)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return pairs_in(path, wait_for(path, source, hr_dir=hr_dir))
+    prune_gone(path.parent, quiet=quiet)
     header = read_header(path, source, say=False)  # a whole file needs no lock: a read-only cache works too
     if header is None:
         with build_lock(path, quiet=quiet):
@@ -103,7 +120,7 @@ def mapped_pairs(paths: list[Path], *, hr_dir: Path, scale: int, degradation: st
             if header is None:
                 return pairs_in(path, built(path, paths, source, hr_dir=hr_dir, num_threads=num_threads, quiet=quiet))
     if not quiet:
-        print(f"data cache: reusing {path} ({size_text(path.stat().st_size)}, "
+        print(f"data cache: reusing {shown(path)} ({size_text(path.stat().st_size)}, "
               f"built {time.strftime('%Y-%m-%d %H:%M', time.localtime(path.stat().st_mtime))})")
     return pairs_in(path, header)
 
@@ -114,7 +131,7 @@ def wait_for(path: Path, source: dict, hr_dir: Path) -> dict:
     wait forever: it stops, saying so."""
     while (header := read_header(path, source, say=False)) is None:
         if lock_free(path) and any(other.stat().st_mtime >= STARTED for other in siblings(path)):
-            raise UserError(f"{hr_dir}: its images changed while the run started (the processes saw different "
+            raise UserError(f"{shown(hr_dir)}: its images changed while the run started (the processes saw different "
                             f"names, sizes or times): start it again")
         time.sleep(0.2)
     return header
@@ -127,12 +144,12 @@ def lock_free(path: Path) -> bool:
     except ImportError:
         return True
     try:
-        with open(lock_path(path), "a") as f:
+        with open_lock(lock_path(path)) as f:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
     except BlockingIOError:
         return False
-    except OSError:
+    except (OSError, UserError):
         return True
 
 
@@ -150,11 +167,11 @@ def built(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
     and how large; its header."""
     for old in remove_older(path, hr_dir):
         if not quiet:
-            print(f"data cache: removed {old}, made from an earlier state of {hr_dir.resolve()}")
+            print(f"data cache: removed {shown(old)}, made from an earlier state of {shown(hr_dir.resolve())}")
     started = time.time()
     build(path, paths, source, hr_dir=hr_dir, num_threads=num_threads, quiet=quiet)
     if not quiet:
-        print(f"data cache: built {path} ({size_text(path.stat().st_size)}, {plural(len(paths), 'image')}) in "
+        print(f"data cache: built {shown(path)} ({size_text(path.stat().st_size)}, {plural(len(paths), 'image')}) in "
               f"{time.time() - started:.0f} s; later runs map it instead of decoding")
     return read_header(path, source, say=True)
 
@@ -195,9 +212,25 @@ def cache_folder(cache_dir: str | Path) -> Path:
     try:
         folder = Path(cache_dir).expanduser()
     except RuntimeError as e:  # ~nosuchuser
-        raise UserError(f"{cache_dir}: --data_cache: {e}") from None
-    return make_dir(folder, what="the data cache folder",
-                    hint="; pass --data_cache with a writable folder, or --data_cache none to decode into memory")
+        raise UserError(f"{shown(cache_dir)}: --data_cache: {e}") from None
+    make_dir(folder, what="the data cache folder",
+             hint="; pass --data_cache with a writable folder, or --data_cache none to decode into memory")
+    check_folder_safe(folder)
+    check_own_below_temp(folder)
+    return folder
+
+
+def check_own_below_temp(folder: Path) -> None:
+    """Under the system's temporary folder (the default where there is no home), anyone could
+    have made the folder first, to swap the caches in it: each folder below it must be this user's."""
+    temp = Path(tempfile.gettempdir()).resolve()
+    folder = folder.resolve()
+    if not hasattr(os, "geteuid") or temp not in folder.parents:
+        return
+    for d in (folder, *folder.parents[:folder.parents.index(temp)]):
+        if d.stat().st_uid != os.geteuid():
+            raise UserError(f"{shown(d)}: made by another user (user {d.stat().st_uid}), who could swap the data "
+                            f"caches in it: pass --data_cache with a folder of your own")
 
 
 class build_lock:
@@ -213,15 +246,15 @@ class build_lock:
         except ImportError:  # Windows: no flock; the atomic rename still keeps readers whole
             return self
         try:
-            self.file = open(self.path, "a")
+            self.file = open_lock(self.path)
         except OSError as e:
-            raise UserError(f"{self.path.parent}: can't write the data cache there ({e.strerror}); pass "
+            raise UserError(f"{shown(self.path.parent)}: can't write the data cache there ({e.strerror}); pass "
                             f"--data_cache with a writable folder, or --data_cache none") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not self.quiet:
-                print(f"data cache: waiting for another process building {self.path.parent}")
+                print(f"data cache: waiting for another process building {shown(self.path.parent)}")
             fcntl.flock(self.file, fcntl.LOCK_EX)
         return self
 
@@ -241,11 +274,11 @@ def read_header(path: Path, source: dict, say: bool) -> dict | None:
         return None
     if header is None:
         if say:
-            warn(f"{path}: torn (cut short or damaged), not used: building it again")
+            warn(f"{shown(path)}: torn (cut short or damaged), not used: building it again")
         return None
     if header["made_from"] != source:
         if say:
-            warn(f"{path}: made from other files than these, not used: building it again")
+            warn(f"{shown(path)}: made from other files than these, not used: building it again")
         return None
     return header
 
@@ -258,7 +291,7 @@ def whole_header(path: Path) -> dict | None:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + PREFIX.size)
             if head[:len(MAGIC)] != MAGIC and not MAGIC.startswith(head):
-                raise UserError(f"{path}: not a ResShuffle data cache, though named as one: move it away, or "
+                raise UserError(f"{shown(path)}: not a ResShuffle data cache, though named as one: move it away, or "
                                 f"pass another --data_cache")
             offset, length, digest = PREFIX.unpack(head[len(MAGIC):])
             f.seek(offset)
@@ -276,20 +309,32 @@ def check_regular_file(path: Path) -> None:
     mode = os.lstat(path).st_mode
     if not stat.S_ISREG(mode):
         what = "a link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise UserError(f"{path}: {what}, not a data cache train.py made: move it away, or pass another --data_cache")
+        raise UserError(f"{shown(path)}: {what}, not a data cache train.py made: move it away, or pass another "
+                        f"--data_cache")
 
 
 def whole(header: dict, data_end: int) -> bool:
-    """Every image's HR and LR lie inside the pixel area, the HR scale times the LR."""
+    """One entry per image, each skipped (saying why) or with its HR and LR inside the pixel
+    area, the HR scale times the LR, its offsets and sizes integers."""
     try:
-        scale = header["made_from"]["scale"]
-        return all(PAGE <= off and 0 <= h and 0 <= w and off + h * w * 3 <= data_end
-                   for item in header["images"] if "skipped" not in item
-                   for off, h, w in (item["hr"], item["lr"])) and all(
-            item["hr"][1] == item["lr"][1] * scale and item["hr"][2] == item["lr"][2] * scale
-            for item in header["images"] if "skipped" not in item and item["lr"][1])
-    except (KeyError, TypeError, ValueError, IndexError):
+        scale, images = header["made_from"]["scale"], header["images"]
+        kept = [item for item in images if "skipped" not in item]
+        return (len(images) == len(header["made_from"]["files"])
+                and all(isinstance(item["skipped"], str) for item in images if "skipped" in item)
+                and all(integers(item["hr"], 3) and integers(item["lr"], 3) and integers(item["size"], 2)
+                        for item in kept)
+                and all(PAGE <= off and 0 <= h and 0 <= w and off + h * w * 3 <= data_end
+                        for item in kept for off, h, w in (item["hr"], item["lr"]))
+                and all(item["hr"][1] == item["lr"][1] * scale and item["hr"][2] == item["lr"][2] * scale
+                        for item in kept if item["lr"][1]))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return False
+
+
+def integers(values, length: int) -> bool:
+    """`values` a list of `length` ints (not floats, nor bools): offsets and sizes that index
+    arrays. A header edited by hand can hold others under a checksum that matches."""
+    return isinstance(values, list) and len(values) == length and all(type(v) is int for v in values)
 
 
 def build(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_threads: int, quiet: bool) -> None:
@@ -299,7 +344,7 @@ def build(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(MAGIC + PREFIX.pack(0, 0, bytes(32)))
         bar = tqdm(decoded_pairs(paths, source["scale"], source["degradation"], num_threads),
-                   total=len(paths), desc=f"caching {Path(hr_dir).name}", unit="img", leave=False, disable=quiet)
+                   total=len(paths), desc=f"caching {shown(Path(hr_dir).name)}", unit="img", leave=False, disable=quiet)
         for (name, _, _), pair in zip(source["files"], bar):
             if isinstance(pair, str):
                 entries.append({"name": name, "skipped": pair})
@@ -307,7 +352,8 @@ def build(path: Path, paths: list[Path], source: dict, *, hr_dir: Path, num_thre
             entries.append({"name": name, "size": pair[2], "hr": write_array(f, pair[0]),
                             "lr": write_array(f, pair[1])})
         offset = max(f.tell(), PAGE)
-        header = json.dumps({"made_from": source, "source": str(hr_dir.resolve()), "images": entries}).encode()
+        header = json.dumps({"made_from": source, "source": str(hr_dir.resolve()), "host": HOST,
+                             "images": entries}).encode()
         f.seek(offset)
         f.write(header)
         f.seek(len(MAGIC))
@@ -333,19 +379,63 @@ def check_room(path: Path, paths: list[Path], scale: int) -> None:
         need += 3 * (w * h + (w // scale) * (h // scale)) + 2 * PAGE
     free = shutil.disk_usage(path.parent).free
     if need > free:
-        raise UserError(f"{path.parent}: the data cache needs {size_text(need)}, and {size_text(free)} is free: "
+        raise UserError(f"{shown(path.parent)}: the data cache needs {size_text(need)}, and {size_text(free)} is free: "
                         f"free space, pass --data_cache with another folder, or --data_cache none")
 
 
 def pairs_in(path: Path, header: dict) -> list:
-    """decode_pair's answer for each image, as read-only views into the mapped file."""
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    """decode_pair's answer for each image, as read-only views into the mapped file. The file is
+    held with a shared flock while any view lives (in forked workers too): `prune_gone` leaves
+    alone a cache some process is using."""
+    with open(path, "rb") as f:
+        mapped = np.memmap(f, dtype=np.uint8, mode="r")
+        if fcntl:
+            held = os.dup(f.fileno())
+            with contextlib.suppress(OSError):
+                fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            weakref.finalize(mapped, os.close, held)  # the views hold `mapped`: released with the last
 
     def view(off: int, h: int, w: int) -> np.ndarray:
         return mapped[off:off + h * w * 3].view(np.ndarray).reshape(h, w, 3)
 
     return [item["skipped"] if "skipped" in item else (view(*item["hr"]), view(*item["lr"]), item["size"])
             for item in header["images"]]
+
+
+def prune_gone(folder: Path, quiet: bool) -> None:
+    """Remove the caches made from image folders that no longer exist, and say so in one line:
+    only in the default cache folder, where caches of deleted or moved folders would pile up
+    unseen (each the size of its decoded images), never in a folder typed with --data_cache,
+    which machines that see image folders elsewhere may share. A cache some process is building
+    (its build lock) or using (`pairs_in`'s shared lock) stays, and so does one another machine
+    made (its header's host; caches from before that was recorded count as this machine's)."""
+    if fcntl is None or os.path.realpath(folder) != os.path.realpath(default_cache_dir()):
+        return
+    removed = [gone for path in sorted(folder.glob("*" + SUFFIX)) if (gone := prune(path)) is not None]
+    if removed and not quiet:
+        print(f"data cache: removed {plural(len(removed), 'cache')} made from folders that no longer exist "
+              f"({size_text(sum(size for _, size in removed))}): {', '.join(shown(s) for s, _ in removed)}")
+
+
+def prune(path: Path) -> tuple[str, int] | None:
+    """Remove the cache `path` if its image folder is gone and nobody builds or maps it: (the
+    folder it was made from, its size), or None where it stays."""
+    try:
+        header = whole_header(path)
+        source = header and header.get("host", HOST) == HOST and header.get("source")
+        if not isinstance(source, str) or os.path.isdir(source):
+            return None
+        with open_lock(lock_path(path)) as building, open(path, "rb") as using:
+            fcntl.flock(building, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(using, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.isdir(source) or not os.path.samestat(os.fstat(using.fileno()), os.lstat(path)):
+                return None  # made again meanwhile, or replaced
+            size = os.fstat(using.fileno()).st_size
+            path.unlink()
+            lock_path(path).unlink(missing_ok=True)
+        return source, size
+    except (OSError, UserError, AttributeError):  # in use (BlockingIOError), gone meanwhile, not ours
+        return None
 
 
 def remove_older(path: Path, hr_dir: Path) -> list[Path]:

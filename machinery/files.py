@@ -6,11 +6,12 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from utils import UserError, name_too_long, warn
+from utils import UserError, name_too_long, shown, warn
 
 TMP_SUFFIX = ".tmp"
 
@@ -22,6 +23,9 @@ class atomic_path:
     """Context manager giving a temporary path beside `path`, renamed onto it on success.
 
     A reader never sees a half-written file: a failure (or a kill) leaves the old file, or none.
+    The temporary is made exclusively (mkstemp: O_EXCL, 0600, a random name) in a folder nobody
+    else can swap it in (`check_folder_safe`); its mode is set and it is synced through the
+    descriptor that made it, never by name, and it is renamed only while it is still that file.
     """
 
     def __init__(self, path: str | Path):
@@ -29,50 +33,103 @@ class atomic_path:
 
     def __enter__(self) -> str:
         if not self.path.parent.is_dir():
-            raise UserError(f"{self.path.parent}: output folder does not exist")
+            raise UserError(f"{shown(self.path.parent)}: output folder does not exist")
         if self.path.is_dir():
-            raise UserError(f"{self.path}: is a folder, not a file name")
+            raise UserError(f"{shown(self.path)}: is a folder, not a file name")
+        check_folder_safe(self.path.parent)
         if os.path.realpath(self.path.parent) not in CLEANED:  # once per folder: a folder run writes many
             CLEANED.add(os.path.realpath(self.path.parent))
             for stale in remove_stale_temporaries(self.path.parent):
-                warn(f"removed {stale}, left by a process killed while writing it")
+                warn(f"removed {shown(stale)}, left by a process killed while writing it")
         try:
-            fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=temporary_prefix(self.path.name),
-                                            suffix=TMP_SUFFIX)
+            self.fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=temporary_prefix(self.path.name),
+                                                 suffix=TMP_SUFFIX)
         except OSError as e:
-            raise UserError(f"{self.path.parent}: cannot write there ({e.strerror})") from None
-        os.close(fd)
+            raise UserError(f"{shown(self.path.parent)}: cannot write there ({e.strerror})") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             try:
-                with open(self.tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                # mkstemp makes the file 0600; give it the mode a plain open() would have.
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(self.tmp, 0o666 & ~umask)
-                os.replace(self.tmp, self.path)
+                self.finish()
                 return False
+            except UserError:  # swapped
+                self.discard()
+                raise
             except OSError as e:
                 exc = e
+        # Said before the temporary goes: the room its partial write holds is not free for this file.
+        message = self.failure(exc) if isinstance(exc, OSError) else None
+        self.discard()
+        if message:
+            raise UserError(message) from None
+        return False
+
+    def finish(self) -> None:
+        """Sync the temporary, give it the mode a plain open() would (mkstemp makes it 0600) and
+        rename it onto the output, if it is still the file mkstemp made."""
+        os.fsync(self.fd)
+        if hasattr(os, "fchmod"):  # Windows has no modes to give
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(self.fd, 0o666 & ~umask)
+        made, now = os.fstat(self.fd), os.lstat(self.tmp)
+        if (made.st_dev, made.st_ino) != (now.st_dev, now.st_ino):
+            raise UserError(f"{shown(self.path)}: its temporary {shown(self.tmp)} was replaced while being written "
+                            f"(by another process that writes to {shown(self.path.parent)}?); nothing was written")
+        os.close(self.fd)  # before the rename, which Windows refuses for an open file
+        self.fd = None
+        os.replace(self.tmp, self.path)
+
+    def failure(self, exc) -> str:
+        """The one line for a write that failed with `exc`."""
+        space = f"; {free_space(self.path.parent)}" if exc.errno in SPACE_ERRORS else ""
+        kept = "the file there before is unchanged" if self.path.exists() else "nothing was written"
+        return f"{shown(self.path)}: could not be written ({exc.strerror or exc}{space}); {kept}"
+
+    def discard(self) -> None:
+        """Close and remove the temporary (a link planted under its name: the link, not its target)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
-        if isinstance(exc, OSError):  # a full disk, a vanished folder, a mode the format can't hold
-            space = f"; {free_space(self.path.parent)}" if exc.errno in SPACE_ERRORS else ""
-            kept = "the file there before is unchanged" if self.path.exists() else "nothing was written"
-            raise UserError(f"{self.path}: could not be written ({exc.strerror or exc}{space}); {kept}") from None
-        return False
+
+
+def check_folder_safe(folder: Path) -> None:
+    """Refuse to write into a folder anyone may write to, unless it has the sticky bit: anyone
+    there could swap a file being written for a link to another (whose mode, or contents, the
+    writer would then change). A sticky folder (/tmp) guards each file from all but its owner and
+    the folder's, so such a folder must be this user's or root's. A folder only its owner and
+    group may write to is trusted: they are whom its owner let in."""
+    if os.name == "nt":
+        return
+    try:
+        st = os.stat(folder)
+    except OSError:  # missing or unreadable: the write itself says so
+        return
+    if not st.st_mode & stat.S_IWOTH:
+        return
+    if not st.st_mode & stat.S_ISVTX:
+        raise UserError(f"{shown(folder)}: anyone may write to this folder (mode {stat.S_IMODE(st.st_mode):o}), and "
+                        f"could swap what is written there for a link: use a folder of your own, or make it "
+                        f"sticky (chmod +t)")
+    if st.st_uid not in (0, os.geteuid()):
+        raise UserError(f"{shown(folder)}: anyone may write to this folder, and its owner (user {st.st_uid}) may "
+                        f"swap what is written there even though it is sticky: use a folder of your own")
 
 
 def free_space(folder: Path) -> str:
-    """'12.3 GB free', or 'the disk is full', for error messages about failed writes."""
+    """'12.3 GB free', '45.6 MB free', or 'the disk is full' (under 1 MB: room for no output), for
+    error messages about failed writes."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return "free space unknown"
-    return "the disk is full" if free < 1e6 else f"{free / 1e9:.1f} GB free"
+    if free < 1e6:
+        return "the disk is full"
+    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
 
 
 # This machine, in temporary names: a process on another one (a shared disk) is never taken for dead.
@@ -125,9 +182,9 @@ def make_dir(path: str | Path, what: str = "folder", hint: str = "") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise UserError(f"{path}: is a file, not a folder{hint}") from None
+        raise UserError(f"{shown(path)}: is a file, not a folder{hint}") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot create {what} ({e.strerror}){hint}") from None
+        raise UserError(f"{shown(path)}: cannot create {what} ({e.strerror}){hint}") from None
     return path
 
 
@@ -167,15 +224,16 @@ def check_output_dir(path: str | Path) -> Path:
         existing = existing.parent
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():
-            raise UserError(f"{existing}: is a link to {os.readlink(existing)}, which does not exist (or loops)")
+            raise UserError(f"{shown(existing)}: is a link to {shown(os.readlink(existing))}, which does not exist "
+                            f"(or loops)")
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{path}: can't be an output folder: {existing} is a file")
+        raise UserError(f"{shown(path)}: can't be an output folder: {shown(existing)} is a file")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"{existing}: can't create files there ({e.strerror})") from None
+        raise UserError(f"{shown(existing)}: can't create files there ({e.strerror})") from None
     return path
 
 
@@ -207,19 +265,19 @@ def check_output_files(paths, overwrite: bool = False, inputs: set = frozenset()
     """`check_output_file` for many outputs: each file, then each of their folders once."""
     for raw in paths:  # Path() drops a trailing slash, which says the user meant a folder
         if str(raw).endswith(("/", os.sep)):
-            raise UserError(f"{raw}: ends in '/', a folder; name the output file")
+            raise UserError(f"{shown(raw)}: ends in '/', a folder; name the output file")
     paths = [Path(p) for p in paths]
     for path in paths:
         check_name_lengths(path)
         if path.is_dir():
-            raise UserError(f"{path}: is a folder, not a file name; choose another output name")
+            raise UserError(f"{shown(path)}: is a folder, not a file name; choose another output name")
         if path.is_symlink() or (path.exists() and not path.is_file()):  # a link, a device, a pipe
-            raise UserError(f"{path}: is not a regular file (a link?); outputs are written only as files: "
+            raise UserError(f"{shown(path)}: is not a regular file (a link?); outputs are written only as files: "
                             f"remove it or choose another output name")
         if path.exists() and file_ids([path]) & inputs:
-            raise UserError(f"{path}: is an input; outputs never replace inputs: choose another output name")
+            raise UserError(f"{shown(path)}: is an input; outputs never replace inputs: choose another output name")
         if path.exists() and not overwrite:
-            raise UserError(f"{path}: exists; pass --overwrite to replace it")
+            raise UserError(f"{shown(path)}: exists; pass --overwrite to replace it")
     for folder in dict.fromkeys(path.parent for path in paths):
         check_output_dir(folder)
 
@@ -230,8 +288,8 @@ def check_outside(out_dir: Path, folder: Path) -> None:
     ids = file_ids([folder])
     for d in (out_dir, *out_dir.parents):
         if d.exists() and file_ids([d]) & ids:
-            raise UserError(f"{out_dir}: is {folder} or inside it, where the inputs are; the next run would "
-                            f"read the outputs as inputs: choose another output folder")
+            raise UserError(f"{shown(out_dir)}: is {shown(folder)} or inside it, where the inputs are; the next run "
+                            f"would read the outputs as inputs: choose another output folder")
 
 
 def check_outputs_outside_inputs(pairs: list[tuple[Path, Path]]) -> None:
@@ -243,9 +301,9 @@ def check_outputs_outside_inputs(pairs: list[tuple[Path, Path]]) -> None:
         real = os.path.realpath(dst.parent) + os.sep
         source = next((s for s in sources if real.startswith(s)), None)
         if source is not None:
-            raise UserError(f"{dst}: would be written into {source.rstrip(os.sep)}, where inputs are read from "
-                            f"(through a link?); the next run would read the outputs as inputs: choose another "
-                            f"output folder")
+            raise UserError(f"{shown(dst)}: would be written into {shown(source.rstrip(os.sep))}, where inputs are "
+                            f"read from (through a link?); the next run would read the outputs as inputs: choose "
+                            f"another output folder")
 
 
 def output_stems(paths: list[Path]) -> dict[Path, str]:
@@ -261,12 +319,14 @@ def check_distinct(pairs: list[tuple[Path, Path]]) -> None:
     for src, dst in pairs:
         key = Path(os.path.realpath(dst))  # not Path.resolve(), which raises on a link loop
         if key in seen:
-            raise UserError(f"{seen[key]} and {src} would both be written as {dst}; rename one of them")
+            raise UserError(f"{shown(seen[key])} and {shown(src)} would both be written as {shown(dst)}; rename one "
+                            f"of them")
         seen[key] = src
     folders = {p for key in seen for p in key.parents}
     for key, src in seen.items():
         if key in folders:  # a_x4.png written as a file, and as the folder of a/a_x4.png/b.png's output
-            raise UserError(f"{key}: would be written as the output of {src} and as a folder of other outputs")
+            raise UserError(f"{shown(key)}: would be written as the output of {shown(src)} and as a folder of other "
+                            f"outputs")
 
 
 # ---------------------------------------------------------------- one process per folder
@@ -278,14 +338,33 @@ def lock_folder(folder: Path):
         import fcntl
     except ImportError:
         return None
+    check_folder_safe(folder)
     try:
-        f = open(folder / ".lock", "a")  # held open by the caller: the lock lasts as long
+        f = open_lock(folder / ".lock")  # held open by the caller: the lock lasts as long
     except OSError as e:
-        raise UserError(f"{folder / '.lock'}: can't be opened as a lock file ({e.strerror})") from None
+        raise UserError(f"{shown(folder / '.lock')}: can't be opened as a lock file ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise UserError(f"{folder}: another process (a training run?) is using this folder; "
+        raise UserError(f"{shown(folder)}: another process (a training run?) is using this folder; "
                         f"wait for it to end") from None
     return f
+
+
+def open_lock(path: Path):
+    """`path` opened (read-only: flock needs no more) to be locked, made if missing, never through
+    a link: a link planted under its name is refused, and its target neither made nor opened.
+    Anything but a regular file is refused too (O_NONBLOCK: a fifo there would wait forever)."""
+    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):  # EMLINK: FreeBSD's answer
+            raise UserError(f"{shown(path)}: a link, not a lock file; remove it (someone else may have "
+                            f"put it there)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{shown(path)}: not a regular file, not a lock file; remove it")
+    return os.fdopen(fd, "rb")

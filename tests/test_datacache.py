@@ -1,9 +1,14 @@
 """The decoded training-set cache: the same patches as decoding, reused while the images are
 unchanged, built again when they change or the file is torn, and never trusting what it did not make."""
+import gc
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +16,7 @@ import torch
 from PIL import Image
 
 import train
-from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
+from conftest import ROOT, TINY_RUN, assert_one_line_error, make_images, run_main
 from dataset import EpochSampler, PatchLoader, TrainDataset
 from machinery import datacache, images
 from test_run_folders import run_with_file_size_limit
@@ -295,3 +300,98 @@ def test_a_resumed_run_uses_this_machines_cache_folder_unless_one_is_typed(image
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # another machine's default
     code, out, err = run_main(train, "--resume", runs / "r" / "last.pt", "--num_epochs", "2")
     assert code == 0 and f"data cache: built {tmp_path / 'xdg' / 'resshuffle' / 'data'}" in out, err
+
+
+@pytest.mark.parametrize("home", ["unknown", "missing"])
+def test_without_a_home_folder_the_default_cache_is_in_the_temporary_folder(monkeypatch, tmp_path, home):
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    if home == "unknown":  # HOME unset and no passwd entry: pathlib raises
+        monkeypatch.setattr(datacache.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(
+            RuntimeError("Could not determine home directory."))))
+    else:
+        monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))
+    folder = datacache.default_cache_dir()
+    assert folder.parent.parent == Path(tempfile.gettempdir()) and folder.parent.name.startswith("resshuffle-")
+
+
+# HOME unset, and then also no passwd entry for the user (a container's uid): pathlib raises.
+NO_PASSWD = "import pwd, runpy, sys; pwd.getpwuid = lambda uid: {}[uid]; sys.argv = ['train.py', '--help']; " \
+            "runpy.run_path('train.py', run_name='__main__')"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["train.py", "--help"], ["-c", NO_PASSWD]], ids=["no HOME", "no passwd entry"])
+def test_train_help_works_without_a_home_folder(argv):
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_CACHE_HOME")}
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "--data_cache" in result.stdout
+
+
+def test_a_cache_folder_under_the_temporary_folder_made_by_another_user_is_refused(photos, tmp_path):
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("giving a folder to another user needs root")
+    if Path(tempfile.gettempdir()).resolve() not in tmp_path.resolve().parents:
+        pytest.skip("pytest's folders are not under the temporary folder here")
+    squatted = tmp_path / "resshuffle-0"  # made first by someone else, as the default's fallback could be
+    squatted.mkdir()
+    os.chown(squatted, 65534, 65534)
+    with pytest.raises(UserError, match="made by another user"):
+        dataset(photos, squatted / "data")
+
+
+@pytest.fixture
+def default_cache(tmp_path, monkeypatch):
+    """The default cache folder, empty, with a cache in it of tmp_path/gone, a folder since deleted."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    gone = make_images(tmp_path / "gone")
+    dataset(gone, datacache.default_cache_dir(), quiet=True)  # dropped at once: nobody maps it now
+    shutil.rmtree(gone)
+    return datacache.default_cache_dir()
+
+
+def test_caches_of_folders_that_no_longer_exist_are_pruned_from_the_default_folder(photos, default_cache, capsys):
+    [old] = cache_files(default_cache)
+    dataset(photos, default_cache)
+    out = capsys.readouterr().out
+    assert cache_files(default_cache) != [old] and old not in cache_files(default_cache)
+    assert not (default_cache / f".{old}.lock").exists()
+    [line] = [line for line in out.splitlines() if "no longer exist" in line]
+    assert line.startswith("data cache: removed 1 cache made from folders that no longer exist (")
+    assert line.endswith(f"): {photos.parent / 'gone'}")
+
+
+def test_a_cache_in_use_or_being_built_is_not_pruned(photos, default_cache, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    [old] = cache_files(default_cache)
+    with open(default_cache / old, "rb") as using:  # another process mapping it holds this
+        fcntl.flock(using, fcntl.LOCK_SH)
+        dataset(photos, default_cache)
+    assert old in cache_files(default_cache)
+    with open(default_cache / f".{old}.lock", "rb") as building:
+        fcntl.flock(building, fcntl.LOCK_EX)
+        dataset(photos, default_cache)
+    assert old in cache_files(default_cache)
+    assert "no longer exist" not in capsys.readouterr().out
+    dataset(photos, default_cache)
+    assert old not in cache_files(default_cache)
+
+
+def test_a_mapped_cache_is_held_while_its_images_are_in_use(photos, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    data = dataset(photos, tmp_path / "cache")
+    [path] = [tmp_path / "cache" / name for name in cache_files(tmp_path / "cache")]
+    with open(path, "rb") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    del data
+    gc.collect()
+    with open(path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_typed_cache_folder_is_not_pruned(photos, tmp_path):
+    gone, cache = make_images(tmp_path / "gone"), tmp_path / "cache"
+    dataset(gone, cache)
+    shutil.rmtree(gone)
+    dataset(photos, cache)  # another machine sharing this folder may see `gone` where this one doesn't
+    assert len(cache_files(cache)) == 2
