@@ -11,11 +11,17 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from utils import UserError, warn
+from utils import UserError, shown, warn
 
 from .files import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+# The only formats PIL is let identify a file as, whatever its name: raster formats decoded in
+# this process. PIL alone would also take EPS (handed to Ghostscript, which runs the file's
+# PostScript: a loop holds the process for good), and dozens of rarely audited decoders.
+# JPEG takes MPO too (a camera's JPEG with a preview after it), which PIL opens as a JPEG.
+READ_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
 
 # The format each suffix is written in; any other suffix is an error, never a PNG under a wrong name.
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
@@ -60,13 +66,24 @@ def walk(folder: Path):
 def readable(path: Path):
     """PIL's many exceptions for a file it can't (or won't) decode, as one line naming the file."""
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{shown(path)}: no such file")
     try:
         yield
     except Image.DecompressionBombError as e:
-        raise UserError(f"{path}: refused, too many pixels to decode safely ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({e})") from None
+        raise UserError(f"{shown(path)}: refused, too many pixels to decode safely ({e})") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{shown(path)}: not a readable image: not one of the formats read here "
+                        f"({', '.join(READ_FORMATS)}), or damaged") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{shown(path)}: not a readable image ({shown(e)})") from None
+
+
+@contextlib.contextmanager
+def opened(path: Path):
+    """The image file `path`, opened (not decoded) as one of READ_FORMATS only, whatever its name
+    or content; PIL's errors as `readable`'s one line. Every image this repository reads is opened here."""
+    with readable(path), Image.open(path, formats=READ_FORMATS) as img:
+        yield img
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -78,7 +95,7 @@ def open_image(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     quiet_bomb_warnings()
-    with readable(path), Image.open(path) as img:
+    with opened(path) as img:
         # An MPO's second frame is the camera's preview of the first, not more content.
         frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
         if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
@@ -107,7 +124,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     so callers can check every input's size before any work."""
     path = Path(path)
     quiet_bomb_warnings()
-    with readable(path), Image.open(path) as img:
+    with opened(path) as img:
         width, height = img.size
         turned = header_orientation(img) in QUARTER_TURNS
     return (height, width) if turned else (width, height)
