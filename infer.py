@@ -52,7 +52,7 @@ from machinery.files import (
     folder_for,
     output_stems,
 )
-from machinery.images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, write_format
+from machinery.images import IMAGE_EXTENSIONS, image_metadata, list_images, read_image, save_image, write_format
 from machinery.precision import choose_precision
 from machinery.upscale import describe_tiling, upscale_image
 from machinery.video import (
@@ -201,9 +201,9 @@ def main_video(args, src: Path) -> None:
 
 def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, self_ensemble: bool = False,
                  quality: int = 95, precision: str = "fp32") -> None:
-    img = open_image(src)
+    img, deep = read_image(src)
     sr = upscale_image(model, img, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
-    note = ", read and written as 8-bit" if img.mode.startswith("I") or img.mode == "F" else ""
+    note = ", read and written as 8-bit" if deep else ""
     if dst.suffix.lower() in (".jpg", ".jpeg") and sr.mode in ("RGBA", "LA"):
         sr, note = sr.convert(sr.mode[:-1]), note + ", alpha dropped: JPEG has none"
     elif dst.suffix.lower() == ".bmp" and sr.mode == "LA":  # BMP holds RGBA, not gray with alpha

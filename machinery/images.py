@@ -5,6 +5,7 @@ Images are numpy arrays, HWC uint8 RGB in [0, 255], unless a docstring says othe
 import contextlib
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -87,7 +88,13 @@ def opened(path: Path):
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image, with its EXIF orientation applied.
+    """Open and fully decode an image, with its EXIF orientation applied (`read_image`'s image)."""
+    return read_image(path)[0]
+
+
+def read_image(path: str | Path) -> tuple[Image.Image, bool]:
+    """An image, opened and fully decoded with its EXIF orientation applied, and whether its file
+    holds more than 8 bits a sample (16-bit, float), which the 8-bit network reads as 8-bit.
 
     An animation or a multi-page file gives its first frame, and an image between PIL's
     decompression-bomb limit and twice it is decoded anyway: each says so in one line,
@@ -99,13 +106,25 @@ def open_image(path: str | Path) -> Image.Image:
         # An MPO's second frame is the camera's preview of the first, not more content.
         frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
         if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
-            warn(f"{path}: {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} megapixels) is above "
-                 f"PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.1f}; decoding it anyway")
+            warn(f"{shown(path)}: {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} megapixels) is "
+                 f"above PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.1f}; decoding it anyway")
+        rawmode = decoder_mode(img)
         img.load()
         upright = ImageOps.exif_transpose(img)
+    if rawmode.startswith("LA;16"):  # PIL decodes 16-bit gray with alpha as RGBA: gray it stays, as 8-bit LA
+        upright = upright.convert("LA")
     if frames > 1:
-        warn(f"{path}: has {frames} frames; only the first is used")
-    return upright
+        warn(f"{shown(path)}: has {frames} frames; only the first is used")
+    return upright, upright.mode.startswith("I") or upright.mode == "F" or bool(re.search(";(16|32)", rawmode))
+
+
+def decoder_mode(img: Image.Image) -> str:
+    """The layout of an opened, undecoded image's samples in its file ("RGB;16B": 16-bit RGB),
+    where PIL's mode alone hides it (PIL decodes 16-bit RGB, RGBA, and gray with alpha to 8 bits);
+    "" where PIL does not say."""
+    args = img.tile[0].args if img.tile else None
+    rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+    return rawmode if isinstance(rawmode, str) else ""
 
 
 def quiet_bomb_warnings() -> None:

@@ -2,7 +2,9 @@
 16-bit inputs said and kept gray, folder outputs in any written format, hostile checkpoint
 metadata in evaluate.py, and names printed with their control characters escaped."""
 import ast
+import struct
 import subprocess
+import zlib
 
 import numpy as np
 import pytest
@@ -112,3 +114,50 @@ def test_a_cameras_mpo_is_still_read_as_its_first_frame(tmp_path, capsys):
     with images.opened(tmp_path / "camera.jpg") as img:
         assert img.format == "MPO"
     assert images.open_image(tmp_path / "camera.jpg").size == (30, 20) and capsys.readouterr().err == ""
+
+
+def png16(path, pixels: np.ndarray):
+    """A 16-bit PNG of HxWxC uint16 `pixels` (C: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA), which PIL can't write."""
+    height, width, channels = pixels.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def deep_pixels(channels: int, height=20, width=30) -> np.ndarray:
+    rgb = smooth_image(np.random.default_rng(2), height, width).astype(np.uint16) * 257
+    gray = rgb[..., :1]
+    alpha = np.full((height, width, 1), 65535, np.uint16)
+    alpha[:, :width // 2] = 0
+    return {1: gray, 2: np.concatenate([gray, alpha], -1), 3: rgb, 4: np.concatenate([rgb, alpha], -1)}[channels]
+
+
+def test_16_bit_gray_with_alpha_stays_gray_with_alpha(tiny_checkpoint, tmp_path):
+    src = png16(tmp_path / "la16.png", deep_pixels(2))
+    assert images.load_rgb(src).shape == (20, 30, 3)
+    code, out, err = run_main(infer, src, "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    result = Image.open(tmp_path / "la16_x4.png")
+    assert result.mode == "LA" and result.size == (120, 80)
+    assert np.asarray(result)[:, :52, 1].max() == 0 and np.asarray(result)[:, 68:, 1].min() == 255
+
+
+def test_every_16_bit_input_is_said_once_and_no_8_bit_one(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for channels, name in [(1, "gray16"), (2, "la16"), (3, "rgb16"), (4, "rgba16")]:
+        png16(folder / f"{name}.png", deep_pixels(channels))
+    Image.fromarray(deep_pixels(1)[..., 0]).save(folder / "gray16.tif")
+    photo(folder / "rgb8.png")
+    code, out, err = run_main(infer, folder, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    said = {line.split(" ")[0].rsplit("/", 1)[-1]: line.count("read and written as 8-bit")
+            for line in out.splitlines() if " -> " in line}
+    assert said == {"gray16.png": 1, "gray16.tif": 1, "la16.png": 1, "rgb16.png": 1, "rgba16.png": 1, "rgb8.png": 0}
+    assert "8-bit" not in err
