@@ -1,12 +1,12 @@
 """Upscale an image, every image in a folder, or a video, with a ResShuffle checkpoint (or another network's).
 
 usage: python infer.py INPUT [-o OUTPUT] [--scale 4] [--arch resshuffle] [--checkpoint FILE] [--recursive]
-           [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
+           [--ext png] [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
            [--crf 17] [--frames START:STOP]
 
 INPUT is an image file or a folder of them (--recursive: and of its subfolders). Each image
-becomes <name>_x<scale>.png: beside a file INPUT, in the folder <INPUT>_x<scale>/ for a
-folder, or in the folder -o names. `-o` with an image extension (.png .jpg .jpeg .webp .bmp
+becomes <name>_x<scale>.png (--ext: another format, as .jpg): beside a file INPUT, in the folder
+<INPUT>_x<scale>/ for a folder, or in the folder -o names. `-o` with an image extension (.png .jpg .jpeg .webp .bmp
 .tif .tiff) names the output file of a single image; without one it names a folder, made
 if missing. Outputs never replace an input or an existing file (--overwrite replaces the
 latter, --skip_existing leaves its input out); every output is checked before any work and
@@ -52,7 +52,15 @@ from machinery.files import (
     folder_for,
     output_stems,
 )
-from machinery.images import IMAGE_EXTENSIONS, image_metadata, list_images, read_image, save_image, write_format
+from machinery.images import (
+    IMAGE_EXTENSIONS,
+    WRITE_EXTENSIONS,
+    image_metadata,
+    list_images,
+    read_image,
+    save_image,
+    write_format,
+)
 from machinery.precision import choose_precision
 from machinery.upscale import describe_tiling, upscale_image
 from machinery.video import (
@@ -67,7 +75,7 @@ from machinery.video import (
     rehearse,
     upscale_video,
 )
-from utils import UserError, make_parser, plural, run_cli, select_device, warn
+from utils import UserError, make_parser, plural, run_cli, select_device, shown, warn
 
 
 def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
@@ -88,11 +96,15 @@ def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
     return inputs
 
 
-def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale: int,
-                 overwrite: bool = False, skip_existing: bool = False) -> list[tuple[Path, Path]]:
+def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale: int, overwrite: bool = False,
+                 skip_existing: bool = False, ext: str | None = None) -> list[tuple[Path, Path]]:
     """(input, output) pairs, every output checked before any work (see the module docstring).
-    With `skip_existing`, inputs whose output exists are left out (a folder run finished)."""
+    With `skip_existing`, inputs whose output exists are left out (a folder run finished).
+    `ext`: the suffix of the outputs infer names (--ext); None: .png."""
     out_file = output_file(output, input_path)
+    if out_file is not None and ext is not None:
+        raise UserError(f"--ext: -o {shown(output)} names the output file, whose extension is its format; "
+                        f"leave out --ext, or give -o a folder")
     if out_file is not None:
         pairs = [(input_path, out_file)]
     else:
@@ -100,7 +112,7 @@ def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale
         if input_path.is_dir():
             check_outside(out_dir, input_path)
             root = input_path
-        pairs = [(p, out_dir / p.parent.relative_to(root) / f"{stems[p]}_x{scale}.png") for p in inputs]
+        pairs = [(p, out_dir / p.parent.relative_to(root) / f"{stems[p]}_x{scale}{ext or '.png'}") for p in inputs]
         if input_path.is_dir():
             check_outputs_outside_inputs(pairs)
     check_distinct(pairs)
@@ -144,7 +156,7 @@ def main(args):
     device = select_device(args.device)
     model, info, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights, arch=args.arch)
     pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite,
-                         skip_existing=args.skip_existing)
+                         skip_existing=args.skip_existing, ext=args.ext)
     if not pairs:
         return print(f"{input_path}: every output exists already; nothing to do")
     precision, _ = choose_precision(args.precision, device)
@@ -175,6 +187,8 @@ def describe_network(model, info: dict, path, args) -> str:
 
 def main_video(args, src: Path) -> None:
     """A video INPUT: the checks an image has, all before any work; machinery/video.py does the work."""
+    if args.ext is not None:
+        raise UserError(f"--ext: {shown(src)} is a video; its output's format follows its own extension")
     info = probe(src)  # the input first: a file that is not a video is named as such
     device = select_device(args.device)
     model, weights, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights,
@@ -227,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
     existing.add_argument("--skip_existing", action="store_true",
                         help="leave out inputs whose output exists (finish a folder run that was stopped)")
+    parser.add_argument("--ext", type=extension, choices=WRITE_EXTENSIONS, default=None,
+                        help="the format of the outputs infer names (<name>_x<scale>.EXT: a folder run's, or "
+                             "beside a file); not with -o FILE, whose extension is its format; None: png")
     parser.add_argument("--quality", type=quality, default=95, help="JPEG and WebP quality, 1-100")
     parser.add_argument("--crf", type=crf, default=DEFAULT_CRF,
                         help="a video's H.264 quality, 0-51, lower is better (x264's CRF); 17: visually lossless")
@@ -234,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a video: only these frames (indices from 0, STOP not included: 0:48 is the first "
                              "48), without its audio and subtitles; None: all, with them")
     return parser
+
+
+def extension(text: str) -> str:
+    """'jpg', '.JPG' -> '.jpg': --ext as WRITE_EXTENSIONS spells it."""
+    return "." + text.lower().removeprefix(".")
 
 
 def quality(text: str) -> int:

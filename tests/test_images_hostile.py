@@ -161,3 +161,31 @@ def test_every_16_bit_input_is_said_once_and_no_8_bit_one(tiny_checkpoint, tmp_p
             for line in out.splitlines() if " -> " in line}
     assert said == {"gray16.png": 1, "gray16.tif": 1, "la16.png": 1, "rgb16.png": 1, "rgba16.png": 1, "rgb8.png": 0}
     assert "8-bit" not in err
+
+
+def test_a_folder_run_writes_the_format_ext_names(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo(folder / "a.png")
+    photo(folder / "b.png", seed=1).rename(folder / "b.tif")
+    code, out, err = run_main(infer, folder, "-o", tmp_path / "out", "--ext", "jpg", "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert {p.name: Image.open(p).format for p in (tmp_path / "out").iterdir()} == {"a_x4.jpg": "JPEG",
+                                                                                 "b_x4.jpg": "JPEG"}
+    code, out, err = run_main(infer, folder, "--checkpoint", tiny_checkpoint)  # the default stays PNG
+    assert code == 0 and sorted(p.name for p in (tmp_path / "in_x4").iterdir()) == ["a_x4.png", "b_x4.png"], err
+    code, out, err = run_main(infer, folder / "a.png", "--ext", ".WEBP", "--checkpoint", tiny_checkpoint)
+    assert code == 0 and Image.open(folder / "a_x4.webp").format == "WEBP", err
+
+
+def test_ext_is_one_of_the_written_formats_and_not_beside_an_output_file(tiny_checkpoint, tmp_path):
+    photo(tmp_path / "a.png")
+    code, out, err = run_main(infer, tmp_path / "a.png", "--ext", "gif", "--checkpoint", tiny_checkpoint)
+    assert code == 2 and "--ext" in err and ".jpg" in err
+    code, out, err = run_main(infer, tmp_path / "a.png", "-o", tmp_path / "b.png", "--ext", "jpg",
+                              "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "--ext", "b.png")
+    assert not (tmp_path / "b.png").exists()
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    code, out, err = run_main(infer, tmp_path / "clip.mp4", "--ext", "jpg", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "--ext", "clip.mp4", "video")
