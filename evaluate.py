@@ -42,12 +42,23 @@ from machinery.files import (
     output_stems,
 )
 from machinery.images import list_images, save_image
-from machinery.precision import choose_precision
+from machinery.precision import DTYPES, choose_precision
 from machinery.upscale import DEFAULT_TILE, describe_tiling, upscale
 from metrics import METRICS, mean, means, measure, metric_labels
 from model import count_parameters
 from resize import DEGRADATIONS, degradation_label, resize_bicubic
-from utils import REPO, UserError, make_parser, non_negative_int, plural, positive_int, run_cli, select_device, warn
+from utils import (
+    REPO,
+    UserError,
+    make_parser,
+    non_negative_int,
+    plural,
+    positive_int,
+    run_cli,
+    select_device,
+    shown,
+    warn,
+)
 
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
 
@@ -219,6 +230,8 @@ def main(args):
     sets = find_sets(args)
     device = select_device(args.device)
     models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights, arch=a) for a, s in picks]
+    for _, info, path in models:  # checked once: describe_checkpoint and the table read it
+        info["training"] = sound_training(info.get("training"), path)
     plan = output_plan(args, sets)
     for model, _, path in models:
         check_work(args, sets, plan, model.scale, crop_border_for(args, model.scale), path)
@@ -247,6 +260,45 @@ def describe_checkpoint(model, info: dict) -> str:
     return (f"{info['arch']} x{model.scale}, {count_parameters(model):,} parameters, "
             f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} "
             f"LR{trained}")
+
+
+# What a checkpoint's `training` record (runs.training_summary, written by --export) may hold:
+# counts and seconds up to what a run could take (a century), so a cell of the table stays a cell.
+TRAINING_LIMITS = {"epochs": 10 ** 12, "steps": 10 ** 15, "seconds": 3.2e9}
+
+
+def sound_training(training, path) -> dict:
+    """A checkpoint's `training` record as evaluate.py shows it; a record that is not one --export
+    writes (any file can hold anything) is left out in one line, not a traceback, as infer.py and
+    app.py, which never read it, run regardless. {} where there is none."""
+    if training is None:
+        return {}
+    why = training_fault(training)
+    if why:
+        warn(f"{shown(path)}: its training record is not one evaluate.py reads ({why}); left out")
+        return {}
+    return training
+
+
+def training_fault(training) -> str | None:
+    """What is wrong with a `training` record, in words; None where nothing is."""
+    if not isinstance(training, dict):
+        return f"a {type(training).__name__}, not a table of names and values"
+    for key, limit in TRAINING_LIMITS.items():
+        value = training.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and 0 <= value <= limit):  # NaN fails both comparisons
+            return f"{key} {brief(value)}: not a number a run could record"
+    precision = training.get("precision")
+    if precision is not None and not (isinstance(precision, str) and precision in DTYPES):
+        return f"precision {brief(precision)}: not one of {', '.join(DTYPES)}"
+    return None
+
+
+def brief(value) -> str:
+    """A value from a file, printable and cut short: a 60-digit number stays on the line."""
+    text = shown(repr(value))
+    return text if len(text) <= 24 else text[:20] + "..."
 
 
 def crop_border_for(args, scale: int) -> int:

@@ -8,13 +8,15 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import EpsImagePlugin, Image
 
 import dataset
 import evaluate
 import infer
-from conftest import ROOT, assert_one_line_error, run_main, smooth_image
+from conftest import ROOT, TINY, ResShuffle, assert_one_line_error, run_main, smooth_image
 from machinery import images
+from machinery.checkpoint import save_checkpoint
 from utils import UserError
 
 # An EPS that loops for ever where Ghostscript runs it.
@@ -189,3 +191,30 @@ def test_ext_is_one_of_the_written_formats_and_not_beside_an_output_file(tiny_ch
     (tmp_path / "clip.mp4").write_bytes(b"")
     code, out, err = run_main(infer, tmp_path / "clip.mp4", "--ext", "jpg", "--checkpoint", tiny_checkpoint)
     assert_one_line_error(code, err, "--ext", "clip.mp4", "video")
+
+
+@pytest.mark.parametrize("training", [[1, 2], "abc", {"steps": "10"}, {"steps": 5, "seconds": "7"},
+                                      {"steps": 5, "seconds": 10 ** 60}, {"steps": True}, {"steps": 5, "seconds": -3},
+                                      {"steps": 5, "seconds": float("nan")}, {"steps": 5, "precision": ["bf16"]}],
+                         ids=["list", "string", "steps_text", "seconds_text", "60_digits", "bool", "negative", "nan",
+                              "precision_list"])
+def test_evaluate_leaves_out_a_hostile_training_record_in_one_line(image_dir, tmp_path, training):
+    torch.manual_seed(0)
+    path = tmp_path / "hostile.pt"
+    save_checkpoint({"model": ResShuffle(**TINY).state_dict(), "model_args": TINY, "training": training}, path)
+    code, out, err = run_main(evaluate, "--data_dir", image_dir, "--checkpoint", path, "--max_images", "1")
+    assert code == 0 and "Traceback" not in err, err
+    said = [line for line in err.splitlines() if "training" in line]
+    assert len(said) == 1 and said[0].startswith(f"evaluate.py: warning: {path}: its training record is not one")
+    assert said[0].endswith("; left out") and len(said[0]) < len(str(path)) + 150
+    assert "steps" not in out and out.splitlines()[-1].split()[-2] == "-"  # the table's train h: unknown
+
+
+def test_evaluate_shows_a_sound_training_record(image_dir, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "sound.pt"
+    training = {"epochs": 3, "steps": 6300, "seconds": 288.0, "precision": "bf16"}
+    save_checkpoint({"model": ResShuffle(**TINY).state_dict(), "model_args": TINY, "training": training}, path)
+    code, out, err = run_main(evaluate, "--data_dir", image_dir, "--checkpoint", path, "--max_images", "1")
+    assert code == 0 and err == "", err
+    assert "(6,300 steps, 0.08 h in bf16)" in out and out.splitlines()[-1].split()[-2] == "0.08"
