@@ -147,17 +147,17 @@ def find_sets(args) -> list[tuple[str, Path, list[Path]]]:
             warn("--benchmark evaluates its own sets; --data_dir is not used")
         root = Path(args.benchmark)
         if not root.is_dir():
-            raise UserError(f"{root}: no such folder")
+            raise UserError(f"{shown(root)}: no such folder")
         folders = [root / name for name in BENCHMARK_SETS if (root / name).is_dir()]
         if not folders:
-            raise UserError(f"{root}: holds none of {', '.join(BENCHMARK_SETS)} (folders of HR images)")
+            raise UserError(f"{shown(root)}: holds none of {', '.join(BENCHMARK_SETS)} (folders of HR images)")
     else:
         folders = [Path(d) for d in args.data_dir]
     sets, names = [], set()
     for folder in folders:
         paths = list_images(folder)[:args.max_images or None]
         if not paths:
-            raise UserError(f"{folder}: no images found")
+            raise UserError(f"{shown(folder)}: no images found")
         name = base = folder.resolve().name or "root"  # `.` and `..` have no name of their own
         for k in range(2, len(folders) + 2):
             if name not in names:
@@ -203,7 +203,8 @@ def print_images(rows: list[dict], y: str, seconds: float, label: str) -> None:
     heads = metric_labels()
     print(f"{'image':<28} {'size':>11}  {'bicubic ' + heads:>22}  {label + ' ' + heads:>22}")
     for r in rows:
-        print(f"{r['name']:<28} {r['width']:>5}x{r['height']:<5}  {cells(r, 'bicubic_', y):>22}  {cells(r, '', y):>22}")
+        print(f"{shown(r['name']):<28} {r['width']:>5}x{r['height']:<5}  {cells(r, 'bicubic_', y):>22}  "
+              f"{cells(r, '', y):>22}")
     print(f"{'mean of ' + plural(len(rows), 'image'):<40}  {cells(means(rows, 'bicubic_', y)):>22}  "
           f"{cells(means(rows, '', y)):>22}")
     gains = ", ".join(f"{mean(rows, name + y) - mean(rows, 'bicubic_' + name + y):+.4f}{' ' + m.unit if m.unit else ''}"
@@ -238,7 +239,7 @@ def main(args):
     precisions = [choose_precision(p, device) for p in dict.fromkeys(args.precision)]
     table, all_rows = [], []
     for (model, info, path), (precision, why) in itertools.product(models, precisions):
-        print(f"checkpoint {path}: {describe_checkpoint(model, info)}; precision {precision}"
+        print(f"checkpoint {shown(path)}: {describe_checkpoint(model, info)}; precision {precision}"
               f"{f' ({why})' if 'auto' in args.precision else ''}; {describe_tiling(model, args.tile, args.tile_pad)}")
         rows, set_means = evaluate_sets(args, model, info, sets, plan, precision)
         all_rows += rows
@@ -249,7 +250,7 @@ def main(args):
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
             writer.writerows(all_rows)
-        print(f"per-image table written to {args.csv}")
+        print(f"per-image table written to {shown(args.csv)}")
 
 
 def describe_checkpoint(model, info: dict) -> str:
@@ -346,12 +347,12 @@ def print_table(table: list[dict], markdown: bool) -> None:
     if markdown:
         print("| " + " | ".join(heads.values()) + " |\n|" + "---|" * len(keys))
         for row in table:
-            print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+            print("| " + " | ".join(shown(row[k]) for k in keys) + " |")
         return
-    widths = {k: max(len(heads[k]), *(len(str(row[k])) for row in table)) for k in keys}
+    widths = {k: max(len(heads[k]), *(len(shown(row[k])) for row in table)) for k in keys}
     print("  ".join(heads[k].ljust(widths[k]) for k in keys))
     for row in table:
-        print("  ".join(str(row[k]).ljust(widths[k]) for k in keys))
+        print("  ".join(shown(row[k]).ljust(widths[k]) for k in keys))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,18 +81,18 @@ from utils import UserError, make_parser, plural, run_cli, select_device, shown,
 def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
     """The images INPUT names: itself, or those in the folder (and its subfolders, if `recursive`)."""
     if not input_path.exists():
-        raise UserError(f"{input_path}: no such file or folder")
+        raise UserError(f"{shown(input_path)}: no such file or folder")
     if not input_path.is_dir():
         return [input_path]
     inputs = list_images(input_path, recursive=recursive)
     subfolders = [p for p in input_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     if subfolders and not recursive:
-        warn(f"{input_path}: {plural(len(subfolders), 'subfolder')} not searched (--recursive searches them)")
+        warn(f"{shown(input_path)}: {plural(len(subfolders), 'subfolder')} not searched (--recursive searches them)")
     videos = [p for p in input_path.iterdir() if is_video(p)]
     if videos:  # a folder run takes images only
-        warn(f"{input_path}: {plural(len(videos), 'video')} not upscaled: give each video as INPUT")
+        warn(f"{shown(input_path)}: {plural(len(videos), 'video')} not upscaled: give each video as INPUT")
     if not inputs:
-        raise UserError(f"{input_path}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(f"{shown(input_path)}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return inputs
 
 
@@ -132,7 +132,7 @@ def output_file(output: str | None, input_path: Path) -> Path | None:
         return None
     write_format(output)  # an unknown extension: an error now
     if input_path.is_dir():
-        raise UserError(f"{output}: names a file, but {input_path} is a folder: give -o a folder name")
+        raise UserError(f"{shown(output)}: names a file, but {shown(input_path)} is a folder: give -o a folder name")
     return Path(output)
 
 
@@ -151,14 +151,14 @@ def main(args):
     if is_video(input_path):
         return main_video(args, input_path)
     if args.frames is not None:
-        raise UserError(f"--frames: {input_path} is not a video (extensions: {' '.join(VIDEO_EXTENSIONS)})")
+        raise UserError(f"--frames: {shown(input_path)} is not a video (extensions: {' '.join(VIDEO_EXTENSIONS)})")
     inputs = find_inputs(input_path, args.recursive)  # the input first: a missing one is named as such
     device = select_device(args.device)
     model, info, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights, arch=args.arch)
     pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite,
                          skip_existing=args.skip_existing, ext=args.ext)
     if not pairs:
-        return print(f"{input_path}: every output exists already; nothing to do")
+        return print(f"{shown(input_path)}: every output exists already; nothing to do")
     precision, _ = choose_precision(args.precision, device)
     print(describe_network(model, info, path, args))
     options = {"tile": args.tile, "tile_pad": args.tile_pad, "self_ensemble": args.self_ensemble,
@@ -172,7 +172,7 @@ def main(args):
             upscale_file(model, src, dst, **options)
         except UserError as e:  # one bad file in a folder: say so, do the others
             tqdm.write(f"infer.py: skipped: {e}", file=sys.stderr)
-            failed.append(str(src.relative_to(input_path)))
+            failed.append(shown(src.relative_to(input_path)))
     if failed:
         done = len(pairs) - len(failed)
         written = f"the other {done} {'was' if done == 1 else 'were'} written" if done else "none was written"
@@ -181,7 +181,7 @@ def main(args):
 
 def describe_network(model, info: dict, path, args) -> str:
     """The first line of a run: which checkpoint, which weights, how images are tiled."""
-    return (f"checkpoint {path} ({info['arch']} x{model.scale}, {'EMA' if info['weights'] == 'ema' else 'raw'} "
+    return (f"checkpoint {shown(path)} ({info['arch']} x{model.scale}, {'EMA' if info['weights'] == 'ema' else 'raw'} "
             f"weights; {describe_tiling(model, args.tile, args.tile_pad)})")
 
 
@@ -195,7 +195,7 @@ def main_video(args, src: Path) -> None:
                                        arch=args.arch)
     dst = output_path(src, args.output, model.scale)
     if args.skip_existing and dst.is_file() and not file_ids([dst]) & file_ids([src]):
-        return print(f"{src}: its output {dst} exists already; nothing to do")
+        return print(f"{shown(src)}: its output {shown(dst)} exists already; nothing to do")
     check_output_files([dst], overwrite=args.overwrite, inputs=file_ids([src]))
     check_encodable(info, model.scale, src)
     rehearse(src, dst, info, scale=model.scale, crf=args.crf, copy=args.frames is None)
@@ -209,8 +209,8 @@ def main_video(args, src: Path) -> None:
         sys.exit(128 + e.signum)
     exact = "" if precision == "fp32" else f", {precision}"
     cut = "; --frames: audio and subtitles left out" if args.frames else ""
-    print(f"{src} ({info.width}x{info.height}, {plural(written, 'frame')}) -> {dst} ({info.width * model.scale}x"
-          f"{info.height * model.scale}, H.264 crf {args.crf}{exact}{cut})")
+    print(f"{shown(src)} ({info.width}x{info.height}, {plural(written, 'frame')}) -> {shown(dst)} "
+          f"({info.width * model.scale}x{info.height * model.scale}, H.264 crf {args.crf}{exact}{cut})")
 
 
 def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, self_ensemble: bool = False,
@@ -225,7 +225,7 @@ def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, s
     with folder_for(dst):
         save_image(sr, dst, quality=quality, **image_metadata(img))
     exact = "" if precision == "fp32" else f", {precision}"  # not the exact fp32 result: say so
-    tqdm.write(f"{src} ({img.width}x{img.height}{note}) -> {dst} ({sr.width}x{sr.height}{exact})")
+    tqdm.write(f"{shown(src)} ({img.width}x{img.height}{note}) -> {shown(dst)} ({sr.width}x{sr.height}{exact})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,9 +44,9 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     """Image files directly inside `folder` (and in its subfolders, if `recursive`), sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
-        hint = (f"; get DIV2K with: python download.py --root {folder.parent}"
+        hint = (f"; get DIV2K with: python download.py --root {shown(folder.parent)}"
                 if folder.name.startswith("DIV2K_") else "")
-        raise UserError(f"{folder}: no such folder{hint}")
+        raise UserError(f"{shown(folder)}: no such folder{hint}")
     found = walk(folder) if recursive else folder.iterdir()
     return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
@@ -211,7 +211,7 @@ def write_format(path: str | Path) -> str:
     """The PIL format an output path's suffix names; a one-line error for any other suffix."""
     fmt = WRITE_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise UserError(f"{path}: unknown image extension {Path(path).suffix!r}: use one of "
+        raise UserError(f"{shown(path)}: unknown image extension {shown(repr(Path(path).suffix))}: use one of "
                         f"{' '.join(WRITE_EXTENSIONS)} (for a folder, end the name with /)")
     return fmt
 
@@ -230,10 +230,10 @@ def save_image(img: np.ndarray | Image.Image, path: str | Path, *, quality: int 
     fmt = write_format(path)
     img = img if isinstance(img, Image.Image) else Image.fromarray(img)
     if icc_profile is not None and not profile_fits(icc_profile, img.mode):
-        warn(f"{path}: the input's colour profile is not one for {img.mode} images (a CMYK one?); left out")
+        warn(f"{shown(path)}: the input's colour profile is not one for {img.mode} images (a CMYK one?); left out")
         icc_profile = None
     if fmt == "JPEG" and exif is not None and len(exif) > 65533:  # one JPEG segment; PIL raises beyond it
-        warn(f"{path}: the input's EXIF ({len(exif):,} bytes) is too long for a JPEG; left out")
+        warn(f"{shown(path)}: the input's EXIF ({len(exif):,} bytes) is too long for a JPEG; left out")
         exif = None
     given = {"icc_profile": icc_profile, "exif": exif}
     # PIL's JPEG, WebP and TIFF writers fail on a None, so absent metadata is not passed at all.

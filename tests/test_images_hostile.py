@@ -14,7 +14,7 @@ from PIL import EpsImagePlugin, Image
 import dataset
 import evaluate
 import infer
-from conftest import ROOT, TINY, ResShuffle, assert_one_line_error, run_main, smooth_image
+from conftest import ROOT, TINY, ResShuffle, assert_one_line_error, run_main, smooth_image, terminal_lines
 from machinery import images
 from machinery.checkpoint import save_checkpoint
 from utils import UserError
@@ -218,3 +218,64 @@ def test_evaluate_shows_a_sound_training_record(image_dir, tmp_path):
     code, out, err = run_main(evaluate, "--data_dir", image_dir, "--checkpoint", path, "--max_images", "1")
     assert code == 0 and err == "", err
     assert "(6,300 steps, 0.08 h in bf16)" in out and out.splitlines()[-1].split()[-2] == "0.08"
+
+
+# A name that would set the terminal's title (an OSC sequence), and one that would forge a line.
+OSC_NAME, NEWLINE_NAME = "\x1b]0;owned\x07a.png", "b\nforged: all fine.png"
+
+
+def assert_escaped(text: str) -> None:
+    assert "\x1b" not in text and "\x07" not in text and "\nforged" not in text, text
+    assert "\\x1b]0;owned\\x07a.png" in text or "b\\x0aforged" in text, text
+
+
+def hostile_folder(folder, *, broken: str | None = None, size: int = 20):
+    folder.mkdir()
+    for i, name in enumerate([OSC_NAME, NEWLINE_NAME]):
+        photo(folder / name, height=size, width=size + 10, seed=i)
+    if broken:
+        (folder / broken).write_bytes(HOSTILE_EPS)
+    return folder
+
+
+def test_infer_prints_names_with_control_characters_escaped(tiny_checkpoint, tmp_path):
+    folder = hostile_folder(tmp_path / "in")
+    code, out, err = run_main(infer, folder, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert_escaped(out)
+    assert "\\x1b]0;owned\\x07a.png" in out and "b\\x0aforged: all fine.png" in out
+    (folder / OSC_NAME).write_bytes(HOSTILE_EPS)  # a file that fails: named in the skip line and the summary
+    code, out, err = run_main(infer, folder, "-o", tmp_path / "out2", "--checkpoint", tiny_checkpoint)
+    assert code == 1 and err.count("\\x1b]0;owned\\x07a.png") == 2
+    assert_escaped(out + err)
+    code, out, err = run_main(infer, folder / OSC_NAME, "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "\\x1b]0;owned\\x07a.png")
+    assert_escaped(err)
+
+
+def test_evaluate_prints_names_with_control_characters_escaped(tiny_checkpoint, tmp_path):
+    folder = hostile_folder(tmp_path / "set\x1b]0;x\x07", size=48)
+    code, out, err = run_main(evaluate, "--data_dir", folder, "--per_image", "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
+    assert_escaped(out + err)
+    assert "set\\x1b]0;x\\x07" in out  # the set's name, in the table of means
+    (folder / "small\nforged.png").write_bytes(b"")  # unreadable: the one-line error names it
+    code, out, err = run_main(evaluate, "--data_dir", folder, "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "small\\x0aforged.png")
+    assert "\x1b" not in err
+
+
+def test_training_and_image_warnings_print_names_escaped(tmp_path, capsys):
+    folder = hostile_folder(tmp_path / "hr\x1b]0;x\x07", broken="c\nforged.png", size=64)
+    data = dataset.TrainDataset(folder, scale=4, patch_size=32, patches_per_image=1, cache_dir=None, num_threads=1)
+    assert len(data.paths) == 2
+    err = capsys.readouterr().err
+    assert len(terminal_lines(err)) == 1 and "c\\x0aforged.png" in err and "hr\\x1b]0;x\\x07" in err
+    assert "\x1b" not in err
+    with pytest.raises(UserError) as caught:
+        images.open_image(folder / "c\nforged.png")
+    assert "\n" not in str(caught.value) and "c\\x0aforged.png" in str(caught.value)
+    Image.open(folder / OSC_NAME).save(tmp_path / "frames\x1b.gif", save_all=True,
+                                       append_images=[Image.open(folder / NEWLINE_NAME)])
+    images.open_image(tmp_path / "frames\x1b.gif")
+    assert "frames\\x1b.gif: has 2 frames" in capsys.readouterr().err
