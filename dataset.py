@@ -23,7 +23,7 @@ from machinery.datacache import decoded_pairs, mapped_pairs
 from machinery.images import image_size, list_images, load_rgb
 from metrics import check_measurable
 from resize import downsample, modcrop
-from utils import UserError, plural, warn
+from utils import UserError, plural, shown, warn
 
 
 class TrainDataset:
@@ -62,22 +62,22 @@ class TrainDataset:
             raise UserError(f"patch size {patch_size} is not a multiple of the scale {scale}")
         paths = list_images(hr_dir)
         if not paths:
-            raise UserError(f"{hr_dir}: no images found")
+            raise UserError(f"{shown(hr_dir)}: no images found")
         if cache_dir is None:
             pairs = list(tqdm(decoded_pairs(paths, scale, degradation, num_threads), total=len(paths),
-                              desc=f"decoding {Path(hr_dir).name}", unit="img", leave=False, disable=quiet))
+                              desc=f"decoding {shown(Path(hr_dir).name)}", unit="img", leave=False, disable=quiet))
         else:
             pairs = mapped_pairs(paths, hr_dir=Path(hr_dir), scale=scale, degradation=degradation,
                                  cache_dir=cache_dir, num_threads=num_threads, quiet=quiet)
-        skipped = [f"{p.name} ({pair})" for p, pair in zip(paths, pairs) if isinstance(pair, str)]
-        skipped += [f"{p.name} ({pair[2][0]}x{pair[2][1]}, smaller than the {patch_size}px patch)"
+        skipped = [f"{shown(p.name)} ({pair})" for p, pair in zip(paths, pairs) if isinstance(pair, str)]
+        skipped += [f"{shown(p.name)} ({pair[2][0]}x{pair[2][1]}, smaller than the {patch_size}px patch)"
                     for p, pair in zip(paths, pairs)
                     if not isinstance(pair, str) and min(pair[0].shape[:2]) < patch_size]
         if skipped and not quiet:
-            warn(f"{hr_dir}: skipping {len(skipped)} of {len(paths)} images: {'; '.join(skipped)}")
+            warn(f"{shown(hr_dir)}: skipping {len(skipped)} of {len(paths)} images: {'; '.join(skipped)}")
         keep = [i for i, pair in enumerate(pairs) if not isinstance(pair, str) and min(pair[0].shape[:2]) >= patch_size]
         if not keep:
-            raise UserError(f"{hr_dir}: none of its {plural(len(paths), 'image')} is readable and at least "
+            raise UserError(f"{shown(hr_dir)}: none of its {plural(len(paths), 'image')} is readable and at least "
                             f"{patch_size}x{patch_size}")
         self.paths = [paths[i] for i in keep]
         self.hr, self.lr = [pairs[i][0] for i in keep], [pairs[i][1] for i in keep]
@@ -219,7 +219,7 @@ def eval_pairs(paths: list[Path], scale: int, degradation: str = "pil"):
     for path in paths:
         img = load_rgb(path)
         if min(img.shape[:2]) < scale:
-            raise UserError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small for x{scale} "
+            raise UserError(f"{shown(path)}: {img.shape[1]}x{img.shape[0]} is too small for x{scale} "
                             f"(an HR image needs at least {scale}x{scale} pixels)")
         hr = modcrop(img, scale)
         yield path.name, hr, downsample(hr, scale, degradation)
@@ -229,7 +229,7 @@ def check_measurable_images(paths: list, scale: int, crop_border: int) -> None:
     """`check_measurable` for image files, from their headers: before any image is decoded."""
     for path in paths:
         width, height = image_size(path)
-        check_measurable(str(path), width, height, scale=scale, crop_border=crop_border)
+        check_measurable(shown(path), width, height, scale=scale, crop_border=crop_border)
 
 
 def count_patchable(paths: list[Path], patch_size: int) -> int:

@@ -42,12 +42,23 @@ from machinery.files import (
     output_stems,
 )
 from machinery.images import list_images, save_image
-from machinery.precision import choose_precision
+from machinery.precision import DTYPES, choose_precision
 from machinery.upscale import DEFAULT_TILE, describe_tiling, upscale
 from metrics import METRICS, mean, means, measure, metric_labels
 from model import count_parameters
 from resize import DEGRADATIONS, degradation_label, resize_bicubic
-from utils import REPO, UserError, make_parser, non_negative_int, plural, positive_int, run_cli, select_device, warn
+from utils import (
+    REPO,
+    UserError,
+    make_parser,
+    non_negative_int,
+    plural,
+    positive_int,
+    run_cli,
+    select_device,
+    shown,
+    warn,
+)
 
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
 
@@ -136,17 +147,17 @@ def find_sets(args) -> list[tuple[str, Path, list[Path]]]:
             warn("--benchmark evaluates its own sets; --data_dir is not used")
         root = Path(args.benchmark)
         if not root.is_dir():
-            raise UserError(f"{root}: no such folder")
+            raise UserError(f"{shown(root)}: no such folder")
         folders = [root / name for name in BENCHMARK_SETS if (root / name).is_dir()]
         if not folders:
-            raise UserError(f"{root}: holds none of {', '.join(BENCHMARK_SETS)} (folders of HR images)")
+            raise UserError(f"{shown(root)}: holds none of {', '.join(BENCHMARK_SETS)} (folders of HR images)")
     else:
         folders = [Path(d) for d in args.data_dir]
     sets, names = [], set()
     for folder in folders:
         paths = list_images(folder)[:args.max_images or None]
         if not paths:
-            raise UserError(f"{folder}: no images found")
+            raise UserError(f"{shown(folder)}: no images found")
         name = base = folder.resolve().name or "root"  # `.` and `..` have no name of their own
         for k in range(2, len(folders) + 2):
             if name not in names:
@@ -192,7 +203,8 @@ def print_images(rows: list[dict], y: str, seconds: float, label: str) -> None:
     heads = metric_labels()
     print(f"{'image':<28} {'size':>11}  {'bicubic ' + heads:>22}  {label + ' ' + heads:>22}")
     for r in rows:
-        print(f"{r['name']:<28} {r['width']:>5}x{r['height']:<5}  {cells(r, 'bicubic_', y):>22}  {cells(r, '', y):>22}")
+        print(f"{shown(r['name']):<28} {r['width']:>5}x{r['height']:<5}  {cells(r, 'bicubic_', y):>22}  "
+              f"{cells(r, '', y):>22}")
     print(f"{'mean of ' + plural(len(rows), 'image'):<40}  {cells(means(rows, 'bicubic_', y)):>22}  "
           f"{cells(means(rows, '', y)):>22}")
     gains = ", ".join(f"{mean(rows, name + y) - mean(rows, 'bicubic_' + name + y):+.4f}{' ' + m.unit if m.unit else ''}"
@@ -219,13 +231,15 @@ def main(args):
     sets = find_sets(args)
     device = select_device(args.device)
     models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights, arch=a) for a, s in picks]
+    for _, info, path in models:  # checked once: describe_checkpoint and the table read it
+        info["training"] = sound_training(info.get("training"), path)
     plan = output_plan(args, sets)
     for model, _, path in models:
         check_work(args, sets, plan, model.scale, crop_border_for(args, model.scale), path)
     precisions = [choose_precision(p, device) for p in dict.fromkeys(args.precision)]
     table, all_rows = [], []
     for (model, info, path), (precision, why) in itertools.product(models, precisions):
-        print(f"checkpoint {path}: {describe_checkpoint(model, info)}; precision {precision}"
+        print(f"checkpoint {shown(path)}: {describe_checkpoint(model, info)}; precision {precision}"
               f"{f' ({why})' if 'auto' in args.precision else ''}; {describe_tiling(model, args.tile, args.tile_pad)}")
         rows, set_means = evaluate_sets(args, model, info, sets, plan, precision)
         all_rows += rows
@@ -236,7 +250,7 @@ def main(args):
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
             writer.writerows(all_rows)
-        print(f"per-image table written to {args.csv}")
+        print(f"per-image table written to {shown(args.csv)}")
 
 
 def describe_checkpoint(model, info: dict) -> str:
@@ -247,6 +261,45 @@ def describe_checkpoint(model, info: dict) -> str:
     return (f"{info['arch']} x{model.scale}, {count_parameters(model):,} parameters, "
             f"{'EMA' if info['weights'] == 'ema' else 'raw'} weights, trained on {info['degradation'] or 'unrecorded'} "
             f"LR{trained}")
+
+
+# What a checkpoint's `training` record (runs.training_summary, written by --export) may hold:
+# counts and seconds up to what a run could take (a century), so a cell of the table stays a cell.
+TRAINING_LIMITS = {"epochs": 10 ** 12, "steps": 10 ** 15, "seconds": 3.2e9}
+
+
+def sound_training(training, path) -> dict:
+    """A checkpoint's `training` record as evaluate.py shows it; a record that is not one --export
+    writes (any file can hold anything) is left out in one line, not a traceback, as infer.py and
+    app.py, which never read it, run regardless. {} where there is none."""
+    if training is None:
+        return {}
+    why = training_fault(training)
+    if why:
+        warn(f"{shown(path)}: its training record is not one evaluate.py reads ({why}); left out")
+        return {}
+    return training
+
+
+def training_fault(training) -> str | None:
+    """What is wrong with a `training` record, in words; None where nothing is."""
+    if not isinstance(training, dict):
+        return f"a {type(training).__name__}, not a table of names and values"
+    for key, limit in TRAINING_LIMITS.items():
+        value = training.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and 0 <= value <= limit):  # NaN fails both comparisons
+            return f"{key} {brief(value)}: not a number a run could record"
+    precision = training.get("precision")
+    if precision is not None and not (isinstance(precision, str) and precision in DTYPES):
+        return f"precision {brief(precision)}: not one of {', '.join(DTYPES)}"
+    return None
+
+
+def brief(value) -> str:
+    """A value from a file, printable and cut short: a 60-digit number stays on the line."""
+    text = shown(repr(value))
+    return text if len(text) <= 24 else text[:20] + "..."
 
 
 def crop_border_for(args, scale: int) -> int:
@@ -294,12 +347,12 @@ def print_table(table: list[dict], markdown: bool) -> None:
     if markdown:
         print("| " + " | ".join(heads.values()) + " |\n|" + "---|" * len(keys))
         for row in table:
-            print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+            print("| " + " | ".join(shown(row[k]) for k in keys) + " |")
         return
-    widths = {k: max(len(heads[k]), *(len(str(row[k])) for row in table)) for k in keys}
+    widths = {k: max(len(heads[k]), *(len(shown(row[k])) for row in table)) for k in keys}
     print("  ".join(heads[k].ljust(widths[k]) for k in keys))
     for row in table:
-        print("  ".join(str(row[k]).ljust(widths[k]) for k in keys))
+        print("  ".join(shown(row[k]).ljust(widths[k]) for k in keys))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,12 +1,12 @@
 """Upscale an image, every image in a folder, or a video, with a ResShuffle checkpoint (or another network's).
 
 usage: python infer.py INPUT [-o OUTPUT] [--scale 4] [--arch resshuffle] [--checkpoint FILE] [--recursive]
-           [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
+           [--ext png] [--quality 95] [--overwrite | --skip_existing] [--tile 256] [--tile_pad N] [--self_ensemble]
            [--crf 17] [--frames START:STOP]
 
 INPUT is an image file or a folder of them (--recursive: and of its subfolders). Each image
-becomes <name>_x<scale>.png: beside a file INPUT, in the folder <INPUT>_x<scale>/ for a
-folder, or in the folder -o names. `-o` with an image extension (.png .jpg .jpeg .webp .bmp
+becomes <name>_x<scale>.png (--ext: another format, as .jpg): beside a file INPUT, in the folder
+<INPUT>_x<scale>/ for a folder, or in the folder -o names. `-o` with an image extension (.png .jpg .jpeg .webp .bmp
 .tif .tiff) names the output file of a single image; without one it names a folder, made
 if missing. Outputs never replace an input or an existing file (--overwrite replaces the
 latter, --skip_existing leaves its input out); every output is checked before any work and
@@ -52,7 +52,15 @@ from machinery.files import (
     folder_for,
     output_stems,
 )
-from machinery.images import IMAGE_EXTENSIONS, image_metadata, list_images, open_image, save_image, write_format
+from machinery.images import (
+    IMAGE_EXTENSIONS,
+    WRITE_EXTENSIONS,
+    image_metadata,
+    list_images,
+    read_image,
+    save_image,
+    write_format,
+)
 from machinery.precision import choose_precision
 from machinery.upscale import describe_tiling, upscale_image
 from machinery.video import (
@@ -67,32 +75,36 @@ from machinery.video import (
     rehearse,
     upscale_video,
 )
-from utils import UserError, make_parser, plural, run_cli, select_device, warn
+from utils import UserError, make_parser, plural, run_cli, select_device, shown, warn
 
 
 def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
     """The images INPUT names: itself, or those in the folder (and its subfolders, if `recursive`)."""
     if not input_path.exists():
-        raise UserError(f"{input_path}: no such file or folder")
+        raise UserError(f"{shown(input_path)}: no such file or folder")
     if not input_path.is_dir():
         return [input_path]
     inputs = list_images(input_path, recursive=recursive)
     subfolders = [p for p in input_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     if subfolders and not recursive:
-        warn(f"{input_path}: {plural(len(subfolders), 'subfolder')} not searched (--recursive searches them)")
+        warn(f"{shown(input_path)}: {plural(len(subfolders), 'subfolder')} not searched (--recursive searches them)")
     videos = [p for p in input_path.iterdir() if is_video(p)]
     if videos:  # a folder run takes images only
-        warn(f"{input_path}: {plural(len(videos), 'video')} not upscaled: give each video as INPUT")
+        warn(f"{shown(input_path)}: {plural(len(videos), 'video')} not upscaled: give each video as INPUT")
     if not inputs:
-        raise UserError(f"{input_path}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(f"{shown(input_path)}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return inputs
 
 
-def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale: int,
-                 overwrite: bool = False, skip_existing: bool = False) -> list[tuple[Path, Path]]:
+def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale: int, overwrite: bool = False,
+                 skip_existing: bool = False, ext: str | None = None) -> list[tuple[Path, Path]]:
     """(input, output) pairs, every output checked before any work (see the module docstring).
-    With `skip_existing`, inputs whose output exists are left out (a folder run finished)."""
+    With `skip_existing`, inputs whose output exists are left out (a folder run finished).
+    `ext`: the suffix of the outputs infer names (--ext); None: .png."""
     out_file = output_file(output, input_path)
+    if out_file is not None and ext is not None:
+        raise UserError(f"--ext: -o {shown(output)} names the output file, whose extension is its format; "
+                        f"leave out --ext, or give -o a folder")
     if out_file is not None:
         pairs = [(input_path, out_file)]
     else:
@@ -100,7 +112,7 @@ def output_paths(input_path: Path, inputs: list[Path], output: str | None, scale
         if input_path.is_dir():
             check_outside(out_dir, input_path)
             root = input_path
-        pairs = [(p, out_dir / p.parent.relative_to(root) / f"{stems[p]}_x{scale}.png") for p in inputs]
+        pairs = [(p, out_dir / p.parent.relative_to(root) / f"{stems[p]}_x{scale}{ext or '.png'}") for p in inputs]
         if input_path.is_dir():
             check_outputs_outside_inputs(pairs)
     check_distinct(pairs)
@@ -120,7 +132,7 @@ def output_file(output: str | None, input_path: Path) -> Path | None:
         return None
     write_format(output)  # an unknown extension: an error now
     if input_path.is_dir():
-        raise UserError(f"{output}: names a file, but {input_path} is a folder: give -o a folder name")
+        raise UserError(f"{shown(output)}: names a file, but {shown(input_path)} is a folder: give -o a folder name")
     return Path(output)
 
 
@@ -139,14 +151,14 @@ def main(args):
     if is_video(input_path):
         return main_video(args, input_path)
     if args.frames is not None:
-        raise UserError(f"--frames: {input_path} is not a video (extensions: {' '.join(VIDEO_EXTENSIONS)})")
+        raise UserError(f"--frames: {shown(input_path)} is not a video (extensions: {' '.join(VIDEO_EXTENSIONS)})")
     inputs = find_inputs(input_path, args.recursive)  # the input first: a missing one is named as such
     device = select_device(args.device)
     model, info, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights, arch=args.arch)
     pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite,
-                         skip_existing=args.skip_existing)
+                         skip_existing=args.skip_existing, ext=args.ext)
     if not pairs:
-        return print(f"{input_path}: every output exists already; nothing to do")
+        return print(f"{shown(input_path)}: every output exists already; nothing to do")
     precision, _ = choose_precision(args.precision, device)
     print(describe_network(model, info, path, args))
     options = {"tile": args.tile, "tile_pad": args.tile_pad, "self_ensemble": args.self_ensemble,
@@ -160,7 +172,7 @@ def main(args):
             upscale_file(model, src, dst, **options)
         except UserError as e:  # one bad file in a folder: say so, do the others
             tqdm.write(f"infer.py: skipped: {e}", file=sys.stderr)
-            failed.append(str(src.relative_to(input_path)))
+            failed.append(shown(src.relative_to(input_path)))
     if failed:
         done = len(pairs) - len(failed)
         written = f"the other {done} {'was' if done == 1 else 'were'} written" if done else "none was written"
@@ -169,19 +181,21 @@ def main(args):
 
 def describe_network(model, info: dict, path, args) -> str:
     """The first line of a run: which checkpoint, which weights, how images are tiled."""
-    return (f"checkpoint {path} ({info['arch']} x{model.scale}, {'EMA' if info['weights'] == 'ema' else 'raw'} "
+    return (f"checkpoint {shown(path)} ({info['arch']} x{model.scale}, {'EMA' if info['weights'] == 'ema' else 'raw'} "
             f"weights; {describe_tiling(model, args.tile, args.tile_pad)})")
 
 
 def main_video(args, src: Path) -> None:
     """A video INPUT: the checks an image has, all before any work; machinery/video.py does the work."""
+    if args.ext is not None:
+        raise UserError(f"--ext: {shown(src)} is a video; its output's format follows its own extension")
     info = probe(src)  # the input first: a file that is not a video is named as such
     device = select_device(args.device)
     model, weights, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights,
                                        arch=args.arch)
     dst = output_path(src, args.output, model.scale)
     if args.skip_existing and dst.is_file() and not file_ids([dst]) & file_ids([src]):
-        return print(f"{src}: its output {dst} exists already; nothing to do")
+        return print(f"{shown(src)}: its output {shown(dst)} exists already; nothing to do")
     check_output_files([dst], overwrite=args.overwrite, inputs=file_ids([src]))
     check_encodable(info, model.scale, src)
     rehearse(src, dst, info, scale=model.scale, crf=args.crf, copy=args.frames is None)
@@ -195,15 +209,15 @@ def main_video(args, src: Path) -> None:
         sys.exit(128 + e.signum)
     exact = "" if precision == "fp32" else f", {precision}"
     cut = "; --frames: audio and subtitles left out" if args.frames else ""
-    print(f"{src} ({info.width}x{info.height}, {plural(written, 'frame')}) -> {dst} ({info.width * model.scale}x"
-          f"{info.height * model.scale}, H.264 crf {args.crf}{exact}{cut})")
+    print(f"{shown(src)} ({info.width}x{info.height}, {plural(written, 'frame')}) -> {shown(dst)} "
+          f"({info.width * model.scale}x{info.height * model.scale}, H.264 crf {args.crf}{exact}{cut})")
 
 
 def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, self_ensemble: bool = False,
                  quality: int = 95, precision: str = "fp32") -> None:
-    img = open_image(src)
+    img, deep = read_image(src)
     sr = upscale_image(model, img, tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
-    note = ", read and written as 8-bit" if img.mode.startswith("I") or img.mode == "F" else ""
+    note = ", read and written as 8-bit" if deep else ""
     if dst.suffix.lower() in (".jpg", ".jpeg") and sr.mode in ("RGBA", "LA"):
         sr, note = sr.convert(sr.mode[:-1]), note + ", alpha dropped: JPEG has none"
     elif dst.suffix.lower() == ".bmp" and sr.mode == "LA":  # BMP holds RGBA, not gray with alpha
@@ -211,7 +225,7 @@ def upscale_file(model, src: Path, dst: Path, tile: int, tile_pad: int | None, s
     with folder_for(dst):
         save_image(sr, dst, quality=quality, **image_metadata(img))
     exact = "" if precision == "fp32" else f", {precision}"  # not the exact fp32 result: say so
-    tqdm.write(f"{src} ({img.width}x{img.height}{note}) -> {dst} ({sr.width}x{sr.height}{exact})")
+    tqdm.write(f"{shown(src)} ({img.width}x{img.height}{note}) -> {shown(dst)} ({sr.width}x{sr.height}{exact})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
     existing.add_argument("--skip_existing", action="store_true",
                         help="leave out inputs whose output exists (finish a folder run that was stopped)")
+    parser.add_argument("--ext", type=extension, choices=WRITE_EXTENSIONS, default=None,
+                        help="the format of the outputs infer names (<name>_x<scale>.EXT: a folder run's, or "
+                             "beside a file); not with -o FILE, whose extension is its format; None: png")
     parser.add_argument("--quality", type=quality, default=95, help="JPEG and WebP quality, 1-100")
     parser.add_argument("--crf", type=crf, default=DEFAULT_CRF,
                         help="a video's H.264 quality, 0-51, lower is better (x264's CRF); 17: visually lossless")
@@ -234,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a video: only these frames (indices from 0, STOP not included: 0:48 is the first "
                              "48), without its audio and subtitles; None: all, with them")
     return parser
+
+
+def extension(text: str) -> str:
+    """'jpg', '.JPG' -> '.jpg': --ext as WRITE_EXTENSIONS spells it."""
+    return "." + text.lower().removeprefix(".")
 
 
 def quality(text: str) -> int:

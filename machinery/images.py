@@ -5,17 +5,24 @@ Images are numpy arrays, HWC uint8 RGB in [0, 255], unless a docstring says othe
 import contextlib
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from utils import UserError, warn
+from utils import UserError, shown, warn
 
 from .files import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+# The only formats PIL is let identify a file as, whatever its name: raster formats decoded in
+# this process. PIL alone would also take EPS (handed to Ghostscript, which runs the file's
+# PostScript: a loop holds the process for good), and dozens of rarely audited decoders.
+# JPEG takes MPO too (a camera's JPEG with a preview after it), which PIL opens as a JPEG.
+READ_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
 
 # The format each suffix is written in; any other suffix is an error, never a PNG under a wrong name.
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
@@ -37,9 +44,9 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     """Image files directly inside `folder` (and in its subfolders, if `recursive`), sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
-        hint = (f"; get DIV2K with: python download.py --root {folder.parent}"
+        hint = (f"; get DIV2K with: python download.py --root {shown(folder.parent)}"
                 if folder.name.startswith("DIV2K_") else "")
-        raise UserError(f"{folder}: no such folder{hint}")
+        raise UserError(f"{shown(folder)}: no such folder{hint}")
     found = walk(folder) if recursive else folder.iterdir()
     return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
@@ -60,17 +67,34 @@ def walk(folder: Path):
 def readable(path: Path):
     """PIL's many exceptions for a file it can't (or won't) decode, as one line naming the file."""
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{shown(path)}: no such file")
     try:
         yield
     except Image.DecompressionBombError as e:
-        raise UserError(f"{path}: refused, too many pixels to decode safely ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({e})") from None
+        raise UserError(f"{shown(path)}: refused, too many pixels to decode safely ({e})") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{shown(path)}: not a readable image: not one of the formats read here "
+                        f"({', '.join(READ_FORMATS)}), or damaged") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{shown(path)}: not a readable image ({shown(e)})") from None
+
+
+@contextlib.contextmanager
+def opened(path: Path):
+    """The image file `path`, opened (not decoded) as one of READ_FORMATS only, whatever its name
+    or content; PIL's errors as `readable`'s one line. Every image this repository reads is opened here."""
+    with readable(path), Image.open(path, formats=READ_FORMATS) as img:
+        yield img
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image, with its EXIF orientation applied.
+    """Open and fully decode an image, with its EXIF orientation applied (`read_image`'s image)."""
+    return read_image(path)[0]
+
+
+def read_image(path: str | Path) -> tuple[Image.Image, bool]:
+    """An image, opened and fully decoded with its EXIF orientation applied, and whether its file
+    holds more than 8 bits a sample (16-bit, float), which the 8-bit network reads as 8-bit.
 
     An animation or a multi-page file gives its first frame, and an image between PIL's
     decompression-bomb limit and twice it is decoded anyway: each says so in one line,
@@ -78,17 +102,29 @@ def open_image(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     quiet_bomb_warnings()
-    with readable(path), Image.open(path) as img:
+    with opened(path) as img:
         # An MPO's second frame is the camera's preview of the first, not more content.
         frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
         if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
-            warn(f"{path}: {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} megapixels) is above "
-                 f"PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.1f}; decoding it anyway")
+            warn(f"{shown(path)}: {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} megapixels) is "
+                 f"above PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.1f}; decoding it anyway")
+        rawmode = decoder_mode(img)
         img.load()
         upright = ImageOps.exif_transpose(img)
+    if rawmode.startswith("LA;16"):  # PIL decodes 16-bit gray with alpha as RGBA: gray it stays, as 8-bit LA
+        upright = upright.convert("LA")
     if frames > 1:
-        warn(f"{path}: has {frames} frames; only the first is used")
-    return upright
+        warn(f"{shown(path)}: has {frames} frames; only the first is used")
+    return upright, upright.mode.startswith("I") or upright.mode == "F" or bool(re.search(";(16|32)", rawmode))
+
+
+def decoder_mode(img: Image.Image) -> str:
+    """The layout of an opened, undecoded image's samples in its file ("RGB;16B": 16-bit RGB),
+    where PIL's mode alone hides it (PIL decodes 16-bit RGB, RGBA, and gray with alpha to 8 bits);
+    "" where PIL does not say."""
+    args = img.tile[0].args if img.tile else None
+    rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+    return rawmode if isinstance(rawmode, str) else ""
 
 
 def quiet_bomb_warnings() -> None:
@@ -107,7 +143,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     so callers can check every input's size before any work."""
     path = Path(path)
     quiet_bomb_warnings()
-    with readable(path), Image.open(path) as img:
+    with opened(path) as img:
         width, height = img.size
         turned = header_orientation(img) in QUARTER_TURNS
     return (height, width) if turned else (width, height)
@@ -175,7 +211,7 @@ def write_format(path: str | Path) -> str:
     """The PIL format an output path's suffix names; a one-line error for any other suffix."""
     fmt = WRITE_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise UserError(f"{path}: unknown image extension {Path(path).suffix!r}: use one of "
+        raise UserError(f"{shown(path)}: unknown image extension {shown(repr(Path(path).suffix))}: use one of "
                         f"{' '.join(WRITE_EXTENSIONS)} (for a folder, end the name with /)")
     return fmt
 
@@ -194,10 +230,10 @@ def save_image(img: np.ndarray | Image.Image, path: str | Path, *, quality: int 
     fmt = write_format(path)
     img = img if isinstance(img, Image.Image) else Image.fromarray(img)
     if icc_profile is not None and not profile_fits(icc_profile, img.mode):
-        warn(f"{path}: the input's colour profile is not one for {img.mode} images (a CMYK one?); left out")
+        warn(f"{shown(path)}: the input's colour profile is not one for {img.mode} images (a CMYK one?); left out")
         icc_profile = None
     if fmt == "JPEG" and exif is not None and len(exif) > 65533:  # one JPEG segment; PIL raises beyond it
-        warn(f"{path}: the input's EXIF ({len(exif):,} bytes) is too long for a JPEG; left out")
+        warn(f"{shown(path)}: the input's EXIF ({len(exif):,} bytes) is too long for a JPEG; left out")
         exif = None
     given = {"icc_profile": icc_profile, "exif": exif}
     # PIL's JPEG, WebP and TIFF writers fail on a None, so absent metadata is not passed at all.
