@@ -35,6 +35,7 @@ length) leaves no output. H.264 in 4:2:0 needs an even width and height: x3 of a
 refused.
 """
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -204,8 +205,9 @@ def main_video(args, src: Path) -> None:
     try:
         written = upscale_video(model, src, dst, info, crf=args.crf, frames=args.frames, tile=args.tile,
                                 tile_pad=args.tile_pad, self_ensemble=args.self_ensemble, precision=precision)
-    except Interrupted as e:  # Ctrl-C's or SIGTERM's exit status, with the frame it stopped at
-        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
+    except Interrupted as e:  # Ctrl-C's, SIGTERM's or SIGHUP's exit status, with the frame it stopped at
+        with contextlib.suppress(OSError):  # after a SIGHUP the terminal may be gone
+            print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
     exact = "" if precision == "fp32" else f", {precision}"
     cut = "; --frames: audio and subtitles left out" if args.frames else ""

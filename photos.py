@@ -37,7 +37,7 @@ from PIL import Image, ImageCms, ImageOps
 from tqdm import tqdm
 
 from machinery.files import atomic_path, check_output_dir, made_folder, make_dir
-from machinery.images import readable
+from machinery.images import READ_FORMATS, readable
 from utils import REPO, UserError, make_parser, plural, run_cli, warn
 
 CATALOG = REPO / "photos.tsv"
@@ -124,12 +124,12 @@ def decode(row: dict, root: Path) -> Image.Image:
     path, entry = root / row["path_in_package"], row["entry"]
     with readable(path):
         if entry.startswith("edje/images/"):
-            img = Image.open(io.BytesIO(eet_entry(path.read_bytes(), entry)))
+            img = Image.open(io.BytesIO(eet_entry(path.read_bytes(), entry)), formats=READ_FORMATS)
         elif entry.startswith("bz2raw:"):
             width, height, channels = map(int, entry.removeprefix("bz2raw:").split("x"))
             img = Image.frombytes({1: "L", 3: "RGB"}[channels], (width, height), bz2.decompress(path.read_bytes()))
         elif entry == "-":
-            img = Image.open(path)
+            img = Image.open(path, formats=READ_FORMATS)
         else:
             raise ValueError(f"unknown entry kind {entry!r}")
         img.load()
@@ -161,7 +161,7 @@ def pixel_sha256(img: Image.Image) -> str:
 def read_photo(path: Path) -> Image.Image | None:
     """An 8-bit RGB image file, decoded; None for a file that is not one."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=READ_FORMATS) as img:
             img.load()
             return img if img.mode == "RGB" else None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):

@@ -83,7 +83,7 @@ def decode_pair(path: Path, scale: int, degradation: str) -> tuple[np.ndarray, n
     try:
         img = images.load_rgb(path)
     except UserError as e:
-        return str(e).removeprefix(f"{path}: ")
+        return str(e).removeprefix(f"{shown(path)}: ")
     hr = resize.modcrop(img, scale)
     lr = (resize.downsample(hr, scale, degradation) if min(hr.shape[:2]) >= scale
           else np.zeros((0, 0, 3), np.uint8))

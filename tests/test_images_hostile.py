@@ -61,12 +61,8 @@ def unrestricted_opens() -> set[str]:
     return found
 
 
-# photos.py reads downloaded packages, outside this change: it needs formats=images.READ_FORMATS too.
-NOT_YET_RESTRICTED = {"photos.py"}
-
-
 def test_every_image_open_names_the_formats_it_reads():
-    assert unrestricted_opens() <= NOT_YET_RESTRICTED
+    assert unrestricted_opens() == set()
 
 
 def test_every_read_format_is_one_pil_has_and_every_written_one_is_read():
