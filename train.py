@@ -77,6 +77,7 @@ from utils import (
     seed_everything,
     seed_int,
     select_device,
+    shown,
     warn,
 )
 
@@ -366,6 +367,8 @@ def resumed_checkpoint(args) -> dict | None:
         raise UserError(f"{args.resume}: --resume continues a run from its last.pt; resuming this file would "
                         f"rewind the run (replacing its last.pt and log rows); to branch off it, copy it into a "
                         f"new folder as last.pt and resume that")
+    retyped = [name for name in args.given if FLAGS[name] == "session"]  # the run's value is not used
+    checkpoint["args"] = saved_flags(checkpoint["args"], args.resume, skip=retyped)
     device = args.device if "device" in args.given else checkpoint["args"].get("device", "auto")
     checkpoint = upgrade_run_checkpoint(checkpoint, args.resume, device_type=select_device(device).type)
     # The run's flags; its precision is the one it trains in (args may hold the "auto" it was asked).
@@ -382,6 +385,37 @@ def resumed_checkpoint(args) -> dict | None:
         raise UserError(f"{args.resume}: holds precision {args.precision!r}, none of {', '.join(PRECISIONS)}; "
                         f"pass --precision")
     return checkpoint
+
+
+def saved_flags(saved, path, skip: list[str]) -> dict:
+    """A run checkpoint's flags, each read as if typed on the command line: through its flag's type
+    and choices, so that a hand-edited last.pt (`lr: "fast"`, `batch_size: 0`) is refused in one line
+    naming the flag, as the typed value would be, not met as a traceback mid-run. Those in `skip`
+    (typed again) are not read."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{shown(path)}: its args are a {type(saved).__name__}, not the run's flags")
+    parser = build_parser()
+    return saved | {name: flag_as_typed(parser, name, value, path) for name, value in saved.items()
+                    if FLAGS.get(name, "command") != "command" and name not in skip}
+
+
+def flag_as_typed(parser: argparse.ArgumentParser, name: str, value, path):
+    """`value`, from the checkpoint `path`, as `--name value` would have given it."""
+    def refuse(message: str):
+        raise UserError(f"{shown(path)}: the run's --{name} is {shown(repr(value))}, which train.py refuses: "
+                        f"{shown(message)}")
+
+    parser.error = refuse  # argparse's error() prints the usage and exits; here one line says it
+    default = parser.get_default(name)
+    if isinstance(default, bool):  # a switch: --mean_shift, --tensorboard
+        if not isinstance(value, bool):
+            refuse("it is a switch, true or false")
+        return value
+    if value is None and default is None:  # not given when the run started (--patch_size, --run_name)
+        return None
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        refuse("not a value a flag takes")
+    return getattr(parser.parse_args([f"--{name}={value}"]), name)  # a float's str is exact (repr)
 
 
 def note_process_count(run: Run, checkpoint: dict) -> None:

@@ -1,11 +1,15 @@
 """Hostile input to training, losses, checkpoints, benchmark.py, plot.py and the hub (issue 34):
 each is refused in one line, or read exactly as meant."""
+import shutil
+from pathlib import Path
+
 import pytest
 
 import benchmark
 import train
-from conftest import run_main
+from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
 from losses import WeightedLoss, loss_spec, parse_loss
+from machinery.checkpoint import load_checkpoint, save_checkpoint
 
 # ---------------------------------------------------------------- --loss weights
 
@@ -42,3 +46,47 @@ def test_benchmark_refuses_a_bad_loss_in_one_line(monkeypatch):
     monkeypatch.setattr(benchmark, "measure_all", lambda *args, **kwargs: pytest.fail("measured"))
     code, _, err = run_main(benchmark, "--loss", "l1+1e-310*fft", "--device", "cpu")
     assert code == 2 and "Traceback" not in err and "subnormal" in err
+
+
+# ---------------------------------------------------------------- a hand-edited last.pt
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A 1-epoch run's folder."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    images = make_images(root / "images")
+    code, _, err = run_main(train, "--train_dir", images, "--val_dir", images, "--checkpoint_dir", root / "runs",
+                            "--run_name", "r", *TINY_RUN, "--num_epochs", "1")
+    assert code == 0, err
+    return root / "runs" / "r"
+
+
+def edited_run(one_epoch, tmp_path, edit) -> Path:
+    """A copy of the run whose last.pt went through `edit(checkpoint)`."""
+    folder = tmp_path / "edited"
+    shutil.copytree(one_epoch, folder)
+    checkpoint = load_checkpoint(folder / "last.pt")
+    edit(checkpoint)
+    save_checkpoint(checkpoint, folder / "last.pt")
+    return folder / "last.pt"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("loss", 5, "'5' is not a loss"), ("lr", "fast", "invalid positive_float value: 'fast'"),
+    ("batch_size", 0, "must be >= 1, got 0"), ("seed", -5, "must be in 0 to"),
+    ("ema", "yes", "invalid ema_decay value: 'yes'"), ("num_workers", -2, "must be >= 0, got -2"),
+    ("degradation", "removed_one", "invalid choice: 'removed_one'"), ("mean_shift", "no", "true or false"),
+    ("batch_size", 4.5, "invalid positive_int value: '4.5'"), ("patch_size", [32], "not a value a flag takes")])
+def test_a_hand_edited_run_flag_is_checked_as_if_typed(one_epoch, tmp_path, flag, value, message):
+    last = edited_run(one_epoch, tmp_path, lambda c: c["args"].update({flag: value}))
+    before = last.read_bytes()
+    code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
+    assert_one_line_error(code, err, str(last), f"--{flag}", message)
+    assert out == "" and last.read_bytes() == before
+
+
+def test_a_flag_typed_again_on_resume_replaces_a_bad_session_value(one_epoch, tmp_path):
+    last = edited_run(one_epoch, tmp_path, lambda c: c["args"].update(num_workers=-2))
+    code, _, err = run_main(train, "--resume", last, "--num_epochs", "1", "--num_workers", "0")
+    assert code == 0 and "nothing to do" in _, err
