@@ -45,7 +45,7 @@ from dataset import (
 )
 from losses import LOSSES, WeightedLoss, loss_spec
 from machinery import distributed
-from machinery.checkpoint import export_weights, load_checkpoint, save_checkpoint
+from machinery.checkpoint import check_model_args, export_weights, load_checkpoint, save_checkpoint
 from machinery.curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
 from machinery.datacache import default_cache_dir
 from machinery.fast import build_fast_network
@@ -284,6 +284,7 @@ def tensorboard_here(args) -> bool:
 def run_identity(args, checkpoint: dict | None) -> tuple[dict, Path]:
     """The network's model_args and the run's folder: the checkpoint's, or from the flags."""
     if checkpoint:
+        check_model_args(checkpoint["model_args"], args.resume)
         return checkpoint["model_args"], Path(args.resume).parent
     model_args = network_args(args)
     run_name = args.run_name or f"x{args.upscale_factor}_{datetime.now():%Y%m%d-%H%M%S}"

@@ -1,15 +1,18 @@
 """Hostile input to training, losses, checkpoints, benchmark.py, plot.py and the hub (issue 34):
 each is refused in one line, or read exactly as meant."""
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import benchmark
 import train
 from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
 from losses import WeightedLoss, loss_spec, parse_loss
-from machinery.checkpoint import load_checkpoint, save_checkpoint
+from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
+from utils import UserError
 
 # ---------------------------------------------------------------- --loss weights
 
@@ -90,3 +93,25 @@ def test_a_flag_typed_again_on_resume_replaces_a_bad_session_value(one_epoch, tm
     last = edited_run(one_epoch, tmp_path, lambda c: c["args"].update(num_workers=-2))
     code, _, err = run_main(train, "--resume", last, "--num_epochs", "1", "--num_workers", "0")
     assert code == 0 and "nothing to do" in _, err
+
+
+# ---------------------------------------------------------------- model_args by type
+
+
+@pytest.mark.parametrize("key, value, expected", [("mean_shift", "no", "true or false"),
+                                                  ("image_skip", 1, "true or false"),
+                                                  ("num_features", 8.0, "an integer"),
+                                                  ("num_residuals", "1", "an integer"),
+                                                  ("scale", True, "an integer")])
+def test_a_model_arg_of_the_wrong_type_is_one_line_naming_it(tiny_checkpoint, tmp_path, key, value, expected):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    checkpoint["model_args"][key] = value
+    save_checkpoint(checkpoint, tiny_checkpoint)
+    with pytest.raises(UserError, match=f"model_args {key} is {re.escape(repr(value))}: .*{expected}"):
+        load_model(tiny_checkpoint, torch.device("cpu"))
+
+
+def test_a_resumed_run_with_a_model_arg_of_the_wrong_type_is_one_line(one_epoch, tmp_path):
+    last = edited_run(one_epoch, tmp_path, lambda c: c["model_args"].update(mean_shift="no"))
+    code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
+    assert_one_line_error(code, err, str(last), "model_args mean_shift is 'no'", "true or false")
