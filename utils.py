@@ -39,8 +39,7 @@ def run_cli(main, args) -> None:
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
-        print(f"{prog}: error: out of memory ({first_line(e)}): use a smaller --tile (or --batch_size)",
-              file=sys.stderr)
+        print(f"{prog}: error: out of memory ({first_line(e)}): {memory_hint(prog)}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # a path typed with a name too long, met wherever it is first used
         if e.errno != errno.ENAMETOOLONG:
@@ -50,6 +49,17 @@ def run_cli(main, args) -> None:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; outputs already written are complete, none is half-written", file=sys.stderr)
         sys.exit(130)
+
+
+# What to lower when a script runs out of memory: its own flags, by script.
+MEMORY_HINTS = {"train": "use a smaller --batch_size or --patch_size", "infer": "use a smaller --tile",
+                "evaluate": "use a smaller --tile", "app": "use a smaller --tile",
+                "benchmark": "use --quick, or --skip_memory"}
+
+
+def memory_hint(prog: str) -> str:
+    """What script `prog` (train.py, ...) can do about running out of memory."""
+    return MEMORY_HINTS.get(Path(prog).stem, "free some memory, or give it a smaller input")
 
 
 def name_too_long(path) -> str:
@@ -107,13 +117,16 @@ def seed_everything(seed: int) -> None:
 
 def select_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when available, else CPU; a device this machine lacks ('cuda' without a
-    GPU, 'mps', 'meta', ...) is a one-line error."""
+    GPU, 'mps', ...), or 'meta' (shapes only), is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "meta":  # torch has it on every machine, for shapes without data
+        raise UserError(f"device {name!r} is torch's device of shapes without data: no script can compute on "
+                        f"it; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but CUDA is not available here")
     backend = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...: each says whether it is here

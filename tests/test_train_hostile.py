@@ -115,3 +115,41 @@ def test_a_resumed_run_with_a_model_arg_of_the_wrong_type_is_one_line(one_epoch,
     last = edited_run(one_epoch, tmp_path, lambda c: c["model_args"].update(mean_shift="no"))
     code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
     assert_one_line_error(code, err, str(last), "model_args mean_shift is 'no'", "true or false")
+
+
+# ---------------------------------------------------------------- messages that fit the script
+
+
+def out_of_memory_in(script):
+    """A stand-in for `script` whose main() runs out of memory as torch's CPU allocator says it."""
+    class Fake:
+        build_parser = staticmethod(script.build_parser)
+
+        @staticmethod
+        def main(args):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                               "can't allocate memory: you tried to allocate 99999999999 bytes.\nmore")
+
+    Fake.__name__ = script.__name__
+    return Fake
+
+
+def test_running_out_of_memory_in_training_suggests_trainings_flags():
+    code, _, err = run_main(out_of_memory_in(train))
+    assert_one_line_error(code, err, "out of memory", "--batch_size", "--patch_size")
+    assert "--tile" not in err
+
+
+def test_running_out_of_memory_in_the_benchmark_suggests_no_flag_it_lacks():
+    code, _, err = run_main(out_of_memory_in(benchmark))
+    assert_one_line_error(code, err, "out of memory", "--quick")
+    assert "--tile" not in err and "--batch_size" not in err
+
+
+def test_the_meta_device_is_named_as_one_no_script_computes_on(image_dir, tmp_path):
+    code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,
+                            *TINY_RUN, "--device", "meta")
+    assert_one_line_error(code, err, "'meta'", "without data", "no script can compute on it",
+                          "use auto, cpu, cuda or cuda:N")
+    assert "this machine has no such device" not in err
+    assert list(tmp_path.iterdir()) == [image_dir]
