@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import benchmark
+import hubconf
 import train
 from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
 from losses import WeightedLoss, loss_spec, parse_loss
-from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
+from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint, shipped_checkpoint
+from model import build_network, network_options
 from utils import UserError
 
 # ---------------------------------------------------------------- --loss weights
@@ -153,3 +155,41 @@ def test_the_meta_device_is_named_as_one_no_script_computes_on(image_dir, tmp_pa
                           "use auto, cpu, cuda or cuda:N")
     assert "this machine has no such device" not in err
     assert list(tmp_path.iterdir()) == [image_dir]
+
+
+# ---------------------------------------------------------------- torch.hub's outputs
+
+
+def overshooting_input() -> torch.Tensor:
+    """Black and white pixels at random: sharp edges every way, which the networks overshoot."""
+    return (torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+
+
+@pytest.mark.parametrize("arch, scale", [("resshuffle", 4), ("resshuffle", 2), ("espcn", 4)])
+def test_a_hub_network_gives_outputs_in_0_1_on_an_input_it_overshoots(arch, scale):
+    net = hubconf.network(arch, scale=scale)
+    plain = build_network(dict(arch=arch, scale=scale, **network_options(arch)) | net_args(net)).eval()
+    plain.load_state_dict(net.state_dict())  # the same keys and weights, without the clamp
+    x = overshooting_input()
+    with torch.no_grad():
+        raw, out = plain(x), net(x)
+    assert raw.min() < 0 and raw.max() > 1  # the network itself overshoots here
+    assert out.min() >= 0 and out.max() <= 1 and torch.allclose(out, raw.clamp(0, 1), atol=1e-5)
+
+
+def net_args(net) -> dict:
+    """The shipped network's own model_args (mean_shift, image_skip, ...)."""
+    return load_checkpoint(shipped_checkpoint(net.scale, type(net).__name__.lower()))["model_args"]
+
+
+def test_a_hub_network_loads_and_gives_state_dicts_as_the_checkpoints_hold_them(tiny_checkpoint):
+    net = hubconf.from_checkpoint(str(tiny_checkpoint))
+    weights = load_checkpoint(tiny_checkpoint)["model"]
+    assert net.state_dict().keys() == weights.keys()
+    fresh = hubconf.resshuffle(scale=4, pretrained=False, num_features=8, num_residuals=1, mean_shift=True,
+                               image_skip=True)
+    fresh.load_state_dict(net.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(overshooting_input()), net(overshooting_input()), atol=1e-5)
+        assert net(overshooting_input()).max() <= 1
