@@ -4,6 +4,7 @@ import re
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ import hubconf
 import train
 from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
 from losses import WeightedLoss, loss_spec, parse_loss
+from machinery import curves
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint, shipped_checkpoint
 from model import build_network, network_options
 from utils import UserError
@@ -193,3 +195,29 @@ def test_a_hub_network_loads_and_gives_state_dicts_as_the_checkpoints_hold_them(
     with torch.no_grad():
         assert torch.allclose(fresh(overshooting_input()), net(overshooting_input()), atol=1e-5)
         assert net(overshooting_input()).max() <= 1
+
+
+# ---------------------------------------------------------------- plot.py's curves
+
+
+def three_epochs() -> list[dict]:
+    """log.csv rows of 3 epochs of an l1+fft run, the network beating bicubic more each epoch."""
+    return [{"epoch": str(e), "loss": f"{0.1 / e}", "loss_l1": f"{0.08 / e}", "loss_fft": f"{0.02 / e}",
+             "lr": "0.0002", "val_psnr": f"{27 + e}", "val_ssim": f"{0.7 + e / 100}", "bicubic_psnr": "27.5",
+             "bicubic_ssim": "0.71"} for e in (1, 2, 3)]
+
+
+def test_curves_have_whole_epoch_ticks_and_legends_off_the_curves():
+    fig = curves.curves_figure(three_epochs(), title="r")
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            lo, hi = sorted(ax.get_xlim())
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+            legend = ax.get_legend()
+            if legend is not None:  # beside the panel, not over its curves' last points
+                assert not legend.get_window_extent(renderer).overlaps(ax.bbox), ax.get_title()
+    finally:
+        matplotlib.pyplot.close(fig)
