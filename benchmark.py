@@ -6,8 +6,10 @@ usage: python benchmark.py [--device auto] [--precision auto] [--steps 3] [--ski
        python benchmark.py --check --device cuda      # instead: train, resume, tile in every precision
 
 Every figure comes from this run, on this machine, both sides measured in the same run. It
-prints a table a row at a time, each row as soon as it is measured, then one JSON line with
-every figure; --quick measures the same rows with fewer repeats and smaller inputs. Synthetic
+prints a table a row at a time, each row as soon as it is measured, and any warnings under it;
+--quick measures the same rows with fewer repeats and smaller inputs. Every figure also goes
+into one JSON line: --json FILE writes it there, --json - prints it; without --json it is
+printed where stdout is a file or a pipe (a log keeps it), and not on a terminal. Synthetic
 2K images (2040x1356, photo-like content) are written to a temporary folder, so no data set
 is needed; it is removed on Ctrl-C and on SIGTERM too. Each of the rows for the training step
 and inference is measured in fp32 and in --precision (default: what --precision auto picks on
@@ -34,6 +36,7 @@ Two other runs start from here, each instead of these; their code is in machiner
 - --check: train.py in every precision with a resume, and tiled upscaling, on a new machine or
   a GPU (machinery/machine_check.py).
 """
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -72,13 +75,14 @@ from machinery.bench_tools import (
 )
 from machinery.checkpoint import load_chosen, save_checkpoint
 from machinery.fast import build_fast_network
+from machinery.files import atomic_path, check_output_file, folder_for
 from machinery.images import list_images, load_rgb
 from machinery.onnx_export import export_onnx, onnx_session
 from machinery.precision import PRECISIONS, autocast
 from machinery.upscale import tensor_to_image, tiling, upscale
 from model import NETWORKS, build_network
 from resize import downsample
-from utils import make_parser, positive_int, run_cli, select_device, sigterm_raises
+from utils import make_parser, positive_int, run_cli, select_device, shown, sigterm_raises, warnings_held
 
 
 class Plan(NamedTuple):
@@ -214,7 +218,8 @@ def bench_data(folder: Path, plan: Plan) -> dict:
     the first row's ratio needs it)."""
     paths = list_images(folder)
     start = time.perf_counter()
-    data = TrainDataset(folder, scale=SCALE, patch_size=LR_PATCH * SCALE, patches_per_image=5000)
+    data = TrainDataset(folder, scale=SCALE, patch_size=LR_PATCH * SCALE, patches_per_image=5000,
+                        quiet=True)  # no bar: it would show the temporary folder's name, and is timed
     out = {"data_decode_all_s": time.perf_counter() - start, "data_images": len(paths)}
     naive = DataLoader(DecodePerPatch(paths, 50), batch_size=plan.batch, shuffle=True, num_workers=1,
                        generator=torch.Generator().manual_seed(0))
@@ -320,6 +325,7 @@ def bench_memory(model: torch.nn.Module, hr: np.ndarray, device, model_args: dic
         ckpt = tmp / "model.pt"
         save_checkpoint({"model": model.state_dict(), "model_args": model_args}, ckpt)
         common = [str(tmp / "big.png"), "--checkpoint", str(ckpt), "--device", device.type, "--precision", "fp32"]
+        row("infer.py in its own process: memory, speed", "peak", "MP/s")  # not the columns above
         for name, extra in (("tile256", ["--tile", "256"]), ("untiled", ["--tile", "0"])):
             peak, seconds, auto_tiled = run_infer(common + ["-o", str(tmp / f"{name}.png"), *extra])
             mp_s = width * height * SCALE ** 2 / 1e6 / seconds
@@ -414,7 +420,10 @@ def main(args):
 
 
 def measure(device, args) -> None:
-    """Every row, each printed as soon as it is measured, then one JSON line with every figure."""
+    """Every row, each printed as soon as it is measured, the warnings under them, then the figures
+    as JSON where --json says (`write_figures`)."""
+    if args.json not in (None, "-"):  # before any work
+        check_output_file(args.json, overwrite=True)
     precision = reduced_precision(args.precision, device)
     model_args, loss = {"arch": args.arch, "scale": SCALE}, WeightedLoss(args.loss)
     if args.data_cache:
@@ -422,8 +431,36 @@ def measure(device, args) -> None:
     plan = QUICK if args.quick else FULL._replace(steps=args.steps)
     figures = run_figures(device, precision, args.arch, loss.spec, args.quick, data_cache=False)
     header(figures, f"{args.arch} benchmark (loss {loss.spec})", (args.arch, "plain", "ratio"))
-    figures |= measure_all(device, plan, precision, model_args, loss, memory=not args.skip_memory)
-    print(json.dumps(figures), flush=True)
+    print(PLAIN, flush=True)
+    with warnings_held():
+        figures |= measure_all(device, plan, precision, model_args, loss, memory=not args.skip_memory)
+    write_figures(figures, args.json)
+
+
+# Under the columns' names: what the "plain" column measures (docs/speed.md says more).
+PLAIN = ("  plain: model.py's network as drawn, NCHW, fp32, a plain call; data: a DataLoader process "
+         "decoding the file per patch")
+
+
+def write_figures(figures: dict, target: str | None) -> None:
+    """Every figure as one JSON line: into the file `target` (--json FILE), on stdout with --json -
+    or where stdout is a file or a pipe; a terminal gets a line saying how to keep them instead."""
+    text = json.dumps(figures)
+    if target not in (None, "-"):
+        with folder_for(Path(target)), atomic_path(Path(target)) as tmp:
+            Path(tmp).write_text(text + "\n")
+        print(f"every figure as JSON: {shown(target)}", flush=True)
+    elif target == "-" or not sys.stdout.isatty():
+        print(text, flush=True)
+    else:
+        print("every figure as JSON: --json FILE (or --json - here)", flush=True)
+
+
+def json_output(text: str) -> str:
+    """--json: '-' or a file name ending in .json."""
+    if text != "-" and not text.lower().endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{text}: name a .json file (or - for stdout)")
+    return text
 
 
 def measure_all(device, plan: Plan, precision: str, model_args: dict, loss: WeightedLoss, memory: bool) -> dict:
@@ -449,6 +486,9 @@ def build_parser():
     parser.add_argument("--arch", choices=NETWORKS, default="resshuffle", help="the network measured (x4)")
     parser.add_argument("--loss", type=loss_spec, default="l1",
                         help="the training loss the step runs, as train.py --loss")
+    parser.add_argument("--json", type=json_output, default=None, metavar="FILE",
+                        help="write every figure as one JSON line to FILE (.json, replaced if it exists), or to "
+                             "stdout with -; None: to stdout where it is a file or a pipe, not on a terminal")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed repeats per training measurement")
     parser.add_argument("--skip_memory", action="store_true",
                         help=f"skip the two memory runs ({dims((FULL.big_lr[0] * SCALE, FULL.big_lr[1] * SCALE))} "

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +103,33 @@ def shown(name) -> str:
     return UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", str(name))
 
 
+# The messages warn() keeps while warnings_held() is in force (a list); None: each printed at once.
+_held = None
+
+
 def warn(message: str) -> None:
     """A one-line warning on stderr (not `warnings`, which prints a source line with it)."""
+    if _held is not None:
+        _held.append(message)
+        return
     tqdm.write(f"{Path(sys.argv[0]).name}: warning: {message}", file=sys.stderr)  # above a progress bar, not into it
+
+
+@contextlib.contextmanager
+def warnings_held():
+    """warn()'s messages, and Python's warnings in one line each, kept while inside and printed on
+    leaving, however it is left: under a table printed a row at a time, not between two rows."""
+    global _held
+    outer, _held = _held, []
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # each once per place, as Python shows them
+            yield
+    finally:
+        held, _held = _held, outer
+        for message in held + [f"{w.category.__name__}: {first_line(w.message)}" for w in caught]:
+            warn(message)
 
 
 # ---------------------------------------------------------------- runtime

@@ -1,19 +1,26 @@
 """Hostile input to training, losses, checkpoints, benchmark.py, plot.py and the hub (issue 34):
 each is refused in one line, or read exactly as meant."""
+import contextlib
+import io
+import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import benchmark
 import hubconf
 import train
-from conftest import TINY_RUN, assert_one_line_error, make_images, run_main
+import utils
+from conftest import TINY_RUN, Terminal, assert_one_line_error, make_images, run_main, smooth_image
 from losses import WeightedLoss, loss_spec, parse_loss
-from machinery import curves
+from machinery import bench_tools, curves
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint, shipped_checkpoint
 from model import build_network, network_options
 from utils import UserError
@@ -221,3 +228,77 @@ def test_curves_have_whole_epoch_ticks_and_legends_off_the_curves():
                 assert not legend.get_window_extent(renderer).overlaps(ax.bbox), ax.get_title()
     finally:
         matplotlib.pyplot.close(fig)
+
+
+# ---------------------------------------------------------------- benchmark.py's output
+
+
+def fake_measure_all(device, plan, precision, model_args, loss, memory):
+    """Two rows, and a warning between them, as a measurement may give."""
+    bench_tools.row("first row", "1.00", "2.00", "0.50x")
+    utils.warn("something looked odd")
+    bench_tools.row("second row", "3.00")
+    return {"figure": 1.5}
+
+
+def run_benchmark(monkeypatch, *argv, terminal: bool) -> tuple[str, str]:
+    """benchmark.py's main with measure_all faked: (stdout, stderr), into one terminal where
+    `terminal` (as a user sees them, interleaved), else into two logs."""
+    monkeypatch.setattr(benchmark, "measure_all", fake_measure_all)
+    monkeypatch.setattr(sys, "argv", ["benchmark.py"])
+    out, err = (Terminal(),) * 2 if terminal else (io.StringIO(), io.StringIO())
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        benchmark.main(benchmark.build_parser().parse_args(["--device", "cpu", "--precision", "fp32", *map(str, argv)]))
+    return out.getvalue(), err.getvalue()
+
+
+def test_the_benchmark_table_says_what_plain_is_and_warnings_come_under_it(monkeypatch):
+    out, _ = run_benchmark(monkeypatch, terminal=True)
+    lines = out.splitlines()
+    assert lines[1].split() == ["resshuffle", "plain", "ratio"]
+    assert lines[2].lstrip().startswith("plain:") and "NCHW" in lines[2]
+    assert lines[3].startswith("first row") and lines[4].startswith("second row")
+    assert lines[5] == "benchmark.py: warning: something looked odd"
+
+
+def test_the_benchmark_prints_no_json_on_a_terminal_and_writes_it_where_asked(monkeypatch, tmp_path):
+    out, _ = run_benchmark(monkeypatch, terminal=True)
+    assert "{" not in out and "--json" in out.splitlines()[-1]
+    out, _ = run_benchmark(monkeypatch, "--json", tmp_path / "figures.json", terminal=True)
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["figure"] == 1.5 and figures["device"] == "cpu" and "{" not in out
+    out, _ = run_benchmark(monkeypatch, "--json", "-", terminal=True)
+    assert json.loads(out.splitlines()[-1])["figure"] == 1.5
+    out, _ = run_benchmark(monkeypatch, terminal=False)  # into a file or a pipe: the line as before
+    assert json.loads(out.splitlines()[-1])["figure"] == 1.5
+
+
+def test_the_benchmarks_json_file_is_checked_before_any_measurement(monkeypatch, tmp_path):
+    monkeypatch.setattr(benchmark, "measure_all", lambda *args, **kwargs: pytest.fail("measured"))
+    (tmp_path / "figures.json").mkdir()
+    code, _, err = run_main(benchmark, "--device", "cpu", "--json", tmp_path / "figures.json")
+    assert_one_line_error(code, err, "figures.json: is a folder")
+    code, _, err = run_main(benchmark, "--device", "cpu", "--json", tmp_path / "figures.txt")
+    assert code == 2 and "figures.txt: name a .json file" in err
+
+
+def test_the_benchmarks_memory_rows_come_under_their_own_header(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "run_infer", lambda args: (1.25, 2.0, False))
+    model_args = {"arch": "espcn", "scale": 4}
+    benchmark.bench_memory(build_network(model_args), np.zeros((64, 64, 3), np.uint8), torch.device("cpu"),
+                           model_args, (16, 16))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-2:] == ["peak", "MP/s"] and "memory" in lines[0]
+    assert len(lines) == 3 and lines[1].split()[-4:] == ["1.25", "GB", "0.002", "MP/s"]  # 16x16 x16 / 2 s
+
+
+def test_the_benchmarks_data_rows_show_no_temporary_name(monkeypatch, tmp_path):
+    folder = tmp_path / "tmpq8x7zz2k"  # as tempfile names them
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(smooth_image(rng, 200, 200)).save(folder / f"{i:04d}.png")
+    terminal = Terminal()
+    with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):
+        benchmark.bench_data(folder, benchmark.QUICK._replace(loader_batches=1, decode_batches=1))
+    assert "tmpq8x7zz2k" not in terminal.getvalue() and "data, patches/s" in terminal.getvalue()
