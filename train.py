@@ -214,7 +214,8 @@ def train(args):
             if distributed.any_process(stop.signum is not None, run.device) and epoch < args.num_epochs:
                 stop_all(run, stop, f"after epoch {epoch}")
     if run.lead:
-        print(f"done: best val PSNR {run.best_psnr:.4f} dB at epoch {run.best_epoch}; checkpoints in {run.folder}")
+        print(f"done: best val PSNR {run.best_psnr:.4f} dB at epoch {run.best_epoch}; "
+              f"checkpoints in {shown(run.folder)}")
 
 
 def stop_all(run: Run, stop: StopSignal, where_text: str) -> None:
@@ -234,7 +235,7 @@ def start_run(args) -> Run | None:
     args.train_dir, args.val_dir = str(Path(args.train_dir).resolve()), str(Path(args.val_dir).resolve())
     if checkpoint and checkpoint["epoch"] >= args.num_epochs:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{args.resume}: trained {checkpoint['epoch']} of --num_epochs {args.num_epochs} already; "
+            print(f"{shown(args.resume)}: trained {checkpoint['epoch']} of --num_epochs {args.num_epochs} already; "
                   f"nothing to do (a higher --num_epochs goes on)")
         return None
     rank, world_size, device = distributed.setup(args.device)
@@ -504,7 +505,7 @@ def announce(run: Run) -> None:
     """Rank 0: what is trained on what, and bicubic's validation score to beat."""
     args, data, n = run.args, run.loader.dataset, run.world_size
     n_params = count_parameters(run.model)
-    print(f"run {run.folder}: {run.model_args}, {n_params:,} parameters, device {run.device}, "
+    print(f"run {shown(run.folder)}: {run.model_args}, {n_params:,} parameters, device {run.device}, "
           f"precision {run.precision} ({run.precision_why})")
     if n > 1:
         print(f"distributed: {n} processes ({torch.distributed.get_backend()}), batch {args.batch_size} per process, "
@@ -516,7 +517,7 @@ def announce(run: Run) -> None:
     print(f"val bicubic {metric_labels()}: {format_scores(run.bicubic)}")
     if args.resume:
         best = f"best PSNR {run.best_psnr:.4f} dB" if math.isfinite(run.best_psnr) else "not validated yet"
-        print(f"resumed from {args.resume} {where(run)}, lr {run.scheduler.get_last_lr()[0]:.3g}, {best}")
+        print(f"resumed from {shown(args.resume)} {where(run)}, lr {run.scheduler.get_last_lr()[0]:.3g}, {best}")
 
 
 # ---------------------------------------------------------------- one epoch

@@ -35,12 +35,12 @@ def run_cli(main, args) -> None:
     try:
         main(args)
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {shown(e)}", file=sys.stderr)  # names in it can't act on the terminal
         sys.exit(1)
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
-        print(f"{prog}: error: out of memory ({first_line(e)}): {memory_hint(prog)}", file=sys.stderr)
+        print(f"{prog}: error: out of memory ({shown(first_line(e))}): {memory_hint(prog)}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # a path typed with a name too long, met wherever it is first used
         if e.errno != errno.ENAMETOOLONG:
@@ -112,7 +112,7 @@ def warn(message: str) -> None:
     if _held is not None:
         _held.append(message)
         return
-    tqdm.write(f"{Path(sys.argv[0]).name}: warning: {message}", file=sys.stderr)  # above a progress bar, not into it
+    tqdm.write(f"{Path(sys.argv[0]).name}: warning: {shown(message)}", file=sys.stderr)  # above a progress bar
 
 
 @contextlib.contextmanager

@@ -313,7 +313,8 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False, su
         what = f"the network with its {info['weights']} weights, any batch, height and width"
     else:
         save_checkpoint(keep, dst)
-    print(f"{src} ({describe_progress(checkpoint)}) -> {dst}: {what}; model_args {checkpoint['model_args']}")
+    print(f"{shown(src)} ({describe_progress(checkpoint)}) -> {shown(dst)}: {what}; "
+          f"model_args {shown(checkpoint['model_args'])}")
 
 
 def is_run_checkpoint(path: str | Path) -> bool:

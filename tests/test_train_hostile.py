@@ -16,6 +16,7 @@ from PIL import Image
 
 import benchmark
 import hubconf
+import plot
 import train
 import utils
 from conftest import TINY_RUN, Terminal, assert_one_line_error, make_images, run_main, smooth_image
@@ -302,3 +303,23 @@ def test_the_benchmarks_data_rows_show_no_temporary_name(monkeypatch, tmp_path):
     with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):
         benchmark.bench_data(folder, benchmark.QUICK._replace(loader_batches=1, decode_batches=1))
     assert "tmpq8x7zz2k" not in terminal.getvalue() and "data, patches/s" in terminal.getvalue()
+
+
+# ---------------------------------------------------------------- names as printed
+
+
+def test_a_name_with_control_characters_is_printed_escaped_in_errors_and_warnings(tmp_path, capsys):
+    name = "run\x1b]0;pwned\x07\n.csv"  # would set the terminal's title, and start a line of its own
+    code, _, err = run_main(plot, tmp_path / name)
+    assert_one_line_error(code, err, "run\\x1b]0;pwned\\x07\\x0a.csv: no such log file")
+    assert "\x1b" not in err and "\x07" not in err
+    utils.warn(f"{name}: odd")
+    assert capsys.readouterr().err.endswith(": warning: run\\x1b]0;pwned\\x07\\x0a.csv: odd\n")
+
+
+def test_a_run_in_a_folder_with_control_characters_names_it_escaped(one_epoch, tmp_path):
+    folder = tmp_path / "r\x1b[2J"
+    shutil.copytree(one_epoch, folder)
+    code, out, err = run_main(train, "--resume", folder / "last.pt", "--num_epochs", "1")
+    assert code == 0 and "r\\x1b[2J/last.pt: trained 1 of --num_epochs 1 already" in out, err
+    assert "\x1b" not in out + err
