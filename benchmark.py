@@ -26,9 +26,10 @@ this device, bf16 where that is fp32).
    difference from fp32; the same network exported to ONNX under onnxruntime (where installed:
    requirements-optional.txt); frames/s of infer.py's video path (machinery/video.py: decode, upscale,
    H.264 encode) on a 640x360 clip of 4 frames (--quick: 320x180, 2) with the shipped x2 and x4
-   checkpoints (where PyAV is installed); peak resident memory and speed of infer.py on a 2040x1360
-   input (8160x5440 output) in fp32, tiled and untiled.
+   checkpoints (where PyAV is installed).
 4. evaluate.py: seconds per 2K image.
+5. memory (not with --skip_memory), last, under a header of its own: peak resident memory and speed
+   of infer.py in its own process on a 2040x1360 input (8160x5440 output) in fp32, tiled and untiled.
 
 Two other runs start from here, each instead of these; their code is in machinery/:
 - --data_cache: memory more than speed, the training set mapped from one file (machinery/datacache.py)
@@ -257,9 +258,9 @@ def run_infer(args: list[str]) -> tuple[float | None, float, bool]:
     return peak_kb * 1024 / 1e9, seconds, "tiling it by" in result.stderr
 
 
-def bench_inference(device, folder: Path, plan: Plan, memory: bool, precision: str, model_args: dict) -> dict:
+def bench_inference(device, folder: Path, plan: Plan, precision: str, model_args: dict) -> dict:
     """infer.py's path in fp32 and `precision` against the plain model call (measured first: each
-    row's ratio needs it), tiled against untiled; onnxruntime; infer.py's memory on a large input."""
+    row's ratio needs it), tiled against untiled; onnxruntime."""
     torch.manual_seed(0)
     model = build_fast_network(model_args).to(device, memory_format=torch.channels_last).eval()
     width, height = plan.infer_lr
@@ -278,8 +279,6 @@ def bench_inference(device, folder: Path, plan: Plan, memory: bool, precision: s
             out |= {f"max_abs_diff_from_fp32_{name}": diff, f"psnr_vs_fp32_{name}": psnr}
     if device.type == "cpu":
         out |= bench_onnxruntime(model, lr, out_mp, plan.repeats, sr["fp32"], out)
-    if memory:
-        out |= bench_memory(model, hr, device, model_args, plan.big_lr)
     return out
 
 
@@ -314,16 +313,17 @@ def bench_upscale(model: torch.nn.Module, lr: np.ndarray, name: str, repeats: in
             f"tiled_max_abs_diff_{name}": max_diff(whole, tiled)}, whole
 
 
-def bench_memory(model: torch.nn.Module, hr: np.ndarray, device, model_args: dict, size: tuple[int, int]) -> dict:
-    """Peak memory and speed of infer.py in a fresh process on a `size` (width, height) input,
-    fp32, tiled and untiled."""
+def bench_memory(device, folder: Path, model_args: dict, size: tuple[int, int]) -> dict:
+    """Peak memory and speed of infer.py in a fresh process on the first image of `folder` resized
+    to `size` (width, height), fp32, tiled and untiled."""
     (width, height), out = size, {}
     big_out = dims((width * SCALE, height * SCALE))
+    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        Image.fromarray(hr).resize(size, Image.BICUBIC).save(tmp / "big.png")
+        Image.fromarray(load_rgb(list_images(folder)[0])).resize(size, Image.BICUBIC).save(tmp / "big.png")
         ckpt = tmp / "model.pt"
-        save_checkpoint({"model": model.state_dict(), "model_args": model_args}, ckpt)
+        save_checkpoint({"model": build_network(model_args).state_dict(), "model_args": model_args}, ckpt)
         common = [str(tmp / "big.png"), "--checkpoint", str(ckpt), "--device", device.type, "--precision", "fp32"]
         row("infer.py in its own process: memory, speed", "peak", "MP/s")  # not the columns above
         for name, extra in (("tile256", ["--tile", "256"]), ("untiled", ["--tile", "0"])):
@@ -464,16 +464,18 @@ def json_output(text: str) -> str:
 
 
 def measure_all(device, plan: Plan, precision: str, model_args: dict, loss: WeightedLoss, memory: bool) -> dict:
-    """Sections 1 to 4, on synthetic 2K images in a temporary folder."""
+    """Sections 1 to 5, on synthetic 2K images in a temporary folder."""
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_2k_images(folder, plan.images)
         figures |= bench_training(device, plan, precision, model_args, loss)
         figures |= bench_data(folder, plan)
-        figures |= bench_inference(device, folder, plan, memory=memory, precision=precision, model_args=model_args)
+        figures |= bench_inference(device, folder, plan, precision=precision, model_args=model_args)
         figures |= bench_video(device, folder, plan, precision)
         figures |= bench_evaluate(folder, device, model_args, plan)
+        if memory:  # last: its rows have columns of their own
+            figures |= bench_memory(device, folder, model_args, plan.big_lr)
     return figures
 
 
@@ -488,7 +490,8 @@ def build_parser():
                         help="the training loss the step runs, as train.py --loss")
     parser.add_argument("--json", type=json_output, default=None, metavar="FILE",
                         help="write every figure as one JSON line to FILE (.json, replaced if it exists), or to "
-                             "stdout with -; None: to stdout where it is a file or a pipe, not on a terminal")
+                             "stdout with -; None: to stdout where it is a file or a pipe, not on a terminal "
+                             "(--data_cache prints its own line)")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed repeats per training measurement")
     parser.add_argument("--skip_memory", action="store_true",
                         help=f"skip the two memory runs ({dims((FULL.big_lr[0] * SCALE, FULL.big_lr[1] * SCALE))} "

@@ -283,12 +283,17 @@ def test_the_benchmarks_json_file_is_checked_before_any_measurement(monkeypatch,
     assert code == 2 and "figures.txt: name a .json file" in err
 
 
-def test_the_benchmarks_memory_rows_come_under_their_own_header(monkeypatch, capsys):
+def test_the_benchmarks_memory_rows_come_last_under_their_own_header(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(benchmark, "run_infer", lambda args: (1.25, 2.0, False))
-    model_args = {"arch": "espcn", "scale": 4}
-    benchmark.bench_memory(build_network(model_args), np.zeros((64, 64, 3), np.uint8), torch.device("cpu"),
-                           model_args, (16, 16))
+    sections = ("bench_training", "bench_data", "bench_inference", "bench_video", "bench_evaluate")
+    for name in sections:
+        monkeypatch.setattr(benchmark, name, lambda *args, name=name, **kwargs: print(name) or {})
+    monkeypatch.setattr(benchmark, "make_2k_images", lambda folder, count: make_images(folder))
+    benchmark.measure_all(torch.device("cpu"), benchmark.QUICK._replace(big_lr=(16, 16)), "fp32",
+                          {"arch": "espcn", "scale": 4}, WeightedLoss("l1"), memory=True)
     lines = capsys.readouterr().out.splitlines()
+    assert lines[:len(sections)] == list(sections)
+    lines = lines[len(sections):]
     assert lines[0].split()[-2:] == ["peak", "MP/s"] and "memory" in lines[0]
     assert len(lines) == 3 and lines[1].split()[-4:] == ["1.25", "GB", "0.002", "MP/s"]  # 16x16 x16 / 2 s
 
