@@ -6,8 +6,10 @@ usage: python benchmark.py [--device auto] [--precision auto] [--steps 3] [--ski
        python benchmark.py --check --device cuda      # instead: train, resume, tile in every precision
 
 Every figure comes from this run, on this machine, both sides measured in the same run. It
-prints a table a row at a time, each row as soon as it is measured, then one JSON line with
-every figure; --quick measures the same rows with fewer repeats and smaller inputs. Synthetic
+prints a table a row at a time, each row as soon as it is measured, and any warnings under it;
+--quick measures the same rows with fewer repeats and smaller inputs. Every figure also goes
+into one JSON line: --json FILE writes it there, --json - prints it; without --json it is
+printed where stdout is a file or a pipe (a log keeps it), and not on a terminal. Synthetic
 2K images (2040x1356, photo-like content) are written to a temporary folder, so no data set
 is needed; it is removed on Ctrl-C and on SIGTERM too. Each of the rows for the training step
 and inference is measured in fp32 and in --precision (default: what --precision auto picks on
@@ -24,9 +26,10 @@ this device, bf16 where that is fp32).
    difference from fp32; the same network exported to ONNX under onnxruntime (where installed:
    requirements-optional.txt); frames/s of infer.py's video path (machinery/video.py: decode, upscale,
    H.264 encode) on a 640x360 clip of 4 frames (--quick: 320x180, 2) with the shipped x2 and x4
-   checkpoints (where PyAV is installed); peak resident memory and speed of infer.py on a 2040x1360
-   input (8160x5440 output) in fp32, tiled and untiled.
+   checkpoints (where PyAV is installed).
 4. evaluate.py: seconds per 2K image.
+5. memory (not with --skip_memory), last, under a header of its own: peak resident memory and speed
+   of infer.py in its own process on a 2040x1360 input (8160x5440 output) in fp32, tiled and untiled.
 
 Two other runs start from here, each instead of these; their code is in machinery/:
 - --data_cache: memory more than speed, the training set mapped from one file (machinery/datacache.py)
@@ -34,6 +37,7 @@ Two other runs start from here, each instead of these; their code is in machiner
 - --check: train.py in every precision with a resume, and tiled upscaling, on a new machine or
   a GPU (machinery/machine_check.py).
 """
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -72,13 +76,14 @@ from machinery.bench_tools import (
 )
 from machinery.checkpoint import load_chosen, save_checkpoint
 from machinery.fast import build_fast_network
+from machinery.files import atomic_path, check_output_file, folder_for
 from machinery.images import list_images, load_rgb
 from machinery.onnx_export import export_onnx, onnx_session
 from machinery.precision import PRECISIONS, autocast
 from machinery.upscale import tensor_to_image, tiling, upscale
 from model import NETWORKS, build_network
 from resize import downsample
-from utils import make_parser, positive_int, run_cli, select_device, sigterm_raises
+from utils import make_parser, positive_int, run_cli, select_device, shown, sigterm_raises, warnings_held
 
 
 class Plan(NamedTuple):
@@ -214,7 +219,8 @@ def bench_data(folder: Path, plan: Plan) -> dict:
     the first row's ratio needs it)."""
     paths = list_images(folder)
     start = time.perf_counter()
-    data = TrainDataset(folder, scale=SCALE, patch_size=LR_PATCH * SCALE, patches_per_image=5000)
+    data = TrainDataset(folder, scale=SCALE, patch_size=LR_PATCH * SCALE, patches_per_image=5000,
+                        quiet=True)  # no bar: it would show the temporary folder's name, and is timed
     out = {"data_decode_all_s": time.perf_counter() - start, "data_images": len(paths)}
     naive = DataLoader(DecodePerPatch(paths, 50), batch_size=plan.batch, shuffle=True, num_workers=1,
                        generator=torch.Generator().manual_seed(0))
@@ -252,9 +258,9 @@ def run_infer(args: list[str]) -> tuple[float | None, float, bool]:
     return peak_kb * 1024 / 1e9, seconds, "tiling it by" in result.stderr
 
 
-def bench_inference(device, folder: Path, plan: Plan, memory: bool, precision: str, model_args: dict) -> dict:
+def bench_inference(device, folder: Path, plan: Plan, precision: str, model_args: dict) -> dict:
     """infer.py's path in fp32 and `precision` against the plain model call (measured first: each
-    row's ratio needs it), tiled against untiled; onnxruntime; infer.py's memory on a large input."""
+    row's ratio needs it), tiled against untiled; onnxruntime."""
     torch.manual_seed(0)
     model = build_fast_network(model_args).to(device, memory_format=torch.channels_last).eval()
     width, height = plan.infer_lr
@@ -273,8 +279,6 @@ def bench_inference(device, folder: Path, plan: Plan, memory: bool, precision: s
             out |= {f"max_abs_diff_from_fp32_{name}": diff, f"psnr_vs_fp32_{name}": psnr}
     if device.type == "cpu":
         out |= bench_onnxruntime(model, lr, out_mp, plan.repeats, sr["fp32"], out)
-    if memory:
-        out |= bench_memory(model, hr, device, model_args, plan.big_lr)
     return out
 
 
@@ -309,17 +313,19 @@ def bench_upscale(model: torch.nn.Module, lr: np.ndarray, name: str, repeats: in
             f"tiled_max_abs_diff_{name}": max_diff(whole, tiled)}, whole
 
 
-def bench_memory(model: torch.nn.Module, hr: np.ndarray, device, model_args: dict, size: tuple[int, int]) -> dict:
-    """Peak memory and speed of infer.py in a fresh process on a `size` (width, height) input,
-    fp32, tiled and untiled."""
+def bench_memory(device, folder: Path, model_args: dict, size: tuple[int, int]) -> dict:
+    """Peak memory and speed of infer.py in a fresh process on the first image of `folder` resized
+    to `size` (width, height), fp32, tiled and untiled."""
     (width, height), out = size, {}
     big_out = dims((width * SCALE, height * SCALE))
+    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        Image.fromarray(hr).resize(size, Image.BICUBIC).save(tmp / "big.png")
+        Image.fromarray(load_rgb(list_images(folder)[0])).resize(size, Image.BICUBIC).save(tmp / "big.png")
         ckpt = tmp / "model.pt"
-        save_checkpoint({"model": model.state_dict(), "model_args": model_args}, ckpt)
+        save_checkpoint({"model": build_network(model_args).state_dict(), "model_args": model_args}, ckpt)
         common = [str(tmp / "big.png"), "--checkpoint", str(ckpt), "--device", device.type, "--precision", "fp32"]
+        row("infer.py in its own process: memory, speed", "peak", "MP/s")  # not the columns above
         for name, extra in (("tile256", ["--tile", "256"]), ("untiled", ["--tile", "0"])):
             peak, seconds, auto_tiled = run_infer(common + ["-o", str(tmp / f"{name}.png"), *extra])
             mp_s = width * height * SCALE ** 2 / 1e6 / seconds
@@ -414,7 +420,10 @@ def main(args):
 
 
 def measure(device, args) -> None:
-    """Every row, each printed as soon as it is measured, then one JSON line with every figure."""
+    """Every row, each printed as soon as it is measured, the warnings under them, then the figures
+    as JSON where --json says (`write_figures`)."""
+    if args.json not in (None, "-"):  # before any work
+        check_output_file(args.json, overwrite=True)
     precision = reduced_precision(args.precision, device)
     model_args, loss = {"arch": args.arch, "scale": SCALE}, WeightedLoss(args.loss)
     if args.data_cache:
@@ -422,21 +431,51 @@ def measure(device, args) -> None:
     plan = QUICK if args.quick else FULL._replace(steps=args.steps)
     figures = run_figures(device, precision, args.arch, loss.spec, args.quick, data_cache=False)
     header(figures, f"{args.arch} benchmark (loss {loss.spec})", (args.arch, "plain", "ratio"))
-    figures |= measure_all(device, plan, precision, model_args, loss, memory=not args.skip_memory)
-    print(json.dumps(figures), flush=True)
+    print(PLAIN, flush=True)
+    with warnings_held():
+        figures |= measure_all(device, plan, precision, model_args, loss, memory=not args.skip_memory)
+    write_figures(figures, args.json)
+
+
+# Under the columns' names: what the "plain" column measures (docs/speed.md says more).
+PLAIN = ("  plain: model.py's network as drawn, NCHW, fp32, a plain call; data: a DataLoader process "
+         "decoding the file per patch")
+
+
+def write_figures(figures: dict, target: str | None) -> None:
+    """Every figure as one JSON line: into the file `target` (--json FILE), on stdout with --json -
+    or where stdout is a file or a pipe; a terminal gets a line saying how to keep them instead."""
+    text = json.dumps(figures)
+    if target not in (None, "-"):
+        with folder_for(Path(target)), atomic_path(Path(target)) as tmp:
+            Path(tmp).write_text(text + "\n")
+        print(f"every figure as JSON: {shown(target)}", flush=True)
+    elif target == "-" or not sys.stdout.isatty():
+        print(text, flush=True)
+    else:
+        print("every figure as JSON: --json FILE (or --json - here)", flush=True)
+
+
+def json_output(text: str) -> str:
+    """--json: '-' or a file name ending in .json."""
+    if text != "-" and not text.lower().endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{text}: name a .json file (or - for stdout)")
+    return text
 
 
 def measure_all(device, plan: Plan, precision: str, model_args: dict, loss: WeightedLoss, memory: bool) -> dict:
-    """Sections 1 to 4, on synthetic 2K images in a temporary folder."""
+    """Sections 1 to 5, on synthetic 2K images in a temporary folder."""
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_2k_images(folder, plan.images)
         figures |= bench_training(device, plan, precision, model_args, loss)
         figures |= bench_data(folder, plan)
-        figures |= bench_inference(device, folder, plan, memory=memory, precision=precision, model_args=model_args)
+        figures |= bench_inference(device, folder, plan, precision=precision, model_args=model_args)
         figures |= bench_video(device, folder, plan, precision)
         figures |= bench_evaluate(folder, device, model_args, plan)
+        if memory:  # last: its rows have columns of their own
+            figures |= bench_memory(device, folder, model_args, plan.big_lr)
     return figures
 
 
@@ -449,6 +488,10 @@ def build_parser():
     parser.add_argument("--arch", choices=NETWORKS, default="resshuffle", help="the network measured (x4)")
     parser.add_argument("--loss", type=loss_spec, default="l1",
                         help="the training loss the step runs, as train.py --loss")
+    parser.add_argument("--json", type=json_output, default=None, metavar="FILE",
+                        help="write every figure as one JSON line to FILE (.json, replaced if it exists), or to "
+                             "stdout with -; None: to stdout where it is a file or a pipe, not on a terminal "
+                             "(--data_cache prints its own line)")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed repeats per training measurement")
     parser.add_argument("--skip_memory", action="store_true",
                         help=f"skip the two memory runs ({dims((FULL.big_lr[0] * SCALE, FULL.big_lr[1] * SCALE))} "

@@ -4,7 +4,13 @@
     net = torch.hub.load("path/to/ResShuffle", "resshuffle", scale=4, pretrained=True, source="local")
     net = torch.hub.load("path/to/ResShuffle", "network", arch="espcn", scale=4, source="local")
     net = torch.hub.load("path/to/ResShuffle", "from_checkpoint", path="my_run/best.pt", source="local")
-    sr = net(lr)  # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W); machinery.upscale.upscale tiles large images
+    sr = net(lr)  # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W) in [0, 1]; machinery.upscale.upscale tiles large images
+
+The networks overshoot at sharp edges (the shipped x4 gives -0.06 to 1.02 on photos), and
+`to_pil_image` or `mul(255).byte()` would wrap such values round (just below 0 to near 255). So each network
+returned here clamps its output to [0, 1] in eval mode (a forward hook: the class, state_dict keys
+and parameters are the network's own). In train mode, as a new network starts, the output is left
+as it is, so that the loss's gradient reaches every pixel.
 
 This repository's modules have plain names (utils, model, ...) that a caller may use for its own
 modules. So they are imported here under private names, `_resshuffle_hub_<clone>.<name>`: the caller's
@@ -55,15 +61,25 @@ def _ours(module) -> bool:
     return path is not None and Path(path).resolve().parent in (HERE, HERE / PACKAGE)
 
 
+def _clamp_in_eval(module, args, output):
+    """A forward hook: the output in [0, 1], as images hold them, where the network is used (eval mode)."""
+    return output if module.training else output.clamp(0, 1)
+
+
+def _clamped(net):
+    net.register_forward_hook(_clamp_in_eval)
+    return net
+
+
 def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, **model_args):
-    """A network of model.NETWORKS. pretrained: the shipped checkpoint's weights for `arch` and
-    `scale`, in eval mode, on the CPU (`model_args` must then be the shipped ones, or left out);
-    otherwise a new network, `model_args` as its class takes them."""
+    """A network of model.NETWORKS, its output clamped to [0, 1] in eval mode. pretrained: the shipped
+    checkpoint's weights for `arch` and `scale`, in eval mode, on the CPU (`model_args` must then be
+    the shipped ones, or left out); otherwise a new network, `model_args` as its class takes them."""
     if not isinstance(scale, int) or isinstance(scale, bool):
         raise ValueError(f"scale must be an int (2, 3, 4 or 8), got {type(scale).__name__} {scale!r}")
     checkpoint = _repo(f"{PACKAGE}.checkpoint")
     if not pretrained:
-        return _repo(f"{PACKAGE}.fast").build_fast_network({"arch": arch, "scale": scale, **model_args})
+        return _clamped(_repo(f"{PACKAGE}.fast").build_fast_network({"arch": arch, "scale": scale, **model_args}))
     if scale not in checkpoint.SHIPPED.get(arch, ()):
         raise ValueError(f"pretrained weights ship for {checkpoint.shipped_names(None)}, not {arch} x{scale}; "
                          f"pass pretrained=False")
@@ -71,14 +87,15 @@ def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, *
     if any(info["model_args"].get(k) != v for k, v in model_args.items()):
         raise ValueError(f"the shipped {arch} x{scale} network is {info['model_args']}; "
                          f"pass pretrained=False for other model_args")
-    return net
+    return _clamped(net)
 
 
 def from_checkpoint(path: str, raw_weights: bool = False):
     """The network any checkpoint (.pt or .safetensors, a run's or an export) describes, with its
-    weights (the EMA ones where it has them, unless `raw_weights`), in eval mode, on the CPU."""
+    weights (the EMA ones where it has them, unless `raw_weights`), in eval mode, on the CPU, its
+    output clamped to [0, 1]."""
     net, _ = _repo(f"{PACKAGE}.checkpoint").load_model(path, _cpu(), raw_weights=raw_weights)
-    return net
+    return _clamped(net)
 
 
 def resshuffle(scale: int = 4, pretrained: bool = True, **model_args):

@@ -5,6 +5,8 @@ its log.csv columns and benchmark.py take it. Each function maps (sr, hr), float
 (N, 3, H, W) in [0, 1], to a scalar tensor.
 """
 import argparse
+import re
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +56,14 @@ class WeightedLoss:
         return sum(w * t for w, t in zip(self.weights, terms))
 
 
+# A "+" that joins two terms: not the sign of a weight's exponent ("2e+07*fft").
+TERM_SEPARATOR = re.compile(r"(?<![0-9.][eE])\+")
+
+
 def parse_loss(spec: str) -> list[tuple[float, str]]:
     """'l1+0.05*fft' -> [(1.0, 'l1'), (0.05, 'fft')]. ValueError names what is wrong."""
     pairs = []
-    for term in spec.replace(" ", "").split("+"):
+    for term in TERM_SEPARATOR.split(spec.replace(" ", "")):
         weight, _, name = term.rpartition("*")
         if name not in LOSSES:
             raise ValueError(f"{name or term!r} is not a loss (known: {', '.join(LOSSES)})")
@@ -67,6 +73,9 @@ def parse_loss(spec: str) -> list[tuple[float, str]]:
             raise ValueError(f"{weight!r} in {term!r} is not a number") from None
         if not w > 0 or w == float("inf"):
             raise ValueError(f"the weight of {name} must be a positive number, got {weight}")
+        if w < sys.float_info.min:  # below it floats lose precision, and the term its meaning
+            raise ValueError(f"the weight of {name}, {weight}, is subnormal (below {sys.float_info.min:.4g}): "
+                             f"too small to count")
         if name in [n for _, n in pairs]:
             raise ValueError(f"{name} appears twice; give it once, with its weight")
         pairs.append((w, name))
@@ -74,8 +83,14 @@ def parse_loss(spec: str) -> list[tuple[float, str]]:
 
 
 def format_loss(pairs: list[tuple[float, str]]) -> str:
-    """The spec in one spelling, so that 'l1 + 1*fft' and 'l1+fft' are the same run's."""
-    return "+".join(name if w == 1 else f"{w:g}*{name}" for w, name in pairs)
+    """The spec in one spelling, so that 'l1 + 1*fft' and 'l1+fft' are the same run's. Each weight
+    exactly (repr: the shortest spelling that reads back as the same float), and with no "+" in it."""
+    return "+".join(name if w == 1 else f"{format_weight(w)}*{name}" for w, name in pairs)
+
+
+def format_weight(w: float) -> str:
+    """2e7 -> '20000000', 1e16 -> '1e16', 0.05 -> '0.05': exact, and read back by float()."""
+    return repr(w).replace("e+", "e").removesuffix(".0")
 
 
 def loss_spec(text: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from machinery.curves import write_curves
 from machinery.files import check_output_file, folder_for
 from machinery.runs import read_log
-from utils import UserError, make_parser, run_cli
+from utils import UserError, make_parser, run_cli, shown
 
 
 def main(args):
@@ -30,7 +30,7 @@ def main(args):
                          bicubic_psnr=args.bicubic)
     except ValueError as e:  # a value that is not a number
         raise UserError(f"{log}: {e}") from None
-    print(f"{log} ({len(rows)} epochs) -> {out}")
+    print(f"{shown(log)} ({len(rows)} epochs) -> {shown(out)}")
 
 
 def default_output(log: Path) -> Path:

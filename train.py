@@ -45,7 +45,7 @@ from dataset import (
 )
 from losses import LOSSES, WeightedLoss, loss_spec
 from machinery import distributed
-from machinery.checkpoint import export_weights, load_checkpoint, save_checkpoint
+from machinery.checkpoint import check_model_args, export_weights, load_checkpoint, save_checkpoint
 from machinery.curves import crop_panel, log_to_tensorboard, open_tensorboard, tensorboard_writer, write_curves
 from machinery.datacache import default_cache_dir
 from machinery.fast import build_fast_network
@@ -77,6 +77,7 @@ from utils import (
     seed_everything,
     seed_int,
     select_device,
+    shown,
     warn,
 )
 
@@ -213,7 +214,8 @@ def train(args):
             if distributed.any_process(stop.signum is not None, run.device) and epoch < args.num_epochs:
                 stop_all(run, stop, f"after epoch {epoch}")
     if run.lead:
-        print(f"done: best val PSNR {run.best_psnr:.4f} dB at epoch {run.best_epoch}; checkpoints in {run.folder}")
+        print(f"done: best val PSNR {run.best_psnr:.4f} dB at epoch {run.best_epoch}; "
+              f"checkpoints in {shown(run.folder)}")
 
 
 def stop_all(run: Run, stop: StopSignal, where_text: str) -> None:
@@ -233,7 +235,7 @@ def start_run(args) -> Run | None:
     args.train_dir, args.val_dir = str(Path(args.train_dir).resolve()), str(Path(args.val_dir).resolve())
     if checkpoint and checkpoint["epoch"] >= args.num_epochs:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{args.resume}: trained {checkpoint['epoch']} of --num_epochs {args.num_epochs} already; "
+            print(f"{shown(args.resume)}: trained {checkpoint['epoch']} of --num_epochs {args.num_epochs} already; "
                   f"nothing to do (a higher --num_epochs goes on)")
         return None
     rank, world_size, device = distributed.setup(args.device)
@@ -283,6 +285,7 @@ def tensorboard_here(args) -> bool:
 def run_identity(args, checkpoint: dict | None) -> tuple[dict, Path]:
     """The network's model_args and the run's folder: the checkpoint's, or from the flags."""
     if checkpoint:
+        check_model_args(checkpoint["model_args"], args.resume)
         return checkpoint["model_args"], Path(args.resume).parent
     model_args = network_args(args)
     run_name = args.run_name or f"x{args.upscale_factor}_{datetime.now():%Y%m%d-%H%M%S}"
@@ -366,6 +369,8 @@ def resumed_checkpoint(args) -> dict | None:
         raise UserError(f"{args.resume}: --resume continues a run from its last.pt; resuming this file would "
                         f"rewind the run (replacing its last.pt and log rows); to branch off it, copy it into a "
                         f"new folder as last.pt and resume that")
+    retyped = [name for name in args.given if FLAGS[name] == "session"]  # the run's value is not used
+    checkpoint["args"] = saved_flags(checkpoint["args"], args.resume, skip=retyped)
     device = args.device if "device" in args.given else checkpoint["args"].get("device", "auto")
     checkpoint = upgrade_run_checkpoint(checkpoint, args.resume, device_type=select_device(device).type)
     # The run's flags; its precision is the one it trains in (args may hold the "auto" it was asked).
@@ -382,6 +387,37 @@ def resumed_checkpoint(args) -> dict | None:
         raise UserError(f"{args.resume}: holds precision {args.precision!r}, none of {', '.join(PRECISIONS)}; "
                         f"pass --precision")
     return checkpoint
+
+
+def saved_flags(saved, path, skip: list[str]) -> dict:
+    """A run checkpoint's flags, each read as if typed on the command line: through its flag's type
+    and choices, so that a hand-edited last.pt (`lr: "fast"`, `batch_size: 0`) is refused in one line
+    naming the flag, as the typed value would be, not met as a traceback mid-run. Those in `skip`
+    (typed again) are not read."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{shown(path)}: its args are a {type(saved).__name__}, not the run's flags")
+    parser = build_parser()
+    return saved | {name: flag_as_typed(parser, name, value, path) for name, value in saved.items()
+                    if FLAGS.get(name, "command") != "command" and name not in skip}
+
+
+def flag_as_typed(parser: argparse.ArgumentParser, name: str, value, path):
+    """`value`, from the checkpoint `path`, as `--name value` would have given it."""
+    def refuse(message: str):
+        raise UserError(f"{shown(path)}: the run's --{name} is {shown(repr(value))}, which train.py refuses: "
+                        f"{shown(message)}")
+
+    parser.error = refuse  # argparse's error() prints the usage and exits; here one line says it
+    default = parser.get_default(name)
+    if isinstance(default, bool):  # a switch: --mean_shift, --tensorboard
+        if not isinstance(value, bool):
+            refuse("it is a switch, true or false")
+        return value
+    if value is None and default is None:  # not given when the run started (--patch_size, --run_name)
+        return None
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        refuse("not a value a flag takes")
+    return getattr(parser.parse_args([f"--{name}={value}"]), name)  # a float's str is exact (repr)
 
 
 def note_process_count(run: Run, checkpoint: dict) -> None:
@@ -469,7 +505,7 @@ def announce(run: Run) -> None:
     """Rank 0: what is trained on what, and bicubic's validation score to beat."""
     args, data, n = run.args, run.loader.dataset, run.world_size
     n_params = count_parameters(run.model)
-    print(f"run {run.folder}: {run.model_args}, {n_params:,} parameters, device {run.device}, "
+    print(f"run {shown(run.folder)}: {run.model_args}, {n_params:,} parameters, device {run.device}, "
           f"precision {run.precision} ({run.precision_why})")
     if n > 1:
         print(f"distributed: {n} processes ({torch.distributed.get_backend()}), batch {args.batch_size} per process, "
@@ -481,7 +517,7 @@ def announce(run: Run) -> None:
     print(f"val bicubic {metric_labels()}: {format_scores(run.bicubic)}")
     if args.resume:
         best = f"best PSNR {run.best_psnr:.4f} dB" if math.isfinite(run.best_psnr) else "not validated yet"
-        print(f"resumed from {args.resume} {where(run)}, lr {run.scheduler.get_last_lr()[0]:.3g}, {best}")
+        print(f"resumed from {shown(args.resume)} {where(run)}, lr {run.scheduler.get_last_lr()[0]:.3g}, {best}")
 
 
 # ---------------------------------------------------------------- one epoch

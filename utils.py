@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,12 @@ def run_cli(main, args) -> None:
     try:
         main(args)
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {shown(e)}", file=sys.stderr)  # names in it can't act on the terminal
         sys.exit(1)
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
-        print(f"{prog}: error: out of memory ({first_line(e)}): use a smaller --tile (or --batch_size)",
-              file=sys.stderr)
+        print(f"{prog}: error: out of memory ({shown(first_line(e))}): {memory_hint(prog)}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # a path typed with a name too long, met wherever it is first used
         if e.errno != errno.ENAMETOOLONG:
@@ -50,6 +50,17 @@ def run_cli(main, args) -> None:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; outputs already written are complete, none is half-written", file=sys.stderr)
         sys.exit(130)
+
+
+# What to lower when a script runs out of memory: its own flags, by script.
+MEMORY_HINTS = {"train": "use a smaller --batch_size or --patch_size", "infer": "use a smaller --tile",
+                "evaluate": "use a smaller --tile", "app": "use a smaller --tile",
+                "benchmark": "use --quick, or --skip_memory"}
+
+
+def memory_hint(prog: str) -> str:
+    """What script `prog` (train.py, ...) can do about running out of memory."""
+    return MEMORY_HINTS.get(Path(prog).stem, "free some memory, or give it a smaller input")
 
 
 def name_too_long(path) -> str:
@@ -92,9 +103,33 @@ def shown(name) -> str:
     return UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", str(name))
 
 
+# The messages warn() keeps while warnings_held() is in force (a list); None: each printed at once.
+_held = None
+
+
 def warn(message: str) -> None:
     """A one-line warning on stderr (not `warnings`, which prints a source line with it)."""
-    tqdm.write(f"{Path(sys.argv[0]).name}: warning: {message}", file=sys.stderr)  # above a progress bar, not into it
+    if _held is not None:
+        _held.append(message)
+        return
+    tqdm.write(f"{Path(sys.argv[0]).name}: warning: {shown(message)}", file=sys.stderr)  # above a progress bar
+
+
+@contextlib.contextmanager
+def warnings_held():
+    """warn()'s messages, and Python's warnings in one line each, kept while inside and printed on
+    leaving, however it is left: under a table printed a row at a time, not between two rows."""
+    global _held
+    outer, _held = _held, []
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # each once per place, as Python shows them
+            yield
+    finally:
+        held, _held = _held, outer
+        for message in held + [f"{w.category.__name__}: {first_line(w.message)}" for w in caught]:
+            warn(message)
 
 
 # ---------------------------------------------------------------- runtime
@@ -107,13 +142,16 @@ def seed_everything(seed: int) -> None:
 
 def select_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when available, else CPU; a device this machine lacks ('cuda' without a
-    GPU, 'mps', 'meta', ...) is a one-line error."""
+    GPU, 'mps', ...), or 'meta' (shapes only), is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "meta":  # torch has it on every machine, for shapes without data
+        raise UserError(f"device {name!r} is torch's device of shapes without data: no script can compute on "
+                        f"it; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but CUDA is not available here")
     backend = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...: each says whether it is here

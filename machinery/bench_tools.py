@@ -1,8 +1,8 @@
 """What benchmark.py and the runs beside it (cache_study, machine_check) share: synthetic images, timing, the table.
 
 Each prints a table a row at a time, each row as soon as it is measured (a full run takes
-minutes), then one JSON line with every figure; SIGTERM unwinds the stack as Ctrl-C does, so
-their temporary folders and child processes go with it.
+minutes), then every figure as one JSON line (benchmark.py: where --json says); SIGTERM unwinds
+the stack as Ctrl-C does, so their temporary folders and child processes go with it.
 """
 import signal
 import sys

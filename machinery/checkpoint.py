@@ -17,8 +17,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from model import DEFAULT_ARCH, build_network
-from utils import REPO, UserError, first_line
+from model import DEFAULT_ARCH, NETWORKS, build_network, network_options
+from utils import REPO, UserError, first_line, shown
 
 from .fast import build_fast_network
 from .files import atomic_path, check_output_file, file_ids, make_dir
@@ -207,9 +207,7 @@ def network_for(state, model_args, path) -> torch.nn.Module:
     the weights `state`: first built on the meta device (allocating nothing), stopped early where
     it outgrows the weights, as a small file claiming num_residuals 100,000 would (minutes and
     gigabytes to build for real)."""
-    if not isinstance(model_args, dict) or not all(isinstance(v, (str, int, float, bool, type(None)))
-                                                  for v in model_args.values()):
-        raise UserError(f"{path}: its model_args are not a network's options (names with plain values)")
+    check_model_args(model_args, path)
     tensors = [t for t in state.values() if isinstance(t, torch.Tensor)] if isinstance(state, dict) else []
     held = sum(t.numel() for t in tensors)
     too_large = f"{path}: its model_args {model_args} describe a network far larger than the {held:,} weights it holds"
@@ -221,6 +219,29 @@ def network_for(state, model_args, path) -> torch.nn.Module:
     if mismatch:
         raise UserError(f"{path}: its weights do not match its model_args {model_args}: {mismatch}")
     return build_fast_network(model_args)
+
+
+def check_model_args(model_args, path) -> None:
+    """model_args are names with plain values, and each option of the network has its default's
+    type: a bool ("no" would be true), an int (8.0 or "8" builds nothing), a float (an int will do).
+    A UserError naming the key, its value and the type expected."""
+    if not isinstance(model_args, dict) or not all(isinstance(v, (str, int, float, bool, type(None)))
+                                                  for v in model_args.values()):
+        raise UserError(f"{shown(path)}: its model_args are not a network's options (names with plain values)")
+    arch = model_args.get("arch", DEFAULT_ARCH)
+    if not isinstance(arch, str) or arch not in NETWORKS:
+        return  # build_network names an unknown network
+    for key, default in ({"scale": 4} | network_options(arch)).items():
+        value = model_args.get(key, default)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            expected = "a boolean (true or false)"
+        elif isinstance(default, int) and not isinstance(default, bool) and (type(value) is not int):
+            expected = "an integer"
+        elif isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            expected = "a number"
+        else:
+            continue
+        raise UserError(f"{shown(path)}: its model_args {key} is {shown(repr(value))}: {key} takes {expected}")
 
 
 @contextlib.contextmanager
@@ -292,7 +313,8 @@ def export_weights(src: str | Path, dst: str | Path, overwrite: bool = False, su
         what = f"the network with its {info['weights']} weights, any batch, height and width"
     else:
         save_checkpoint(keep, dst)
-    print(f"{src} ({describe_progress(checkpoint)}) -> {dst}: {what}; model_args {checkpoint['model_args']}")
+    print(f"{shown(src)} ({describe_progress(checkpoint)}) -> {shown(dst)}: {what}; "
+          f"model_args {shown(checkpoint['model_args'])}")
 
 
 def is_run_checkpoint(path: str | Path) -> bool:

@@ -13,6 +13,7 @@ import numpy as np
 
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from metrics import METRICS  # noqa: E402
 from resize import resize_bicubic  # noqa: E402
@@ -25,9 +26,19 @@ NOT_SCALARS = ("epoch", "seconds", "precision")  # log.csv columns TensorBoard d
 
 
 def write_curves(rows: list[dict], path: Path, title: str = "", bicubic_psnr: float | None = None) -> None:
-    """Draw log.csv `rows` (runs.read_log) into the PNG `path`, atomically: one panel per metric
-    (validation against bicubic's, from the log's bicubic_<metric> column; `bicubic_psnr`
-    overrides PSNR's), the training loss (and each term of a sum), the learning rate."""
+    """Draw log.csv `rows` (runs.read_log) into the PNG `path`, atomically (`curves_figure`)."""
+    fig = curves_figure(rows, title=title, bicubic_psnr=bicubic_psnr)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+
+
+def curves_figure(rows: list[dict], title: str = "", bicubic_psnr: float | None = None) -> plt.Figure:
+    """log.csv `rows` drawn: one panel per metric (validation against bicubic's, from the log's
+    bicubic_<metric> column; `bicubic_psnr` overrides PSNR's), the training loss (and each term of
+    a sum), the learning rate."""
     def series(key):
         points = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key)]
         return [p[0] for p in points], [p[1] for p in points]
@@ -40,7 +51,7 @@ def write_curves(rows: list[dict], path: Path, title: str = "", bicubic_psnr: fl
         if bicubic is not None and math.isfinite(bicubic):
             ax.axhline(bicubic, color="gray", linestyle="--", label=f"bicubic {bicubic:.4g}")
         ax.set(title=f"validation {metric.label}{f' ({metric.unit})' if metric.unit else ''}", xlabel="epoch")
-        ax.legend(loc="lower right")
+        legend_below(ax)
     loss_ax, lr_ax = axes[-2:]
     loss_ax.plot(*series("loss"), color="tab:red", label="loss")
     terms = [k for k in rows[0] if k.startswith("loss_")] if rows else []
@@ -48,18 +59,21 @@ def write_curves(rows: list[dict], path: Path, title: str = "", bicubic_psnr: fl
         loss_ax.plot(*series(key), label=key[len("loss_"):], linewidth=1)
     loss_ax.set(title="training loss", xlabel="epoch")
     if len(terms) > 1:
-        loss_ax.legend(loc="upper right")
+        legend_below(loss_ax)
     lr_ax.plot(*series("lr"), color="tab:green")
     lr_ax.set(title="learning rate", xlabel="epoch", yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.25
     if title:
         fig.suptitle(title)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
-    finally:
-        plt.close(fig)
+    return fig
+
+
+def legend_below(ax) -> None:
+    """The panel's legend under it, beside the epoch label: inside, any corner is where some run's
+    curves end (the last point is the one looked at)."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize="small", frameon=False)
 
 
 def tensorboard_writer():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from metrics import METRICS
 from model import DEFAULT_ARCH
-from utils import STOP_SIGNALS, UserError, warn
+from utils import STOP_SIGNALS, UserError, shown, warn
 
 from .files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
 
@@ -184,8 +184,8 @@ class StopSignal:
         signum = self.signum or signal.SIGTERM  # under torchrun, another process may have had it
         launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
         if not self.quiet:
-            say(f"stopped by {signal.Signals(signum).name} {where}; saved {path}\n"
-                f"resume with: {launcher} {sys.argv[0]} --resume {path}")
+            say(f"stopped by {signal.Signals(signum).name} {where}; saved {shown(path)}\n"
+                f"resume with: {launcher} {sys.argv[0]} --resume {shown(path)}")
         sys.exit(128 + signum)
 
 

@@ -71,8 +71,8 @@ def test_each_inference_row_is_shown_before_the_next_measurement_starts(monkeypa
     monkeypatch.setattr(benchmark, "bench_onnxruntime", lambda *args: {})  # an export takes seconds
     folder = make_images(tmp_path / "images")
     with contextlib.redirect_stdout(terminal):
-        figures = benchmark.bench_inference(torch.device("cpu"), folder, benchmark.QUICK, memory=False,
-                                            precision="bf16", model_args={"arch": "espcn", "scale": 4})
+        figures = benchmark.bench_inference(torch.device("cpu"), folder, benchmark.QUICK, precision="bf16",
+                                            model_args={"arch": "espcn", "scale": 4})
     lines = terminal.seen.splitlines()
     # The calls: the plain model, then untiled and tiled in fp32, then in bf16.
     assert shown == ["", ""] + ["\n".join(lines[:n]) + "\n" for n in (1, 3, 4)]

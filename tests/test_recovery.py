@@ -125,6 +125,23 @@ def test_a_signal_to_a_real_process_saves_and_prints_how_to_resume(image_dir, tm
 
 
 @pytest.mark.slow
+def test_sighup_from_a_closed_terminal_saves_last_pt_and_the_run_resumes(image_dir, tmp_path):
+    run_dir = tmp_path / "runs" / "hung_up"
+    proc = start(["train.py", *train_args(image_dir, tmp_path / "runs", "hung_up", "--num_epochs", "100000",
+                                          "--patience", "0")])
+    wait_for(run_dir / "last.pt", proc)
+    os.killpg(proc.pid, signal.SIGHUP)  # as a closed terminal or ssh session: the whole process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    assert "stopped by SIGHUP" in out and "Traceback" not in err
+    assert f"resume with: python train.py --resume {run_dir / 'last.pt'}" in out
+    saved = load_checkpoint(run_dir / "last.pt")
+    code, out, err = run_main(train, "--resume", run_dir / "last.pt", "--num_epochs", str(saved["epoch"] + 1))
+    assert code == 0 and f"resumed from {run_dir / 'last.pt'}" in out, err
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == saved["epoch"] + 1
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(image_dir, tmp_path):
     # A 0.6M-parameter network: its checkpoint (weights and Adam moments) takes a while to write.
     args = ["--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path / "runs",
