@@ -427,7 +427,7 @@ def measure(device, args) -> None:
     precision = reduced_precision(args.precision, device)
     model_args, loss = {"arch": args.arch, "scale": SCALE}, WeightedLoss(args.loss)
     if args.data_cache:
-        return cache_study.measure(device, args.quick, model_args, loss, precision)
+        return write_figures(cache_study.measure(device, args.quick, model_args, loss, precision), args.json)
     plan = QUICK if args.quick else FULL._replace(steps=args.steps)
     figures = run_figures(device, precision, args.arch, loss.spec, args.quick, data_cache=False)
     header(figures, f"{args.arch} benchmark (loss {loss.spec})", (args.arch, "plain", "ratio"))

@@ -6,8 +6,8 @@ It makes a 2 GB set and takes minutes: the training set decoded into one file th
 process maps (machinery/datacache.py, train.py's default) against decoded into each process's
 memory (TrainDataset's cache_dir=None). The set: 230 names linked to 8 distinct 2K PNGs, 2.0 GB
 decoded with its x4 LR (--quick: 35 names, 0.3 GB), the cache beside it in a temporary folder
-(never the user's cache folder). Measured, each row printed as soon as it is, then one JSON line
-with every figure:
+(never the user's cache folder). Measured, each row printed as soon as it is, then every figure as
+JSON, where benchmark.py --json says:
 
 - seconds to construct TrainDataset: decoding, building the cache, mapping it;
 - PatchLoader's patches/s from each, the same batches, with 1 and 2 threads, beside what the
@@ -18,7 +18,6 @@ with every figure:
   root) limited to train.py's own peak plus half the set: the first should finish, the second
   be killed. Without root that row says skipped.
 """
-import json
 import os
 import re
 import signal
@@ -348,13 +347,13 @@ def last_line(text: str) -> str:
     return (text.strip().splitlines() or ["?"])[-1]
 
 
-def measure(device, quick: bool, model_args: dict, loss: WeightedLoss, precision: str) -> None:
-    """The table, a row at a time, then one JSON line with every figure (`precision`: the one
-    benchmark.py measures beside fp32, recorded there; the training step here runs in fp32)."""
+def measure(device, quick: bool, model_args: dict, loss: WeightedLoss, precision: str) -> dict:
+    """The table, a row at a time; every figure, for benchmark.py to write where --json says
+    (`precision`: the one benchmark.py measures beside fp32, recorded there; the training step
+    here runs in fp32)."""
     figures = run_figures(device, precision, model_args["arch"], loss.spec, quick, data_cache=True)
     header(figures, "data cache", ("mapped", "in memory", "ratio"))
-    figures |= bench_data_cache(device, CACHE_QUICK if quick else CACHE_FULL, model_args, loss)
-    print(json.dumps(figures), flush=True)
+    return figures | bench_data_cache(device, CACHE_QUICK if quick else CACHE_FULL, model_args, loss)
 
 
 def sizes() -> str:
