@@ -77,7 +77,9 @@ class SubpixelConv(nn.Module):
 
         Without gradients (inference) the pair is kept until the tensors change (their version
         counters move on every in-place update: optimizer steps, load_state_dict), so tiled
-        inference builds it once, not once per tile.
+        inference builds it once, not once per tile. It is built outside autocast, in the weight's
+        own dtype, so that it serves a bf16 call and a later fp32 one alike (conv2d casts it as
+        autocast says, as it would the plain conv's weight).
         """
         w, b, r = self.weight, self.bias, self.r
         if torch.is_grad_enabled() or w.is_inference():  # inference tensors keep no version counter
@@ -86,7 +88,8 @@ class SubpixelConv(nn.Module):
         if self._cache is None or self._cache[0] != key:
             # The detached views keep the tensors' memory alive, so no other tensor can take
             # their address and pass for them.
-            self._cache = (key, (w.detach(), b.detach()), subpixel_conv_weight(w, r), b.repeat_interleave(r * r))
+            with torch.autocast(w.device.type, enabled=False):
+                self._cache = (key, (w.detach(), b.detach()), subpixel_conv_weight(w, r), b.repeat_interleave(r * r))
         return self._cache[2:]
 
 

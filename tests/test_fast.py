@@ -101,6 +101,21 @@ def test_inference_builds_the_rearranged_tail_once_until_the_weights_change(monk
     assert len(built) == 3 and net.tail.weight.grad is not None
 
 
+def test_an_fp32_call_after_a_bf16_one_uses_the_fp32_tail():
+    """The tail kept from a bf16 autocast call must serve a later fp32 call (app.py and evaluate.py
+    run both precisions on one loaded network), and each call must equal the drawn network's."""
+    torch.manual_seed(0)
+    drawn = build_network({"arch": "resshuffle", "scale": 2, "num_features": 4, "num_residuals": 1}).eval()
+    net = fast_forms(copy.deepcopy(drawn))
+    x = torch.rand(1, 3, 6, 5)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, drawn_low = net(x), drawn(x)
+        full, drawn_full = net(x), drawn(x)
+    assert full.dtype == torch.float32 and torch.allclose(full, drawn_full, atol=1e-6)
+    assert torch.allclose(low.float(), drawn_low.float(), atol=2e-2)
+
+
 def test_a_fast_network_built_under_inference_mode_runs_there():
     with torch.inference_mode():
         net = build_fast_network({"arch": "resshuffle", "scale": 2, "num_features": 4, "num_residuals": 1}).eval()
