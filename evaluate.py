@@ -246,7 +246,9 @@ def main(args):
         table += set_means
     print_table(table, markdown=args.markdown)
     if args.csv:
-        with folder_for(Path(args.csv)), atomic_path(Path(args.csv)) as tmp, open(tmp, "w", newline="") as f:
+        # A name that is not UTF-8 (its bytes held as surrogates) goes into the table as those bytes.
+        with (folder_for(Path(args.csv)), atomic_path(Path(args.csv)) as tmp,
+              open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f):
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
             writer.writerows(all_rows)

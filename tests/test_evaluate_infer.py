@@ -33,6 +33,20 @@ def test_evaluate_prints_model_and_bicubic_and_writes_csv_and_images(image_dir, 
     assert "Y (BT.601)" in y.stdout and "crop border 0" in y.stdout
 
 
+def test_evaluates_csv_keeps_a_name_that_is_not_utf8_as_its_bytes(image_dir, tiny_checkpoint, tmp_path):
+    import os
+
+    import evaluate
+    from conftest import run_main
+    raw = os.fsencode(image_dir / "img0.png")
+    os.rename(raw, raw.replace(b"img0", b"x\xff"))
+    code, _, err = run_main(evaluate, "--data_dir", image_dir, "--checkpoint", tiny_checkpoint,
+                            "--csv", tmp_path / "table.csv")
+    assert code == 0, err
+    table = (tmp_path / "table.csv").read_bytes()
+    assert b"x\xff.png" in table and b"\\udcff" not in table
+
+
 @pytest.mark.slow
 def test_infer_output_is_exactly_scale_times_input(tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
