@@ -1,6 +1,6 @@
 """Draw a training run's log.csv as a PNG: each validation metric against bicubic's, loss, learning rate.
 
-usage: python plot.py checkpoints/NAME/log.csv [-o curves.png] [--bicubic 27.672] [--overwrite]
+usage: python plot.py checkpoints/NAME[/log.csv] [-o curves.png] [--bicubic 27.672] [--overwrite]
 
 train.py draws <run>/curves.png itself at every validation; this redraws one from any log,
 e.g. the shipped checkpoint's: python plot.py checkpoints/resshuffle_x4.log.csv -o show/resshuffle_x4_curves.png
@@ -10,11 +10,13 @@ from pathlib import Path
 from machinery.curves import write_curves
 from machinery.files import check_output_file, folder_for
 from machinery.runs import read_log
-from utils import UserError, make_parser, run_cli, shown
+from utils import UserError, make_parser, plural, run_cli, shown
 
 
 def main(args):
     log = Path(args.log)
+    if log.is_dir():  # a run's folder: its log
+        log = log / "log.csv"
     if not log.is_file():
         raise UserError(f"{log}: no such log file")
     rows = read_log(log)
@@ -30,7 +32,7 @@ def main(args):
                          bicubic_psnr=args.bicubic)
     except ValueError as e:  # a value that is not a number
         raise UserError(f"{log}: {e}") from None
-    print(f"{shown(log)} ({len(rows)} epochs) -> {shown(out)}")
+    print(f"{shown(log)} ({plural(len(rows), 'epoch')}) -> {shown(out)}")
 
 
 def default_output(log: Path) -> Path:
@@ -41,7 +43,7 @@ def default_output(log: Path) -> Path:
 
 def build_parser():
     parser = make_parser(__doc__)
-    parser.add_argument("log", help="a run's log.csv")
+    parser.add_argument("log", help="a run's log.csv, or its folder")
     parser.add_argument("-o", "--output", default=None,
                         help="the PNG to write; None: <log name>_curves.png beside the log "
                              "(log_curves.png for a run's)")

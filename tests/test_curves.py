@@ -116,9 +116,10 @@ def test_plot_after_a_run_writes_beside_the_log_without_touching_the_runs_curves
     code, _, err = train_tiny(image_dir, tmp_path, "--num_epochs", "1")
     assert code == 0, err
     run_curves = (tmp_path / "r" / "curves.png").read_bytes()
-    code, out, err = run_main(plot, tmp_path / "r" / "log.csv")
+    code, out, err = run_main(plot, tmp_path / "r")  # the run's folder stands for its log.csv
     assert code == 0, err
     assert (tmp_path / "r" / "log_curves.png").is_file() and "log_curves.png" in out
+    assert "(1 epoch)" in out  # not "1 epochs"
     assert (tmp_path / "r" / "curves.png").read_bytes() == run_curves
 
 
