@@ -14,7 +14,7 @@ from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from utils import UserError, shown, warn
 
-from .files import atomic_path
+from .files import atomic_path, not_a_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -66,6 +66,9 @@ def walk(folder: Path):
 @contextlib.contextmanager
 def readable(path: Path):
     """PIL's many exceptions for a file it can't (or won't) decode, as one line naming the file."""
+    kind = not_a_file(path)
+    if kind:  # never opened: a FIFO would wait for a writer for ever
+        raise UserError(f"{shown(path)}: {kind}, not a regular file: an image is read from a file")
     if not path.is_file():
         raise UserError(f"{shown(path)}: no such file")
     try:
