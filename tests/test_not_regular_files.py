@@ -62,3 +62,27 @@ def test_a_fifo_as_the_apps_checkpoint_says_what_it_is(tmp_path):
     fifo, _ = strange_files(tmp_path, ".mp4")
     code, _, err = run_main(app, "--port", "0", "--checkpoint", fifo)
     assert_one_line_error(code, err, f"{fifo}: is a FIFO (a named pipe), not a regular file")
+
+
+def test_a_folder_run_says_which_entries_it_left_out_as_not_files(tiny_checkpoint, image_dir, tmp_path):
+    strange_files(image_dir, ".png")
+    (image_dir / "folder.png").mkdir()  # a subfolder: infer says so already, as a subfolder
+    code, _, err = run_main(infer, image_dir, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out")
+    assert code == 0, err
+    left_out = [line for line in err.splitlines() if "not a regular file" in line or "not regular files" in line]
+    assert left_out == [f"infer.py: warning: {image_dir}: 2 entries named as images are not regular files, left "
+                        f"out: fifo.png is a FIFO (a named pipe); zero.png is a link to /dev/zero, a character "
+                        f"device"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img0_x4.png", "img1_x4.png", "img2_x4.png"]
+
+
+def test_the_left_out_entries_are_said_once_a_folder_and_the_first_few_named(tmp_path, capsys):
+    folder = tmp_path / "many"
+    for i in range(5):
+        strange_files(folder / "sub", f"{i}.jpg")
+    assert images.list_images(folder, recursive=True) == []
+    assert images.list_images(folder, recursive=True) == []  # train.py lists its folder twice
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder}: 10 entries named as images are not regular files" in err[0]
+    assert "sub/fifo0.jpg is a FIFO (a named pipe); sub/fifo1.jpg is a FIFO" in err[0]
+    assert err[0].endswith("; and 7 more")
