@@ -21,7 +21,7 @@ from model import DEFAULT_ARCH, NETWORKS, build_network, network_options
 from utils import REPO, UserError, first_line, shown
 
 from .fast import build_fast_network
-from .files import atomic_path, check_output_file, file_ids, make_dir
+from .files import atomic_path, check_output_file, file_ids, make_dir, not_a_file
 from .onnx_export import export_onnx, require_onnx
 
 # The shipped checkpoints, by network and scale, in checkpoints/ of the repository wherever the scripts run.
@@ -64,11 +64,14 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint dict with weights_only=True: a file that would run code is refused."""
     path = Path(path)
+    if path.is_dir() and (path / "last.pt").is_file():
+        raise UserError(f"{path}: is a run's folder; name its checkpoint: {path / 'last.pt'}")
+    kind = not_a_file(path)
+    if kind:  # never opened: a FIFO would wait for a writer for ever
+        raise UserError(f"{path}: {kind}, not a regular file: a checkpoint is read from a file")
     if not path.is_file() and path in shipped_paths():
         raise UserError(f"no checkpoint at {path}: restore the shipped one with `git -C {REPO} checkout -- "
                         f"checkpoints/{path.name}`, or pass one of yours with --checkpoint")
-    if path.is_dir() and (path / "last.pt").is_file():
-        raise UserError(f"{path}: is a run's folder; name its checkpoint: {path / 'last.pt'}")
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
     with open(path, "rb") as f:

@@ -15,6 +15,27 @@ from utils import UserError, name_too_long, shown, warn
 
 TMP_SUFFIX = ".tmp"
 
+# What a path that is not a regular file is, in the words an error uses.
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """What `path` is where it is there but not a regular file, for a message: "is a FIFO (a
+    named pipe)", "is a link to /dev/zero, a character device"; None for a regular file, and for
+    a path that can't be looked at (missing: the caller says so). Told by stat alone: opening a
+    FIFO waits for a writer for ever, and a device (/dev/zero) is read without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for is_kind, name in FILE_KINDS if is_kind(mode)), "not a file")
+    link = f"a link to {shown(os.readlink(path))}, " if os.path.islink(path) else ""
+    return f"is {link}{kind}"
+
+
 # Write failures for which the free space is the likely reason, and worth saying.
 SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from utils import UserError, shown, warn
+from utils import UserError, plural, shown, warn
 
-from .files import atomic_path
+from .files import atomic_path, not_a_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -47,8 +47,27 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
         hint = (f"; get DIV2K with: python download.py --root {shown(folder.parent)}"
                 if folder.name.startswith("DIV2K_") else "")
         raise UserError(f"{shown(folder)}: no such folder{hint}")
-    found = walk(folder) if recursive else folder.iterdir()
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    found = sorted(p for p in (walk(folder) if recursive else folder.iterdir())
+                   if p.suffix.lower() in IMAGE_EXTENSIONS)
+    say_left_out(folder, [(p, kind) for p in found if not p.is_dir() and (kind := not_a_file(p))])
+    return [p for p in found if p.is_file()]
+
+
+# The folders whose left-out entries this process has named: train.py lists its folder twice.
+LEFT_OUT_SAID = set()
+
+
+def say_left_out(folder: Path, left_out: list[tuple[Path, str]], named: int = 3) -> None:
+    """One warning for the entries of `folder` named as images that are not files (FIFOs, links
+    to devices: `not_a_file`'s kind), naming the first `named`. Subfolders are said by those
+    who search them or not."""
+    if not left_out or os.path.realpath(folder) in LEFT_OUT_SAID:
+        return
+    LEFT_OUT_SAID.add(os.path.realpath(folder))
+    names = [f"{shown(p.relative_to(folder))} {kind}" for p, kind in left_out[:named]]
+    more = f"; and {len(left_out) - named} more" if len(left_out) > named else ""
+    warn(f"{shown(folder)}: {plural(len(left_out), 'entry', 'entries')} named as images are not regular files, "
+         f"left out: {'; '.join(names)}{more}")
 
 
 def walk(folder: Path):
@@ -66,6 +85,9 @@ def walk(folder: Path):
 @contextlib.contextmanager
 def readable(path: Path):
     """PIL's many exceptions for a file it can't (or won't) decode, as one line naming the file."""
+    kind = not_a_file(path)
+    if kind:  # never opened: a FIFO would wait for a writer for ever
+        raise UserError(f"{shown(path)}: {kind}, not a regular file: an image is read from a file")
     if not path.is_file():
         raise UserError(f"{shown(path)}: no such file")
     try:

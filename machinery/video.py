@@ -15,7 +15,6 @@ import contextlib
 import io
 import os
 import signal
-import stat
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from utils import STOP_SIGNALS, UserError, first_line, plural, shown, warn
 
-from .files import atomic_path, folder_for
+from .files import atomic_path, folder_for, not_a_file
 from .upscale import DEFAULT_TILE, upscale
 
 try:
@@ -165,22 +164,16 @@ def probe(path: Path) -> VideoInfo:
         raise UserError(f"{shown(path)}: not a video FFmpeg can read ({ffmpeg_message(e)})") from None
 
 
-# What a path that is not a regular file is, in the words an error uses.
-FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
-              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
 def check_regular_file(path: Path) -> None:
     """Refuse, saying what it is, a path that is not a regular file: FFmpeg would wait on a FIFO
     for ever, and read a device (/dev/zero) without end."""
     try:
-        mode = os.stat(path).st_mode
+        os.stat(path)
     except OSError as e:
         raise UserError(f"{shown(path)}: cannot be read ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
-        kind = next((name for is_kind, name in FILE_KINDS if is_kind(mode)), "not a file")
-        link = f"a link to {shown(os.readlink(path))}, " if path.is_symlink() else ""
-        raise UserError(f"{shown(path)}: is {link}{kind}, not a regular file: a video is read from a file")
+    kind = not_a_file(path)
+    if kind:
+        raise UserError(f"{shown(path)}: {kind}, not a regular file: a video is read from a file")
 
 
 def read_info(path: Path, container) -> VideoInfo:
