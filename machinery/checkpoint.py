@@ -279,6 +279,8 @@ def weights_mismatch(expected: dict, state) -> str | None:
         if not isinstance(state[name], torch.Tensor) or state[name].shape != tensor.shape:
             found = tuple(state[name].shape) if isinstance(state[name], torch.Tensor) else type(state[name]).__name__
             return f"{name} is {found}, the network's is {tuple(tensor.shape)}"
+        if tensor.is_floating_point() and not state[name].is_floating_point():  # cast silently otherwise
+            return f"{name} is {state[name].dtype}, not real numbers in floating point"
     extra = [name for name in state if name not in expected]
     return f"{extra[0]} is not in the network" if extra else None
 

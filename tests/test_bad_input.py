@@ -225,6 +225,19 @@ def test_weights_holding_nan_or_inf_are_refused_in_one_line(tmp_path, photo):
     assert not (tmp_path / "a_x4.png").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_weights_that_are_not_real_floats_are_refused_in_one_line(tmp_path, photo, dtype):
+    """load_state_dict would cast them silently: integers truncated, complex numbers' imaginary parts
+    dropped with torch's two-line warning."""
+    photo.save(tmp_path / "a.png")
+    state = ResShuffle(**TINY).state_dict()
+    state["tail.weight"] = (state["tail.weight"] * 10).to(dtype)
+    save_checkpoint({"model": state, "model_args": TINY}, tmp_path / "odd.pt")
+    code, _, err = run_main(infer, tmp_path / "a.png", "--checkpoint", tmp_path / "odd.pt")
+    assert_one_line_error(code, err, "odd.pt: its weights do not match its model_args", f"tail.weight is {dtype}")
+    assert not (tmp_path / "a_x4.png").exists()
+
+
 def test_a_csv_name_ending_in_a_slash_is_a_folder_not_a_file(tiny_checkpoint, tmp_path, photo):
     (tmp_path / "val").mkdir()
     photo.save(tmp_path / "val" / "a.png")
