@@ -182,7 +182,7 @@ class Run:
 
     def restore_rng(self, rng: dict) -> None:
         torch.set_rng_state(rng["torch"])
-        if self.device.type == "cuda" and rng["cuda"] is not None:
+        if self.device.type == "cuda" and rng.get("cuda") is not None:  # None: a CPU run's
             torch.cuda.set_rng_state(rng["cuda"])
 
 

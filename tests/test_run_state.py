@@ -58,7 +58,7 @@ def exp_avg_of_another_shape(c):
     (setting("steps_per_epoch", 0), ["its steps_per_epoch is 0"]),
     (setting("best_psnr", "x"), ["its best_psnr is 'x'"]),
     (setting("best_psnr", math.nan), ["its best_psnr is nan"]),
-    (setting("best_epoch", 5), ["its best_epoch is 5", "0 to its epoch, 2"]),
+    (setting("best_epoch", -1), ["its best_epoch is -1", "a whole number"]),
     (setting("loss_sum", None), ["its loss_sum is None"]),
     (setting("seconds", -1.0), ["its seconds is -1.0"]),
     (setting("world_size", 0), ["its world_size is 0"]),
@@ -76,7 +76,7 @@ def exp_avg_of_another_shape(c):
 ], ids=[
     'loss_with_more_terms', 'term_sums_too_many', 'term_sums_a_string', 'term_sums_nan',
     'epoch_a_string', 'epoch_negative', 'step_negative', 'step_past_the_epoch',
-    'steps_per_epoch_zero', 'best_psnr_a_string', 'best_psnr_nan', 'best_epoch_after_epoch',
+    'steps_per_epoch_zero', 'best_psnr_a_string', 'best_psnr_nan', 'best_epoch_negative',
     'loss_sum_none', 'seconds_negative', 'world_size_zero', 'epoch_precision_a_number',
     'rng_a_string', 'rng_torch_a_string', 'optimizer_empty', 'optimizer_lr_a_string',
     'optimizer_state_of_another_shape', 'scheduler_a_string', 'scheduler_last_epoch_a_string', 'scaler_a_string',
