@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,6 +57,10 @@ from machinery.runs import (
     StopSignal,
     append_log,
     check_run_folder,
+    check_run_state,
+    load_optimizer,
+    load_run_state,
+    load_scheduler,
     open_run_folder,
     training_summary,
     upgrade_run_checkpoint,
@@ -160,21 +165,25 @@ class Run:
         }
 
     def restore(self, checkpoint: dict) -> None:
-        """Go on from `checkpoint`, of RUN_FORMAT (resumed_checkpoint upgrades older ones)."""
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        load_scaler_state(self.scaler, checkpoint["scaler"])
+        """Go on from `checkpoint`, of RUN_FORMAT (resumed_checkpoint upgrades older ones and checks
+        its fields); a state that does not fit what it loads into is one line (load_run_state)."""
+        loads = {"model": self.model.load_state_dict, "optimizer": partial(load_optimizer, self.optimizer),
+                 "scheduler": partial(load_scheduler, self.scheduler),
+                 "scaler": partial(load_scaler_state, self.scaler), "rng": self.restore_rng}
         if self.ema is not None:  # --ema added to a run starts from its weights
-            self.ema.load_state_dict(checkpoint["ema"] or checkpoint["model"])
+            loads["ema"] = lambda state: self.ema.load_state_dict(state or checkpoint["model"])
+        for field, load in loads.items():
+            load_run_state(self.args.resume, field, checkpoint[field], load)
         for name in ("epoch", "step", "loss_sum", "term_sums", "seconds", "best_psnr", "best_epoch"):
             setattr(self, name, checkpoint[name])
         before = checkpoint["epoch_precision"] or checkpoint["precision"]
         if self.step and before.split("+")[-1] != self.precision:  # stopped mid-epoch in another
             self.epoch_precision = f"{before}+{self.precision}"
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if self.device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+
+    def restore_rng(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None:  # None: a CPU run's
+            torch.cuda.set_rng_state(rng["cuda"])
 
 
 def main(args):
@@ -373,6 +382,7 @@ def resumed_checkpoint(args) -> dict | None:
     checkpoint["args"] = saved_flags(checkpoint["args"], args.resume, skip=retyped)
     device = args.device if "device" in args.given else checkpoint["args"].get("device", "auto")
     checkpoint = upgrade_run_checkpoint(checkpoint, args.resume, device_type=select_device(device).type)
+    check_run_state(checkpoint, args.resume)
     # The run's flags; its precision is the one it trains in (args may hold the "auto" it was asked).
     saved = checkpoint["args"] | {"precision": checkpoint["precision"]}
     for name in args.given:

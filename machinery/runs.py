@@ -1,14 +1,20 @@
 """A training run: its folder (one run, one process at a time), log.csv, checkpoint format, and stop signals."""
 import csv
 import math
+import reprlib
 import shutil
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
+import torch
+
+from losses import parse_loss
 from metrics import METRICS
 from model import DEFAULT_ARCH
-from utils import STOP_SIGNALS, UserError, shown, warn
+from resize import DEGRADATIONS
+from utils import STOP_SIGNALS, UserError, plural, shown, warn
 
 from .files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
 
@@ -51,6 +57,142 @@ def upgrade_format_1(checkpoint: dict, device_type: str) -> dict:
     c.setdefault("steps_per_epoch", None)  # not recorded: the resume takes the epoch's length as unchanged
     c["rng"] = {"cuda": None} | c["rng"]
     return c | {"args": args, "format": 2}
+
+
+# ---------------------------------------------------------------- a run's state, checked on resume
+
+DAMAGED = "the run's checkpoint was edited or damaged"
+
+
+class Missing:
+    def __repr__(self):
+        return "missing"
+
+
+def short(value) -> str:
+    """`value` as an error shows it: reprlib's repr, cut short (a tensor or a long list is not printed whole)."""
+    r = reprlib.Repr()
+    r.maxlist = r.maxtuple = 6
+    r.maxdict, r.maxlevel, r.maxstring, r.maxother = 4, 1, 40, 24
+    return r.repr(dict(value) if isinstance(value, dict) else value)  # a state dict is an OrderedDict
+
+
+def bad_state(path, field: str, value, must: str) -> UserError:
+    return UserError(f"{shown(path)}: its {field} is {shown(short(value))}: {must}; {DAMAGED}")
+
+
+def count(value) -> bool:
+    """A whole number, 0 or more (a bool is not one, though Python counts it an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def byte_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+def check_run_state(checkpoint: dict, path) -> None:
+    """Every field of a run checkpoint (of RUN_FORMAT, its args read) that a resume reads, by type
+    and range: a hand-edited or damaged last.pt is refused in one line naming the field, before
+    any work, not met as a traceback (or a silent wrong value) mid-run. The optimizer's, scheduler's,
+    scaler's and weights' states are checked as they load (load_run_state)."""
+    for field, ok, must in run_state_rules(checkpoint):
+        value = checkpoint.get(field, Missing())
+        if not ok(value):
+            raise bad_state(path, field, value, must)
+
+
+def run_state_rules(c: dict) -> list[tuple]:
+    """(field, test, what it must be), in an order where each test may rely on the fields before it."""
+    loss = c["args"]["loss"]
+    terms = len(parse_loss(loss))
+    per_epoch = c.get("steps_per_epoch")
+    within = f", fewer than its steps_per_epoch, {per_epoch}" if count(per_epoch) else ""
+    state = "a state dict"
+    return [
+        ("epoch", count, "a whole number of epochs done, 0 or more"),
+        ("steps_per_epoch", lambda v: v is None or count(v) and v > 0,
+         "a whole number of steps, 1 or more (None: not recorded)"),
+        ("step", lambda v: count(v) and (per_epoch is None or v < per_epoch),
+         f"the steps done of the epoch it stopped in: a whole number, 0 or more{within}"),
+        ("loss_sum", finite, "the sum of those steps' losses, a number"),
+        ("term_sums", lambda v: isinstance(v, list) and len(v) == terms and all(map(finite, v)),
+         f"a list of {plural(terms, 'number')}, one per term of its --loss {loss}"),
+        ("seconds", lambda v: finite(v) and v >= 0, "a number of seconds, 0 or more"),
+        # -inf: not validated yet; +inf: a perfect score (metrics.psnr of identical images)
+        ("best_psnr", lambda v: finite(v) or isinstance(v, float) and math.isinf(v),
+         "a number of dB (-inf: not validated yet)"),
+        ("best_epoch", count, "the epoch of best_psnr, a whole number (0: not validated yet)"),
+        ("world_size", lambda v: count(v) and v > 0, "the number of processes that trained it, 1 or more"),
+        ("precision", lambda v: isinstance(v, str), "the name of the precision it trained in"),
+        ("epoch_precision", lambda v: isinstance(v, str), "the precisions of the epoch it stopped in, text"),
+        ("rng", lambda v: isinstance(v, dict) and byte_tensor(v.get("torch")) and (
+            v.get("cuda") is None or byte_tensor(v["cuda"])),
+         "the random generators' states: {'torch': a byte tensor, 'cuda': a byte tensor or None}"),
+        ("model", lambda v: isinstance(v, dict), state),
+        ("optimizer", lambda v: isinstance(v, dict), state),
+        ("scheduler", lambda v: isinstance(v, dict), state),
+        ("scaler", lambda v: v is None or isinstance(v, dict), f"{state} or None"),
+        ("ema", lambda v: v is None or isinstance(v, dict), f"{state} or None"),
+        ("degradation", lambda v: v is None or isinstance(v, str) and v in DEGRADATIONS,
+         f"a registered degradation: {', '.join(DEGRADATIONS)}"),
+    ]
+
+
+# What each state of a run checkpoint is, as an error names it.
+STATES = {"model": "the network's weights", "optimizer": "Adam's state for the network's parameters",
+          "scheduler": "StepLR's state", "scaler": "the loss scaler's state", "ema": "the averaged weights (--ema)",
+          "rng": "the random generators' states"}
+
+
+def load_run_state(path, field: str, state, load) -> None:
+    """`load(state)`; a state that does not load (torch's load_state_dict raises whatever it meets)
+    is one line naming the field."""
+    try:
+        load(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        # torch's message names the keys or sizes that differ on its later lines: all of it, cut short
+        reason = f"it lacks {e}" if isinstance(e, KeyError) else textwrap.shorten(str(e), width=200)
+        raise bad_state(path, field, state, f"{STATES[field]} ({shown(reason)})") from None
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """load_state_dict, and what it takes on trust: each group's numbers (lr, betas, eps, ...), and
+    each parameter's state, tensors of its shape (the step: a scalar)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key, default in optimizer.defaults.items():
+            value = group.get(key)
+            if isinstance(default, tuple):  # betas: as many numbers
+                ok = isinstance(value, tuple | list) and len(value) == len(default) and all(
+                    finite(v) and v >= 0 for v in value)
+            else:  # a switch or a choice (amsgrad, foreach) is not read here
+                ok = not finite(default) or finite(value) and value >= 0
+            if not ok:
+                raise ValueError(f"its {key} is {short(value)}, not a number")
+    for p, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if not isinstance(value, torch.Tensor) or value.dim() and value.shape != p.shape:
+                found = f"of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else short(value)
+                raise ValueError(f"its {key} is {found}, not a tensor of its parameter's shape {tuple(p.shape)}")
+
+
+def load_scheduler(scheduler: torch.optim.lr_scheduler.StepLR, state: dict) -> None:
+    """load_state_dict (which takes any dict), and the numbers StepLR reads."""
+    scheduler.load_state_dict(state)
+    groups = len(scheduler.optimizer.param_groups)
+    rules = {"last_epoch": count(scheduler.last_epoch),
+             "step_size": count(scheduler.step_size) and scheduler.step_size > 0,
+             "gamma": finite(scheduler.gamma) and scheduler.gamma > 0}
+    for name in ("base_lrs", "_last_lr"):
+        lrs = getattr(scheduler, name)
+        rules[name] = isinstance(lrs, list) and len(lrs) == groups and all(finite(lr) and lr >= 0 for lr in lrs)
+    for name, ok in rules.items():
+        if not ok:
+            raise ValueError(f"its {name} is {short(getattr(scheduler, name))}")
 
 
 def csv_fields() -> list[str]:
