@@ -11,7 +11,8 @@ and log.csv, each written atomically. A new run never writes into a folder that 
 saves last.pt where the run is, mid-epoch too, and --resume goes on from there with the run's
 own flags, to the same weights as a run never stopped. A NaN/inf loss stops the run, naming the
 iteration; the checkpoints are kept. A full disk stops it with one line; last.pt stays whole.
-Adam + StepLR + L1 loss (--loss), as the original. --precision auto trains in bf16 autocast where the
+Adam + StepLR + L1 loss (--loss), as the original, by default (--recipe: training.RECIPES).
+--precision auto trains in bf16 autocast where the
 device runs it natively (a GPU of compute capability 8.0 or newer; a CPU with AVX512-BF16 or AMX),
 fp16 with loss scaling on older GPUs, else fp32; the log says which and why. On CUDA the patches
 are cut straight into pinned memory; on every device the network runs channels_last, and the
@@ -62,6 +63,7 @@ from machinery.runs import (
     load_run_state,
     load_scheduler,
     open_run_folder,
+    read_log,
     training_summary,
     upgrade_run_checkpoint,
 )
@@ -69,7 +71,17 @@ from machinery.upscale import exact_cuda, upscale
 from metrics import METRICS, format_scores, means, measure, measure_on_device, metric_labels
 from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, count_parameters, network_options
 from resize import DEGRADATIONS, resize_bicubic
-from training import ema_decay_at, train_step, update_ema
+from training import (
+    RECIPES,
+    ema_decay_at,
+    initialise,
+    make_optimizer,
+    make_schedule,
+    recipe_how,
+    steps_per_call,
+    train_step,
+    update_ema,
+)
 from utils import (
     REPO,
     UserError,
@@ -93,8 +105,9 @@ FLAGS = {
     "upscale_factor": "run", "arch": "run", "num_features": "run", "num_residuals": "run", "mean_shift": "run",
     "image_skip": "run", "batch_size": "run", "lr": "run", "step_size": "run", "gamma": "run", "loss": "run",
     "patch_size": "run", "patches_per_image": "run", "degradation": "run", "seed": "run",
-    "checkpoint_dir": "run", "run_name": "run",
-    "num_epochs": "session", "num_workers": "session", "train_dir": "session", "val_dir": "session",
+    "checkpoint_dir": "run", "run_name": "run", "recipe": "run",
+    "num_epochs": "session", "target_psnr": "session", "num_workers": "session", "train_dir": "session",
+    "val_dir": "session",
     "ema": "session", "max_val_images": "session", "val_every": "session", "patience": "session",
     "tensorboard": "session", "device": "session", "precision": "session",
     "resume": "command", "export": "command", "overwrite": "command", "data_cache": "command",
@@ -129,6 +142,7 @@ class Run:
     bicubic: dict = None          # bicubic upsampling's val scores, metrics.METRICS: the scores to beat
     epoch: int = 0                # whole epochs done
     step: int = 0                 # steps done of the next epoch (a run stopped mid-epoch)
+    how: dict = None              # the recipe's optimizer, schedule and init (training.HOW_KEYS)
     loss: WeightedLoss = None     # --loss
     loss_sum: float = 0.0         # the sum of those steps' losses
     term_sums: list = None        # and of each --loss term's (unweighted)
@@ -159,7 +173,7 @@ class Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "degradation": self.args.degradation, "best_psnr": self.best_psnr, "best_epoch": self.best_epoch,
             "world_size": self.world_size, "precision": self.precision, "epoch_precision": self.epoch_precision,
-            "model_args": self.model_args, "args": vars(self.args),
+            "model_args": self.model_args, "args": vars(self.args), "recipe": self.how,
             "format": RUN_FORMAT,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
         }
@@ -202,7 +216,7 @@ def train(args):
         return
     with StopSignal(quiet=not run.lead) as stop, run.lock or contextlib.nullcontext():
         for epoch in range(run.epoch + 1, args.num_epochs + 1):
-            started, lr_now = time.time() - run.seconds, run.scheduler.get_last_lr()[0]
+            started, lr_now = time.time() - run.seconds, epoch_start_lr(run, epoch)
             train_epoch(run, epoch, lr_now, stop)
             if run.step < run.steps_per_epoch:  # a stop signal, mid-epoch: save where it is
                 run.seconds = time.time() - started
@@ -214,7 +228,7 @@ def train(args):
             due = epoch % args.val_every == 0 or epoch == args.num_epochs
             val = validate(run) if due else None
             record(run, epoch, loss, lr_now, val, seconds=time.time() - started)
-            early_stop = early_stop_reason(run, epoch) if run.lead and val is not None else None
+            early_stop = early_stop_reason(run, epoch) or reached(run, epoch, val) if run.lead and val else None
             # Decided by rank 0 (early stopping) or by any process (a signal), obeyed by all.
             if distributed.any_process(early_stop is not None, run.device):
                 if run.lead:
@@ -225,6 +239,14 @@ def train(args):
     if run.lead:
         print(f"done: best val PSNR {run.best_psnr:.4f} dB at epoch {run.best_epoch}; "
               f"checkpoints in {shown(run.folder)}")
+
+
+def epoch_start_lr(run: Run, epoch: int) -> float:
+    """The learning rate `epoch` started with (log.csv's lr), on a resume mid-epoch too: a schedule
+    stepped every step has moved on since."""
+    if steps_per_call(run.how) == "epoch":
+        return run.scheduler.get_last_lr()[0]
+    return run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0]((epoch - 1) * run.steps_per_epoch)
 
 
 def stop_all(run: Run, stop: StopSignal, where_text: str) -> None:
@@ -257,7 +279,8 @@ def start_run(args) -> Run | None:
     lock = check_run_folder(folder, new_run=not args.resume, overwrite=args.overwrite, lock=rank == 0,
                             tensorboard=args.tensorboard)
     val_paths = check_data(args, model_args["scale"], world_size)
-    run = build_run(args, model_args, folder, rank, world_size, device, val_paths)
+    how = checkpoint["recipe"] if checkpoint else recipe_how(args.recipe)
+    run = build_run(args, model_args, folder, rank, world_size, device, val_paths, how)
     if checkpoint:
         run.restore(checkpoint)
         run.saved_at = where(run)
@@ -313,13 +336,14 @@ def network_args(args) -> dict:
         if name in args.given and name not in options:
             raise UserError(f"--{name}: the {args.arch} network has no such option (its options: "
                             f"{', '.join('--' + n for n in NETWORK_FLAGS if n in options) or 'none'})")
-    typed = {name: getattr(args, name) for name in NETWORK_FLAGS if name in args.given}
+    typed = {name: getattr(args, name) for name in NETWORK_FLAGS
+             if name in args.given or (name in args.from_recipe and name in options)}
     return {"arch": args.arch, "scale": args.upscale_factor, **options, **typed}
 
 
 def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, device: torch.device,
-              val_paths: list[Path]) -> Run:
-    """The data decoded, the network, its optimizer and schedule: a run at its start."""
+              val_paths: list[Path], how: dict) -> Run:
+    """The data decoded, the network, its optimizer and schedule (the recipe's: `how`): a run at its start."""
     scale = model_args["scale"]
     loader, steps_per_epoch = make_loader(args, scale, rank, world_size, device)
     # Each process validates every world_size-th image: the scores are gathered (validate).
@@ -328,9 +352,12 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     try:  # a resumed run's network or loss may no longer be registered
         model = build_fast_network(model_args).to(device, memory_format=torch.channels_last)
         loss = WeightedLoss(args.loss)
+        initialise(model, how)  # a resume then loads the run's weights over it
+        optimizer = make_optimizer(model, how, lr=args.lr)
+        scheduler = make_schedule(optimizer, how, step_size=args.step_size, gamma=args.gamma,
+                                  total_steps=args.num_epochs * steps_per_epoch)
     except ValueError as e:
-        raise UserError(f"{args.resume or 'train.py'}: {e}") from None
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        raise UserError(f"{args.resume or 'train.py'}: recipe {args.recipe}: {e}") from None
     kept = args.resume and "precision" not in args.given
     precision, why = (choose_precision(args.precision, device, source="this run's precision" if kept else "--precision")
                       if rank == 0 else (None, ""))
@@ -340,8 +367,7 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     return Run(args=args, model_args=model_args, folder=folder, device=device, rank=rank, world_size=world_size,
                model=model, net=distributed.wrap(model, device),
                ema=copy.deepcopy(model).requires_grad_(False).eval() if args.ema else None,
-               optimizer=optimizer,
-               scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma),
+               optimizer=optimizer, scheduler=scheduler, how=how,
                scaler=grad_scaler(device, precision), precision=precision, precision_why=why,
                loader=loader, steps_per_epoch=steps_per_epoch, val_pairs=val_pairs, val_count=len(val_paths),
                loss=loss, term_sums=[0.0] * len(loss.names))
@@ -543,6 +569,8 @@ def train_epoch(run: Run, epoch: int, lr_now: float, stop: StopSignal) -> None:
         for lr, hr, flips in bar:
             lr, hr = device_batch(lr, hr, flips, run.device)
             pending.append(train_step(run.net, lr, hr, run.optimizer, run.scaler, run.precision, run.loss))
+            if steps_per_call(run.how) == "step":
+                run.scheduler.step()
             if run.ema is not None:
                 update_ema(run.ema, run.model, ema_decay_at(args.ema, (epoch - 1) * run.steps_per_epoch + run.step))
             run.step += 1
@@ -593,7 +621,8 @@ def end_epoch(run: Run, epoch: int) -> dict:
     loss = {"loss": run.loss_sum / run.steps_per_epoch} | {
         f"loss_{name}": total / run.steps_per_epoch for name, total in zip(run.loss.names, run.term_sums)}
     run.epoch, run.step, run.loss_sum, run.term_sums, run.seconds = epoch, 0, 0.0, [0.0] * len(run.loss.names), 0.0
-    run.scheduler.step()
+    if steps_per_call(run.how) == "epoch":
+        run.scheduler.step()
     if not distributed.weights_in_sync(run.model, run.device):
         raise UserError(f"epoch {epoch}: the {run.world_size} processes hold different weights")
     return loss
@@ -675,6 +704,18 @@ def early_stop_reason(run: Run, epoch: int) -> str | None:
     return None
 
 
+def reached(run: Run, epoch: int, val: tuple) -> str | None:
+    """--target_psnr: the line that says when the validation PSNR reached it, in steps and time."""
+    target = run.args.target_psnr
+    if target is None or val[0]["psnr"] < target:
+        return None
+    rows = read_log(run.folder / "log.csv")
+    seconds = sum(float(r["seconds"]) for r in rows if int(r["epoch"]) <= epoch)
+    return (f"reached --target_psnr {target} dB: val PSNR {val[0]['psnr']:.4f} dB after epoch {epoch}, "
+            f"{plural(epoch * run.steps_per_epoch, 'step')} of {run.args.batch_size}, {seconds:.0f} s "
+            f"({seconds / 3600:.2f} h) of training and validation")
+
+
 @contextlib.contextmanager
 def naming_what_is_kept(run: Run):
     """A write that fails (a full disk: machinery.files.atomic_path's one line) also names the checkpoint
@@ -748,6 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "HR); needs `pip install tensorboard`. A resumed run keeps its own unless given; where "
                         "the package is missing, it goes on without, saying so")
     p.add_argument("--seed", type=seed_int, default=0, help="seeds the weights, the patches and their flips")
+    p.add_argument("--recipe", choices=RECIPES, default="seed",
+                   help="the training recipe (training.RECIPES): optimizer, lr schedule, init, EMA, batch and "
+                        "patch plan; flags typed beside it override its values. seed: the original's flag "
+                        "defaults; shipped: what the shipped checkpoints used")
+    p.add_argument("--target_psnr", type=float, default=None, metavar="DB",
+                   help="stop once the validation PSNR reaches DB, saying after how many steps and how long")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast precision of the network (weights stay fp32); auto: bf16 where the device runs "
@@ -782,9 +829,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # (tests/test_train.py compares them with argparse's own).
     args = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(FLAGS, NOT_TYPED)))
     args.given = sorted(name for name in FLAGS if getattr(args, name) is not NOT_TYPED)
+    recipe = RECIPES[parser.get_default("recipe") if args.recipe is NOT_TYPED else args.recipe]
+    args.from_recipe = sorted(name for name in FLAGS if name in recipe and name not in args.given)
     for name in FLAGS:
         if getattr(args, name) is NOT_TYPED:
-            setattr(args, name, parser.get_default(name))
+            setattr(args, name, recipe.get(name, parser.get_default(name)))
     if args.patch_size and not args.resume and args.patch_size % args.upscale_factor:
         parser.error(f"argument --patch_size: {args.patch_size} is not a multiple of the scale {args.upscale_factor}")
     return args

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dataset import device_batch
 from losses import WeightedLoss
-from training import train_step
+from training import DEFAULT_RECIPE, RECIPES, make_optimizer, recipe_how, train_step
 
 from .fast import build_fast_network
 from .precision import choose_precision, cpu_bf16_instructions, grad_scaler
@@ -43,11 +43,14 @@ def timed(fn, device, repeats: int, warmup: int = 1) -> float:
     return best
 
 
-def step_seconds(device, model_args: dict, loss: WeightedLoss, precision: str, lr8, hr8, flips, steps: int) -> float:
-    """Seconds per step of train.py's step (channels_last, flipped on the device) in `precision`."""
+def step_seconds(device, model_args: dict, loss: WeightedLoss, precision: str, lr8, hr8, flips, steps: int,
+                 recipe: str = DEFAULT_RECIPE) -> float:
+    """Seconds per step of train.py's step (channels_last, flipped on the device) in `precision`,
+    with `recipe`'s optimizer, built as train.py builds it."""
     torch.manual_seed(0)
     model = build_fast_network(model_args).to(device, memory_format=torch.channels_last)
-    optimizer, scaler = torch.optim.Adam(model.parameters(), lr=2e-4), grad_scaler(device, precision)
+    optimizer = make_optimizer(model, recipe_how(recipe), lr=RECIPES[recipe]["lr"])
+    scaler = grad_scaler(device, precision)
     return timed(lambda: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler, precision, loss),
                  device, steps)
 

@@ -14,6 +14,7 @@ from losses import parse_loss
 from metrics import METRICS
 from model import DEFAULT_ARCH
 from resize import DEGRADATIONS
+from training import DEFAULT_RECIPE, HOW_KEYS, recipe_how
 from utils import STOP_SIGNALS, UserError, plural, shown, warn
 
 from .files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
@@ -23,8 +24,9 @@ RUN_OUTPUTS = RUN_FILES + ("curves.png",)      # what a run writes there
 RUN_MADE = ("curves.png", "tensorboard")        # and what only a run's files say it made
 
 # What a run checkpoint (train.Run.checkpoint) holds and means; raise it when that changes, and
-# teach upgrade_run_checkpoint the step. 1: every file written before the number was kept in them.
-RUN_FORMAT = 2
+# teach upgrade_run_checkpoint the step. 1: every file written before the number was kept in them;
+# 3 added the recipe (training.RECIPES): its name in args, how it builds the optimizer in "recipe".
+RUN_FORMAT = 3
 
 
 def upgrade_run_checkpoint(checkpoint: dict, path, device_type: str) -> dict:
@@ -37,6 +39,8 @@ def upgrade_run_checkpoint(checkpoint: dict, path, device_type: str) -> dict:
                         f"(it reads formats 1 to {RUN_FORMAT}); update ResShuffle to resume it")
     if found == 1:
         checkpoint = upgrade_format_1(checkpoint, device_type)
+    if checkpoint["format"] == 2:
+        checkpoint = upgrade_format_2(checkpoint)
     return checkpoint
 
 
@@ -57,6 +61,12 @@ def upgrade_format_1(checkpoint: dict, device_type: str) -> dict:
     c.setdefault("steps_per_epoch", None)  # not recorded: the resume takes the epoch's length as unchanged
     c["rng"] = {"cuda": None} | c["rng"]
     return c | {"args": args, "format": 2}
+
+
+def upgrade_format_2(checkpoint: dict) -> dict:
+    """Format 2 (2026-12-07) trained as the seed recipe builds it: Adam, StepLR, PyTorch's init."""
+    args = {"recipe": DEFAULT_RECIPE} | checkpoint["args"]
+    return checkpoint | {"args": args, "recipe": recipe_how(DEFAULT_RECIPE), "format": 3}
 
 
 # ---------------------------------------------------------------- a run's state, checked on resume
@@ -139,6 +149,9 @@ def run_state_rules(c: dict) -> list[tuple]:
         ("ema", lambda v: v is None or isinstance(v, dict), f"{state} or None"),
         ("degradation", lambda v: v is None or isinstance(v, str) and v in DEGRADATIONS,
          f"a registered degradation: {', '.join(DEGRADATIONS)}"),
+        ("recipe", lambda v: isinstance(v, dict) and sorted(v) == sorted(HOW_KEYS) and all(
+            isinstance(v[k], type(d)) or finite(d) and finite(v[k]) for k, d in recipe_how(DEFAULT_RECIPE).items()),
+         f"how the recipe builds the optimizer and schedule: {', '.join(HOW_KEYS)}"),
     ]
 
 
@@ -180,13 +193,15 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
                 raise ValueError(f"its {key} is {found}, not a tensor of its parameter's shape {tuple(p.shape)}")
 
 
-def load_scheduler(scheduler: torch.optim.lr_scheduler.StepLR, state: dict) -> None:
-    """load_state_dict (which takes any dict), and the numbers StepLR reads."""
+def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """load_state_dict (which takes any dict), and the numbers the schedule reads (StepLR's, or
+    LambdaLR's, whose function is the recipe's, not the file's)."""
     scheduler.load_state_dict(state)
     groups = len(scheduler.optimizer.param_groups)
-    rules = {"last_epoch": count(scheduler.last_epoch),
-             "step_size": count(scheduler.step_size) and scheduler.step_size > 0,
-             "gamma": finite(scheduler.gamma) and scheduler.gamma > 0}
+    rules = {"last_epoch": count(scheduler.last_epoch)}
+    if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
+        rules |= {"step_size": count(scheduler.step_size) and scheduler.step_size > 0,
+                  "gamma": finite(scheduler.gamma) and scheduler.gamma > 0}
     for name in ("base_lrs", "_last_lr"):
         lrs = getattr(scheduler, name)
         rules[name] = isinstance(lrs, list) and len(lrs) == groups and all(finite(lr) and lr >= 0 for lr in lrs)
@@ -291,7 +306,8 @@ def training_summary(checkpoint: dict, log: Path) -> dict:
     epoch = checkpoint.get("epoch", 0)
     seconds = sum(float(r["seconds"]) for r in read_log(log) if int(r["epoch"]) <= epoch) if log.is_file() else None
     return {"epochs": epoch, "steps": epoch * checkpoint.get("steps_per_epoch", 0),
-            "seconds": None if seconds is None else round(seconds, 1), "precision": checkpoint.get("precision")}
+            "seconds": None if seconds is None else round(seconds, 1), "precision": checkpoint.get("precision"),
+            "recipe": checkpoint.get("args", {}).get("recipe", DEFAULT_RECIPE)}
 
 
 class StopSignal:

@@ -73,7 +73,7 @@ def test_an_export_holds_the_weights_only_and_infer_loads_it(two_epochs, tmp_pat
     best_epoch = load_checkpoint(run_dir / "best.pt")["epoch"]
     logged = sum(float(r["seconds"]) for r in read_log(run_dir) if int(r["epoch"]) <= best_epoch)
     assert held["training"] == {"epochs": best_epoch, "steps": 3 * best_epoch, "seconds": round(logged, 1),
-                                "precision": "fp32"}
+                                "precision": "fp32", "recipe": "seed"}
     code, _, err = run_main(infer, images / "img0.png", "-o", tmp_path / "sr.png", "--checkpoint", exported)
     assert code == 0 and (tmp_path / "sr.png").exists(), err
 
