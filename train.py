@@ -12,8 +12,8 @@ saves last.pt where the run is, mid-epoch too, and --resume goes on from there w
 own flags, to the same weights as a run never stopped. A NaN/inf loss stops the run, naming the
 iteration; the checkpoints are kept. A full disk stops it with one line; last.pt stays whole.
 Adam + StepLR + L1 loss (--loss), as the original, by default (--recipe: training.RECIPES).
---precision auto trains in bf16 autocast where the
-device runs it natively (a GPU of compute capability 8.0 or newer; a CPU with AVX512-BF16 or AMX),
+--precision auto trains in bf16 autocast where the device runs it natively (a GPU of compute
+capability 8.0 or newer; a CPU with AVX512-BF16 or AMX),
 fp16 with loss scaling on older GPUs, else fp32; the log says which and why. On CUDA the patches
 are cut straight into pinned memory; on every device the network runs channels_last, and the
 patches are flipped on the device.
@@ -72,13 +72,16 @@ from metrics import METRICS, format_scores, means, measure, measure_on_device, m
 from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, count_parameters, network_options
 from resize import DEGRADATIONS, resize_bicubic
 from training import (
+    HOW_KEYS,
+    RECIPE_FLAGS,
     RECIPES,
     ema_decay_at,
+    how_fault,
     initialise,
     make_optimizer,
     make_schedule,
     recipe_how,
-    steps_per_call,
+    stepped_every_batch,
     train_step,
     update_ema,
 )
@@ -106,11 +109,11 @@ FLAGS = {
     "image_skip": "run", "batch_size": "run", "lr": "run", "step_size": "run", "gamma": "run", "loss": "run",
     "patch_size": "run", "patches_per_image": "run", "degradation": "run", "seed": "run",
     "checkpoint_dir": "run", "run_name": "run", "recipe": "run",
-    "num_epochs": "session", "target_psnr": "session", "num_workers": "session", "train_dir": "session",
+    "num_epochs": "session", "num_workers": "session", "train_dir": "session",
     "val_dir": "session",
     "ema": "session", "max_val_images": "session", "val_every": "session", "patience": "session",
     "tensorboard": "session", "device": "session", "precision": "session",
-    "resume": "command", "export": "command", "overwrite": "command", "data_cache": "command",
+    "target_psnr": "command", "resume": "command", "export": "command", "overwrite": "command", "data_cache": "command",
 }
 SESSION_FLAGS = tuple(name for name, kind in FLAGS.items() if kind == "session")
 
@@ -216,7 +219,7 @@ def train(args):
         return
     with StopSignal(quiet=not run.lead) as stop, run.lock or contextlib.nullcontext():
         for epoch in range(run.epoch + 1, args.num_epochs + 1):
-            started, lr_now = time.time() - run.seconds, epoch_start_lr(run, epoch)
+            started, lr_now = time.time() - run.seconds, epoch_start_lr(run)
             train_epoch(run, epoch, lr_now, stop)
             if run.step < run.steps_per_epoch:  # a stop signal, mid-epoch: save where it is
                 run.seconds = time.time() - started
@@ -228,7 +231,8 @@ def train(args):
             due = epoch % args.val_every == 0 or epoch == args.num_epochs
             val = validate(run) if due else None
             record(run, epoch, loss, lr_now, val, seconds=time.time() - started)
-            early_stop = early_stop_reason(run, epoch) or reached(run, epoch, val) if run.lead and val else None
+            early_stop = ((early_stop_reason(run, epoch) or target_reached_reason(run, epoch, val))
+                          if run.lead and val is not None else None)
             # Decided by rank 0 (early stopping) or by any process (a signal), obeyed by all.
             if distributed.any_process(early_stop is not None, run.device):
                 if run.lead:
@@ -241,12 +245,12 @@ def train(args):
               f"checkpoints in {shown(run.folder)}")
 
 
-def epoch_start_lr(run: Run, epoch: int) -> float:
-    """The learning rate `epoch` started with (log.csv's lr), on a resume mid-epoch too: a schedule
-    stepped every step has moved on since."""
-    if steps_per_call(run.how) == "epoch":
+def epoch_start_lr(run: Run) -> float:
+    """The learning rate the current epoch started with (log.csv's lr), on a resume mid-epoch too: a
+    schedule stepped every step has moved on by the steps done since."""
+    if not stepped_every_batch(run.how):
         return run.scheduler.get_last_lr()[0]
-    return run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0]((epoch - 1) * run.steps_per_epoch)
+    return run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0](run.scheduler.last_epoch - run.step)
 
 
 def stop_all(run: Run, stop: StopSignal, where_text: str) -> None:
@@ -352,12 +356,16 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     try:  # a resumed run's network or loss may no longer be registered
         model = build_fast_network(model_args).to(device, memory_format=torch.channels_last)
         loss = WeightedLoss(args.loss)
-        initialise(model, how)  # a resume then loads the run's weights over it
-        optimizer = make_optimizer(model, how, lr=args.lr)
-        scheduler = make_schedule(optimizer, how, step_size=args.step_size, gamma=args.gamma,
-                                  total_steps=args.num_epochs * steps_per_epoch)
     except ValueError as e:
-        raise UserError(f"{args.resume or 'train.py'}: recipe {args.recipe}: {e}") from None
+        raise UserError(f"{args.resume or 'train.py'}: {e}") from None
+    # A cosine schedule spans the run's first --num_epochs, kept: a resume with more goes on at its floor.
+    how = {"total_steps": args.num_epochs * steps_per_epoch} | how
+    try:
+        initialise(model, how)  # a resume then loads the run's weights over it
+    except ValueError as e:
+        raise UserError(f"--recipe {args.recipe}: {e}") from None
+    optimizer = make_optimizer(model, how, lr=args.lr)
+    scheduler = make_schedule(optimizer, how, step_size=args.step_size, gamma=args.gamma)
     kept = args.resume and "precision" not in args.given
     precision, why = (choose_precision(args.precision, device, source="this run's precision" if kept else "--precision")
                       if rank == 0 else (None, ""))
@@ -429,12 +437,15 @@ def saved_flags(saved, path, skip: list[str]) -> dict:
     """A run checkpoint's flags, each read as if typed on the command line: through its flag's type
     and choices, so that a hand-edited last.pt (`lr: "fast"`, `batch_size: 0`) is refused in one line
     naming the flag, as the typed value would be, not met as a traceback mid-run. Those in `skip`
-    (typed again) are not read."""
+    (typed again) are not read. The recipe's name need not be registered still: the run keeps how
+    the recipe builds its optimizer and schedule."""
     if not isinstance(saved, dict):
         raise UserError(f"{shown(path)}: its args are a {type(saved).__name__}, not the run's flags")
+    if not isinstance(saved.get("recipe", ""), str):
+        raise UserError(f"{shown(path)}: the run's --recipe is {shown(repr(saved['recipe']))}, not a name")
     parser = build_parser()
     return saved | {name: flag_as_typed(parser, name, value, path) for name, value in saved.items()
-                    if FLAGS.get(name, "command") != "command" and name not in skip}
+                    if FLAGS.get(name, "command") not in ("command",) and name not in (*skip, "recipe")}
 
 
 def flag_as_typed(parser: argparse.ArgumentParser, name: str, value, path):
@@ -569,7 +580,7 @@ def train_epoch(run: Run, epoch: int, lr_now: float, stop: StopSignal) -> None:
         for lr, hr, flips in bar:
             lr, hr = device_batch(lr, hr, flips, run.device)
             pending.append(train_step(run.net, lr, hr, run.optimizer, run.scaler, run.precision, run.loss))
-            if steps_per_call(run.how) == "step":
+            if stepped_every_batch(run.how):
                 run.scheduler.step()
             if run.ema is not None:
                 update_ema(run.ema, run.model, ema_decay_at(args.ema, (epoch - 1) * run.steps_per_epoch + run.step))
@@ -621,7 +632,7 @@ def end_epoch(run: Run, epoch: int) -> dict:
     loss = {"loss": run.loss_sum / run.steps_per_epoch} | {
         f"loss_{name}": total / run.steps_per_epoch for name, total in zip(run.loss.names, run.term_sums)}
     run.epoch, run.step, run.loss_sum, run.term_sums, run.seconds = epoch, 0, 0.0, [0.0] * len(run.loss.names), 0.0
-    if steps_per_call(run.how) == "epoch":
+    if not stepped_every_batch(run.how):
         run.scheduler.step()
     if not distributed.weights_in_sync(run.model, run.device):
         raise UserError(f"epoch {epoch}: the {run.world_size} processes hold different weights")
@@ -704,7 +715,7 @@ def early_stop_reason(run: Run, epoch: int) -> str | None:
     return None
 
 
-def reached(run: Run, epoch: int, val: tuple) -> str | None:
+def target_reached_reason(run: Run, epoch: int, val: tuple) -> str | None:
     """--target_psnr: the line that says when the validation PSNR reached it, in steps and time."""
     target = run.args.target_psnr
     if target is None or val[0]["psnr"] < target:
@@ -712,7 +723,8 @@ def reached(run: Run, epoch: int, val: tuple) -> str | None:
     rows = read_log(run.folder / "log.csv")
     seconds = sum(float(r["seconds"]) for r in rows if int(r["epoch"]) <= epoch)
     return (f"reached --target_psnr {target} dB: val PSNR {val[0]['psnr']:.4f} dB after epoch {epoch}, "
-            f"{plural(epoch * run.steps_per_epoch, 'step')} of {run.args.batch_size}, {seconds:.0f} s "
+            f"{plural(epoch * run.steps_per_epoch, 'step')} of {run.args.batch_size * run.world_size}, "
+            f"{seconds:.0f} s "
             f"({seconds / 3600:.2f} h) of training and validation")
 
 
@@ -735,7 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     # The original's flags and defaults.
     p.add_argument("--num_epochs", type=positive_int, default=400, help="epochs to train, in all (with --resume too)")
     p.add_argument("--batch_size", type=positive_int, default=32, help="patches per step (per process)")
-    p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam's learning rate at the start")
+    p.add_argument("--lr", type=positive_float, default=2e-4,
+                   help="the learning rate at the start (after any warmup: the recipe's)")
     p.add_argument("--upscale_factor", type=int, default=4, choices=sorted(UPSAMPLE_STAGES), help="the scale")
     p.add_argument("--arch", choices=NETWORKS, default=DEFAULT_ARCH,
                    help="the network (model.NETWORKS); the options below apply where it takes them")
@@ -745,11 +758,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="residual blocks (not typed: the network's own default; ResShuffle's is 16)")
     p.add_argument("--num_workers", type=non_negative_int, default=4,
                    help="threads cutting training patches ahead of the step (0: the main thread)")
-    p.add_argument("--step_size", type=positive_int, default=50, help="StepLR period, in epochs")
-    p.add_argument("--gamma", type=positive_float, default=0.5, help="StepLR factor")
+    p.add_argument("--step_size", type=positive_int, default=50, help="StepLR period, in epochs (schedule steplr)")
+    p.add_argument("--gamma", type=positive_float, default=0.5, help="StepLR factor (schedule steplr)")
     # Model options beyond the original (README: they matter for short CPU runs).
-    p.add_argument("--mean_shift", action="store_true", help="subtract/add DIV2K's mean RGB (EDSR's MeanShift)")
-    p.add_argument("--image_skip", action="store_true", help="add the bicubic-upsampled input to the output")
+    p.add_argument("--mean_shift", action=argparse.BooleanOptionalAction, default=False,
+                   help="subtract/add DIV2K's mean RGB (EDSR's MeanShift)")
+    p.add_argument("--image_skip", action=argparse.BooleanOptionalAction, default=False,
+                   help="add the bicubic-upsampled input to the output")
     # Data.
     p.add_argument("--train_dir", default=str(REPO / "data/DIV2K_train_HR"), help="folder of HR training images")
     p.add_argument("--val_dir", default=str(REPO / "data/DIV2K_valid_HR"), help="folder of HR validation images")
@@ -793,8 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the training recipe (training.RECIPES): optimizer, lr schedule, init, EMA, batch and "
                         "patch plan; flags typed beside it override its values. seed: the original's flag "
                         "defaults; shipped: what the shipped checkpoints used")
-    p.add_argument("--target_psnr", type=float, default=None, metavar="DB",
-                   help="stop once the validation PSNR reaches DB, saying after how many steps and how long")
+    p.add_argument("--target_psnr", type=positive_float, default=None, metavar="DB",
+                   help="stop at the first validation (--val_every) whose PSNR (of the EMA weights with --ema) "
+                        "reaches DB, saying after how many steps and how long; this invocation's only")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast precision of the network (weights stay fp32); auto: bf16 where the device runs "
@@ -829,14 +845,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # (tests/test_train.py compares them with argparse's own).
     args = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(FLAGS, NOT_TYPED)))
     args.given = sorted(name for name in FLAGS if getattr(args, name) is not NOT_TYPED)
-    recipe = RECIPES[parser.get_default("recipe") if args.recipe is NOT_TYPED else args.recipe]
-    args.from_recipe = sorted(name for name in FLAGS if name in recipe and name not in args.given)
+    try:
+        recipe = recipe_flags(parser.get_default("recipe") if args.recipe is NOT_TYPED else args.recipe)
+    except UserError as e:
+        parser.error(str(e))
+    args.from_recipe = sorted(name for name in recipe if name not in args.given)
     for name in FLAGS:
         if getattr(args, name) is NOT_TYPED:
             setattr(args, name, recipe.get(name, parser.get_default(name)))
     if args.patch_size and not args.resume and args.patch_size % args.upscale_factor:
         parser.error(f"argument --patch_size: {args.patch_size} is not a multiple of the scale {args.upscale_factor}")
     return args
+
+
+def recipe_flags(name: str) -> dict:
+    """The flags recipe `name` sets, each read as if typed (its flag's type and choices), after
+    checking the recipe's keys and how it builds the optimizer; a one-line error for a bad entry."""
+    recipe, where = RECIPES[name], f"training.RECIPES[{name!r}]"
+    unknown = sorted(set(recipe) - set(HOW_KEYS) - set(RECIPE_FLAGS))
+    why = f"{', '.join(unknown)}: not keys a recipe has" if unknown else how_fault({k: recipe.get(k) for k in HOW_KEYS})
+    if why:
+        raise UserError(f"{where}: {why} (docs/extending.md)")
+    return {key: flag_as_typed(build_parser(), key, value, where) for key, value in recipe.items() if key in FLAGS}
 
 
 if __name__ == "__main__":

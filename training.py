@@ -14,32 +14,38 @@ from machinery.precision import autocast
 from model import ResidualBlock
 
 # Training recipes by name: adding one is one entry (docs/extending.md). Keys named as train.py's
-# flags (lr, step_size, gamma, batch_size, patch_size, patches_per_image, ema, num_epochs, and the
-# network options mean_shift, image_skip) set those flags' values; a flag typed beside --recipe
-# overrides its key. The rest say how to build what the flags don't:
+# flags (RECIPE_FLAGS) set those flags' values; a flag typed beside --recipe overrides its key.
+# The rest (HOW_KEYS) say how to build what the flags don't:
 #   optimizer: "adam" or "adamw", with betas and weight_decay;
-#   schedule: "step" (StepLR: x gamma every step_size epochs) or "cosine" (from lr down to
-#     min_lr_ratio x lr over the run's steps, num_epochs x steps per epoch), after warmup_steps
-#     steps rising linearly from lr / warmup_steps;
+#   schedule: "steplr" (x gamma every step_size epochs) or "cosine" (from lr down to
+#     min_lr_ratio x lr over the run's first num_epochs x steps-per-epoch steps), after
+#     warmup_steps steps rising linearly from lr / warmup_steps (cosine only);
 #   init: "default" (PyTorch's), or "zero_residual": the last conv of every residual block
 #     starts at zero, so the network starts as its skip paths.
 RECIPES = {
     # The original ResShuffle README's: Adam at 2e-4, halved every 50 epochs, batch 32 (train.py's defaults).
-    "seed": {"optimizer": "adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "schedule": "step",
+    "seed": {"optimizer": "adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "schedule": "steplr",
              "warmup_steps": 0, "min_lr_ratio": 0.0, "init": "default",
              "lr": 2e-4, "step_size": 50, "gamma": 0.5, "batch_size": 32, "patches_per_image": 20, "ema": 0.0},
-    # The shipped checkpoints' (docs/shipped-checkpoints.md): Adam at 5e-4 halved every 20 epochs of
-    # 105 steps on the 84 training photos, batch 16, mean shift and the bicubic image skip, 60 epochs.
-    "shipped": {"optimizer": "adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "schedule": "step",
+    # The shipped checkpoints' (docs/shipped-checkpoints.md; x2 ran 75 epochs): Adam at 5e-4 halved every
+    # 20 epochs of 105 steps on the 84 training photos, batch 16, mean shift and the bicubic image skip.
+    "shipped": {"optimizer": "adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "schedule": "steplr",
                 "warmup_steps": 0, "min_lr_ratio": 0.0, "init": "default",
                 "lr": 5e-4, "step_size": 20, "gamma": 0.5, "batch_size": 16, "patches_per_image": 20, "ema": 0.0,
                 "num_epochs": 60, "mean_shift": True, "image_skip": True},
 }
 DEFAULT_RECIPE = "seed"
 
-# The keys every recipe has that no flag sets: kept in a run's checkpoint, so that a resume builds
-# the same optimizer and schedule even where RECIPES has since changed.
+# The keys every recipe has that no flag sets: kept in a run's checkpoint (with the schedule's
+# length, total_steps), so that a resume builds the same optimizer and schedule even where RECIPES
+# has since changed.
 HOW_KEYS = ("optimizer", "betas", "weight_decay", "schedule", "warmup_steps", "min_lr_ratio", "init")
+# The train.py flags a recipe may set.
+RECIPE_FLAGS = ("lr", "step_size", "gamma", "batch_size", "patch_size", "patches_per_image", "ema", "num_epochs",
+                "mean_shift", "image_skip")
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULES = ("steplr", "cosine")
+INITS = ("default", "zero_residual")
 
 
 def recipe_how(name: str) -> dict:
@@ -47,48 +53,64 @@ def recipe_how(name: str) -> dict:
     return {key: RECIPES[name][key] for key in HOW_KEYS}
 
 
+def how_fault(how) -> str | None:
+    """What is wrong with a recipe's HOW_KEYS part (a recipe's, or a run checkpoint's), in words; None
+    where nothing is."""
+    def number(v, low, high):
+        return isinstance(v, int | float) and not isinstance(v, bool) and low <= v <= high  # NaN fails
+    if not isinstance(how, dict) or set(how) - {"total_steps"} != set(HOW_KEYS):
+        return f"not a table of {', '.join(HOW_KEYS)}"
+    rules = {"optimizer": how["optimizer"] in OPTIMIZERS, "schedule": how["schedule"] in SCHEDULES,
+             "init": how["init"] in INITS,
+             "betas": isinstance(how["betas"], tuple | list) and len(how["betas"]) == 2 and all(
+                 number(b, 0, 0.999999) for b in how["betas"]),
+             "weight_decay": number(how["weight_decay"], 0, math.inf) and math.isfinite(how["weight_decay"]),
+             "warmup_steps": number(how["warmup_steps"], 0, math.inf) and isinstance(how["warmup_steps"], int)
+             and (how["warmup_steps"] == 0 or how["schedule"] == "cosine"),
+             "min_lr_ratio": number(how["min_lr_ratio"], 0, 1),
+             "total_steps": "total_steps" not in how or isinstance(how["total_steps"], int) and how["total_steps"] > 0}
+    bad = next((key for key, ok in rules.items() if not ok), None)
+    return None if bad is None else f"its {bad} is {how.get(bad)!r}"
+
+
 def make_optimizer(model: torch.nn.Module, how: dict, lr: float) -> torch.optim.Optimizer:
     """The recipe's optimizer over `model`'s parameters, at learning rate `lr`."""
-    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if how["optimizer"] not in kinds:
-        raise ValueError(f"unknown optimizer {how['optimizer']!r}: use {' or '.join(kinds)}")
-    return kinds[how["optimizer"]](model.parameters(), lr=lr, betas=tuple(how["betas"]),
-                                   weight_decay=how["weight_decay"])
+    return OPTIMIZERS[how["optimizer"]](model.parameters(), lr=lr, betas=tuple(how["betas"]),
+                                        weight_decay=how["weight_decay"])
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, how: dict, *, step_size: int, gamma: float,
-                  total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The recipe's learning-rate schedule. StepLR is stepped once an epoch (`steps_per_call` says
-    so); the cosine schedule, with or without warmup, once a step."""
-    if how["schedule"] == "step" and not how["warmup_steps"]:
+def make_schedule(optimizer: torch.optim.Optimizer, how: dict, *, step_size: int,
+                  gamma: float) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's learning-rate schedule: StepLR, stepped once an epoch; or cosine (with its
+    warmup), stepped once a step, over how["total_steps"]."""
+    if how["schedule"] == "steplr":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-    if how["schedule"] != "cosine":
-        raise ValueError(f"unknown schedule {how['schedule']!r} (with warmup: cosine only); use step or cosine")
-    warmup, floor = how["warmup_steps"], how["min_lr_ratio"]
+    warmup, floor, total = how["warmup_steps"], how["min_lr_ratio"], how["total_steps"]
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def steps_per_call(how: dict) -> str:
-    """When the schedule is stepped: "epoch" (StepLR) or "step"."""
-    return "epoch" if how["schedule"] == "step" else "step"
+def stepped_every_batch(how: dict) -> bool:
+    """Whether the schedule moves every step (cosine), not once an epoch (StepLR)."""
+    return how["schedule"] != "steplr"
 
 
 @torch.no_grad()
 def initialise(model: torch.nn.Module, how: dict) -> None:
     """The recipe's initialisation, on a freshly built network."""
     if how["init"] == "zero_residual":
-        for block in model.modules():
-            if isinstance(block, ResidualBlock):
-                block.conv2.weight.zero_()
-                block.conv2.bias.zero_()
-    elif how["init"] != "default":
-        raise ValueError(f"unknown init {how['init']!r}: use default or zero_residual")
+        blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+        if not blocks:
+            raise ValueError(f"init zero_residual: the {type(model).__name__} network has no residual blocks")
+        for block in blocks:
+            block.conv2.weight.zero_()
+            block.conv2.bias.zero_()
+
 
 L1 = WeightedLoss("l1")
 

@@ -14,7 +14,7 @@ from losses import parse_loss
 from metrics import METRICS
 from model import DEFAULT_ARCH
 from resize import DEGRADATIONS
-from training import DEFAULT_RECIPE, HOW_KEYS, recipe_how
+from training import DEFAULT_RECIPE, how_fault, recipe_how
 from utils import STOP_SIGNALS, UserError, plural, shown, warn
 
 from .files import atomic_path, check_output_dir, lock_folder, make_dir, remove_stale_temporaries
@@ -149,16 +149,15 @@ def run_state_rules(c: dict) -> list[tuple]:
         ("ema", lambda v: v is None or isinstance(v, dict), f"{state} or None"),
         ("degradation", lambda v: v is None or isinstance(v, str) and v in DEGRADATIONS,
          f"a registered degradation: {', '.join(DEGRADATIONS)}"),
-        ("recipe", lambda v: isinstance(v, dict) and sorted(v) == sorted(HOW_KEYS) and all(
-            isinstance(v[k], type(d)) or finite(d) and finite(v[k]) for k, d in recipe_how(DEFAULT_RECIPE).items()),
-         f"how the recipe builds the optimizer and schedule: {', '.join(HOW_KEYS)}"),
+        ("recipe", lambda v: how_fault(v) is None,
+         f"how the recipe builds the optimizer and schedule ({how_fault(c.get('recipe'))})"),
     ]
 
 
 # What each state of a run checkpoint is, as an error names it.
-STATES = {"model": "the network's weights", "optimizer": "Adam's state for the network's parameters",
-          "scheduler": "StepLR's state", "scaler": "the loss scaler's state", "ema": "the averaged weights (--ema)",
-          "rng": "the random generators' states"}
+STATES = {"model": "the network's weights", "optimizer": "the optimizer's state for the network's parameters",
+          "scheduler": "the learning-rate schedule's state", "scaler": "the loss scaler's state",
+          "ema": "the averaged weights (--ema)", "rng": "the random generators' states"}
 
 
 def load_run_state(path, field: str, state, load) -> None:

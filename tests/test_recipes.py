@@ -1,4 +1,5 @@
 """Training recipes by name (training.RECIPES, train.py --recipe) and --target_psnr."""
+import math
 import signal
 
 import pytest
@@ -39,8 +40,9 @@ def test_a_recipe_sets_its_flags_and_a_typed_flag_overrides_it():
     args = train.parse_args(["--recipe", "shipped"])
     assert (args.lr, args.step_size, args.batch_size, args.num_epochs) == (5e-4, 20, 16, 60)
     assert train.network_args(args) | {"mean_shift": True, "image_skip": True} == train.network_args(args)
-    typed = train.parse_args(["--recipe", "shipped", "--lr", "1e-3", "--batch_size", "8"])
+    typed = train.parse_args(["--recipe", "shipped", "--lr", "1e-3", "--batch_size", "8", "--no-image_skip"])
     assert (typed.lr, typed.batch_size, typed.step_size) == (1e-3, 8, 20)
+    assert train.network_args(typed)["image_skip"] is False and train.network_args(typed)["mean_shift"] is True
     # A network without the recipe's options takes the rest of the recipe, not an error.
     espcn = train.parse_args(["--recipe", "shipped", "--arch", "espcn"])
     assert "mean_shift" not in train.network_args(espcn)
@@ -51,20 +53,22 @@ def test_every_recipe_builds_its_optimizer_schedule_and_initialisation(name, tri
     model = build_network({"arch": "resshuffle", "scale": 2, "num_features": 4, "num_residuals": 2})
     how, recipe = training.recipe_how(name), training.RECIPES[name]
     training.initialise(model, how)
-    optimizer = training.make_optimizer(model, how, lr=recipe["lr"])
-    schedule = training.make_schedule(optimizer, how, step_size=recipe.get("step_size", 50),
-                                      gamma=recipe.get("gamma", 0.5), total_steps=20)
+    optimizer = training.make_optimizer(model, how | {"total_steps": 20}, lr=recipe["lr"])
+    schedule = training.make_schedule(optimizer, how | {"total_steps": 20}, step_size=recipe.get("step_size", 50),
+                                      gamma=recipe.get("gamma", 0.5))
+    before = [p.clone() for p in model.parameters()]
     model(torch.rand(1, 3, 6, 6)).mean().backward()
     optimizer.step()
     schedule.step()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert training.how_fault(how) is None and set(recipe) <= set(training.HOW_KEYS) | set(training.RECIPE_FLAGS)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trains
 
 
 def test_the_cosine_schedule_warms_up_linearly_then_decays_to_its_floor(trial_recipe):
     model = torch.nn.Linear(2, 2)
     how = training.recipe_how("trial")
     optimizer = training.make_optimizer(model, how, lr=1e-3)
-    schedule = training.make_schedule(optimizer, how, step_size=1, gamma=1.0, total_steps=24)
+    schedule = training.make_schedule(optimizer, how | {"total_steps": 24}, step_size=1, gamma=1.0)
     lrs = []
     for _ in range(24):
         lrs.append(schedule.get_last_lr()[0])
@@ -73,7 +77,31 @@ def test_the_cosine_schedule_warms_up_linearly_then_decays_to_its_floor(trial_re
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # never rising after the warmup
     assert schedule.get_last_lr()[0] == pytest.approx(1e-4)  # min_lr_ratio x lr at the last step
-    assert training.steps_per_call(how) == "step" and training.steps_per_call(training.recipe_how("seed")) == "epoch"
+    assert training.stepped_every_batch(how) and not training.stepped_every_batch(training.recipe_how("seed"))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"learning_rate": 1e-3}, "learning_rate: not keys a recipe has"),
+    ({"lr": "fast"}, "--lr is 'fast'"),
+    ({"batch_size": 0}, "--batch_size is 0"),
+    ({"optimizer": "sgd"}, "its optimizer is 'sgd'"),
+    ({"betas": (0.9,)}, "its betas"),
+    ({"min_lr_ratio": math.nan}, "its min_lr_ratio"),
+    ({"schedule": "steplr", "warmup_steps": 10}, "its warmup_steps"),
+])
+def test_a_bad_recipe_entry_is_one_line_naming_it(monkeypatch, capsys, entry, message):
+    monkeypatch.setitem(training.RECIPES, "bad", TRIAL | entry)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--recipe", "bad"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "training.RECIPES['bad']" in err and message in err, err
+
+
+def fraction(step: int, warmup=4, total=9, floor=0.1) -> float:
+    """TRIAL's schedule at `step`, as written in its definition."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
 def test_zero_residual_init_starts_every_block_as_its_skip_path():
@@ -107,11 +135,16 @@ def test_a_resumed_run_under_a_recipe_equals_the_uninterrupted_one(trial_recipe,
     code, _, err = run_main(train, "--resume", last)
     assert code == 0, err
     resumed, whole = load_checkpoint(last), load_checkpoint(tmp_path / "runs" / "whole" / "last.pt")
-    assert resumed["recipe"] == training.recipe_how(trial_recipe) and resumed["args"]["recipe"] == trial_recipe
+    assert resumed["args"]["recipe"] == trial_recipe
+    assert resumed["recipe"] == training.recipe_how(trial_recipe) | {"total_steps": 9}
     for name, tensor in whole["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name  # bit for bit on a CPU
-    assert [r["lr"] for r in read_log(tmp_path / "runs" / "stopped")] == [r["lr"] for r in
-                                                                          read_log(tmp_path / "runs" / "whole")]
+    # Stepped once a step: each epoch's lr is the schedule's at its first step, 0, 3 and 6 of 9.
+    expected = [f"{1e-3 * fraction(step):.6g}" for step in (0, 3, 6)]
+    assert [r["lr"] for r in read_log(tmp_path / "runs" / "stopped")] == expected
+    assert [r["lr"] for r in read_log(tmp_path / "runs" / "whole")] == expected
+    assert resumed["scheduler"]["last_epoch"] == 9 and resumed["recipe"]["total_steps"] == 9
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * fraction(9))
 
 
 @pytest.mark.slow
@@ -122,6 +155,8 @@ def test_target_psnr_stops_at_the_first_validation_that_reaches_it_and_says_when
     assert code == 0, err
     assert "reached --target_psnr 1.0 dB" in out and "after epoch 1, 3 steps of 4" in out
     assert len(read_log(tmp_path / "runs" / "r")) == 1
+    code, out, err = run_main(train, "--resume", tmp_path / "runs" / "r" / "last.pt", "--num_epochs", "2")
+    assert code == 0 and "reached" not in out, err  # the target was that invocation's only
     code, _, err = run_main(train, "--export", tmp_path / "runs" / "r" / "best.pt", tmp_path / "r.safetensors")
     assert code == 0, err
     assert load_checkpoint(tmp_path / "r.safetensors")["training"]["recipe"] == "seed"
@@ -140,4 +175,4 @@ def test_a_run_saved_before_recipes_resumes_as_the_seed_recipe(tmp_path):
     assert code == 0, err
     resumed = load_checkpoint(last)
     assert resumed["format"] == 3 and resumed["args"]["recipe"] == "seed"
-    assert resumed["recipe"] == training.recipe_how("seed")
+    assert resumed["recipe"] == training.recipe_how("seed") | {"total_steps": 6}
