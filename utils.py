@@ -218,7 +218,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 @contextlib.contextmanager
 def sigterm_raises(exception):
-    """While inside, SIGTERM or SIGHUP raises `exception()` where the main thread is, so the stack
+    """While inside, SIGTERM or SIGHUP raises `exception(signum)` where the main thread is, so the stack
     unwinds as on Ctrl-C and temporary files and folders go with it; by default either ends the
     process where it stands, leaving them behind. Signals reach the main thread only: elsewhere
     this does nothing."""
@@ -227,7 +227,7 @@ def sigterm_raises(exception):
         return
 
     def stop(signum, frame):
-        raise exception()
+        raise exception(signum)
 
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:

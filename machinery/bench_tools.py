@@ -121,8 +121,10 @@ def row(what: str, ours: str, plain: str = "", ratio: str = "") -> None:
     print(f"{what:<46} {ours:>12} {plain:>12} {ratio:>8}", flush=True)
 
 
-def stopped_by_sigterm() -> SystemExit:
-    """SIGTERM unwinds the stack (utils.sigterm_raises), so the temporary folders are removed and the
-    child processes (infer.py, evaluate.py, train.py) killed on the way out. Exit status 143."""
-    print(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; removing its temporary files", file=sys.stderr, flush=True)
-    return SystemExit(128 + signal.SIGTERM)
+def stopped_by_sigterm(signum: int = signal.SIGTERM) -> SystemExit:
+    """SIGTERM (or SIGHUP) unwinds the stack (utils.sigterm_raises), so the temporary folders are
+    removed and the child processes (infer.py, evaluate.py, train.py) killed on the way out. Exit
+    status 128 + signum."""
+    print(f"{Path(sys.argv[0]).name}: stopped by {signal.Signals(signum).name}; removing its temporary files",
+          file=sys.stderr, flush=True)
+    return SystemExit(128 + signum)

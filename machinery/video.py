@@ -11,11 +11,9 @@ Refused before any frame is written: a frame size above the image path's pixel l
 MAX_IMAGE_PIXELS, read from the stream's header), and a frame size that changes mid-stream (one
 output has one size; the encoder would squeeze the frame into it).
 """
-import contextlib
 import io
 import os
 import signal
-import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -25,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import STOP_SIGNALS, UserError, first_line, plural, shown, warn
+from utils import UserError, first_line, plural, shown, sigterm_raises, warn
 
 from .files import atomic_path, folder_for, not_a_file
 from .upscale import DEFAULT_TILE, upscale
@@ -68,25 +66,6 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_signals_raise():
-    """utils.sigterm_raises(Terminated), but with the signal that came (utils.STOP_SIGNALS: SIGTERM,
-    or SIGHUP from a closed terminal) in the exception, so that the message names the right one."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-
-    def stop(signum, frame):
-        raise Terminated(signum)
-
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 class VideoInfo(NamedTuple):
@@ -281,7 +260,7 @@ def upscale_video(model, src: Path, dst: Path, info: VideoInfo, *, crf: int = DE
     progress = Progress(None if total is None else max(0, min(total, span[1] or total) - span[0]))
     options = dict(tile=tile, tile_pad=tile_pad, self_ensemble=self_ensemble, precision=precision)
     # A bar on a terminal only (as for folders of images): frames/s and the time left.
-    with stop_signals_raise(), tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
+    with sigterm_raises(Terminated), tqdm(total=progress.total, desc="upscaling", unit="frame", disable=None) as bar:
         try:
             with folder_for(dst), atomic_path(dst) as tmp:
                 transcode(model, src, tmp, OUTPUT_FORMATS[dst.suffix.lower()], info, crf=crf, span=span,
