@@ -1,4 +1,4 @@
-"""app.py against a hostile web page and hostile clients (issue 34): other host names, other origins,
+"""app.py against a hostile web page and hostile clients: other host names, other origins,
 full queues, idle, slow and many connections, odd headers, names that are terminal escapes, a closed
 stdout, a kill, a hang-up; and the page on a phone."""
 import contextlib

@@ -247,7 +247,7 @@ def test_a_csv_name_ending_in_a_slash_is_a_folder_not_a_file(tiny_checkpoint, tm
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("device", ["mps", "xpu", "hpu"])  # meta: test_train_hostile.py
+@pytest.mark.parametrize("device", ["mps", "xpu", "hpu"])  # meta: test_train_inputs.py
 def test_a_device_this_machine_lacks_is_one_line(device, tmp_path, photo, tiny_checkpoint):
     if getattr(getattr(torch, device, None), "is_available", lambda: False)():
         pytest.skip(f"this machine has a {device} device")

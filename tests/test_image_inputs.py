@@ -1,4 +1,4 @@
-"""Hostile image inputs (issue 34): formats read by an allow-list (no EPS, so no Ghostscript),
+"""Hostile image inputs: formats read by an allow-list (no EPS, so no Ghostscript),
 16-bit inputs said and kept gray, folder outputs in any written format, hostile checkpoint
 metadata in evaluate.py, and names printed with their control characters escaped."""
 import ast
@@ -194,7 +194,7 @@ def test_ext_is_one_of_the_written_formats_and_not_beside_an_output_file(tiny_ch
                                       {"steps": 5, "seconds": float("nan")}, {"steps": 5, "precision": ["bf16"]}],
                          ids=["list", "string", "steps_text", "seconds_text", "60_digits", "bool", "negative", "nan",
                               "precision_list"])
-def test_evaluate_leaves_out_a_hostile_training_record_in_one_line(image_dir, tmp_path, training):
+def test_evaluate_leaves_out_a_malformed_training_record_in_one_line(image_dir, tmp_path, training):
     torch.manual_seed(0)
     path = tmp_path / "hostile.pt"
     save_checkpoint({"model": ResShuffle(**TINY).state_dict(), "model_args": TINY, "training": training}, path)

@@ -23,7 +23,7 @@ def strange_files(folder, suffix):
     return folder / f"fifo{suffix}", folder / f"zero{suffix}"
 
 
-def test_not_a_file_says_what_a_path_is_and_nothing_for_a_file_or_a_missing_path(tmp_path):
+def test_a_path_that_is_not_a_regular_file_is_described_and_a_file_or_missing_one_is_not(tmp_path):
     fifo, zero = strange_files(tmp_path, ".png")
     (tmp_path / "plain.png").write_bytes(b"x")
     assert files.not_a_file(fifo) == "is a FIFO (a named pipe)"

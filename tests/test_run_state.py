@@ -1,4 +1,4 @@
-"""A resumed run's state in a hand-edited or damaged last.pt (issue 34): every field that --resume
+"""A resumed run's state in a hand-edited or damaged last.pt: every field that --resume
 reads is checked, by type and range, and a bad one is one line naming it, before anything is written."""
 import math
 import shutil

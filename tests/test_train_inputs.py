@@ -1,4 +1,4 @@
-"""Hostile input to training, losses, checkpoints, benchmark.py, plot.py and the hub (issue 34):
+"""Hostile input to training, losses, checkpoints, benchmark.py, plot.py and the hub:
 each is refused in one line, or read exactly as meant."""
 import contextlib
 import io

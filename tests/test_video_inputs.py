@@ -1,4 +1,4 @@
-"""infer.py on hostile videos (issue 34): names FFmpeg could read as URLs, frame sizes that change or
+"""infer.py on hostile videos: names FFmpeg could read as URLs, frame sizes that change or
 are too large, files that are not files, 10-bit input, SIGHUP, and names with control characters."""
 import os
 import signal
