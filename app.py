@@ -383,8 +383,8 @@ class Server(http.server.ThreadingHTTPServer):
         if self.slots.acquire(blocking=False):
             try:
                 return super().process_request(request, client_address)
-            except BaseException:  # no thread: its slot is free again
-                self.slots.release()
+            except RuntimeError:  # no thread could start: its slot is free again
+                self.slots.release()  # (not on Ctrl-C or SIGTERM: the thread may have started, and releases it)
                 raise
         if not self.refusals.acquire(blocking=False):
             return self.close_request(request)
