@@ -220,7 +220,7 @@ def train(args):
     with StopSignal(quiet=not run.lead) as stop, run.lock or contextlib.nullcontext():
         for epoch in range(run.epoch + 1, args.num_epochs + 1):
             started, lr_now = time.time() - run.seconds, epoch_start_lr(run)
-            train_epoch(run, epoch, lr_now, stop)
+            train_epoch(run, epoch, stop)
             if run.step < run.steps_per_epoch:  # a stop signal, mid-epoch: save where it is
                 run.seconds = time.time() - started
                 if run.lead:
@@ -569,7 +569,7 @@ def announce(run: Run) -> None:
 
 # ---------------------------------------------------------------- one epoch
 
-def train_epoch(run: Run, epoch: int, lr_now: float, stop: StopSignal) -> None:
+def train_epoch(run: Run, epoch: int, stop: StopSignal) -> None:
     """Train `epoch` from step `run.step` on, to its end or to a stop signal (`run.step` then says where)."""
     args = run.args
     run.loader.sampler.set_epoch(epoch, start=run.step * args.batch_size * run.world_size)
@@ -579,7 +579,8 @@ def train_epoch(run: Run, epoch: int, lr_now: float, stop: StopSignal) -> None:
               initial=run.step, leave=False, mininterval=1.0, disable=not run.lead) as bar:
         for lr, hr, flips in bar:
             lr, hr = device_batch(lr, hr, flips, run.device)
-            pending.append(train_step(run.net, lr, hr, run.optimizer, run.scaler, run.precision, run.loss))
+            pending.append(train_step(run.net, lr, hr, run.optimizer, run.scaler, run.precision, run.loss,
+                                      clip_grad_norm=run.how["clip_grad_norm"]))
             if stepped_every_batch(run.how):
                 run.scheduler.step()
             if run.ema is not None:
@@ -588,7 +589,8 @@ def train_epoch(run: Run, epoch: int, lr_now: float, stop: StopSignal) -> None:
             if not losses_due(run, stop):
                 continue
             stopping = add_losses(run, epoch, pending, stop)
-            bar.set_postfix(loss=f"{run.loss_sum / run.step:.4f}", lr=f"{lr_now:.3g}", refresh=False,
+            bar.set_postfix(loss=f"{run.loss_sum / run.step:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.3g}",
+                            refresh=False,
                             patches_s=f"{(run.step - first_step) * lr.shape[0] / (time.time() - started):.1f}")
             if stopping:
                 break

@@ -21,16 +21,17 @@ from model import ResidualBlock
 #     min_lr_ratio x lr over the run's first num_epochs x steps-per-epoch steps), after
 #     warmup_steps steps rising linearly from lr / warmup_steps (cosine only);
 #   init: "default" (PyTorch's), or "zero_residual": the last conv of every residual block
-#     starts at zero, so the network starts as its skip paths.
+#     starts at zero, so the network starts as its skip paths;
+#   clip_grad_norm: the gradients' largest global L2 norm before each step (0: not clipped).
 RECIPES = {
     # The original ResShuffle README's: Adam at 2e-4, halved every 50 epochs, batch 32 (train.py's defaults).
     "seed": {"optimizer": "adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "schedule": "steplr",
-             "warmup_steps": 0, "min_lr_ratio": 0.0, "init": "default",
+             "warmup_steps": 0, "min_lr_ratio": 0.0, "init": "default", "clip_grad_norm": 0.0,
              "lr": 2e-4, "step_size": 50, "gamma": 0.5, "batch_size": 32, "patches_per_image": 20, "ema": 0.0},
     # The shipped checkpoints' (docs/shipped-checkpoints.md; x2 ran 75 epochs): Adam at 5e-4 halved every
     # 20 epochs of 105 steps on the 84 training photos, batch 16, mean shift and the bicubic image skip.
     "shipped": {"optimizer": "adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "schedule": "steplr",
-                "warmup_steps": 0, "min_lr_ratio": 0.0, "init": "default",
+                "warmup_steps": 0, "min_lr_ratio": 0.0, "init": "default", "clip_grad_norm": 0.0,
                 "lr": 5e-4, "step_size": 20, "gamma": 0.5, "batch_size": 16, "patches_per_image": 20, "ema": 0.0,
                 "num_epochs": 60, "mean_shift": True, "image_skip": True},
 }
@@ -39,7 +40,8 @@ DEFAULT_RECIPE = "seed"
 # The keys every recipe has that no flag sets: kept in a run's checkpoint (with the schedule's
 # length, total_steps), so that a resume builds the same optimizer and schedule even where RECIPES
 # has since changed.
-HOW_KEYS = ("optimizer", "betas", "weight_decay", "schedule", "warmup_steps", "min_lr_ratio", "init")
+HOW_KEYS = ("optimizer", "betas", "weight_decay", "schedule", "warmup_steps", "min_lr_ratio", "init",
+            "clip_grad_norm")
 # The train.py flags a recipe may set.
 RECIPE_FLAGS = ("lr", "step_size", "gamma", "batch_size", "patch_size", "patches_per_image", "ema", "num_epochs",
                 "mean_shift", "image_skip")
@@ -68,6 +70,7 @@ def how_fault(how) -> str | None:
              "warmup_steps": number(how["warmup_steps"], 0, math.inf) and isinstance(how["warmup_steps"], int)
              and (how["warmup_steps"] == 0 or how["schedule"] == "cosine"),
              "min_lr_ratio": number(how["min_lr_ratio"], 0, 1),
+             "clip_grad_norm": number(how["clip_grad_norm"], 0, math.inf) and math.isfinite(how["clip_grad_norm"]),
              "total_steps": "total_steps" not in how or isinstance(how["total_steps"], int) and how["total_steps"] > 0}
     bad = next((key for key, ok in rules.items() if not ok), None)
     return None if bad is None else f"its {bad} is {how.get(bad)!r}"
@@ -116,12 +119,15 @@ L1 = WeightedLoss("l1")
 
 
 def train_step(model: torch.nn.Module, lr: torch.Tensor, hr: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, precision: str, loss: WeightedLoss = L1) -> torch.Tensor:
+               scaler: torch.amp.GradScaler, precision: str, loss: WeightedLoss = L1,
+               clip_grad_norm: float = 0.0) -> torch.Tensor:
     """One optimisation step on a batch of (lr, hr) float patches on the model's device (dataset.device_batch).
 
     `loss` is the run's --loss (losses.py; L1 as the original's by default), computed in fp32;
     `precision` is machinery/precision.py's name (autocast of the network; the weights and the optimizer
-    stay fp32). Returns [total, each term], left on the device (reading it waits for a GPU).
+    stay fp32). `clip_grad_norm` > 0 scales the gradients down to that global norm where they exceed
+    it (the recipe's: a rare outsized batch then cannot throw Adam's steps off).
+    Returns [total, each term], left on the device (reading it waits for a GPU).
     """
     with autocast(lr.device, precision):
         sr = model(lr)
@@ -129,6 +135,9 @@ def train_step(model: torch.nn.Module, lr: torch.Tensor, hr: torch.Tensor, optim
     total = loss.total(terms)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
     return torch.cat([total.detach().view(1), terms.detach()])

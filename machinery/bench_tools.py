@@ -49,10 +49,11 @@ def step_seconds(device, model_args: dict, loss: WeightedLoss, precision: str, l
     with `recipe`'s optimizer, built as train.py builds it."""
     torch.manual_seed(0)
     model = build_fast_network(model_args).to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, recipe_how(recipe), lr=RECIPES[recipe]["lr"])
+    how = recipe_how(recipe)
+    optimizer = make_optimizer(model, how, lr=RECIPES[recipe]["lr"])
     scaler = grad_scaler(device, precision)
-    return timed(lambda: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler, precision, loss),
-                 device, steps)
+    return timed(lambda: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler, precision, loss,
+                                    clip_grad_norm=how["clip_grad_norm"]), device, steps)
 
 
 def random_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

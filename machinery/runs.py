@@ -25,8 +25,9 @@ RUN_MADE = ("curves.png", "tensorboard")        # and what only a run's files sa
 
 # What a run checkpoint (train.Run.checkpoint) holds and means; raise it when that changes, and
 # teach upgrade_run_checkpoint the step. 1: every file written before the number was kept in them;
-# 3 added the recipe (training.RECIPES): its name in args, how it builds the optimizer in "recipe".
-RUN_FORMAT = 3
+# 3 added the recipe (training.RECIPES): its name in args, how it builds the optimizer in "recipe";
+# 4 added the recipe's clip_grad_norm.
+RUN_FORMAT = 4
 
 
 def upgrade_run_checkpoint(checkpoint: dict, path, device_type: str) -> dict:
@@ -41,6 +42,8 @@ def upgrade_run_checkpoint(checkpoint: dict, path, device_type: str) -> dict:
         checkpoint = upgrade_format_1(checkpoint, device_type)
     if checkpoint["format"] == 2:
         checkpoint = upgrade_format_2(checkpoint)
+    if checkpoint["format"] == 3:
+        checkpoint = upgrade_format_3(checkpoint)
     return checkpoint
 
 
@@ -66,7 +69,16 @@ def upgrade_format_1(checkpoint: dict, device_type: str) -> dict:
 def upgrade_format_2(checkpoint: dict) -> dict:
     """Format 2 (2026-12-07) trained as the seed recipe builds it: Adam, StepLR, PyTorch's init."""
     args = {"recipe": DEFAULT_RECIPE} | checkpoint["args"]
-    return checkpoint | {"args": args, "recipe": recipe_how(DEFAULT_RECIPE), "format": 3}
+    how = {key: value for key, value in recipe_how(DEFAULT_RECIPE).items() if key != "clip_grad_norm"}
+    return checkpoint | {"args": args, "recipe": how, "format": 3}
+
+
+def upgrade_format_3(checkpoint: dict) -> dict:
+    """Format 3 (2026-12-07) never clipped gradients."""
+    recipe = checkpoint["recipe"]
+    if isinstance(recipe, dict):  # anything else is refused by check_run_state, in words
+        recipe = {"clip_grad_norm": 0.0} | recipe
+    return checkpoint | {"recipe": recipe, "format": 4}
 
 
 # ---------------------------------------------------------------- a run's state, checked on resume

@@ -204,11 +204,11 @@ def test_a_bad_precision_in_a_checkpoint_is_one_line_before_any_work(image_dir, 
 def test_a_precision_changed_mid_epoch_shows_in_that_epochs_log_row(image_dir, tmp_path, monkeypatch):
     real_step, calls = train.train_step, []
 
-    def step_then_signal(*args):
+    def step_then_signal(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # epoch 1, step 2 of 3
             signal.raise_signal(signal.SIGINT)
-        return real_step(*args)
+        return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", step_then_signal)
     code, _, err = run_main(train, "--train_dir", image_dir, "--val_dir", image_dir, "--checkpoint_dir", tmp_path,

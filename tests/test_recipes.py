@@ -9,11 +9,12 @@ import train
 import training
 from conftest import TINY_RUN, make_images, read_log, run_main
 from machinery.checkpoint import load_checkpoint, save_checkpoint
+from machinery.runs import RUN_FORMAT, upgrade_run_checkpoint
 from model import ResidualBlock, build_network
 
 # A recipe that uses every knob the seed leaves at its default.
 TRIAL = {"optimizer": "adamw", "betas": (0.9, 0.99), "weight_decay": 1e-4, "schedule": "cosine",
-         "warmup_steps": 4, "min_lr_ratio": 0.1, "init": "zero_residual", "lr": 1e-3}
+         "warmup_steps": 4, "min_lr_ratio": 0.1, "init": "zero_residual", "clip_grad_norm": 0.5, "lr": 1e-3}
 
 
 @pytest.fixture
@@ -120,11 +121,11 @@ def test_a_resumed_run_under_a_recipe_equals_the_uninterrupted_one(trial_recipe,
     assert code == 0, err
     calls, real_step = [], train.train_step
 
-    def step_then_stop(*args):  # Ctrl-C during step 5: epoch 2 of 3-step epochs
+    def step_then_stop(*args, **kwargs):  # Ctrl-C during step 5: epoch 2 of 3-step epochs
         calls.append(1)
         if len(calls) == 5:
             signal.raise_signal(signal.SIGINT)
-        return real_step(*args)
+        return real_step(*args, **kwargs)
     with monkeypatch.context() as m:
         m.setattr(train, "train_step", step_then_stop)
         code, _, err = run_main(train, *run_flags(images, tmp_path / "runs", "stopped", *flags))
@@ -174,5 +175,26 @@ def test_a_run_saved_before_recipes_resumes_as_the_seed_recipe(tmp_path):
     code, out, err = run_main(train, "--resume", last, "--num_epochs", "2")
     assert code == 0, err
     resumed = load_checkpoint(last)
-    assert resumed["format"] == 3 and resumed["args"]["recipe"] == "seed"
+    assert resumed["format"] == RUN_FORMAT and resumed["args"]["recipe"] == "seed"
     assert resumed["recipe"] == training.recipe_how("seed") | {"total_steps": 6}
+
+
+def test_a_run_saved_before_gradient_clipping_resumes_unclipped():
+    how = training.recipe_how("seed")
+    old = {"format": 3, "args": {}, "recipe": {k: v for k, v in how.items() if k != "clip_grad_norm"}}
+    upgraded = upgrade_run_checkpoint(old, "last.pt", "cpu")
+    assert upgraded["format"] == RUN_FORMAT and upgraded["recipe"] == how and how["clip_grad_norm"] == 0
+
+
+def test_clipping_scales_the_gradients_down_to_the_recipes_norm_and_leaves_small_ones():
+    def grad_norm_after(clip):
+        torch.manual_seed(0)
+        model = build_network({"arch": "resshuffle", "scale": 2, "num_features": 4, "num_residuals": 1})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        training.train_step(model, torch.rand(2, 3, 6, 6), torch.rand(2, 3, 12, 12), optimizer, scaler, "fp32",
+                            clip_grad_norm=clip)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    unclipped = grad_norm_after(0.0)
+    assert grad_norm_after(unclipped / 4) == pytest.approx(unclipped / 4, rel=1e-4)
+    assert grad_norm_after(unclipped * 4) == pytest.approx(unclipped, rel=1e-6)

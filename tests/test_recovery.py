@@ -62,11 +62,11 @@ def signal_at_step(monkeypatch, signum, step: int) -> None:
     calls = []
     real_step = train.train_step
 
-    def step_then_signal(*args):
+    def step_then_signal(*args, **kwargs):
         calls.append(1)
         if len(calls) == step:
             signal.raise_signal(signum)
-        return real_step(*args)
+        return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", step_then_signal)
 
@@ -190,8 +190,8 @@ def test_a_nan_loss_stops_naming_epoch_and_iteration_and_keeps_the_last_good_che
     calls = []
     real_step = train.train_step
 
-    def step_that_diverges(*args):
-        loss = real_step(*args)
+    def step_that_diverges(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
         calls.append(1)
         return loss * float("nan") if len(calls) >= 5 else loss  # epoch 2 (3 steps each), iteration 2
 
