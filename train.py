@@ -73,6 +73,7 @@ from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, count_parameters, net
 from resize import DEGRADATIONS, resize_bicubic
 from training import (
     HOW_KEYS,
+    LR_PATCH_KEY,
     RECIPE_FLAGS,
     RECIPES,
     ema_decay_at,
@@ -809,7 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=RECIPES, default="seed",
                    help="the training recipe (training.RECIPES): optimizer, lr schedule, init, EMA, batch and "
                         "patch plan; flags typed beside it override its values. seed: the original's flag "
-                        "defaults; shipped: what the shipped checkpoints used")
+                        "defaults; shipped: what the shipped checkpoints used; fast: warm-up and cosine decay "
+                        "from 1.5e-3, AdamW, zero-initialised residual blocks, 32x32 LR patches (docs/recipes.md)")
     p.add_argument("--target_psnr", type=positive_float, default=None, metavar="DB",
                    help="stop at the first validation (--val_every) whose PSNR (of the EMA weights with --ema) "
                         "reaches DB, saying after how many steps and how long; this invocation's only")
@@ -855,6 +857,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in FLAGS:
         if getattr(args, name) is NOT_TYPED:
             setattr(args, name, recipe.get(name, parser.get_default(name)))
+    if args.patch_size is None and RECIPES[args.recipe].get(LR_PATCH_KEY):
+        args.patch_size = RECIPES[args.recipe][LR_PATCH_KEY] * args.upscale_factor
+        args.from_recipe = sorted({*args.from_recipe, "patch_size"})
     if args.patch_size and not args.resume and args.patch_size % args.upscale_factor:
         parser.error(f"argument --patch_size: {args.patch_size} is not a multiple of the scale {args.upscale_factor}")
     return args
@@ -864,8 +869,11 @@ def recipe_flags(name: str) -> dict:
     """The flags recipe `name` sets, each read as if typed (its flag's type and choices), after
     checking the recipe's keys and how it builds the optimizer; a one-line error for a bad entry."""
     recipe, where = RECIPES[name], f"training.RECIPES[{name!r}]"
-    unknown = sorted(set(recipe) - set(HOW_KEYS) - set(RECIPE_FLAGS))
+    unknown = sorted(set(recipe) - set(HOW_KEYS) - set(RECIPE_FLAGS) - {LR_PATCH_KEY})
     why = f"{', '.join(unknown)}: not keys a recipe has" if unknown else how_fault({k: recipe.get(k) for k in HOW_KEYS})
+    lr_patch = recipe.get(LR_PATCH_KEY, 1)
+    if not why and (not isinstance(lr_patch, int) or isinstance(lr_patch, bool) or lr_patch < 1):
+        why = f"its {LR_PATCH_KEY} is {lr_patch!r}, not a positive whole number"
     if why:
         raise UserError(f"{where}: {why} (docs/extending.md)")
     return {key: flag_as_typed(build_parser(), key, value, where) for key, value in recipe.items() if key in FLAGS}

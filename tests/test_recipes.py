@@ -49,6 +49,14 @@ def test_a_recipe_sets_its_flags_and_a_typed_flag_overrides_it():
     assert "mean_shift" not in train.network_args(espcn)
 
 
+def test_a_recipes_lr_patch_size_gives_each_scale_its_hr_patch_and_a_typed_patch_size_wins():
+    for scale, hr in ((2, 64), (3, 96), (4, 128)):
+        args = train.parse_args(["--recipe", "fast", "--upscale_factor", str(scale)])
+        assert args.patch_size == hr and "patch_size" in args.from_recipe
+    assert train.parse_args(["--recipe", "fast", "--upscale_factor", "3", "--patch_size", "120"]).patch_size == 120
+    assert train.parse_args(["--recipe", "shipped", "--upscale_factor", "3"]).patch_size is None  # 48 x scale
+
+
 @pytest.mark.parametrize("name", list(training.RECIPES) + ["trial"])
 def test_every_recipe_builds_its_optimizer_schedule_and_initialisation(name, trial_recipe):
     model = build_network({"arch": "resshuffle", "scale": 2, "num_features": 4, "num_residuals": 2})
@@ -61,7 +69,8 @@ def test_every_recipe_builds_its_optimizer_schedule_and_initialisation(name, tri
     model(torch.rand(1, 3, 6, 6)).mean().backward()
     optimizer.step()
     schedule.step()
-    assert training.how_fault(how) is None and set(recipe) <= set(training.HOW_KEYS) | set(training.RECIPE_FLAGS)
+    assert training.how_fault(how) is None
+    assert set(recipe) <= {*training.HOW_KEYS, *training.RECIPE_FLAGS, training.LR_PATCH_KEY}
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trains
 
 
@@ -89,6 +98,7 @@ def test_the_cosine_schedule_warms_up_linearly_then_decays_to_its_floor(trial_re
     ({"betas": (0.9,)}, "its betas"),
     ({"min_lr_ratio": math.nan}, "its min_lr_ratio"),
     ({"schedule": "steplr", "warmup_steps": 10}, "its warmup_steps"),
+    ({"lr_patch_size": 0}, "its lr_patch_size is 0"),
 ])
 def test_a_bad_recipe_entry_is_one_line_naming_it(monkeypatch, capsys, entry, message):
     monkeypatch.setitem(training.RECIPES, "bad", TRIAL | entry)
