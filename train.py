@@ -771,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Data.
     p.add_argument("--train_dir", default=str(REPO / "data/DIV2K_train_HR"), help="folder of HR training images")
     p.add_argument("--val_dir", default=str(REPO / "data/DIV2K_valid_HR"), help="folder of HR validation images")
-    p.add_argument("--patch_size", type=positive_int, default=None, help="HR patch side; None: 48 x scale")
+    p.add_argument("--patch_size", type=positive_int, default=None,
+                   help="HR patch side; None: 48 x scale, or the recipe's lr_patch_size x scale")
     p.add_argument("--patches_per_image", type=positive_int, default=20, help="patches per image per epoch")
     p.add_argument("--data_cache", type=data_cache_flag, default=None, metavar="DIR",
                    help=f"folder of decoded training sets, each one file that every process maps, built once and "
@@ -874,6 +875,8 @@ def recipe_flags(name: str) -> dict:
     lr_patch = recipe.get(LR_PATCH_KEY, 1)
     if not why and (not isinstance(lr_patch, int) or isinstance(lr_patch, bool) or lr_patch < 1):
         why = f"its {LR_PATCH_KEY} is {lr_patch!r}, not a positive whole number"
+    if not why and LR_PATCH_KEY in recipe and "patch_size" in recipe:
+        why = f"it has both patch_size and {LR_PATCH_KEY}: give one"
     if why:
         raise UserError(f"{where}: {why} (docs/extending.md)")
     return {key: flag_as_typed(build_parser(), key, value, where) for key, value in recipe.items() if key in FLAGS}

@@ -40,7 +40,7 @@ RECIPES = {
     "fast": {"optimizer": "adamw", "betas": (0.9, 0.99), "weight_decay": 1e-4, "schedule": "cosine",
              "warmup_steps": 30, "min_lr_ratio": 0.01, "init": "zero_residual", "clip_grad_norm": 0.0,
              "lr": 1.5e-3, "batch_size": 36, "lr_patch_size": 32, "patches_per_image": 45, "ema": 0.0,
-             "num_epochs": 24, "mean_shift": True, "image_skip": True},
+             "num_epochs": 12, "mean_shift": True, "image_skip": True},
 }
 DEFAULT_RECIPE = "seed"
 

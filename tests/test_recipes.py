@@ -99,6 +99,7 @@ def test_the_cosine_schedule_warms_up_linearly_then_decays_to_its_floor(trial_re
     ({"min_lr_ratio": math.nan}, "its min_lr_ratio"),
     ({"schedule": "steplr", "warmup_steps": 10}, "its warmup_steps"),
     ({"lr_patch_size": 0}, "its lr_patch_size is 0"),
+    ({"lr_patch_size": 32, "patch_size": 100}, "both patch_size and lr_patch_size"),
 ])
 def test_a_bad_recipe_entry_is_one_line_naming_it(monkeypatch, capsys, entry, message):
     monkeypatch.setitem(training.RECIPES, "bad", TRIAL | entry)
