@@ -6,7 +6,7 @@
     net = torch.hub.load("path/to/ResShuffle", "from_checkpoint", path="my_run/best.pt", source="local")
     sr = net(lr)  # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W) in [0, 1]; machinery.upscale.upscale tiles large images
 
-The networks overshoot at sharp edges (the shipped x4 gives -0.06 to 1.02 on photos), and
+The networks overshoot at sharp edges (the x4 shipped before 2026-12-07 gave -0.06 to 1.02 on photos), and
 `to_pil_image` or `mul(255).byte()` would wrap such values round (just below 0 to near 255). So each network
 returned here clamps its output to [0, 1] in eval mode (a forward hook: the class, state_dict keys
 and parameters are the network's own). In train mode, as a new network starts, the output is left
