@@ -74,6 +74,34 @@ def test_every_recipe_builds_its_optimizer_schedule_and_initialisation(name, tri
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trains
 
 
+def test_muon_gives_the_hidden_convs_orthogonalised_steps_and_adamw_the_rest():
+    torch.manual_seed(0)
+    model = build_network({"arch": "resshuffle", "scale": 2, "num_features": 8, "num_residuals": 2})
+    how = training.recipe_how("fast") | {"weight_decay": 0.0}
+    optimizer = training.make_optimizer(model, how, lr=1e-2)
+    muon, adam = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert muon["muon"] and not adam["muon"]
+    assert sorted(names[id(p)] for p in muon["params"]) == sorted(
+        n for n, p in model.named_parameters() if n.endswith("weight") and p.ndim == 4
+        and not n.startswith(("head", "tail")))  # the RGB head and tail stay on Adam, as do the biases
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.rand(2, 3, 6, 6)).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    for n, p in model.named_parameters():
+        step = p.detach() - before[n]
+        if any(p is q for q in muon["params"]):
+            g = grads[n].reshape(grads[n].shape[0], -1)
+            s = torch.linalg.svdvals(step.reshape(g.shape) / (-1e-2 * 0.2 * max(g.shape) ** 0.5))
+            assert (s[s > 1e-4] > 0.5).all() and s.max() < 1.25, n  # g's directions at about one rate
+            nesterov = g + 0.95 * g  # the first step: momentum buffer g, plus 0.95 of it
+            expected = -1e-2 * 0.2 * max(g.shape) ** 0.5 * training.orthogonalise(nesterov)
+            assert torch.allclose(step.reshape(g.shape), expected, atol=1e-6), n  # p + step rounds in float32
+        else:  # Adam's first step: lr x g / (|g| + eps)
+            assert torch.allclose(step, -1e-2 * grads[n] / (grads[n].abs() + 1e-8), atol=1e-7), n
+
+
 def test_the_cosine_schedule_warms_up_linearly_then_decays_to_its_floor(trial_recipe):
     model = torch.nn.Linear(2, 2)
     how = training.recipe_how("trial")
@@ -125,7 +153,9 @@ def test_zero_residual_init_starts_every_block_as_its_skip_path():
 
 
 @pytest.mark.slow
-def test_a_resumed_run_under_a_recipe_equals_the_uninterrupted_one(trial_recipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resumed_run_under_a_recipe_equals_the_uninterrupted_one(trial_recipe, optimizer, tmp_path, monkeypatch):
+    monkeypatch.setitem(training.RECIPES, trial_recipe, TRIAL | {"optimizer": optimizer})
     images = make_images(tmp_path / "images")
     flags = ["--recipe", trial_recipe, "--num_epochs", "3"]
     code, _, err = run_main(train, *run_flags(images, tmp_path / "runs", "whole", *flags))
