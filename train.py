@@ -811,9 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=RECIPES, default="seed",
                    help="the training recipe (training.RECIPES): optimizer, lr schedule, init, EMA, batch and "
                         "patch plan; flags typed beside it override its values. seed: the original's flag "
-                        "defaults; shipped: the shipped x2's; fast: the shipped x3 and x4's, warm-up and cosine "
-                        "decay from 1e-3, AdamW, zero-initialised residual blocks, gradients clipped at norm "
-                        "0.5, 18 patches of 32x32 LR a step (docs/recipes.md)")
+                        "defaults; shipped: the one before fast; fast: the shipped x2, x3 and x4's, Muon for the "
+                        "hidden convs and AdamW for the rest, warm-up and cosine decay from 1e-3 over 10 epochs, "
+                        "zero-initialised residual blocks, gradients clipped at norm 0.5, 18 patches of 32x32 LR "
+                        "a step; fast_adamw: the same with AdamW, 12 epochs (docs/recipes.md)")
     p.add_argument("--target_psnr", type=positive_float, default=None, metavar="DB",
                    help="stop at the first validation (--val_every) whose PSNR (of the EMA weights with --ema) "
                         "reaches DB, saying after how many steps and how long; this invocation's only")

@@ -29,14 +29,14 @@ RECIPES = {
     "seed": {"optimizer": "adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "schedule": "steplr",
              "warmup_steps": 0, "min_lr_ratio": 0.0, "init": "default", "clip_grad_norm": 0.0,
              "lr": 2e-4, "step_size": 50, "gamma": 0.5, "batch_size": 32, "patches_per_image": 20, "ema": 0.0},
-    # The shipped x2's, and the x3's and x4's shipped before `fast` (docs/shipped-checkpoints.md; x2 ran 75
+    # The x2, x3 and x4 shipped before the `fast` recipes (docs/shipped-checkpoints.md; x2 ran 75
     # epochs): Adam at 5e-4 halved every 20 epochs of 105 steps on the 84 training photos, batch 16, mean
     # shift and the bicubic image skip.
     "shipped": {"optimizer": "adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "schedule": "steplr",
                 "warmup_steps": 0, "min_lr_ratio": 0.0, "init": "default", "clip_grad_norm": 0.0,
                 "lr": 5e-4, "step_size": 20, "gamma": 0.5, "batch_size": 16, "patches_per_image": 20, "ema": 0.0,
                 "num_epochs": 60, "mean_shift": True, "image_skip": True},
-    # The shipped x3's and x4's before `fast` replaced them (docs/recipes.md): a cosine schedule from 1e-3
+    # The x3 and x4 shipped between `shipped` and `fast` (docs/recipes.md): a cosine schedule from 1e-3
     # (30 warm-up steps, down to 1%), residual blocks that start as their skip paths, AdamW, gradients
     # clipped at norm 0.5, and shipped's pixels cut into 32x32 LR patches, 18 a step (2,520 steps in 12
     # epochs); shipped's mean shift and image skip.
@@ -44,7 +44,7 @@ RECIPES = {
                    "warmup_steps": 30, "min_lr_ratio": 0.01, "init": "zero_residual", "clip_grad_norm": 0.5,
                    "lr": 1e-3, "batch_size": 18, "lr_patch_size": 32, "patches_per_image": 45, "ema": 0.0,
                    "num_epochs": 12, "mean_shift": True, "image_skip": True},
-    # The shipped x3's and x4's, measured against `shipped` at x4 (docs/recipes.md): fast_adamw with the
+    # The shipped x2's, x3's and x4's, measured against `shipped` at x4 (docs/recipes.md): fast_adamw with the
     # hidden convs' weights on Muon (`Muon`), in 10 epochs (2,100 steps at x4).
     "fast": {"optimizer": "muon", "betas": (0.9, 0.99), "weight_decay": 1e-4, "schedule": "cosine",
              "warmup_steps": 30, "min_lr_ratio": 0.01, "init": "zero_residual", "clip_grad_norm": 0.5,
