@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from machinery.checkpoint import SHIPPED, load_chosen, shipped_names
+from machinery.checkpoint import SHIPPED, SHIPPED_REAL, load_chosen, shipped_names
 from machinery.cli import add_inference_flags
 from machinery.files import HOST, process_exists
 from machinery.images import image_metadata, image_size, open_image, save_image, to_rgb8
@@ -266,8 +266,8 @@ class App:
     def model(self, network: str):
         """The network, loaded once and kept."""
         if network not in self.models:
-            checkpoint, scale, arch = self.networks[network]
-            self.models[network], _, _ = load_chosen(checkpoint, scale, self.device, arch=arch)
+            checkpoint, scale, arch, real = self.networks[network]
+            self.models[network], _, _ = load_chosen(checkpoint, scale, self.device, arch=arch, real=real)
         return self.models[network]
 
     def precision(self, requested: str) -> str:
@@ -296,11 +296,14 @@ class App:
 
 
 def network_choices(checkpoint: str | None) -> dict[str, tuple]:
-    """The page's networks: name -> load_chosen's (checkpoint, scale, arch); the shipped ones, or
-    the one --checkpoint names. The default (resshuffle x4) comes first."""
+    """The page's networks: name -> load_chosen's (checkpoint, scale, arch, real); the shipped ones
+    ("resshuffle x4 for real photos": SHIPPED_REAL's), or the one --checkpoint names. The default
+    (resshuffle x4) comes first."""
     if checkpoint is not None:
-        return {Path(checkpoint).name: (checkpoint, None, None)}
-    shipped = {f"{arch} x{scale}": (None, scale, arch) for arch, scales in SHIPPED.items() for scale in scales}
+        return {Path(checkpoint).name: (checkpoint, None, None, False)}
+    shipped = {f"{arch} x{scale}": (None, scale, arch, False) for arch, scales in SHIPPED.items() for scale in scales}
+    shipped |= {f"{arch} x{scale} for real photos": (None, scale, arch, True)
+                for arch, scales in SHIPPED_REAL.items() for scale in scales}
     default = f"{DEFAULT_ARCH} x4"
     return {default: shipped.pop(default), **shipped}
 

@@ -20,7 +20,10 @@ this device, bf16 where that is fp32).
    one 64->64 3x3 convolution forward+backward in the same precision (the practical ceiling).
 2. data: patches/s from dataset.py's loader (PatchLoader: cut patches, their flips left to the
    device, which the training step above includes) with 1 and 2 worker threads against a
-   DataLoader worker process that decodes the image file for every patch.
+   DataLoader worker process that decodes the image file for every patch. Then --degradation real
+   (resize.py: blur, resize, noise and JPEG drawn for every patch in the loader's threads): its
+   patches/s with 1 and 2 threads, and the training step in --precision fed by one loader thread of
+   real patches against one of PIL bicubic patches, on the same cores.
 3. inference: output megapixels/s of infer.py's path (machinery.upscale.upscale) on a 510x339 input, untiled
    against the plain model call, and tiled (infer.py's default) against untiled; the largest
    difference from fp32; the same network exported to ONNX under onnxruntime (where installed:
@@ -62,6 +65,7 @@ from machinery.bench_tools import (
     LR_PATCH,
     SCALE,
     TWO_K,
+    fed_step_seconds,
     header,
     loader_rate,
     make_2k_images,
@@ -233,6 +237,27 @@ def bench_data(folder: Path, plan: Plan) -> dict:
         else:
             row(f"data, patches/s, {workers} workers", f"{rate:.0f}")
     out["data_speedup_1w"] = out["data_patches_s_1w"] / naive_rate
+    return out
+
+
+def bench_real_data(device, folder: Path, plan: Plan, precision: str, model_args: dict, loss: WeightedLoss) -> dict:
+    """--degradation real (resize.py, drawn for every patch in the loader's threads): its loader's
+    patches/s with 1 and 2 threads, and train.py's step in `precision` fed by a 1-thread loader of
+    real patches against one of PIL bicubic patches (measured first: the ratio needs it)."""
+    out, fed = {}, {}
+    for degradation in ("pil", "real"):
+        data = TrainDataset(folder, scale=SCALE, patch_size=LR_PATCH * SCALE, patches_per_image=5000,
+                            degradation=degradation, quiet=True)
+        if degradation == "real":
+            for workers in (1, 2):
+                loader = PatchLoader(data, EpochSampler(data, seed=0), batch_size=plan.batch, num_workers=workers)
+                rate = out[f"data_real_patches_s_{workers}w"] = loader_rate(loader, batches=plan.decode_batches * 10)
+                row(f"data, --degradation real, patches/s, {workers} worker{'s' if workers > 1 else ''}", f"{rate:.0f}")
+        loader = PatchLoader(data, EpochSampler(data, seed=0), batch_size=plan.batch, num_workers=1)
+        seconds = fed_step_seconds(device, model_args, loss, precision, loader, steps=plan.steps * 4)
+        fed[degradation] = out[f"train_fed_{degradation}_patches_s_{precision}"] = plan.batch / seconds
+    row(f"train step {precision} fed by 1 loader thread, patches/s: real against pil", f"{fed['real']:.2f}",
+        f"{fed['pil']:.2f}", f"{fed['real'] / fed['pil']:.2f}x")
     return out
 
 
@@ -471,6 +496,7 @@ def measure_all(device, plan: Plan, precision: str, model_args: dict, loss: Weig
         make_2k_images(folder, plan.images)
         figures |= bench_training(device, plan, precision, model_args, loss)
         figures |= bench_data(folder, plan)
+        figures |= bench_real_data(device, folder, plan, precision, model_args, loss)
         figures |= bench_inference(device, folder, plan, precision=precision, model_args=model_args)
         figures |= bench_video(device, folder, plan, precision)
         figures |= bench_evaluate(folder, device, model_args, plan)

@@ -6,11 +6,14 @@
         lr, hr = device_batch(lr, hr, flips, device)   # flipped on the device, float in [0, 1]
     for name, hr, lr in eval_pairs(list_images("data/DIV2K_valid_HR"), scale=4): ...
 
-The LR image is always the bicubic downsampling (resize.downsample: PIL's by default, or
-MATLAB's imresize) of the whole HR image, cropped to a multiple of the scale: in training and
-evaluation alike. To change the data a run sees, this is the file.
+The LR image is the bicubic downsampling (resize.downsample: PIL's by default, or MATLAB's
+imresize) of the whole HR image, cropped to a multiple of the scale: in training and evaluation
+alike. A random degradation (resize.RANDOM_DEGRADATIONS, --degradation real) instead makes each
+training patch's LR from its HR patch with a fresh draw; evaluation then measures on fixed inputs
+(`eval_pairs`' jpeg_quality and noise_sigma). To change the data a run sees, this is the file.
 """
 import os
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +25,7 @@ from tqdm import tqdm
 from machinery.datacache import decoded_pairs, mapped_pairs
 from machinery.images import image_size, list_images, load_rgb
 from metrics import check_measurable
-from resize import downsample, modcrop
+from resize import RANDOM_DEGRADATIONS, REAL_VALIDATION, downsample, modcrop, worsen
 from utils import UserError, plural, shown, warn
 
 
@@ -49,7 +52,9 @@ class TrainDataset:
         patch_size: side of the HR patch (the LR patch is patch_size // scale).
         patches_per_image: samples drawn from each image per epoch.
         seed: base of every sample's random crop and augmentation.
-        degradation: how the LR image is made, "pil" or "matlab" (resize.downsample).
+        degradation: how the LR image is made, "pil" or "matlab" (resize.downsample), or a random
+            one (resize.RANDOM_DEGRADATIONS) drawn for each sample from its HR patch, seeded by
+            (seed, epoch, i); the cache then holds the images as for "pil".
         cache_dir: the folder of decoded caches (built there where missing), or None: decode
             into memory. The patches are the same, bit for bit.
         quiet: no progress bar and no warning (torchrun processes other than rank 0).
@@ -60,6 +65,8 @@ class TrainDataset:
                  num_threads: int = min(8, os.cpu_count() or 1), quiet: bool = False):
         if patch_size % scale:
             raise UserError(f"patch size {patch_size} is not a multiple of the scale {scale}")
+        self.random = RANDOM_DEGRADATIONS.get(degradation)
+        degradation = "pil" if self.random else degradation  # the HR images are cached as for "pil"
         paths = list_images(hr_dir)
         if not paths:
             raise UserError(f"{shown(hr_dir)}: no images found")
@@ -115,8 +122,11 @@ class TrainDataset:
         lr_np, hr_np = lr.numpy(), hr.numpy()  # numpy copies run without the GIL and on one core
         for j, (i, y, x) in enumerate(zip(indices.tolist(), *draws[:, :2].T.tolist())):
             k = i // self.patches_per_image
-            lr_np[j] = self.lr[k][y:y + p, x:x + p]
             hr_np[j] = self.hr[k][y * s:(y + p) * s, x * s:(x + p) * s]
+            if self.random:
+                lr_np[j] = self.random(hr_np[j], s, np.random.default_rng((self.seed, epoch, i, 0xDE6)))
+            else:
+                lr_np[j] = self.lr[k][y:y + p, x:x + p]
         flips = torch.empty((len(draws), 3), dtype=torch.bool, pin_memory=pin_memory)  # pinned: non_blocking stays so
         flips.numpy()[:] = draws[:, 2:]
         return lr, hr, flips
@@ -178,8 +188,9 @@ class PatchLoader:
     `num_workers` threads each keep two batches ready (0: each batch is cut when asked for).
     Threads, not worker processes: the images are already decoded in this process, a batch is
     row copies that run without the GIL, and nothing is pickled or sent through shared memory
-    (which alone caps a DataLoader worker process well below a thread; docs/speed.md). Batches
-    come in the sampler's order whatever the thread count.
+    (which alone caps a DataLoader worker process well below a thread; docs/speed.md). Under a
+    random degradation a batch also degrades each patch (PIL and torch.fft, mostly without the
+    GIL too; benchmark.py times it). Batches come in the sampler's order whatever the thread count.
     """
 
     def __init__(self, dataset: TrainDataset, sampler: EpochSampler, batch_size: int, num_workers: int = 0,
@@ -214,15 +225,26 @@ class PatchLoader:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def eval_pairs(paths: list[Path], scale: int, degradation: str = "pil"):
-    """Yield (name, hr, lr) for whole images: HR modcropped to the scale, LR its bicubic downsampling."""
+def eval_pairs(paths: list[Path], scale: int, degradation: str = "pil", jpeg_quality: int | None = None,
+               noise_sigma: float = 0.0):
+    """Yield (name, hr, lr) for whole images: HR modcropped to the scale, LR its bicubic downsampling,
+    worsened as people's photos come where asked (resize.worsen: Gaussian noise of `noise_sigma`
+    levels seeded by the image's file name, then JPEG at `jpeg_quality`)."""
     for path in paths:
         img = load_rgb(path)
         if min(img.shape[:2]) < scale:
             raise UserError(f"{shown(path)}: {img.shape[1]}x{img.shape[0]} is too small for x{scale} "
                             f"(an HR image needs at least {scale}x{scale} pixels)")
         hr = modcrop(img, scale)
-        yield path.name, hr, downsample(hr, scale, degradation)
+        lr = downsample(hr, scale, degradation)
+        yield path.name, hr, worsen(lr, jpeg_quality=jpeg_quality, noise_sigma=noise_sigma,
+                                       seed=zlib.crc32(os.fsencode(path.name)))
+
+
+def validation_inputs(degradation: str) -> dict:
+    """`eval_pairs`' keyword arguments for validating a run trained under `degradation`: the same
+    one, or for a random one, the fixed inputs resize.REAL_VALIDATION names."""
+    return dict(REAL_VALIDATION) if degradation in RANDOM_DEGRADATIONS else {"degradation": degradation}
 
 
 def check_measurable_images(paths: list, scale: int, crop_border: int) -> None:

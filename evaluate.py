@@ -4,6 +4,7 @@ usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--scale
            [--arch resshuffle [more networks]] [--checkpoint FILE] [--precision fp32 [bf16]]
        python evaluate.py --benchmark benchmarks/ --paper       # Set5, Set14, B100, Urban100, DIV2K_valid_HR
            [--y_channel] [--crop_border N] [--degradation pil|matlab] [--self_ensemble] [--raw_weights]
+           [--jpeg Q] [--noise SIGMA] [--real]
            [--csv results.csv] [-o sr/] [--compare_dir panels/] [--overwrite] [--per_image] [--tile 256] [--markdown]
 
 Protocol (BasicSR's): each HR image is cropped to a multiple of the scale and downsampled
@@ -13,7 +14,8 @@ scale) pixels at each edge. PSNR on [0, 255], SSIM with an 11x11 Gaussian window
 per-image values, then their mean per set. Bicubic upsampling with PIL gives the baseline.
 The set table shows RGB and Y (BT.601 luma) for both; --y_channel makes Y the channel of the
 per-image table and the gain line. --paper is the protocol of published tables (EDSR, RCAN,
-SwinIR): MATLAB degradation, Y channel, crop border = scale.
+SwinIR): MATLAB degradation, Y channel, crop border = scale. --jpeg and --noise measure on inputs
+as photos come (the LR with seeded noise, saved as JPEG); --real picks the checkpoint for them.
 
 Every input and output is checked before any work: image sizes (SSIM's window must fit after
 the crop), output folders (made when written), existing outputs (kept unless --overwrite).
@@ -46,14 +48,16 @@ from machinery.precision import DTYPES, choose_precision
 from machinery.upscale import DEFAULT_TILE, describe_tiling, upscale
 from metrics import METRICS, mean, means, measure, metric_labels
 from model import count_parameters
-from resize import DEGRADATIONS, degradation_label, resize_bicubic
+from resize import DEGRADATIONS, RANDOM_DEGRADATIONS, degradation_label, resize_bicubic
 from utils import (
     REPO,
     UserError,
     make_parser,
+    noise_level,
     non_negative_int,
     plural,
     positive_int,
+    quality,
     run_cli,
     select_device,
     shown,
@@ -64,8 +68,10 @@ BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid_HR")
 
 
 def protocol(scale: int, crop_border: int, y_channel: bool, degradation: str = "pil",
-             self_ensemble: bool = False) -> str:
-    return (f"x{scale}, LR = {degradation_label(degradation)} of the modcropped HR, "
+             self_ensemble: bool = False, jpeg_quality: int | None = None, noise_sigma: float = 0.0) -> str:
+    worse = (f" with Gaussian noise sigma {noise_sigma:g} (seeded by file name)" if noise_sigma else "") + (
+        f" saved as JPEG q{jpeg_quality}" if jpeg_quality else "")
+    return (f"x{scale}, LR = {degradation_label(degradation)} of the modcropped HR{worse}, "
             f"{'Y (BT.601)' if y_channel else 'RGB'}, crop border {crop_border}, uint8 output, "
             f"SSIM 11x11 Gaussian sigma 1.5, mean over images"
             f"{', self-ensemble x8' if self_ensemble else ''}")
@@ -219,6 +225,8 @@ def cells(row: dict, prefix: str = "", suffix: str = "") -> str:
 
 def main(args):
     if args.paper:
+        if args.jpeg is not None or args.noise:
+            raise UserError("--paper is the published protocol, on clean LR: leave out --jpeg and --noise")
         if args.crop_border is not None or args.degradation != "pil":
             warn("--paper sets --degradation matlab and crop border = scale; the given ones are not used")
         args.degradation, args.y_channel = "matlab", True
@@ -230,7 +238,8 @@ def main(args):
         raise UserError("several --precision values write no images: -o and --compare_dir go with one")
     sets = find_sets(args)
     device = select_device(args.device)
-    models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights, arch=a) for a, s in picks]
+    models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights, arch=a, real=args.real)
+              for a, s in picks]
     for _, info, path in models:  # checked once: describe_checkpoint and the table read it
         info["training"] = sound_training(info.get("training"), path)
     plan = output_plan(args, sets)
@@ -311,15 +320,16 @@ def crop_border_for(args, scale: int) -> int:
 def evaluate_sets(args, model, info: dict, sets: list, plan: dict, precision: str) -> tuple[list, list]:
     """One checkpoint on every set: its per-image rows and, per set, a row of the table of means."""
     scale, crop_border = model.scale, crop_border_for(args, model.scale)
-    if info["degradation"] and info["degradation"] != args.degradation:
+    if info["degradation"] and info["degradation"] not in (args.degradation, *RANDOM_DEGRADATIONS):
         warn(f"the checkpoint was trained on {info['degradation']} LR images and is evaluated on {args.degradation}")
-    print(f"protocol{' (--paper)' if args.paper else ''}: "
-          f"{protocol(scale, crop_border, args.y_channel, args.degradation, args.self_ensemble)}")
+    how = protocol(scale, crop_border, args.y_channel, args.degradation, args.self_ensemble, args.jpeg, args.noise)
+    print(f"protocol{' (--paper)' if args.paper else ''}: {how}")
     y = "_y" if args.y_channel else ""
     all_rows, table = [], []
     for name, _, paths in sets:
         start = time.time()
-        rows = evaluate(model, eval_pairs(paths, scale, args.degradation), crop_border, channels=("rgb", "y"),
+        pairs = eval_pairs(paths, scale, args.degradation, jpeg_quality=args.jpeg, noise_sigma=args.noise)
+        rows = evaluate(model, pairs, crop_border, channels=("rgb", "y"),
                         tile=args.tile, tile_pad=args.tile_pad, self_ensemble=args.self_ensemble,
                         outputs=plan[name], compare_size=args.compare_size, count=len(paths), precision=precision)
         seconds = (time.time() - start) / len(rows)
@@ -368,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_flags(parser, several=True, precision="fp32")
     parser.add_argument("--markdown", action="store_true", help="print the table of means as a Markdown table")
     parser.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="how LR images are made")
+    parser.add_argument("--jpeg", type=quality, default=None, metavar="Q",
+                        help="inputs as people's photos come: the LR images saved as JPEG at quality Q (1-100)")
+    parser.add_argument("--noise", type=noise_level, default=0.0, metavar="SIGMA",
+                        help="Gaussian noise of SIGMA levels of 255 added to the LR images before --jpeg, seeded "
+                             "by each file's name: the same inputs on every run")
     parser.add_argument("--crop_border", type=non_negative_int, default=None,
                         help="pixels not measured at each edge; None: the scale")
     parser.add_argument("--y_channel", action="store_true", help="per-image table and gain in BT.601 luma")

@@ -2,6 +2,7 @@
 
     import torch
     net = torch.hub.load("path/to/ResShuffle", "resshuffle", scale=4, pretrained=True, source="local")
+    net = torch.hub.load("path/to/ResShuffle", "resshuffle", real=True, source="local")  # for JPEGs from phones
     net = torch.hub.load("path/to/ResShuffle", "network", arch="espcn", scale=4, source="local")
     net = torch.hub.load("path/to/ResShuffle", "from_checkpoint", path="my_run/best.pt", source="local")
     sr = net(lr)  # (N, 3, H, W) in [0, 1] -> (N, 3, 4H, 4W) in [0, 1]; machinery.upscale.upscale tiles large images
@@ -71,21 +72,25 @@ def _clamped(net):
     return net
 
 
-def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, **model_args):
+def network(arch: str = "resshuffle", scale: int = 4, pretrained: bool = True, real: bool = False, **model_args):
     """A network of model.NETWORKS, its output clamped to [0, 1] in eval mode. pretrained: the shipped
     checkpoint's weights for `arch` and `scale`, in eval mode, on the CPU (`model_args` must then be
-    the shipped ones, or left out); otherwise a new network, `model_args` as its class takes them."""
+    the shipped ones, or left out), with `real` the one trained on real inputs (blur, noise, JPEG:
+    phone and web photos); otherwise a new network, `model_args` as its class takes them."""
     if not isinstance(scale, int) or isinstance(scale, bool):
         raise ValueError(f"scale must be an int (2, 3, 4 or 8), got {type(scale).__name__} {scale!r}")
     checkpoint = _repo(f"{PACKAGE}.checkpoint")
+    if real and not pretrained:
+        raise ValueError("real=True picks the shipped weights for real photos: it goes with pretrained=True")
     if not pretrained:
         return _clamped(_repo(f"{PACKAGE}.fast").build_fast_network({"arch": arch, "scale": scale, **model_args}))
-    if scale not in checkpoint.SHIPPED.get(arch, ()):
-        raise ValueError(f"pretrained weights ship for {checkpoint.shipped_names(None)}, not {arch} x{scale}; "
-                         f"pass pretrained=False")
-    net, info = checkpoint.load_model(checkpoint.shipped_checkpoint(scale, arch), _cpu())
+    if scale not in (checkpoint.SHIPPED_REAL if real else checkpoint.SHIPPED).get(arch, ()):
+        kind = "real-input " if real else ""
+        raise ValueError(f"{kind}pretrained weights ship for {checkpoint.shipped_names(None, real)}, not {arch} "
+                         f"x{scale}; pass pretrained=False")
+    net, info = checkpoint.load_model(checkpoint.shipped_checkpoint(scale, arch, real), _cpu())
     if any(info["model_args"].get(k) != v for k, v in model_args.items()):
-        raise ValueError(f"the shipped {arch} x{scale} network is {info['model_args']}; "
+        raise ValueError(f"the shipped {'real-input ' if real else ''}{arch} x{scale} network is {info['model_args']}; "
                          f"pass pretrained=False for other model_args")
     return _clamped(net)
 
@@ -98,9 +103,9 @@ def from_checkpoint(path: str, raw_weights: bool = False):
     return _clamped(net)
 
 
-def resshuffle(scale: int = 4, pretrained: bool = True, **model_args):
-    """ResShuffle: `network` with arch "resshuffle"."""
-    return network("resshuffle", scale, pretrained, **model_args)
+def resshuffle(scale: int = 4, pretrained: bool = True, real: bool = False, **model_args):
+    """ResShuffle: `network` with arch "resshuffle"; `real`: the weights for real photos (x4)."""
+    return network("resshuffle", scale, pretrained, real, **model_args)
 
 
 def edsr_baseline(scale: int = 4, pretrained: bool = True, **model_args):

@@ -76,7 +76,7 @@ from machinery.video import (
     rehearse,
     upscale_video,
 )
-from utils import UserError, make_parser, plural, run_cli, select_device, shown, warn
+from utils import UserError, make_parser, plural, quality, run_cli, select_device, shown, warn
 
 
 def find_inputs(input_path: Path, recursive: bool) -> list[Path]:
@@ -155,7 +155,8 @@ def main(args):
         raise UserError(f"--frames: {shown(input_path)} is not a video (extensions: {' '.join(VIDEO_EXTENSIONS)})")
     inputs = find_inputs(input_path, args.recursive)  # the input first: a missing one is named as such
     device = select_device(args.device)
-    model, info, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights, arch=args.arch)
+    model, info, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights, arch=args.arch,
+                                    real=args.real)
     pairs = output_paths(input_path, inputs, args.output, model.scale, overwrite=args.overwrite,
                          skip_existing=args.skip_existing, ext=args.ext)
     if not pairs:
@@ -193,7 +194,7 @@ def main_video(args, src: Path) -> None:
     info = probe(src)  # the input first: a file that is not a video is named as such
     device = select_device(args.device)
     model, weights, path = load_chosen(args.checkpoint, args.scale, device, raw_weights=args.raw_weights,
-                                       arch=args.arch)
+                                       arch=args.arch, real=args.real)
     dst = output_path(src, args.output, model.scale)
     if args.skip_existing and dst.is_file() and not file_ids([dst]) & file_ids([src]):
         return print(f"{shown(src)}: its output {shown(dst)} exists already; nothing to do")
@@ -258,13 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
 def extension(text: str) -> str:
     """'jpg', '.JPG' -> '.jpg': --ext as WRITE_EXTENSIONS spells it."""
     return "." + text.lower().removeprefix(".")
-
-
-def quality(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be 1 to 100, got {value}")
-    return value
 
 
 def crf(text: str) -> int:

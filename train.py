@@ -44,6 +44,7 @@ from dataset import (
     count_patchable,
     device_batch,
     eval_pairs,
+    validation_inputs,
 )
 from losses import LOSSES, WeightedLoss, loss_spec
 from machinery import distributed
@@ -70,7 +71,7 @@ from machinery.runs import (
 from machinery.upscale import exact_cuda, upscale
 from metrics import METRICS, format_scores, means, measure, measure_on_device, metric_labels
 from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, count_parameters, network_options
-from resize import DEGRADATIONS, resize_bicubic
+from resize import DEGRADATIONS, RANDOM_DEGRADATIONS, REAL_VALIDATION, resize_bicubic
 from training import (
     HOW_KEYS,
     LR_PATCH_KEY,
@@ -352,7 +353,7 @@ def build_run(args, model_args: dict, folder: Path, rank: int, world_size: int, 
     scale = model_args["scale"]
     loader, steps_per_epoch = make_loader(args, scale, rank, world_size, device)
     # Each process validates every world_size-th image: the scores are gathered (validate).
-    share = eval_pairs(val_paths[rank::world_size], scale, args.degradation)
+    share = eval_pairs(val_paths[rank::world_size], scale, **validation_inputs(args.degradation))
     val_pairs = [(i, *pair) for i, pair in zip(range(rank, len(val_paths), world_size), share)]
     try:  # a resumed run's network or loss may no longer be registered
         model = build_fast_network(model_args).to(device, memory_format=torch.channels_last)
@@ -562,6 +563,9 @@ def announce(run: Run) -> None:
           f"{data.lr_patch * data.scale}px "
           f"per epoch, {plural(run.steps_per_epoch, 'step')} of {args.batch_size}{f' x {n}' if n > 1 else ''}; "
           f"val: {plural(run.val_count, 'image')}{f', split over the {n} processes' if n > 1 else ''}")
+    if args.degradation in RANDOM_DEGRADATIONS:
+        print(f"degradation {args.degradation}: drawn anew for every patch (resize.py); validated on the val "
+              f"images' PIL bicubic LR saved as JPEG q{REAL_VALIDATION['jpeg_quality']}")
     print(f"val bicubic {metric_labels()}: {format_scores(run.bicubic)}")
     if args.resume:
         best = f"best PSNR {run.best_psnr:.4f} dB" if math.isfinite(run.best_psnr) else "not validated yet"
@@ -779,8 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"reused while the images are unchanged; None: the per-user cache folder, here "
                         f"{default_cache_dir()}; none: decode into each process's memory at every start (not kept "
                         f"on resume: this machine's)")
-    p.add_argument("--degradation", choices=DEGRADATIONS, default="pil",
-                   help="how LR images are made: PIL bicubic, or MATLAB's imresize (published tables)")
+    p.add_argument("--degradation", choices=[*DEGRADATIONS, *RANDOM_DEGRADATIONS], default="pil",
+                   help="how LR images are made: PIL bicubic, MATLAB's imresize (published tables), or real: "
+                        "blur, resize, noise and JPEG drawn anew for every patch (resize.py), validated on "
+                        f"the val photos' PIL bicubic LR saved as JPEG q{REAL_VALIDATION['jpeg_quality']}")
     p.add_argument("--loss", type=loss_spec, default="l1",
                    help=f"the training loss: a name or a weighted sum, e.g. l1+0.05*fft (losses: {', '.join(LOSSES)}); "
                         "log.csv gets each term's mean")

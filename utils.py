@@ -177,6 +177,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def quality(text: str) -> int:
+    """A JPEG (or WebP) quality: 1 to 100."""
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 1 to 100, got {value}")
+    return value
+
+
+def noise_level(text: str) -> float:
+    """A noise sigma in levels of 255: 0 to 255."""
+    value = float(text)
+    if not 0 <= value <= 255:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be 0 to 255, got {text}")
+    return value
+
+
 def seed_int(text: str) -> int:
     """A seed numpy accepts: 0 to 2**32 - 1."""
     value = int(text)

@@ -56,6 +56,26 @@ def step_seconds(device, model_args: dict, loss: WeightedLoss, precision: str, l
                                     clip_grad_norm=how["clip_grad_norm"]), device, steps)
 
 
+def fed_step_seconds(device, model_args: dict, loss: WeightedLoss, precision: str, loader, steps: int,
+                     recipe: str = DEFAULT_RECIPE) -> float:
+    """Seconds per step of train.py's step fed by `loader` (its threads cutting, and degrading, the
+    next batches meanwhile, on the same cores), over `steps` steps after one."""
+    torch.manual_seed(0)
+    model = build_fast_network(model_args).to(device, memory_format=torch.channels_last)
+    how = recipe_how(recipe)
+    optimizer = make_optimizer(model, how, lr=RECIPES[recipe]["lr"])
+    scaler = grad_scaler(device, precision)
+    batches = iter(loader)
+    for i in range(steps + 1):
+        if i == 1:
+            sync(device)
+            start = time.perf_counter()
+        train_step(model, *device_batch(*next(batches), device), optimizer, scaler, precision, loss,
+                   clip_grad_norm=how["clip_grad_norm"])
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
 def random_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A loader batch of random pixels: lr, hr (uint8 NHWC, 48px LR patches at x4) and flips."""
     lr8 = torch.randint(0, 256, (batch, LR_PATCH, LR_PATCH, 3), dtype=torch.uint8)

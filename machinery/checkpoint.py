@@ -26,22 +26,27 @@ from .onnx_export import export_onnx, require_onnx
 
 # The shipped checkpoints, by network and scale, in checkpoints/ of the repository wherever the scripts run.
 SHIPPED = {"resshuffle": (2, 3, 4), "edsr_baseline": (4,), "espcn": (4,)}
+# Those trained on real inputs (train.py --degradation real: blur, noise and JPEG), for phone and web
+# photos; --real picks them, named <arch>_real_x<scale>.
+SHIPPED_REAL = {"resshuffle": (4,)}
 
 
-def shipped_checkpoint(scale: int, arch: str = DEFAULT_ARCH) -> Path:
-    return REPO / "checkpoints" / f"{arch}_x{scale}.safetensors"
+def shipped_checkpoint(scale: int, arch: str = DEFAULT_ARCH, real: bool = False) -> Path:
+    return REPO / "checkpoints" / f"{arch}{'_real' if real else ''}_x{scale}.safetensors"
 
 
-def shipped_names(arch: str | None = DEFAULT_ARCH) -> str:
+def shipped_names(arch: str | None = DEFAULT_ARCH, real: bool = False) -> str:
     """"x2, x3, x4": the shipped scales of a network, as help and errors name them; with arch None,
-    every shipped checkpoint ("resshuffle x2, x3, x4; espcn x4; ...")."""
+    every shipped checkpoint ("resshuffle x2, x3, x4; espcn x4; ..."). `real`: those of SHIPPED_REAL."""
+    table = SHIPPED_REAL if real else SHIPPED
     if arch is None:
-        return "; ".join(f"{a} {shipped_names(a)}" for a in SHIPPED)
-    return ", ".join(f"x{s}" for s in SHIPPED.get(arch, ())) or "none"
+        return "; ".join(f"{a} {shipped_names(a, real)}" for a in table)
+    return ", ".join(f"x{s}" for s in table.get(arch, ())) or "none"
 
 
 def shipped_paths() -> list[Path]:
-    return [shipped_checkpoint(s, a) for a, scales in SHIPPED.items() for s in scales]
+    return [shipped_checkpoint(s, a, real) for real, table in ((False, SHIPPED), (True, SHIPPED_REAL))
+            for a, scales in table.items() for s in scales]
 
 
 # --export's formats, by the output's suffix.
@@ -98,23 +103,27 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return checkpoint
 
 
-def checkpoint_for(checkpoint: str | None, scale: int | None, arch: str | None = None) -> Path:
+def checkpoint_for(checkpoint: str | None, scale: int | None, arch: str | None = None, real: bool = False) -> Path:
     """The file infer.py and evaluate.py load: --checkpoint where given, else the shipped one for
-    --arch (resshuffle without it) and --scale (x4 without it)."""
+    --arch (resshuffle without it), --scale (x4 without it) and --real (trained on real inputs)."""
     if checkpoint is not None:
+        if real:
+            raise UserError("--real picks a shipped checkpoint: leave it out beside --checkpoint")
         return Path(checkpoint)
     arch, scale = arch or DEFAULT_ARCH, scale or 4
-    if scale not in SHIPPED.get(arch, ()):
-        raise UserError(f"no {arch} x{scale} checkpoint is shipped (shipped: {shipped_names(None)}): train one with "
-                        f"`python train.py --arch {arch} --upscale_factor {scale}` and pass it with --checkpoint")
-    return shipped_checkpoint(scale, arch)
+    if scale not in (SHIPPED_REAL if real else SHIPPED).get(arch, ()):
+        kind, flag = ("real-input ", " --degradation real") if real else ("", "")  # and pass it without --real
+        raise UserError(f"no {kind}{arch} x{scale} checkpoint is shipped (shipped: {shipped_names(None, real)}): "
+                        f"train one with `python train.py --arch {arch} --upscale_factor {scale}{flag}` and pass it "
+                        f"with --checkpoint")
+    return shipped_checkpoint(scale, arch, real)
 
 
 def load_chosen(checkpoint: str | None, scale: int | None, device: torch.device, raw_weights: bool = False,
-                arch: str | None = None) -> tuple[torch.nn.Module, dict, Path]:
+                arch: str | None = None, real: bool = False) -> tuple[torch.nn.Module, dict, Path]:
     """infer.py's and evaluate.py's `load_model`: the file `checkpoint_for` picks, and that file.
     A named checkpoint decides the network; a --scale or --arch given beside it must agree."""
-    path = checkpoint_for(checkpoint, scale, arch)
+    path = checkpoint_for(checkpoint, scale, arch, real)
     model, info = load_model(path, device, raw_weights=raw_weights)
     if scale is not None and model.scale != scale:
         raise UserError(f"{path} is an x{model.scale} checkpoint, not x{scale}: leave out --scale, "

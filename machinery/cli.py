@@ -17,7 +17,7 @@ def add_inference_flags(parser: argparse.ArgumentParser, *, shipped: bool = True
     """Declare the flags that choose a network and say how it runs, each with one name, type and help.
 
     Args:
-        shipped: --scale and --arch, which pick a shipped checkpoint (app.py serves them all).
+        shipped: --scale, --arch and --real, which pick a shipped checkpoint (app.py serves them all).
         several: --scale, --arch and --precision take several values, a table row each (evaluate.py).
         how_it_runs: --raw_weights, --self_ensemble, --tile, --tile_pad and --precision.
         precision: --precision's default: "auto" (the fastest the device runs natively) or "fp32"
@@ -46,7 +46,7 @@ def add_inference_flags(parser: argparse.ArgumentParser, *, shipped: bool = True
 
 
 def add_shipped_flags(parser: argparse.ArgumentParser, several: bool) -> None:
-    """--scale and --arch: which shipped checkpoint to use, or what --checkpoint's network must be."""
+    """--scale, --arch and --real: which shipped checkpoint to use, or what --checkpoint's network must be."""
     many = {"nargs": "+", "action": "extend"} if several else {}
     which = "each {} given, one table row each" if several else "this {}"
     must = "one {0}, which the checkpoint's must be" if several else "the checkpoint's {0} must be this one"
@@ -57,3 +57,7 @@ def add_shipped_flags(parser: argparse.ArgumentParser, several: bool) -> None:
                         help=f"use the shipped checkpoint of {which.format('network')} (shipped: "
                              f"{shipped_names(None)}); None: {DEFAULT_ARCH}; beside --checkpoint, "
                              f"{must.format('network')}")
+    parser.add_argument("--real", action="store_true",
+                        help="use the shipped checkpoint trained on real inputs (blur, noise and JPEG: phone and web "
+                             f"photos; shipped: {shipped_names(None, real=True)}); without it, the one trained on "
+                             "clean bicubic downscales")

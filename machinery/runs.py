@@ -13,7 +13,7 @@ import torch
 from losses import parse_loss
 from metrics import METRICS
 from model import DEFAULT_ARCH
-from resize import DEGRADATIONS
+from resize import DEGRADATIONS, RANDOM_DEGRADATIONS
 from training import DEFAULT_RECIPE, how_fault, recipe_how
 from utils import STOP_SIGNALS, UserError, plural, shown, warn
 
@@ -159,8 +159,8 @@ def run_state_rules(c: dict) -> list[tuple]:
         ("scheduler", lambda v: isinstance(v, dict), state),
         ("scaler", lambda v: v is None or isinstance(v, dict), f"{state} or None"),
         ("ema", lambda v: v is None or isinstance(v, dict), f"{state} or None"),
-        ("degradation", lambda v: v is None or isinstance(v, str) and v in DEGRADATIONS,
-         f"a registered degradation: {', '.join(DEGRADATIONS)}"),
+        ("degradation", lambda v: v is None or isinstance(v, str) and v in [*DEGRADATIONS, *RANDOM_DEGRADATIONS],
+         f"a registered degradation: {', '.join([*DEGRADATIONS, *RANDOM_DEGRADATIONS])}"),
         ("recipe", lambda v: how_fault(v) is None,
          f"how the recipe builds the optimizer and schedule ({how_fault(c.get('recipe'))})"),
     ]

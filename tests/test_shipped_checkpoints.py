@@ -28,7 +28,7 @@ def test_without_scale_or_checkpoint_the_x4_is_loaded():
 
 def test_a_missing_shipped_file_says_how_to_restore_it(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "shipped_checkpoint",
-                        lambda scale, arch="resshuffle": tmp_path / f"{arch}_x{scale}.safetensors")
+                        lambda scale, arch="resshuffle", real=False: tmp_path / f"{arch}_x{scale}.safetensors")
     src = tmp_path / "a.png"
     Image.fromarray(smooth_image(np.random.default_rng(0), 10, 14)).save(src)
     code, out, err = run_main(infer, src, "--scale", 4)
@@ -80,7 +80,8 @@ def test_evaluate_several_scales_gives_one_row_each(tmp_path, monkeypatch):
         torch.manual_seed(scale)
         save_checkpoint({"model": ResShuffle(**args).state_dict(), "model_args": args}, tmp_path / f"x{scale}.pt")
     monkeypatch.setitem(checkpoint.SHIPPED, "resshuffle", (2, 4))
-    monkeypatch.setattr(checkpoint, "shipped_checkpoint", lambda scale, arch="resshuffle": tmp_path / f"x{scale}.pt")
+    monkeypatch.setattr(checkpoint, "shipped_checkpoint",
+                        lambda scale, arch="resshuffle", real=False: tmp_path / f"x{scale}.pt")
     data = make_images(tmp_path / "val")
     code, out, err = run_main(evaluate, "--data_dir", data, "--scale", 2, 4, "--scale", 2, "--markdown",
                               "--csv", tmp_path / "t.csv")

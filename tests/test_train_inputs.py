@@ -285,7 +285,7 @@ def test_the_benchmarks_json_file_is_checked_before_any_measurement(monkeypatch,
 
 def test_the_benchmarks_memory_rows_come_last_under_their_own_header(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(benchmark, "run_infer", lambda args: (1.25, 2.0, False))
-    sections = ("bench_training", "bench_data", "bench_inference", "bench_video", "bench_evaluate")
+    sections = ("bench_training", "bench_data", "bench_real_data", "bench_inference", "bench_video", "bench_evaluate")
     for name in sections:
         monkeypatch.setattr(benchmark, name, lambda *args, name=name, **kwargs: print(name) or {})
     monkeypatch.setattr(benchmark, "make_2k_images", lambda folder, count: make_images(folder))
@@ -308,6 +308,19 @@ def test_the_benchmarks_data_rows_show_no_temporary_name(monkeypatch, tmp_path):
     with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):
         benchmark.bench_data(folder, benchmark.QUICK._replace(loader_batches=1, decode_batches=1))
     assert "tmpq8x7zz2k" not in terminal.getvalue() and "data, patches/s" in terminal.getvalue()
+
+
+def test_the_benchmark_times_real_patches_and_the_step_they_feed(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(smooth_image(np.random.default_rng(i), 200, 200)).save(folder / f"{i}.png")
+    out = benchmark.bench_real_data(torch.device("cpu"), folder, benchmark.QUICK._replace(decode_batches=1), "fp32",
+                                    {"arch": "espcn", "scale": 4}, WeightedLoss("l1"))
+    rows = capsys.readouterr().out
+    assert "data, --degradation real, patches/s, 1 worker" in rows and "fed by 1 loader thread" in rows
+    assert out["data_real_patches_s_1w"] > 0 and out["train_fed_real_patches_s_fp32"] > 0
+    assert out["train_fed_pil_patches_s_fp32"] > 0
 
 
 # ---------------------------------------------------------------- names as printed
