@@ -43,35 +43,35 @@ def timed(fn, device, repeats: int, warmup: int = 1) -> float:
     return best
 
 
-def step_seconds(device, model_args: dict, loss: WeightedLoss, precision: str, lr8, hr8, flips, steps: int,
-                 recipe: str = DEFAULT_RECIPE) -> float:
-    """Seconds per step of train.py's step (channels_last, flipped on the device) in `precision`,
-    with `recipe`'s optimizer, built as train.py builds it."""
+def stepper(device, model_args: dict, loss: WeightedLoss, precision: str, recipe: str):
+    """train.py's step on a fresh network (channels_last, seeded) with `recipe`'s optimizer, built as
+    train.py builds them: a function of one loader batch (lr, hr, flips), flipped on the device."""
     torch.manual_seed(0)
     model = build_fast_network(model_args).to(device, memory_format=torch.channels_last)
     how = recipe_how(recipe)
     optimizer = make_optimizer(model, how, lr=RECIPES[recipe]["lr"])
     scaler = grad_scaler(device, precision)
-    return timed(lambda: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler, precision, loss,
-                                    clip_grad_norm=how["clip_grad_norm"]), device, steps)
+    return lambda lr8, hr8, flips: train_step(model, *device_batch(lr8, hr8, flips, device), optimizer, scaler,
+                                              precision, loss, clip_grad_norm=how["clip_grad_norm"])
+
+
+def step_seconds(device, model_args: dict, loss: WeightedLoss, precision: str, lr8, hr8, flips, steps: int,
+                 recipe: str = DEFAULT_RECIPE) -> float:
+    """Seconds per step of train.py's step (`stepper`) in `precision` on one batch, best of `steps`."""
+    step = stepper(device, model_args, loss, precision, recipe)
+    return timed(lambda: step(lr8, hr8, flips), device, steps)
 
 
 def fed_step_seconds(device, model_args: dict, loss: WeightedLoss, precision: str, loader, steps: int,
                      recipe: str = DEFAULT_RECIPE) -> float:
     """Seconds per step of train.py's step fed by `loader` (its threads cutting, and degrading, the
     next batches meanwhile, on the same cores), over `steps` steps after one."""
-    torch.manual_seed(0)
-    model = build_fast_network(model_args).to(device, memory_format=torch.channels_last)
-    how = recipe_how(recipe)
-    optimizer = make_optimizer(model, how, lr=RECIPES[recipe]["lr"])
-    scaler = grad_scaler(device, precision)
-    batches = iter(loader)
+    step, batches = stepper(device, model_args, loss, precision, recipe), iter(loader)
     for i in range(steps + 1):
         if i == 1:
             sync(device)
             start = time.perf_counter()
-        train_step(model, *device_batch(*next(batches), device), optimizer, scaler, precision, loss,
-                   clip_grad_norm=how["clip_grad_norm"])
+        step(*next(batches))
     sync(device)
     return (time.perf_counter() - start) / steps
 

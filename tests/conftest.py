@@ -5,6 +5,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,22 @@ class Terminal(io.StringIO):
 
     def isatty(self) -> bool:
         return True
+
+
+def run_train_stopped_at_step(monkeypatch, step: int, *argv):
+    """train.py's main() run as `run_main` does, with Ctrl-C (SIGINT) raised during its step `step`
+    (1-based): (exit status, stdout, stderr)."""
+    import train
+    calls, real_step = [], train.train_step
+
+    def step_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_step", step_then_stop)
+        return run_main(train, *argv)
 
 
 def run_main(module, *argv, terminal: bool = False):

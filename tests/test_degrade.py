@@ -11,7 +11,7 @@ import evaluate
 import infer
 import resize
 import train
-from conftest import TINY_RUN, make_images, run_main, smooth_image
+from conftest import TINY_RUN, make_images, run_main, run_train_stopped_at_step, smooth_image
 from dataset import EpochSampler, PatchLoader, TrainDataset, device_batch, eval_pairs
 from machinery.checkpoint import SHIPPED_REAL, checkpoint_for, load_checkpoint, load_model, shipped_checkpoint
 from metrics import psnr
@@ -134,16 +134,7 @@ def test_a_resumed_run_under_the_real_degradation_equals_the_uninterrupted_one(t
     code, out, err = run_main(train, *flags("whole"))
     assert code == 0, err
     assert "degradation real: drawn anew for every patch" in out and "JPEG q75" in out
-    calls, real_step = [], train.train_step
-
-    def step_then_stop(*args, **kwargs):  # Ctrl-C in epoch 2 of 3-step epochs
-        calls.append(1)
-        if len(calls) == 5:
-            signal.raise_signal(signal.SIGINT)
-        return real_step(*args, **kwargs)
-    with monkeypatch.context() as m:
-        m.setattr(train, "train_step", step_then_stop)
-        code, _, err = run_main(train, *flags("stopped"))
+    code, _, err = run_train_stopped_at_step(monkeypatch, 5, *flags("stopped"))  # epoch 2 of 3-step epochs
     assert code == 128 + signal.SIGINT, err
     code, _, err = run_main(train, "--resume", tmp_path / "runs" / "stopped" / "last.pt")
     assert code == 0, err

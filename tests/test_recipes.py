@@ -7,7 +7,7 @@ import torch
 
 import train
 import training
-from conftest import TINY_RUN, make_images, read_log, run_main
+from conftest import TINY_RUN, make_images, read_log, run_main, run_train_stopped_at_step
 from machinery.checkpoint import load_checkpoint, save_checkpoint
 from machinery.runs import RUN_FORMAT, upgrade_run_checkpoint
 from model import ResidualBlock, build_network
@@ -160,16 +160,8 @@ def test_a_resumed_run_under_a_recipe_equals_the_uninterrupted_one(trial_recipe,
     flags = ["--recipe", trial_recipe, "--num_epochs", "3"]
     code, _, err = run_main(train, *run_flags(images, tmp_path / "runs", "whole", *flags))
     assert code == 0, err
-    calls, real_step = [], train.train_step
-
-    def step_then_stop(*args, **kwargs):  # Ctrl-C during step 5: epoch 2 of 3-step epochs
-        calls.append(1)
-        if len(calls) == 5:
-            signal.raise_signal(signal.SIGINT)
-        return real_step(*args, **kwargs)
-    with monkeypatch.context() as m:
-        m.setattr(train, "train_step", step_then_stop)
-        code, _, err = run_main(train, *run_flags(images, tmp_path / "runs", "stopped", *flags))
+    # Ctrl-C during step 5: epoch 2 of 3-step epochs
+    code, _, err = run_train_stopped_at_step(monkeypatch, 5, *run_flags(images, tmp_path / "runs", "stopped", *flags))
     assert code == 128 + signal.SIGINT, err
     last = tmp_path / "runs" / "stopped" / "last.pt"
     code, _, err = run_main(train, "--resume", last, "--recipe", "seed")
