@@ -191,12 +191,16 @@ class EDSRBaseline(nn.Module):
         scale: upscaling factor, one of 2, 3, 4, 8.
         num_features: channels of every hidden conv.
         num_residuals: number of residual blocks.
+        padding: how every conv pads the image's borders, as nn.Conv2d's padding_mode: "zeros"
+            (the paper's code) or "replicate", with which a flat image stays flat up to its edges
+            (docs/ancestors.md).
     """
 
-    def __init__(self, scale: int = 4, num_features: int = 64, num_residuals: int = 16):
+    def __init__(self, scale: int = 4, num_features: int = 64, num_residuals: int = 16, padding: str = "zeros"):
         super().__init__()
         check_scale(scale)
         check_size(num_features, num_residuals)
+        check_padding(padding)
         self.scale = scale
         self.register_buffer("rgb_mean", torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.head = nn.Conv2d(3, num_features, 3, padding=1)
@@ -204,6 +208,7 @@ class EDSRBaseline(nn.Module):
         self.body_conv = nn.Conv2d(num_features, num_features, 3, padding=1)
         self.upsample = upsampling_stages(scale, num_features)
         self.tail = nn.Conv2d(num_features, 3, 3, padding=1)
+        set_padding(self, padding)
 
     def forward(self, x):
         head = self.head(x - self.rgb_mean)
@@ -218,31 +223,62 @@ class EDSRBaseline(nn.Module):
 class ESPCN(nn.Module):
     """ESPCN (Shi et al. 2016, "Real-Time Single Image and Video Super-Resolution Using an
     Efficient Sub-Pixel Convolutional Neural Network"): conv5x5 (64) -> tanh -> conv3x3 (32) ->
-    tanh -> conv3x3 to r^2 x 3 channels -> PixelShuffle(r), all at LR resolution.
+    tanh -> conv3x3 to r^2 channels -> PixelShuffle(r), all at LR resolution, on the luminance.
 
-    The paper super-resolves the luminance; here the three RGB channels, in [0, 1]. One
-    sub-pixel stage for every scale, as in the paper.
+    As in the paper, only the luminance Y (BT.601, full range) is super-resolved; the chroma is
+    bicubic. Adding a change of Y to R, G and B alike changes Y by that much and the chroma not at
+    all, so the output is bicubic(x) + (ESPCN(Y) - Y of bicubic(x)). One sub-pixel stage for every
+    scale, as in the paper. Input and output RGB in [0, 1].
 
     Args:
         scale: upscaling factor, one of 2, 3, 4, 8.
         num_features: channels of the first conv (the second has half as many).
+        luminance: super-resolve Y only (the paper); False: the three RGB channels, no bicubic.
+        padding: how every conv pads the image's borders, as EDSRBaseline's.
     """
 
-    def __init__(self, scale: int = 4, num_features: int = 64):
+    def __init__(self, scale: int = 4, num_features: int = 64, luminance: bool = True, padding: str = "zeros"):
         super().__init__()
         check_scale(scale)
         check_size(num_features, min_features=2)  # the middle conv has half as many
-        self.scale = scale
+        check_padding(padding)
+        self.scale, self.luminance = scale, luminance
+        channels = 1 if luminance else 3
         self.body = nn.Sequential(
-            nn.Conv2d(3, num_features, 5, padding=2), nn.Tanh(),
+            nn.Conv2d(channels, num_features, 5, padding=2), nn.Tanh(),
             nn.Conv2d(num_features, num_features // 2, 3, padding=1), nn.Tanh(),
-            nn.Conv2d(num_features // 2, 3 * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
+            nn.Conv2d(num_features // 2, channels * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
+        set_padding(self, padding)
 
     def forward(self, x):
-        return self.body(x)
+        if not self.luminance:
+            return self.body(x)
+        base = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return base + (self.body(luma(x)) - luma(base))
 
     def receptive_radius(self) -> int:
-        return 2 + 1 + 1
+        return 2 + 1 + 1  # bicubic reaches 2 LR pixels, fewer
+
+
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma of (N, 3, H, W) RGB, full range: (N, 1, H, W)."""
+    r, g, b = rgb.unbind(1)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+PADDINGS = ("zeros", "replicate")
+
+
+def check_padding(padding: str) -> None:
+    if padding not in PADDINGS:
+        raise ValueError(f"unsupported padding {padding!r}: supported are {', '.join(PADDINGS)}")
+
+
+def set_padding(model: nn.Module, padding: str) -> None:
+    """Every conv of `model` pads its borders by `padding` (nn.Conv2d's padding_mode)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.padding_mode = padding
 
 
 # The networks by name: add one here, and train.py --arch, checkpoints, infer.py, evaluate.py,

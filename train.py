@@ -70,7 +70,7 @@ from machinery.runs import (
 )
 from machinery.upscale import exact_cuda, upscale
 from metrics import METRICS, format_scores, means, measure, measure_on_device, metric_labels
-from model import DEFAULT_ARCH, NETWORKS, UPSAMPLE_STAGES, count_parameters, network_options
+from model import DEFAULT_ARCH, NETWORKS, PADDINGS, UPSAMPLE_STAGES, count_parameters, network_options
 from resize import DEGRADATIONS, RANDOM_DEGRADATIONS, REAL_VALIDATION, resize_bicubic
 from training import (
     HOW_KEYS,
@@ -108,7 +108,8 @@ from utils import (
 # "command": this invocation's alone (what to do now; --data_cache names this machine's folder).
 FLAGS = {
     "upscale_factor": "run", "arch": "run", "num_features": "run", "num_residuals": "run", "mean_shift": "run",
-    "image_skip": "run", "batch_size": "run", "lr": "run", "step_size": "run", "gamma": "run", "loss": "run",
+    "image_skip": "run", "luminance": "run", "padding": "run", "batch_size": "run", "lr": "run", "step_size": "run",
+    "gamma": "run", "loss": "run",
     "patch_size": "run", "patches_per_image": "run", "degradation": "run", "seed": "run",
     "checkpoint_dir": "run", "run_name": "run", "recipe": "run",
     "num_epochs": "session", "num_workers": "session", "train_dir": "session",
@@ -331,7 +332,7 @@ def run_identity(args, checkpoint: dict | None) -> tuple[dict, Path]:
 
 
 # The flags that are network options; each goes into model_args where the --arch network takes it.
-NETWORK_FLAGS = ("num_features", "num_residuals", "mean_shift", "image_skip")
+NETWORK_FLAGS = ("num_features", "num_residuals", "mean_shift", "image_skip", "luminance", "padding")
 
 
 def network_args(args) -> dict:
@@ -772,6 +773,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subtract/add DIV2K's mean RGB (EDSR's MeanShift)")
     p.add_argument("--image_skip", action=argparse.BooleanOptionalAction, default=False,
                    help="add the bicubic-upsampled input to the output")
+    p.add_argument("--luminance", action=argparse.BooleanOptionalAction, default=True,
+                   help="ESPCN: super-resolve the luminance only, the chroma bicubic (its paper's; not typed: on)")
+    p.add_argument("--padding", choices=PADDINGS, default="zeros",
+                   help="EDSR-baseline and ESPCN: how the convs pad the image borders (replicate: a flat image "
+                        "stays flat up to its edges; not typed: zeros, the papers')")
     # Data.
     p.add_argument("--train_dir", default=str(REPO / "data/DIV2K_train_HR"), help="folder of HR training images")
     p.add_argument("--val_dir", default=str(REPO / "data/DIV2K_valid_HR"), help="folder of HR validation images")

@@ -39,8 +39,38 @@ def test_the_ancestors_are_the_papers_networks():
     assert sum(p.numel() for p in edsr.parameters()) == 1_517_571  # EDSR's paper: 1.5M for the x4 baseline
     assert edsr.head.kernel_size == (3, 3) and len(edsr.body) == 16 and edsr.tail.kernel_size == (3, 3)
     convs = [m for m in espcn.body if isinstance(m, torch.nn.Conv2d)]
-    assert [c.kernel_size[0] for c in convs] == [5, 3, 3] and [c.out_channels for c in convs] == [64, 32, 27]
+    assert [c.kernel_size[0] for c in convs] == [5, 3, 3] and [c.out_channels for c in convs] == [64, 32, 9]
+    assert convs[0].in_channels == 1  # the paper's: the luminance only
     assert sum(isinstance(m, torch.nn.Tanh) for m in espcn.body) == 2
+    assert all(m.padding_mode == "zeros" for m in [*edsr.modules(), *espcn.modules()] if isinstance(m, torch.nn.Conv2d))
+
+
+def test_espcn_changes_the_luminance_only_and_keeps_bicubic_chroma():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 12, 10)
+    with torch.no_grad():
+        delta = ESPCN(scale=3)(x) - torch.nn.functional.interpolate(x, scale_factor=3, mode="bicubic")
+    assert delta.abs().max() > 0.01
+    torch.testing.assert_close(delta[:, 0], delta[:, 1]) and torch.testing.assert_close(delta[:, 0], delta[:, 2])
+    assert ESPCN(scale=3, luminance=False).body[0].in_channels == 3
+
+
+@pytest.mark.parametrize("arch, hr_border", [("edsr_baseline", 1), ("espcn", 0)])
+def test_replicate_padding_makes_a_flat_images_output_the_same_at_its_edges_as_inside(arch, hr_border):
+    """A flat input gives flat LR feature maps, so the output repeats with the period of the scale up
+    to its edges (but for the border of EDSR's 3x3 tail at HR: replicating an HR row breaks the
+    period); zero padding makes the edges differ."""
+    torch.manual_seed(0)
+    flat = torch.full((1, 3, 9, 11), 0.7)
+    for padding, same in (("replicate", True), ("zeros", False)):
+        with torch.no_grad():
+            out = build_network({"arch": arch, "scale": 2, "padding": padding})(flat)
+        out = out[..., hr_border:out.shape[-2] - hr_border, hr_border:out.shape[-1] - hr_border]
+        periodic = torch.allclose(out[..., 2:, :], out[..., :-2, :], atol=1e-5) and torch.allclose(
+            out[..., 2:], out[..., :-2], atol=1e-5)
+        assert periodic == same, padding
+    with pytest.raises(ValueError, match="unsupported padding 'reflect': supported are zeros, replicate"):
+        build_network({"arch": arch, "scale": 2, "padding": "reflect"})
 
 
 def test_tiled_upscaling_of_each_network_equals_whole_images():
@@ -59,7 +89,7 @@ def test_build_network_names_an_unknown_network_or_option():
         build_network({"arch": "srcnn", "scale": 4})
     with pytest.raises(ValueError, match="the espcn network takes no option 'num_residuals'"):
         build_network({"arch": "espcn", "scale": 4, "num_residuals": 3})
-    assert network_options("espcn") == {"num_features": 64}
+    assert network_options("espcn") == {"num_features": 64, "luminance": True, "padding": "zeros"}
     assert isinstance(build_network({"scale": 4}), ResShuffle)  # a checkpoint saved before --arch
 
 
@@ -79,8 +109,8 @@ def test_weights_of_another_network_are_refused_naming_what_differs(tmp_path):
                     tmp_path / "y.pt")
     # A network of about the weights' size names its first mismatch; one far larger is stopped before it is built.
     for name, needle in (("x.pt", ("its weights do not match its model_args {'arch': 'espcn', 'scale': 2}: "
-                                   "body.4.weight is (48, 32, 3, 3), the network's is (12, 32, 3, 3)")),
-                         ("y.pt", "describe a network far larger than the 37,200 weights it holds")):
+                                   "body.4.weight is (16, 32, 3, 3), the network's is (4, 32, 3, 3)")),
+                         ("y.pt", "describe a network far larger than the 24,752 weights it holds")):
         with pytest.raises(UserError) as e:
             load_model(tmp_path / name, torch.device("cpu"))
         assert needle in str(e.value)
