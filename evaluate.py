@@ -4,7 +4,7 @@ usage: python evaluate.py --data_dir data/DIV2K_valid_HR [more folders] [--scale
            [--arch resshuffle [more networks]] [--checkpoint FILE] [--precision fp32 [bf16]]
        python evaluate.py --benchmark benchmarks/ --paper       # Set5, Set14, B100, Urban100, DIV2K_valid_HR
            [--y_channel] [--crop_border N] [--degradation pil|matlab] [--self_ensemble] [--raw_weights]
-           [--jpeg Q] [--noise SIGMA] [--real]
+           [--jpeg Q] [--noise SIGMA] [--real] [--smoothest N]
            [--csv results.csv] [-o sr/] [--compare_dir panels/] [--overwrite] [--per_image] [--tile 256] [--markdown]
 
 Protocol (BasicSR's): each HR image is cropped to a multiple of the scale and downsampled
@@ -43,10 +43,10 @@ from machinery.files import (
     folder_for,
     output_stems,
 )
-from machinery.images import list_images, save_image
+from machinery.images import list_images, load_rgb, save_image
 from machinery.precision import DTYPES, choose_precision
 from machinery.upscale import DEFAULT_TILE, describe_tiling, upscale
-from metrics import METRICS, mean, means, measure, metric_labels
+from metrics import METRICS, mean, means, measure, metric_labels, paired_difference, smooth_share
 from model import count_parameters
 from resize import DEGRADATIONS, RANDOM_DEGRADATIONS, degradation_label, resize_bicubic
 from utils import (
@@ -164,6 +164,8 @@ def find_sets(args) -> list[tuple[str, Path, list[Path]]]:
         paths = list_images(folder)[:args.max_images or None]
         if not paths:
             raise UserError(f"{shown(folder)}: no images found")
+        if args.smoothest:
+            paths = smoothest(paths, args.smoothest)
         name = base = folder.resolve().name or "root"  # `.` and `..` have no name of their own
         for k in range(2, len(folders) + 2):
             if name not in names:
@@ -172,6 +174,16 @@ def find_sets(args) -> list[tuple[str, Path, list[Path]]]:
         names.add(name)
         sets.append((name, folder, paths))
     return sets
+
+
+def smoothest(paths: list[Path], count: int) -> list[Path]:
+    """The `count` images with the largest smooth share (metrics.smooth_share), in their own order:
+    where a network that paints texture into sky or a blurred background shows it."""
+    shares = {p: smooth_share(load_rgb(p)) for p in tqdm(paths, desc="smooth areas", unit="img", leave=False,
+                                                          disable=None)}
+    kept = sorted(paths, key=lambda p: -shares[p])[:count]
+    print("smoothest: " + ", ".join(f"{shown(p.name)} {shares[p]:.0%}" for p in paths if p in kept))
+    return [p for p in paths if p in kept]
 
 
 def output_plan(args, sets: list) -> dict[str, dict[str, tuple]]:
@@ -231,15 +243,16 @@ def main(args):
             warn("--paper sets --degradation matlab and crop border = scale; the given ones are not used")
         args.degradation, args.y_channel = "matlab", True
     picks = [(a, s) for a in dict.fromkeys(args.arch or [None]) for s in dict.fromkeys(args.scale or [None])]
+    checkpoints = list(dict.fromkeys(args.checkpoint or [None]))
     if len(picks) > 1 and (args.checkpoint or args.save_dir or args.compare_dir):
         raise UserError("several --scale or --arch values take the shipped checkpoints and write no images: "
                         "--checkpoint, -o and --compare_dir go with one of each")
-    if len(set(args.precision)) > 1 and (args.save_dir or args.compare_dir):
-        raise UserError("several --precision values write no images: -o and --compare_dir go with one")
+    if (len(set(args.precision)) > 1 or len(checkpoints) > 1) and (args.save_dir or args.compare_dir):
+        raise UserError("several --checkpoint or --precision values write no images: -o and --compare_dir go with one")
     sets = find_sets(args)
     device = select_device(args.device)
-    models = [load_chosen(args.checkpoint, s, device, raw_weights=args.raw_weights, arch=a, real=args.real)
-              for a, s in picks]
+    models = [load_chosen(c, s, device, raw_weights=args.raw_weights, arch=a, real=args.real)
+              for c in checkpoints for a, s in picks]
     for _, info, path in models:  # checked once: describe_checkpoint and the table read it
         info["training"] = sound_training(info.get("training"), path)
     plan = output_plan(args, sets)
@@ -251,9 +264,10 @@ def main(args):
         print(f"checkpoint {shown(path)}: {describe_checkpoint(model, info)}; precision {precision}"
               f"{f' ({why})' if 'auto' in args.precision else ''}; {describe_tiling(model, args.tile, args.tile_pad)}")
         rows, set_means = evaluate_sets(args, model, info, sets, plan, precision)
-        all_rows += rows
+        all_rows += [{"checkpoint": str(path)} | r for r in rows]
         table += set_means
     print_table(table, markdown=args.markdown)
+    print_differences(all_rows, "_y" if args.y_channel else "")
     if args.csv:
         # A name that is not UTF-8 (its bytes held as surrogates) goes into the table as those bytes.
         with (folder_for(Path(args.csv)), atomic_path(Path(args.csv)) as tmp,
@@ -264,8 +278,36 @@ def main(args):
         print(f"per-image table written to {shown(args.csv)}")
 
 
+def print_differences(rows: list[dict], y: str) -> None:
+    """Each network (checkpoint, precision) against the first on the same images: the mean of the
+    per-image differences of every metric, its 95% t-interval and on how many images it is ahead
+    (metrics.paired_difference). Only between entries of the first one's scale: others see other images."""
+    def entry(r):
+        return r["checkpoint"], r["precision"]
+    entries = list(dict.fromkeys(entry(r) for r in rows if r["scale"] == rows[0]["scale"]))
+    if len(entries) < 2:
+        return
+    several = {"checkpoint": len({c for c, _ in entries}) > 1, "precision": len({p for _, p in entries}) > 1}
+
+    def label(e):
+        return " ".join(shown(v) for v, vary in zip(e, several.values()) if vary)
+    by_image = {e: {(r["set"], r["name"]): r for r in rows if entry(r) == e} for e in entries}
+    first = by_image[entries[0]]
+    print(f"\npaired differences against {label(entries[0])}, per image{' (Y)' if y else ''}: the mean, "
+          f"its 95% t-interval over the images, and the images where it is ahead")
+    for e in entries[1:]:
+        keys = [k for k in by_image[e] if k in first]
+        parts = []
+        for name, m in METRICS.items():
+            d = paired_difference([by_image[e][k][name + y] for k in keys], [first[k][name + y] for k in keys])
+            unit = f" {m.unit}" if m.unit else ""
+            parts.append(f"{m.label} {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{unit}, "
+                         f"ahead on {d['ahead']} of {d['images']}")
+        print(f"{label(e)}: " + "; ".join(parts))
+
+
 def describe_checkpoint(model, info: dict) -> str:
-    """'espcn x4, 37,200 parameters, raw weights, trained on pil LR (6,300 steps, 0.08 h in bf16)'."""
+    """'espcn x4, 24,752 parameters, raw weights, trained on pil LR (6,300 steps, 0.08 h in bf16)'."""
     t = info.get("training") or {}
     trained = (f" ({t['steps']:,} steps" + (f", {t['seconds'] / 3600:.2f} h" if t.get("seconds") is not None else "")
                + (f" in {t['precision']}" if t.get("precision") else "") + ")") if t.get("steps") else ""
@@ -394,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write <name>_compare.png panels (original | input | bicubic | network) here")
     parser.add_argument("--compare_size", type=positive_int, default=192, help="HR side of the panels' crops")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist (never an input)")
+    parser.add_argument("--smoothest", type=positive_int, default=None, metavar="N",
+                        help="only the N images of each set with the largest smooth area (share of 8x8 tiles whose "
+                             "luma varies by under 2 levels): sky and blurred backgrounds, where painted texture shows")
     parser.add_argument("--max_images", "--max_val_images", dest="max_images", type=non_negative_int, default=0,
                         help="first N images of each set only (0: all)")
     return parser

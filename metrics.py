@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from skimage.metrics import structural_similarity
@@ -139,6 +140,31 @@ def mean(rows: list[dict], key: str) -> float:
 def means(rows: list[dict], prefix: str = "", suffix: str = "") -> dict:
     """{name: mean} of every metric over per-image rows, from the keys prefix + name + suffix."""
     return {name: mean(rows, f"{prefix}{name}{suffix}") for name in METRICS}
+
+
+def smooth_share(img: np.ndarray, block: int = 8, sd: float = 2.0) -> float:
+    """The share of an HWC uint8 RGB image that is smooth (sky, walls, blurred backgrounds): of its
+    `block` x `block` tiles, those whose BT.601 luma varies by under `sd` levels (standard deviation)."""
+    y = rgb_to_y(img)
+    h, w = y.shape[0] // block * block, y.shape[1] // block * block
+    if h == 0 or w == 0:
+        return 0.0
+    tiles = y[:h, :w].reshape(h // block, block, w // block, block)
+    return float((tiles.std(axis=(1, 3)) < sd).mean())
+
+
+def paired_difference(scores: list[float], baseline: list[float], confidence: float = 0.95) -> dict:
+    """How far `scores` are from `baseline` on the same images, in order: the mean of the per-image
+    differences, its `confidence` t-interval (mean +- t(n - 1) x sd / sqrt(n), sd with n - 1), and
+    on how many images `scores` is ahead. With one image, or all differences equal, the interval is
+    that one value. Keys: mean, low, high, ahead, images."""
+    d = np.asarray(scores, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    n = len(d)
+    half = 0.0
+    if n > 1:
+        half = float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    return {"mean": float(d.mean()), "low": float(d.mean()) - half, "high": float(d.mean()) + half,
+            "ahead": int((d > 0).sum()), "images": n}
 
 
 def format_scores(scores: dict) -> str:

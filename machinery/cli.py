@@ -26,7 +26,12 @@ def add_inference_flags(parser: argparse.ArgumentParser, *, shipped: bool = True
     """
     if shipped:
         add_shipped_flags(parser, several)
-    parser.add_argument("--checkpoint", default=None, help=checkpoint_help)
+    if several:
+        parser.add_argument("--checkpoint", default=None, nargs="+",
+                            help=checkpoint_help + "; several: a table row each, and each one's paired "
+                                 "differences against the first (mean, 95%% t-interval over images)")
+    else:
+        parser.add_argument("--checkpoint", default=None, help=checkpoint_help)
     if how_it_runs:
         parser.add_argument("--raw_weights", action="store_true", help="use the raw weights of an --ema checkpoint")
         parser.add_argument("--self_ensemble", action="store_true",
