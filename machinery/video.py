@@ -173,7 +173,9 @@ def read_info(path: Path, container) -> VideoInfo:
     if bits > 8:  # as for 16-bit images: said, not done silently
         warn(f"{shown(path)}: {first.format.name} is {bits} bits a sample: read and written as 8-bit (the network "
              f"works on 8-bit images)")
-    matrix = next((np.frombuffer(bytes(d), "<i4").tolist() for d in first.side_data
+    # PyAV 18.1 made side_data a mapping of type to data; before, a sequence of data.
+    side_data = first.side_data.values() if hasattr(first.side_data, "values") else first.side_data
+    matrix = next((np.frombuffer(bytes(d), "<i4").tolist() for d in side_data
                    if str(d.type).endswith("DISPLAYMATRIX")), None)
     colour = {k: getattr(first, k) for k in ("color_primaries", "color_trc", "colorspace", "color_range")}
     rate = stream.average_rate or stream.guessed_rate or Fraction(25)
