@@ -207,7 +207,7 @@ def test_a_network_keeps_its_own_defaults_unless_a_flag_is_typed(tmp_path, monke
 def test_evaluate_writes_images_for_one_precision_only(tmp_path):
     images = make_images(tmp_path / "val")
     code, _, err = run_main(evaluate, "--data_dir", images, "--precision", "fp32", "bf16", "-o", tmp_path / "sr")
-    assert_one_line_error(code, err, "several --precision values write no images")
+    assert_one_line_error(code, err, "several --checkpoint or --precision values write no images")
     assert not (tmp_path / "sr").exists()
 
 
