@@ -267,7 +267,7 @@ def main(args):
         all_rows += [{"checkpoint": str(path)} | r for r in rows]
         table += set_means
     print_table(table, markdown=args.markdown)
-    print_differences(all_rows, "_y" if args.y_channel else "")
+    print_differences(all_rows, y_channel=args.y_channel)
     if args.csv:
         # A name that is not UTF-8 (its bytes held as surrogates) goes into the table as those bytes.
         with (folder_for(Path(args.csv)), atomic_path(Path(args.csv)) as tmp,
@@ -278,10 +278,12 @@ def main(args):
         print(f"per-image table written to {shown(args.csv)}")
 
 
-def print_differences(rows: list[dict], y: str) -> None:
+def print_differences(rows: list[dict], y_channel: bool) -> None:
     """Each network (checkpoint, precision) against the first on the same images: the mean of the
     per-image differences of every metric, its 95% t-interval and on how many images it is ahead
     (metrics.paired_difference). Only between entries of the first one's scale: others see other images."""
+    y = "_y" if y_channel else ""
+
     def entry(r):
         return r["checkpoint"], r["precision"]
     entries = list(dict.fromkeys(entry(r) for r in rows if r["scale"] == rows[0]["scale"]))

@@ -51,7 +51,8 @@ def test_espcn_changes_the_luminance_only_and_keeps_bicubic_chroma():
     with torch.no_grad():
         delta = ESPCN(scale=3)(x) - torch.nn.functional.interpolate(x, scale_factor=3, mode="bicubic")
     assert delta.abs().max() > 0.01
-    torch.testing.assert_close(delta[:, 0], delta[:, 1]) and torch.testing.assert_close(delta[:, 0], delta[:, 2])
+    torch.testing.assert_close(delta[:, 0], delta[:, 1])
+    torch.testing.assert_close(delta[:, 0], delta[:, 2])
     assert ESPCN(scale=3, luminance=False).body[0].in_channels == 3
 
 
