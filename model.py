@@ -200,7 +200,6 @@ class EDSRBaseline(nn.Module):
         super().__init__()
         check_scale(scale)
         check_size(num_features, num_residuals)
-        check_padding(padding)
         self.scale = scale
         self.register_buffer("rgb_mean", torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.head = nn.Conv2d(3, num_features, 3, padding=1)
@@ -241,7 +240,6 @@ class ESPCN(nn.Module):
         super().__init__()
         check_scale(scale)
         check_size(num_features, min_features=2)  # the middle conv has half as many
-        check_padding(padding)
         self.scale, self.luminance = scale, luminance
         channels = 1 if luminance else 3
         self.body = nn.Sequential(
@@ -257,7 +255,7 @@ class ESPCN(nn.Module):
         return base + (self.body(luma(x)) - luma(base))
 
     def receptive_radius(self) -> int:
-        return 2 + 1 + 1  # bicubic reaches 2 LR pixels, fewer
+        return 2 + 1 + 1  # the three convs; the bicubic base reaches 2 LR pixels, within it
 
 
 def luma(rgb: torch.Tensor) -> torch.Tensor:
@@ -269,13 +267,10 @@ def luma(rgb: torch.Tensor) -> torch.Tensor:
 PADDINGS = ("zeros", "replicate")
 
 
-def check_padding(padding: str) -> None:
+def set_padding(model: nn.Module, padding: str) -> None:
+    """Every conv of `model` pads its borders by `padding` (nn.Conv2d's padding_mode, one of PADDINGS)."""
     if padding not in PADDINGS:
         raise ValueError(f"unsupported padding {padding!r}: supported are {', '.join(PADDINGS)}")
-
-
-def set_padding(model: nn.Module, padding: str) -> None:
-    """Every conv of `model` pads its borders by `padding` (nn.Conv2d's padding_mode)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m.padding_mode = padding
